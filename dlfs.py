@@ -1,0 +1,2117 @@
+"""dlfs: deep learning from scratch, in one functional file.
+
+Layers are frozen attrs records of read-only parameter arrays with pure
+``forward``/``backward`` methods; a network is a tuple of layers plus a loss;
+optimizers are optax-style ``init``/``update`` pairs; a training epoch is
+``functools.reduce(train_step, batches, state)``.  Runtime dependencies:
+numpy and attrs.  Copy this file into a project and ``import dlfs``.
+
+Conventions: ``N`` is the batch size; shapes in docstrings are for one call.
+Where Seth Weidman's *Deep Learning from Scratch* defines something (MSE,
+the Trainer's early stopping) dlfs follows the book; elsewhere it matches
+PyTorch's documented numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVAL",
+    "SGD",
+    "AdaGrad",
+    "Adam",
+    "AdamW",
+    "BatchNorm",
+    "BinaryCrossEntropy",
+    "Chain",
+    "ClipByGlobalNorm",
+    "Constant",
+    "Context",
+    "CosineDecay",
+    "Dense",
+    "DenseSpec",
+    "Dropout",
+    "ELU",
+    "EpochRecord",
+    "ExponentialDecay",
+    "Flatten",
+    "GELU",
+    "GradientCheckError",
+    "History",
+    "Layer",
+    "LeakyReLU",
+    "Linear",
+    "LinearDecay",
+    "MaxNorm",
+    "MeanSquaredError",
+    "Momentum",
+    "Nesterov",
+    "Network",
+    "NonFiniteError",
+    "OptState",
+    "RMSProp",
+    "ReLU",
+    "SiLU",
+    "Sigmoid",
+    "Softmax",
+    "SoftmaxCrossEntropy",
+    "StepDecay",
+    "Tanh",
+    "TrainState",
+    "WeightDecay",
+    "__version__",
+    "accuracy",
+    "batch_norm",
+    "batches",
+    "chain",
+    "check_grads",
+    "check_layer",
+    "check_loss",
+    "dense",
+    "fit",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "mae",
+    "make_rng",
+    "network",
+    "normal",
+    "one_hot",
+    "permute",
+    "rmse",
+    "split",
+    "to_2d",
+    "train_context",
+    "train_epoch",
+    "train_step",
+    "zeros",
+]
+
+Key = tuple[int, ...]
+Params = tuple[np.ndarray, ...]
+NetParams = tuple[Params, ...]
+
+# ---------------------------------------------------------------- validation
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _shape_str(spec: Sequence[int | None]) -> str:
+    """Format a shape spec, ``None`` standing for the batch axis: ``(N, 13)``."""
+    parts = ["N" if d is None else str(d) for d in spec]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _check_ndarray(name: str, x: Any) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy array, got {type(x).__name__}; "
+            "convert with np.asarray(..., dtype=np.float32)"
+        )
+    return x
+
+
+def _check_float(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+    """``x`` must be a float32/float64 ndarray (of ``dtype`` if given)."""
+    _check_ndarray(name, x)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float32 or float64 array, got dtype {x.dtype}; "
+            "dlfs never casts silently: convert with .astype(np.float32)"
+        )
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(
+            f"{name} must have dtype {np.dtype(dtype)} (the network's), got "
+            f"{x.dtype}; convert with .astype(np.{np.dtype(dtype)})"
+        )
+    return x
+
+
+def _check_shape(name: str, x: np.ndarray, spec: Sequence[int | None]) -> None:
+    """``x.shape`` must match ``spec``; ``None`` entries match any size."""
+    ok = x.ndim == len(spec) and all(
+        want is None or want == got for want, got in zip(spec, x.shape)
+    )
+    if not ok:
+        raise ValueError(f"{name} must have shape {_shape_str(spec)}, got {x.shape}")
+
+
+def _check_nonempty(name: str, x: np.ndarray) -> None:
+    if x.size == 0 or (x.ndim > 0 and x.shape[0] == 0):
+        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _check_input(
+    name: str, x: Any, spec: Sequence[int | None], dtype: np.dtype | None = None
+) -> np.ndarray:
+    """Cheap per-call check of a layer input: float ndarray of shape ``spec``."""
+    _check_float(name, x, dtype)
+    _check_shape(name, x, spec)
+    return x
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A real, finite Python/numpy number within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+    return value
+
+
+def _check_int(name: str, value: Any, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _frozen(a: Any) -> np.ndarray:
+    """attrs converter: a read-only float array (copied unless already read-only)."""
+    _check_float("array", a)
+    if a.flags.writeable:
+        a = a.copy()
+        a.setflags(write=False)
+    return a
+
+
+def _freeze_new(a: np.ndarray) -> np.ndarray:
+    """Mark an array that dlfs just allocated as read-only (no copy)."""
+    a.setflags(write=False)
+    return a
+
+
+# ------------------------------------------------------------------ randomness
+
+
+def _as_key(name: str, key: Any) -> Key:
+    """An int seed or a tuple of non-negative ints, as a tuple key."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        key = (key,)
+    if (
+        isinstance(key, tuple)
+        and key
+        and all(
+            isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0 for k in key
+        )
+    ):
+        return tuple(int(k) for k in key)
+    raise TypeError(
+        f"{name} must be a non-negative int seed or a non-empty tuple of them, got {key!r}"
+    )
+
+
+def split(key: int | Key, n: int) -> tuple[Key, ...]:
+    """Derive ``n`` independent keys from ``key`` (JAX-style, pure).
+
+    ``split((7,), 2) == ((7, 0), (7, 1))``; each key seeds its own stream.
+    """
+    key = _as_key("key", key)
+    n = _check_int("n", n)
+    return tuple(key + (i,) for i in range(n))
+
+
+def make_rng(key: int | Key) -> np.random.Generator:
+    """A fresh ``numpy.random.Generator`` for ``key``; same key, same draws.
+
+    The first entry is the seed, the rest a ``SeedSequence`` spawn path, so
+    ``(7,)`` and ``(7, 0)`` give unrelated streams.
+    """
+    key = _as_key("key", key)
+    return _rng(key)
+
+
+def _rng(key: Key) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(key[0], spawn_key=key[1:]))
+
+
+@attrs.frozen
+class Context:
+    """What a forward pass may depend on besides its input: mode and randomness.
+
+    ``train`` selects training behaviour (dropout on, batch statistics);
+    ``key`` feeds layers that draw random numbers (required by Dropout in
+    training).  Networks derive one sub-key per layer.
+    """
+
+    train: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    key: Key | None = attrs.field(
+        default=None, converter=lambda k: None if k is None else _as_key("key", k)
+    )
+
+
+EVAL = Context()
+
+
+def train_context(key: int | Key) -> Context:
+    """``Context(train=True, key=key)``: the context of one training step."""
+    return Context(train=True, key=key)
+
+
+# -------------------------------------------------------------- initializers
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a (D_in, D_out) matrix or a (C_out, C_in, kh, kw) kernel."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 4:
+        receptive = shape[2] * shape[3]
+        return shape[1] * receptive, shape[0] * receptive
+    raise ValueError(f"shape must be 2-D or 4-D for fan computation, got {shape}")
+
+
+def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """The book's initializer: w ~ N(0, 1)."""
+    return rng.standard_normal(shape, dtype=np.dtype(dtype))
+
+
+def zeros(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """w = 0 (``rng`` unused; same signature as the other initializers)."""
+    return np.zeros(shape, dtype=dtype)
+
+
+def glorot_normal(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+) -> np.ndarray:
+    """Glorot/Xavier normal: w ~ N(0, 2 / (fan_in + fan_out)), the tutorial's scale."""
+    fan_in, fan_out = _fans(shape)
+    return normal(rng, shape, dtype) * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def glorot_uniform(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+) -> np.ndarray:
+    """Glorot/Xavier uniform: w ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out))."""
+    fan_in, fan_out = _fans(shape)
+    a = math.sqrt(6.0 / (fan_in + fan_out))
+    return (rng.random(shape, dtype=np.dtype(dtype)) * 2 - 1) * a
+
+
+def he_normal(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+) -> np.ndarray:
+    """He/Kaiming normal for ReLU nets: w ~ N(0, 2 / fan_in)."""
+    fan_in, _ = _fans(shape)
+    return normal(rng, shape, dtype) * math.sqrt(2.0 / fan_in)
+
+
+def he_uniform(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+) -> np.ndarray:
+    """He/Kaiming uniform: w ~ U(-a, a), a = sqrt(6 / fan_in)."""
+    fan_in, _ = _fans(shape)
+    a = math.sqrt(6.0 / fan_in)
+    return (rng.random(shape, dtype=np.dtype(dtype)) * 2 - 1) * a
+
+
+# -------------------------------------------------------------------- layers
+
+
+class Layer(Protocol):
+    """The protocol every layer speaks.
+
+    ``params()`` trainable arrays in a fixed order; ``with_params(ps)`` a new
+    layer; ``forward(x, ctx) -> (y, cache, layer)`` (stateless layers return
+    themselves, BatchNorm a layer with new running statistics);
+    ``backward(cache, dy) -> (dx, grads)`` with grads aligned with
+    ``params()``; ``output_shape(in_shape)`` the per-sample output shape.
+    """
+
+    def params(self) -> Params: ...
+    def with_params(self, params: Sequence[np.ndarray]) -> Layer: ...
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, Any, Layer]: ...
+    def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]: ...
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+
+def _check_new_params(layer: Any, params: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """New params must match the old ones in number, shape and dtype."""
+    old = layer.params()
+    if not isinstance(params, (tuple, list)) or len(params) != len(old):
+        raise ValueError(
+            f"params for {type(layer).__name__} must be a sequence of "
+            f"{len(old)} arrays, got {type(params).__name__} of length "
+            f"{len(params) if isinstance(params, (tuple, list)) else '?'}"
+        )
+    for i, (p, q) in enumerate(zip(old, params)):
+        _check_float(f"params[{i}]", q, p.dtype)
+        if q.shape != p.shape:
+            raise ValueError(f"params[{i}] must have shape {p.shape}, got {q.shape}")
+    return tuple(params)
+
+
+@attrs.frozen(eq=False, repr=False)
+class _NoParams:
+    """Shared protocol methods of layers without trainable parameters."""
+
+    def params(self) -> Params:
+        """No trainable arrays: ``()``."""
+        return ()
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Any:
+        """Accepts only ``()`` and returns the layer itself."""
+        _check_new_params(self, params)
+        return self
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Elementwise: the output shape is the input shape."""
+        return tuple(in_shape)
+
+    def _check(self, x: Any) -> np.ndarray:
+        _check_float("x", x)
+        if x.ndim < 1:
+            raise ValueError(f"x must have a batch axis, got shape {x.shape}")
+        return x
+
+    def __repr__(self) -> str:
+        fields = attrs.fields(type(self))
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
+        return f"{type(self).__name__}({args})"
+
+
+@attrs.frozen(eq=False, repr=False)
+class Dense:
+    """Fully connected layer (the book's WeightMultiply + BiasAdd): y = x @ w + b.
+
+    x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).
+    """
+
+    w: np.ndarray = attrs.field(converter=_frozen)
+    b: np.ndarray = attrs.field(converter=_frozen)
+
+    def __attrs_post_init__(self) -> None:
+        if self.w.ndim != 2:
+            raise ValueError(f"w must be 2-D (D_in, D_out), got shape {self.w.shape}")
+        _check_input("b", self.b, (self.w.shape[1],), self.w.dtype)
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        n_in: int,
+        n_out: int,
+        *,
+        init: Callable[..., np.ndarray] = glorot_normal,
+        bias_init: Callable[..., np.ndarray] = zeros,
+        dtype: Any = np.float32,
+    ) -> Dense:
+        """Draw w with ``init`` and b with ``bias_init`` from ``key``."""
+        n_in, n_out = _check_int("n_in", n_in), _check_int("n_out", n_out)
+        dtype = _check_dtype(dtype)
+        rng = make_rng(key)
+        w = init(rng, (n_in, n_out), dtype)
+        b = bias_init(rng, (n_out,), dtype)
+        return cls(w=_freeze_new(w), b=_freeze_new(b))
+
+    @property
+    def in_features(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.w.shape[1]
+
+    def params(self) -> Params:
+        """(w, b)."""
+        return (self.w, self.b)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Dense:
+        """A new Dense with ``params = (w, b)`` (shapes and dtypes checked)."""
+        w, b = _check_new_params(self, params)
+        return Dense(w, b)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(D_in,) -> (D_out,)."""
+        if tuple(in_shape) != (self.in_features,):
+            raise ValueError(
+                f"Dense expects inputs of shape (N, {self.in_features}), "
+                f"the previous layer gives {_shape_str((None, *in_shape))}"
+            )
+        return (self.out_features,)
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Dense]:
+        """y = x @ w + b; the cache is x."""
+        _check_input("x", x, (None, self.in_features), self.w.dtype)
+        y = x @ self.w
+        y += self.b  # y is a fresh array of ours; adding in place saves a copy
+        return y, x, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy."""
+        x = cache
+        _check_input("dy", dy, (x.shape[0], self.out_features), self.w.dtype)
+        return dy @ self.w.T, (x.T @ dy, dy.sum(axis=0))
+
+    def __repr__(self) -> str:
+        return f"Dense({self.in_features} -> {self.out_features}, {self.w.dtype})"
+
+
+@attrs.frozen(eq=False, repr=False)
+class Linear(_NoParams):
+    """Identity activation (the book's ``Linear``): y = x."""
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, None, Linear]:
+        """y = x, shapes any (N, ...)."""
+        return self._check(x), None, self
+
+    def backward(self, cache: None, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy."""
+        return dy, ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class Sigmoid(_NoParams):
+    """Logistic activation: y = 1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2."""
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Sigmoid]:
+        """x: (N, ...) -> y: same shape; the cache is y."""
+        self._check(x)
+        y = np.tanh(x * 0.5)
+        y += 1
+        y *= 0.5
+        return y, y, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy * y * (1 - y)."""
+        y = cache
+        return dy * y * (1 - y), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class Tanh(_NoParams):
+    """Hyperbolic tangent: y = tanh(x)."""
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Tanh]:
+        """x: (N, ...) -> y: same shape; the cache is y."""
+        y = np.tanh(self._check(x))
+        return y, y, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy * (1 - y**2)."""
+        return dy * (1 - cache * cache), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class ReLU(_NoParams):
+    """Rectified linear unit: y = max(x, 0); relu'(0) = 0 as in PyTorch."""
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, ReLU]:
+        """x: (N, ...) -> y: same shape; the cache is the mask x > 0."""
+        self._check(x)
+        return np.maximum(x, 0), x > 0, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy where x > 0, else 0."""
+        return dy * cache, ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class LeakyReLU(_NoParams):
+    """y = x if x > 0 else alpha * x; the slope at 0 is alpha (PyTorch's convention)."""
+
+    alpha: float = attrs.field(default=0.01, converter=lambda a: _check_number("alpha", a, low=0.0))
+
+    def forward(
+        self, x: np.ndarray, ctx: Context = EVAL
+    ) -> tuple[np.ndarray, np.ndarray, LeakyReLU]:
+        """x: (N, ...) -> y: same shape; the cache is the mask x > 0."""
+        self._check(x)
+        positive = x > 0
+        return np.where(positive, x, x * self.alpha), positive, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy where x > 0, else alpha * dy."""
+        return np.where(cache, dy, dy * self.alpha), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class ELU(_NoParams):
+    """y = x if x > 0 else alpha * (exp(x) - 1); slope alpha at 0 as in PyTorch."""
+
+    alpha: float = attrs.field(default=1.0, converter=lambda a: _check_number("alpha", a, low=0.0))
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, ELU]:
+        """x: (N, ...) -> y: same shape; the cache is (x > 0, exp(min(x, 0)))."""
+        self._check(x)
+        positive = x > 0
+        e = np.exp(np.minimum(x, 0))
+        return np.where(positive, x, (e - 1) * self.alpha), (positive, e), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy where x > 0, else dy * alpha * exp(x)."""
+        positive, e = cache
+        return np.where(positive, dy, dy * e * self.alpha), ()
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@attrs.frozen(eq=False, repr=False)
+class GELU(_NoParams):
+    """GELU, tanh form (PyTorch ``approximate='tanh'``):
+    y = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+    """
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, GELU]:
+        """x: (N, ...) -> y: same shape; the cache is (x, tanh(u))."""
+        self._check(x)
+        t = np.tanh((x + 0.044715 * x**3) * _SQRT_2_OVER_PI)
+        return 0.5 * x * (1 + t), (x, t), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
+        x, t = cache
+        du = (1 + 3 * 0.044715 * x * x) * _SQRT_2_OVER_PI
+        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class SiLU(_NoParams):
+    """SiLU / swish: y = x * sigmoid(x)."""
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, SiLU]:
+        """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(x))."""
+        self._check(x)
+        s = (np.tanh(x * 0.5) + 1) * 0.5
+        return x * s, (x, s), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy * s * (1 + x (1 - s))."""
+        x, s = cache
+        return dy * s * (1 + x * (1 - s)), ()
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) logits, stable (max subtracted)."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
+@attrs.frozen(eq=False, repr=False)
+class Softmax(_NoParams):
+    """Row-wise softmax, for probabilities: y_ik = exp(x_ik) / sum_j exp(x_ij).
+
+    x: (N, K) -> y: (N, K).  For training use SoftmaxCrossEntropy on logits.
+    """
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Softmax]:
+        """The cache is y."""
+        _check_input("x", x, (None, None))
+        y = _softmax(x)
+        return y, y, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = y * (dy - sum_k dy_k y_k)."""
+        y = cache
+        return y * (dy - (dy * y).sum(axis=1, keepdims=True)), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class Dropout(_NoParams):
+    """Inverted dropout: in training, y = x * mask / (1 - p), mask ~ Bernoulli(1 - p).
+
+    ``p`` is the probability of *dropping* a unit (PyTorch's convention).
+    Evaluation mode is the identity.  Training needs ``ctx.key``.
+    x: (N, ...) -> y: same shape.
+    """
+
+    p: float = attrs.field(
+        default=0.5, converter=lambda p: _check_number("p", p, low=0.0, high=1.0, high_open=True)
+    )
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, Any, Dropout]:
+        """The cache is the scaled mask (None when inactive)."""
+        self._check(x)
+        if not ctx.train or self.p == 0.0:
+            return x, None, self
+        if ctx.key is None:
+            raise ValueError(
+                "Dropout in training mode needs a random key: pass Context(train=True, key=...)"
+            )
+        keep = _rng(ctx.key).random(x.shape, dtype=x.dtype) >= self.p
+        mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        return x * mask, mask, self
+
+    def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy * mask / (1 - p) (dy in evaluation mode)."""
+        return (dy if cache is None else dy * cache), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class Flatten(_NoParams):
+    """Flatten all but the batch axis: (N, C, H, W) -> (N, C*H*W)."""
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, H, W) -> (C*H*W,)."""
+        return (int(math.prod(in_shape)),)
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Flatten]:
+        """The cache is the input shape."""
+        self._check(x)
+        return x.reshape(x.shape[0], -1), x.shape, self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy reshaped to the input shape."""
+        return dy.reshape(cache), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class BatchNorm:
+    """Batch normalization over features (N, D) or channels (N, C, H, W).
+
+    Training: y = gamma * (x - mean_B) / sqrt(var_B + eps) + beta with the
+    biased batch variance, and the returned layer carries updated running
+    statistics: mean <- (1 - m) mean + m mean_B, var <- (1 - m) var +
+    m var_B n / (n - 1) (PyTorch's convention, m = momentum = 0.1).
+    Evaluation uses the running statistics only.  Running var starts at 1.
+    gamma, beta, mean, var: (C,).
+    """
+
+    gamma: np.ndarray = attrs.field(converter=_frozen)
+    beta: np.ndarray = attrs.field(converter=_frozen)
+    mean: np.ndarray = attrs.field(converter=_frozen)
+    var: np.ndarray = attrs.field(converter=_frozen)
+    momentum: float = attrs.field(
+        default=0.1, converter=lambda m: _check_number("momentum", m, low=0.0, high=1.0)
+    )
+    eps: float = attrs.field(
+        default=1e-5, converter=lambda e: _check_number("eps", e, low=0.0, low_open=True)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.gamma.ndim != 1:
+            raise ValueError(f"gamma must be 1-D (C,), got shape {self.gamma.shape}")
+        for name in ("beta", "mean", "var"):
+            _check_input(name, getattr(self, name), self.gamma.shape, self.gamma.dtype)
+
+    @classmethod
+    def init(
+        cls, n_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype: Any = np.float32
+    ) -> BatchNorm:
+        """gamma = 1, beta = 0, running mean = 0, running var = 1."""
+        c = _check_int("n_features", n_features)
+        dtype = _check_dtype(dtype)
+        ones, zero = np.ones(c, dtype), np.zeros(c, dtype)
+        return cls(ones, zero, zero, ones, momentum=momentum, eps=eps)
+
+    def params(self) -> Params:
+        """(gamma, beta); the running statistics are state, not parameters."""
+        return (self.gamma, self.beta)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> BatchNorm:
+        """A new BatchNorm with ``(gamma, beta)`` replaced, statistics kept."""
+        gamma, beta = _check_new_params(self, params)
+        return attrs.evolve(self, gamma=gamma, beta=beta)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Unchanged; the feature/channel axis must have C entries."""
+        if len(in_shape) not in (1, 3) or in_shape[0] != self.gamma.shape[0]:
+            raise ValueError(
+                f"BatchNorm with {self.gamma.shape[0]} features expects (N, "
+                f"{self.gamma.shape[0]}) or (N, {self.gamma.shape[0]}, H, W), got "
+                f"{_shape_str((None, *in_shape))}"
+            )
+        return tuple(in_shape)
+
+    def _axes(self, x: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Reduction axes and the broadcast shape of the (C,) arrays."""
+        if x.ndim == 2:
+            return (0,), (1, -1)
+        return (0, 2, 3), (1, -1, 1, 1)
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, BatchNorm]:
+        """x: (N, C) or (N, C, H, W) -> y: same shape."""
+        _check_float("x", x, self.gamma.dtype)
+        self.output_shape(x.shape[1:])
+        axes, bshape = self._axes(x)
+        if ctx.train:
+            n = x.size // x.shape[1]
+            if n < 2:
+                raise ValueError(
+                    f"BatchNorm in training needs more than one value per channel, got input shape {x.shape}"
+                )
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            m = self.momentum
+            layer = attrs.evolve(
+                self,
+                mean=_freeze_new((1 - m) * self.mean + m * mean),
+                var=_freeze_new((1 - m) * self.var + (m * n / (n - 1)) * var),
+            )
+        else:
+            mean, var, layer = self.mean, self.var, self
+        inv = 1 / np.sqrt(var + self.eps)
+        xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
+        y = xhat * self.gamma.reshape(bshape) + self.beta.reshape(bshape)
+        return y, (xhat, inv, ctx.train), layer
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """Full batch-statistics backward in training, affine backward in evaluation."""
+        xhat, inv, train = cache
+        axes, bshape = self._axes(dy)
+        dgamma = (dy * xhat).sum(axis=axes)
+        dbeta = dy.sum(axis=axes)
+        dxhat = dy * self.gamma.reshape(bshape)
+        if not train:
+            return dxhat * inv.reshape(bshape), (dgamma, dbeta)
+        mean_dxhat = dxhat.mean(axis=axes, keepdims=True)
+        mean_dxhat_xhat = (dxhat * xhat).mean(axis=axes, keepdims=True)
+        dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * inv.reshape(bshape)
+        return dx, (dgamma, dbeta)
+
+    def __repr__(self) -> str:
+        return f"BatchNorm({self.gamma.shape[0]}, momentum={self.momentum}, eps={self.eps}, {self.gamma.dtype})"
+
+
+# -------------------------------------------------------------------- losses
+
+
+def _check_pred(name: str, pred: Any) -> np.ndarray:
+    _check_float(name, pred)
+    if pred.ndim < 1:
+        raise ValueError(f"{name} must have a batch axis, got shape {pred.shape}")
+    _check_nonempty(name, pred)
+    return pred
+
+
+def _check_same_shape(pred: np.ndarray, target: Any) -> np.ndarray:
+    _check_float("target", target, pred.dtype)
+    if target.shape != pred.shape:
+        hint = " (use dlfs.to_2d(target) for a column)" if target.ndim == 1 else ""
+        raise ValueError(
+            f"target must have the same shape as the predictions {pred.shape}, "
+            f"got {target.shape}; dlfs never broadcasts a loss{hint}"
+        )
+    return target
+
+
+@attrs.frozen
+class MeanSquaredError:
+    """The book's MSE: L = sum((p - y)^2) / N, dL/dp = 2 (p - y) / N.
+
+    pred, target: (N, ...) of equal shape (no broadcasting).
+    """
+
+    def forward(self, pred: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
+        """Loss as a scalar of pred's dtype; the cache is (p - y, N)."""
+        _check_pred("pred", pred)
+        _check_same_shape(pred, target)
+        diff = pred - target
+        return np.sum(diff * diff) / pred.shape[0], (diff, pred.shape[0])
+
+    def backward(self, cache: tuple) -> np.ndarray:
+        """dL/dp = 2 (p - y) / N."""
+        diff, n = cache
+        return diff * (2 / n)
+
+
+def _check_labels(target: np.ndarray, n: int, k: int) -> None:
+    _check_shape("target", target, (n,))
+    if n and (target.min() < 0 or target.max() >= k):
+        raise ValueError(
+            f"labels must be in [0, {k}), got values in [{target.min()}, {target.max()}]"
+        )
+
+
+@attrs.frozen
+class SoftmaxCrossEntropy:
+    """Softmax + cross-entropy on logits, fused: L = -sum_i q_i . log softmax(z_i) / N.
+
+    logits: (N, K); target: integer labels (N,) in [0, K) or float
+    probabilities/one-hot (N, K).  ``label_smoothing`` e gives
+    q = (1 - e) q + e / K (PyTorch's convention); dL/dz = (softmax(z) - q) / N.
+    """
+
+    label_smoothing: float = attrs.field(
+        default=0.0,
+        converter=lambda e: _check_number("label_smoothing", e, low=0.0, high=1.0),
+    )
+
+    def forward(self, logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
+        """The cache is (softmax(z), target)."""
+        _check_pred("logits", logits)
+        _check_shape("logits", logits, (None, None))
+        n, k = logits.shape
+        _check_ndarray("target", target)
+        z = logits - logits.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
+        logp = z - log_norm
+        eps = self.label_smoothing
+        if np.issubdtype(target.dtype, np.integer):
+            _check_labels(target, n, k)
+            nll = -logp[np.arange(n), target].sum()
+            loss = ((1 - eps) * nll - (eps / k) * logp.sum()) / n
+        else:
+            _check_same_shape(logits, target)
+            q = (1 - eps) * target + eps / k if eps else target
+            loss = -(q * logp).sum() / n
+        return logits.dtype.type(loss), (np.exp(logp), target)
+
+    def backward(self, cache: tuple) -> np.ndarray:
+        """dL/dz = (softmax(z) - q) / N, q smoothed if label_smoothing > 0."""
+        p, target = cache
+        n, k = p.shape
+        eps = self.label_smoothing
+        if np.issubdtype(target.dtype, np.integer):
+            g = p - eps / k if eps else p.copy()
+            g[np.arange(n), target] -= 1 - eps
+        else:
+            g = p - ((1 - eps) * target + eps / k if eps else target)
+        g /= n
+        return g
+
+
+@attrs.frozen
+class BinaryCrossEntropy:
+    """Binary cross-entropy on logits, averaged over all N*K entries (PyTorch's
+    ``BCEWithLogitsLoss``): L = mean(max(z, 0) - z t + log(1 + exp(-|z|))).
+
+    logits, target: (N,) or (N, K), target in [0, 1]; dL/dz = (sigmoid(z) - t) / (N K).
+    """
+
+    def forward(self, logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
+        """The cache is (sigmoid(z), target)."""
+        _check_pred("logits", logits)
+        _check_same_shape(logits, target)
+        if target.min() < 0 or target.max() > 1:
+            raise ValueError(
+                f"target must be in [0, 1], got values in [{target.min()}, {target.max()}]"
+            )
+        loss = np.maximum(logits, 0) - logits * target + np.log1p(np.exp(-np.abs(logits)))
+        s = (np.tanh(logits * 0.5) + 1) * 0.5
+        return loss.mean(), (s, target)
+
+    def backward(self, cache: tuple) -> np.ndarray:
+        """dL/dz = (sigmoid(z) - t) / (N K)."""
+        s, target = cache
+        return (s - target) / s.size
+
+
+# ------------------------------------------------------------------ networks
+
+
+class _Spec(Protocol):
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]: ...
+
+
+@attrs.frozen
+class DenseSpec:
+    """A Dense layer (plus optional activation) whose input size the builder infers."""
+
+    n_out: int = attrs.field(converter=lambda n: _check_int("n_out", n))
+    activation: Any = None
+    init: Callable[..., np.ndarray] = glorot_normal
+    bias_init: Callable[..., np.ndarray] = zeros
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        """Draw the weights for inputs of per-sample shape ``in_shape``."""
+        if len(in_shape) != 1:
+            raise ValueError(
+                f"dense expects flat inputs (N, D), got {_shape_str((None, *in_shape))}; "
+                "put dlfs.Flatten() before it"
+            )
+        layer = Dense.init(
+            key, in_shape[0], self.n_out, init=self.init, bias_init=self.bias_init, dtype=dtype
+        )
+        if self.activation is None:
+            return (layer,), (self.n_out,)
+        return (layer, self.activation), self.activation.output_shape((self.n_out,))
+
+
+def dense(
+    n_out: int,
+    activation: Any = None,
+    *,
+    init: Callable[..., np.ndarray] = glorot_normal,
+    bias_init: Callable[..., np.ndarray] = zeros,
+) -> DenseSpec:
+    """The book's ``Dense(neurons, activation)``: a Dense layer of ``n_out`` units
+    followed by ``activation``; its input size comes from the previous layer."""
+    if activation is not None and not hasattr(activation, "forward"):
+        raise TypeError(f"activation must be a layer such as dlfs.Sigmoid(), got {activation!r}")
+    return DenseSpec(n_out, activation, init, bias_init)
+
+
+@attrs.frozen
+class _BatchNormSpec:
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        layer = BatchNorm.init(in_shape[0], momentum=self.momentum, eps=self.eps, dtype=dtype)
+        return (layer,), layer.output_shape(in_shape)
+
+
+def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> _BatchNormSpec:
+    """A BatchNorm layer sized by the builder from the previous layer's output."""
+    _check_number("momentum", momentum, low=0.0, high=1.0)
+    _check_number("eps", eps, low=0.0, low_open=True)
+    return _BatchNormSpec(momentum, eps)
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from err
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not shape:
+        raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
+    return tuple(_check_int(f"{name}[{i}]", d) for i, d in enumerate(shape))
+
+
+def _is_layer(obj: Any) -> bool:
+    return all(
+        hasattr(obj, m) for m in ("params", "with_params", "forward", "backward", "output_shape")
+    )
+
+
+def _is_loss(obj: Any) -> bool:
+    return hasattr(obj, "forward") and hasattr(obj, "backward") and not hasattr(obj, "params")
+
+
+def _chain_shapes(layers: Sequence[Any], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample output shape after each layer; raises if they do not chain."""
+    shapes, shape = [], input_shape
+    for i, layer in enumerate(layers):
+        try:
+            shape = tuple(layer.output_shape(shape))
+        except ValueError as err:
+            raise ValueError(f"layer {i} ({type(layer).__name__}): {err}") from None
+        shapes.append(shape)
+    return shapes
+
+
+@attrs.frozen(eq=False, repr=False)
+class Network:
+    """An ordered tuple of layers plus a loss (the book's NeuralNetwork).
+
+    ``input_shape`` is the per-sample input shape, e.g. ``(13,)`` or
+    ``(1, 28, 28)``.  x: (N, *input_shape) -> (N, *output_shape).
+    """
+
+    layers: tuple[Any, ...] = attrs.field(converter=tuple)
+    loss: Any
+    input_shape: tuple[int, ...] = attrs.field(converter=lambda s: _as_shape("input_shape", s))
+
+    def __attrs_post_init__(self) -> None:
+        for i, layer in enumerate(self.layers):
+            if not _is_layer(layer):
+                raise TypeError(
+                    f"layers[{i}] must be a layer (params/with_params/forward/backward/"
+                    f"output_shape), got {type(layer).__name__}"
+                )
+        if not _is_loss(self.loss):
+            raise TypeError(
+                f"loss must be a loss such as dlfs.MeanSquaredError(), got {self.loss!r}"
+            )
+        _chain_shapes(self.layers, self.input_shape)
+        dtypes = {p.dtype for p in self._flat_params()}
+        if len(dtypes) > 1:
+            raise TypeError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+
+    def _flat_params(self) -> list[np.ndarray]:
+        return [p for layer in self.layers for p in layer.params()]
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The parameters' dtype (None for a network without parameters)."""
+        flat = self._flat_params()
+        return flat[0].dtype if flat else None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Per-sample output shape."""
+        return _chain_shapes(self.layers, self.input_shape)[-1] if self.layers else self.input_shape
+
+    def params(self) -> NetParams:
+        """One tuple of arrays per layer, in layer order."""
+        return tuple(layer.params() for layer in self.layers)
+
+    def with_params(self, params: Sequence[Sequence[np.ndarray]]) -> Network:
+        """A new network whose layers take ``params`` (one tuple per layer)."""
+        if not isinstance(params, (tuple, list)) or len(params) != len(self.layers):
+            raise ValueError(
+                f"params must be a sequence of {len(self.layers)} per-layer tuples, "
+                f"got {type(params).__name__}"
+            )
+        layers = tuple(layer.with_params(p) for layer, p in zip(self.layers, params))
+        return Network(layers, self.loss, self.input_shape)
+
+    def _check_x(self, x: Any) -> np.ndarray:
+        _check_input("x", x, (None, *self.input_shape), self.dtype)
+        _check_nonempty("x", x)
+        return x
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Network]:
+        """Run every layer; returns (output, caches, network with new layer state)."""
+        self._check_x(x)
+        if not isinstance(ctx, Context):
+            raise TypeError(f"ctx must be a dlfs.Context, got {type(ctx).__name__}")
+        return self._forward(x, ctx)
+
+    def _forward(self, x: np.ndarray, ctx: Context) -> tuple[np.ndarray, tuple, Network]:
+        caches, layers = [], []
+        for i, layer in enumerate(self.layers):
+            sub = ctx if ctx.key is None else Context(ctx.train, ctx.key + (i,))
+            x, cache, layer = layer.forward(x, sub)
+            caches.append(cache)
+            layers.append(layer)
+        changed = any(new is not old for new, old in zip(layers, self.layers))
+        net = Network(layers, self.loss, self.input_shape) if changed else self
+        return x, tuple(caches), net
+
+    def backward(self, caches: Sequence[Any], dy: np.ndarray) -> tuple[np.ndarray, NetParams]:
+        """Backpropagate ``dy`` through the layers; grads align with ``params()``."""
+        if len(caches) != len(self.layers):
+            raise ValueError(f"caches must have {len(self.layers)} entries, got {len(caches)}")
+        _check_float("dy", dy, self.dtype)
+        grads = []
+        for layer, cache in zip(reversed(self.layers), reversed(caches)):
+            dy, g = layer.backward(cache, dy)
+            grads.append(g)
+        return dy, tuple(reversed(grads))
+
+    def loss_and_grads(
+        self, x: np.ndarray, y: np.ndarray, ctx: Context = EVAL
+    ) -> tuple[Any, NetParams, Network]:
+        """Forward, loss, backward: returns (loss, grads, network with new state)."""
+        self._check_x(x)
+        _check_ndarray("y", y)
+        if len(y) != len(x):
+            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        return self._loss_and_grads(x, y, ctx)
+
+    def _loss_and_grads(
+        self, x: np.ndarray, y: np.ndarray, ctx: Context
+    ) -> tuple[Any, NetParams, Network]:
+        out, caches, net = self._forward(x, ctx)
+        loss, loss_cache = self.loss.forward(out, y)
+        _, grads = net.backward(caches, self.loss.backward(loss_cache))
+        return loss, grads, net
+
+    def predict(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
+        """Evaluation-mode outputs, computed ``batch_size`` rows at a time
+        (``None``: all at once).  x: (N, *input_shape) -> (N, *output_shape)."""
+        self._check_x(x)
+        _check_finite("x", x)
+        if batch_size is None or len(x) <= batch_size:
+            return self._forward(x, EVAL)[0]
+        batch_size = _check_int("batch_size", batch_size)
+        out = np.empty((len(x), *self.output_shape), dtype=self._forward(x[:1], EVAL)[0].dtype)
+        for start in range(0, len(x), batch_size):
+            out[start : start + batch_size] = self._forward(x[start : start + batch_size], EVAL)[0]
+        return out
+
+    def summary(self) -> str:
+        """A table: layer, output shape, parameter count, and the total."""
+        rows = [("Layer", "Output shape", "Params")]
+        shapes = _chain_shapes(self.layers, self.input_shape)
+        rows.append(("Input", _shape_str((None, *self.input_shape)), ""))
+        for layer, shape in zip(self.layers, shapes):
+            n = sum(p.size for p in layer.params())
+            rows.append((repr(layer), _shape_str((None, *shape)), str(n)))
+        total = sum(p.size for p in self._flat_params())
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+        rule = "-" * len(lines[0])
+        return "\n".join(
+            [lines[0], rule, *lines[1:], rule, f"Total params: {total}  (loss: {self.loss!r})"]
+        )
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(layer) for layer in self.layers)
+        return f"Network(input_shape={self.input_shape}, layers=[{inner}], loss={self.loss!r})"
+
+
+def network(
+    key: int | Key,
+    input_shape: int | tuple[int, ...],
+    layers: Sequence[Any],
+    loss: Any,
+    *,
+    dtype: Any = np.float32,
+) -> Network:
+    """Build a network, inferring every layer's input size from the one before.
+
+    ``layers`` mixes specs such as ``dense(13, Sigmoid())`` and ready layers
+    such as ``ReLU()``; each spec draws its weights from its own sub-key.
+
+        net = dlfs.network(0, 13, [dlfs.dense(13, dlfs.Sigmoid()), dlfs.dense(1)],
+                           dlfs.MeanSquaredError())
+    """
+    key = _as_key("key", key)
+    shape = _as_shape("input_shape", input_shape)
+    dtype = _check_dtype(dtype)
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(f"layers must be a list of layers or specs, got {type(layers).__name__}")
+    built: list[Any] = []
+    for i, (item, sub) in enumerate(zip(layers, split(key, max(len(layers), 1)))):
+        if hasattr(item, "build"):
+            try:
+                new, shape = item.build(sub, shape, dtype)
+            except ValueError as err:
+                raise ValueError(f"layers[{i}] ({type(item).__name__}): {err}") from None
+            built.extend(new)
+        elif _is_layer(item):
+            built.append(item)
+            shape = _chain_shapes([item], shape)[-1]
+        else:
+            raise TypeError(
+                f"layers[{i}] must be a layer or a spec such as dlfs.dense(10), got {item!r}"
+            )
+    return Network(built, loss, _as_shape("input_shape", input_shape))
+
+
+# -------------------------------------------------- optimizers and schedules
+
+
+def _tree_map(f: Callable[..., np.ndarray], *trees: NetParams) -> NetParams:
+    """Apply ``f`` leaf-wise over per-layer tuples of arrays."""
+    return tuple(tuple(f(*leaves) for leaves in zip(*layer)) for layer in zip(*trees))
+
+
+def _check_grads_like(grads: Any, params: NetParams) -> None:
+    """``grads`` must mirror ``params``: same nesting, shapes and dtypes."""
+    if not isinstance(grads, tuple) or len(grads) != len(params):
+        raise ValueError(f"grads must be a tuple of {len(params)} per-layer tuples")
+    for i, (gs, ps) in enumerate(zip(grads, params)):
+        if len(gs) != len(ps):
+            raise ValueError(f"grads[{i}] must have {len(ps)} arrays, got {len(gs)}")
+        for j, (g, p) in enumerate(zip(gs, ps)):
+            if not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype != p.dtype:
+                raise ValueError(
+                    f"grads[{i}][{j}] must be an array of shape {p.shape} and dtype {p.dtype}, "
+                    f"got {getattr(g, 'shape', type(g).__name__)} {getattr(g, 'dtype', '')}"
+                )
+
+
+def _check_schedule(name: str, value: Any) -> Any:
+    """A learning rate: a non-negative number or a schedule (callable of the step)."""
+    if callable(value):
+        _check_number(f"{name}(0)", value(0), low=0.0)
+        return value
+    return _check_number(name, value, low=0.0)
+
+
+def _lr_at(lr: Any, count: int) -> float:
+    if callable(lr):
+        return _check_number("learning rate from schedule", lr(count), low=0.0)
+    return lr
+
+
+@attrs.frozen
+class Constant:
+    """lr(t) = lr."""
+
+    lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
+
+    def __call__(self, step: int) -> float:
+        return self.lr
+
+
+@attrs.frozen
+class StepDecay:
+    """lr(t) = lr * gamma ** (t // step_size)."""
+
+    lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
+    step_size: int = attrs.field(converter=lambda v: _check_int("step_size", v))
+    gamma: float = attrs.field(
+        default=0.1, converter=lambda v: _check_number("gamma", v, low=0.0, high=1.0)
+    )
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.gamma ** (step // self.step_size)
+
+
+@attrs.frozen
+class ExponentialDecay:
+    """lr(t) = lr * gamma ** t."""
+
+    lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
+    gamma: float = attrs.field(converter=lambda v: _check_number("gamma", v, low=0.0, high=1.0))
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.gamma**step
+
+
+@attrs.frozen
+class LinearDecay:
+    """The book's linear decay: lr(t) = lr + (final_lr - lr) * min(t, steps) / steps."""
+
+    lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
+    final_lr: float = attrs.field(converter=lambda v: _check_number("final_lr", v, low=0.0))
+    steps: int = attrs.field(converter=lambda v: _check_int("steps", v))
+
+    def __call__(self, step: int) -> float:
+        return self.lr + (self.final_lr - self.lr) * min(step, self.steps) / self.steps
+
+
+@attrs.frozen
+class CosineDecay:
+    """Linear warmup then cosine decay.
+
+    t < warmup: lr(t) = lr (t + 1) / warmup (so step 0 already trains);
+    afterwards lr(t) = final_lr + (lr - final_lr) (1 + cos(pi s)) / 2 with
+    s = min(t - warmup, steps - warmup) / (steps - warmup).
+    """
+
+    lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
+    steps: int = attrs.field(converter=lambda v: _check_int("steps", v))
+    warmup: int = attrs.field(default=0, converter=lambda v: _check_int("warmup", v, low=0))
+    final_lr: float = attrs.field(
+        default=0.0, converter=lambda v: _check_number("final_lr", v, low=0.0)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.warmup >= self.steps:
+            raise ValueError(
+                f"warmup must be < steps, got warmup={self.warmup}, steps={self.steps}"
+            )
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = self.steps - self.warmup
+        s = min(step - self.warmup, span) / span
+        return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * s))
+
+
+@attrs.frozen(eq=False)
+class OptState:
+    """Optimizer state: update count, the learning rate of the last update,
+    and per-optimizer moment trees (``slots``, each shaped like the params)."""
+
+    count: int
+    lr: float
+    slots: tuple[NetParams, ...] = ()
+
+
+def _decay(grads: NetParams, params: NetParams, wd: float) -> NetParams:
+    """L2 weight decay: g + wd * p (skipped when wd == 0)."""
+    if not wd:
+        return grads
+    return _tree_map(lambda g, p: g + p * wd, grads, params)
+
+
+def _lr_field(default: float) -> Any:
+    return attrs.field(default=default, converter=lambda v: _check_schedule("lr", v))
+
+
+def _wd_field(default: float = 0.0) -> Any:
+    return attrs.field(
+        default=default, converter=lambda v: _check_number("weight_decay", v, low=0.0)
+    )
+
+
+def _start(
+    opt: Any, grads: NetParams, state: OptState, params: NetParams
+) -> tuple[float, NetParams]:
+    """Validate an update's inputs; return the step's lr and decayed grads."""
+    if not isinstance(state, OptState):
+        raise TypeError(
+            f"state must be the OptState from {type(opt).__name__}.init, got {type(state).__name__}"
+        )
+    _check_grads_like(grads, params)
+    return _lr_at(opt.lr, state.count), _decay(grads, params, opt.weight_decay)
+
+
+def _finish(new_params: NetParams) -> NetParams:
+    return _tree_map(_freeze_new, new_params)
+
+
+@attrs.frozen
+class SGD:
+    """Plain SGD (the book's): p <- p - lr * (g + wd * p).  ``lr`` may be a schedule."""
+
+    lr: Any = _lr_field(0.01)
+    weight_decay: float = _wd_field()
+
+    def init(self, params: NetParams) -> OptState:
+        """No moments: ``OptState(0, lr(0))``."""
+        return OptState(0, _lr_at(self.lr, 0))
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        lr, grads = _start(self, grads, state, params)
+        new = _finish(_tree_map(lambda p, g: p - g * lr, params, grads))
+        return new, OptState(state.count + 1, lr)
+
+
+@attrs.frozen
+class Momentum:
+    """SGD with momentum (PyTorch): b <- mu b + g (b_1 = g), p <- p - lr b;
+    Nesterov: p <- p - lr (g + mu b)."""
+
+    lr: Any = _lr_field(0.01)
+    momentum: float = attrs.field(
+        default=0.9,
+        converter=lambda v: _check_number("momentum", v, low=0.0, high=1.0, high_open=True),
+    )
+    weight_decay: float = _wd_field()
+    nesterov: bool = False
+
+    def init(self, params: NetParams) -> OptState:
+        """Velocity b = 0."""
+        return OptState(0, _lr_at(self.lr, 0), (_tree_map(np.zeros_like, params),))
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        lr, grads = _start(self, grads, state, params)
+        mu = self.momentum
+        b = _tree_map(lambda b, g: b * mu + g, state.slots[0], grads)
+        step = _tree_map(lambda g, b: g + b * mu, grads, b) if self.nesterov else b
+        new = _finish(_tree_map(lambda p, s: p - s * lr, params, step))
+        return new, OptState(state.count + 1, lr, (_finish(b),))
+
+
+def Nesterov(lr: Any = 0.01, momentum: float = 0.9, weight_decay: float = 0.0) -> Momentum:  # noqa: N802
+    """Nesterov momentum: ``Momentum(..., nesterov=True)``."""
+    return Momentum(lr, momentum, weight_decay, nesterov=True)
+
+
+@attrs.frozen
+class AdaGrad:
+    """AdaGrad (PyTorch): s <- s + g^2 (s_0 = 0), p <- p - lr g / (sqrt(s) + eps)."""
+
+    lr: Any = _lr_field(0.01)
+    eps: float = attrs.field(
+        default=1e-10, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
+    )
+    weight_decay: float = _wd_field()
+
+    def init(self, params: NetParams) -> OptState:
+        """Sum of squares s = 0."""
+        return OptState(0, _lr_at(self.lr, 0), (_tree_map(np.zeros_like, params),))
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        lr, grads = _start(self, grads, state, params)
+        s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
+        new = _finish(
+            _tree_map(lambda p, g, s: p - g * lr / (np.sqrt(s) + self.eps), params, grads, s)
+        )
+        return new, OptState(state.count + 1, lr, (_finish(s),))
+
+
+@attrs.frozen
+class RMSProp:
+    """RMSProp (PyTorch, no bias correction): v <- a v + (1 - a) g^2,
+    p <- p - lr g / (sqrt(v) + eps)."""
+
+    lr: Any = _lr_field(0.01)
+    alpha: float = attrs.field(
+        default=0.99, converter=lambda v: _check_number("alpha", v, low=0.0, high=1.0)
+    )
+    eps: float = attrs.field(
+        default=1e-8, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
+    )
+    weight_decay: float = _wd_field()
+
+    def init(self, params: NetParams) -> OptState:
+        """Square average v = 0."""
+        return OptState(0, _lr_at(self.lr, 0), (_tree_map(np.zeros_like, params),))
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        lr, grads = _start(self, grads, state, params)
+        a = self.alpha
+        v = _tree_map(lambda v, g: v * a + g * g * (1 - a), state.slots[0], grads)
+        new = _finish(
+            _tree_map(lambda p, g, v: p - g * lr / (np.sqrt(v) + self.eps), params, grads, v)
+        )
+        return new, OptState(state.count + 1, lr, (_finish(v),))
+
+
+def _adam_step(
+    opt: Any, lr: float, grads: NetParams, state: OptState, params: NetParams
+) -> tuple[NetParams, OptState]:
+    """Adam's moments and step: p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
+    b1, b2, t = opt.b1, opt.b2, state.count + 1
+    m = _tree_map(lambda m, g: m * b1 + g * (1 - b1), state.slots[0], grads)
+    v = _tree_map(lambda v, g: v * b2 + g * g * (1 - b2), state.slots[1], grads)
+    step_size = lr / (1 - b1**t)
+    root_c2 = math.sqrt(1 - b2**t)
+    new = _finish(
+        _tree_map(
+            lambda p, m, v: p - m * step_size / (np.sqrt(v) / root_c2 + opt.eps), params, m, v
+        )
+    )
+    return new, OptState(t, lr, (_finish(m), _finish(v)))
+
+
+def _beta_field(name: str, default: float) -> Any:
+    return attrs.field(
+        default=default,
+        converter=lambda v: _check_number(name, v, low=0.0, high=1.0, high_open=True),
+    )
+
+
+@attrs.frozen
+class Adam:
+    """Adam (PyTorch): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
+    p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps); L2 ``weight_decay`` adds wd p to g."""
+
+    lr: Any = _lr_field(1e-3)
+    b1: float = _beta_field("b1", 0.9)
+    b2: float = _beta_field("b2", 0.999)
+    eps: float = attrs.field(
+        default=1e-8, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
+    )
+    weight_decay: float = _wd_field()
+
+    def init(self, params: NetParams) -> OptState:
+        """Moments m = v = 0."""
+        zero = _tree_map(np.zeros_like, params)
+        return OptState(0, _lr_at(self.lr, 0), (zero, zero))
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        lr, grads = _start(self, grads, state, params)
+        return _adam_step(self, lr, grads, state, params)
+
+
+@attrs.frozen
+class AdamW:
+    """AdamW (PyTorch): p <- p (1 - lr wd) first, then the Adam step (default wd 0.01)."""
+
+    lr: Any = _lr_field(1e-3)
+    b1: float = _beta_field("b1", 0.9)
+    b2: float = _beta_field("b2", 0.999)
+    eps: float = attrs.field(
+        default=1e-8, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
+    )
+    weight_decay: float = _wd_field(0.01)
+
+    def init(self, params: NetParams) -> OptState:
+        """Moments m = v = 0."""
+        zero = _tree_map(np.zeros_like, params)
+        return OptState(0, _lr_at(self.lr, 0), (zero, zero))
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        if not isinstance(state, OptState):
+            raise TypeError(
+                f"state must be the OptState from AdamW.init, got {type(state).__name__}"
+            )
+        _check_grads_like(grads, params)
+        lr = _lr_at(self.lr, state.count)
+        shrink = 1 - lr * self.weight_decay
+        decayed = _tree_map(lambda p: p * shrink, params)
+        return _adam_step(self, lr, grads, state, decayed)
+
+
+@attrs.frozen
+class ClipByGlobalNorm:
+    """Gradient transform: g <- g * min(1, max_norm / (||g|| + 1e-6)), ||g|| over all arrays."""
+
+    max_norm: float = attrs.field(
+        converter=lambda v: _check_number("max_norm", v, low=0.0, low_open=True)
+    )
+
+    def __call__(self, grads: NetParams, params: NetParams) -> NetParams:
+        norm = math.sqrt(sum(float(np.vdot(g, g)) for layer in grads for g in layer))
+        scale = min(1.0, self.max_norm / (norm + 1e-6))
+        return grads if scale == 1.0 else _tree_map(lambda g: g * scale, grads)
+
+
+@attrs.frozen
+class WeightDecay:
+    """Gradient transform: L2 weight decay g <- g + wd * p."""
+
+    weight_decay: float = attrs.field(converter=lambda v: _check_number("weight_decay", v, low=0.0))
+
+    def __call__(self, grads: NetParams, params: NetParams) -> NetParams:
+        return _decay(grads, params, self.weight_decay)
+
+
+def _max_norm(w: np.ndarray, c: float) -> np.ndarray:
+    if w.ndim < 2:
+        return w
+    axes = (0,) if w.ndim == 2 else tuple(range(1, w.ndim))
+    norms = np.sqrt((w * w).sum(axis=axes, keepdims=True))
+    return np.where(norms > c, w * (c / np.maximum(norms, c)), w)
+
+
+@attrs.frozen
+class MaxNorm:
+    """Parameter constraint (the dropout paper's max-norm): every unit's incoming
+    weight vector is rescaled to norm <= c.  For a Dense w (D_in, D_out) that is
+    each column; for a kernel (C_out, C_in, kh, kw) each output channel.
+    Biases and other 1-D arrays are left alone; columns within c stay bit-identical.
+    """
+
+    c: float = attrs.field(converter=lambda v: _check_number("c", v, low=0.0, low_open=True))
+
+    def __call__(self, params: NetParams) -> NetParams:
+        return _tree_map(lambda w: _freeze_new(_max_norm(w, self.c)) if w.ndim >= 2 else w, params)
+
+
+def _is_optimizer(obj: Any) -> bool:
+    return hasattr(obj, "init") and hasattr(obj, "update")
+
+
+@attrs.frozen
+class Chain:
+    """Gradient transforms, then one optimizer, then parameter constraints.
+
+    The state is the optimizer's own (so ``state.lr`` stays readable).
+    """
+
+    before: tuple[Any, ...] = attrs.field(converter=tuple)
+    optimizer: Any
+    after: tuple[Any, ...] = attrs.field(converter=tuple)
+
+    @property
+    def lr(self) -> Any:
+        return self.optimizer.lr
+
+    def init(self, params: NetParams) -> OptState:
+        """The inner optimizer's state."""
+        return self.optimizer.init(params)
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Transform grads, step, constrain the new params."""
+        _check_grads_like(grads, params)
+        for transform in self.before:
+            grads = transform(grads, params)
+        new, state = self.optimizer.update(grads, state, params)
+        for constraint in self.after:
+            new = constraint(new)
+        return new, state
+
+
+def chain(*parts: Any) -> Chain:
+    """``chain(ClipByGlobalNorm(1.0), Adam(1e-3), MaxNorm(3.0))``: exactly one
+    optimizer; gradient transforms before it, constraints after it."""
+    found = [i for i, p in enumerate(parts) if _is_optimizer(p)]
+    if len(found) != 1:
+        raise ValueError(f"chain needs exactly one optimizer, got {len(found)}")
+    i = found[0]
+    before, after = parts[:i], parts[i + 1 :]
+    for p in before:
+        if not isinstance(p, (ClipByGlobalNorm, WeightDecay)):
+            raise TypeError(f"before the optimizer, chain takes gradient transforms, got {p!r}")
+    for p in after:
+        if not isinstance(p, MaxNorm):
+            raise TypeError(
+                f"after the optimizer, chain takes constraints such as MaxNorm, got {p!r}"
+            )
+    return Chain(before, parts[i], after)
+
+
+# ------------------------------------------------------------------ training
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/inf.  ``network`` is the last finite one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        network: Any = None,
+        history: Any = None,
+        epoch: int | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.network = network
+        self.history = history
+        self.epoch = epoch
+        self.step = step
+
+
+@attrs.frozen(eq=False)
+class TrainState:
+    """The carry of ``train_step``: network, optimizer and its state, the step
+    key, the global step count and the running loss of the current epoch."""
+
+    net: Network
+    optimizer: Any
+    opt_state: Any
+    key: Key = attrs.field(converter=lambda k: _as_key("key", k))
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+
+    @classmethod
+    def create(cls, net: Network, optimizer: Any, key: int | Key = 0) -> TrainState:
+        """A fresh state: ``optimizer.init(net.params())``, step 0."""
+        if not isinstance(net, Network):
+            raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+        if not _is_optimizer(optimizer):
+            raise TypeError(
+                f"optimizer must have init/update (e.g. dlfs.SGD(0.01)), got {optimizer!r}"
+            )
+        return cls(net, optimizer, optimizer.init(net.params()), key)
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean training loss per sample since the epoch began (NaN before any step)."""
+        return self.loss_sum / self.seen if self.seen else math.nan
+
+
+def _all_finite(grads: NetParams) -> bool:
+    return all(np.isfinite(g).all() for layer in grads for g in layer)
+
+
+def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> TrainState:
+    """One pure SGD step: forward, loss, backward, optimizer update.
+
+    ``batch = (x, y)``; raises NonFiniteError (keeping ``state.net``) if the
+    loss or a gradient is NaN/inf.  Fold it over batches with functools.reduce.
+    """
+    x, y = batch
+    net = state.net
+    net._check_x(x)
+    _check_ndarray("y", y)
+    if len(y) != len(x):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    ctx = Context(True, state.key + (state.step,))
+    loss, grads, new_net = net._loss_and_grads(x, y, ctx)
+    if not (np.isfinite(loss) and _all_finite(grads)):
+        what = "loss" if not np.isfinite(loss) else "a gradient"
+        raise NonFiniteError(
+            f"{what} became NaN/inf at step {state.step}", network=net, step=state.step
+        )
+    params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    return TrainState(
+        new_net.with_params(params),
+        state.optimizer,
+        opt_state,
+        state.key,
+        state.step + 1,
+        state.loss_sum + float(loss) * len(x),
+        state.seen + len(x),
+    )
+
+
+def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> TrainState:
+    """``functools.reduce(train_step, batches, state)`` with the epoch's loss reset."""
+    start = attrs.evolve(state, loss_sum=0.0, seen=0)
+    return functools.reduce(train_step, batches, start)
+
+
+@attrs.frozen
+class EpochRecord:
+    """One epoch of history; validation fields are None when not evaluated."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None = None
+    val_metric: float | None = None
+
+
+@attrs.frozen
+class History:
+    """What ``fit`` saw: one EpochRecord per epoch, the best evaluated epoch,
+    and whether early stopping ended training."""
+
+    records: tuple[EpochRecord, ...] = ()
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+    @property
+    def epochs(self) -> list[int]:
+        return [r.epoch for r in self.records]
+
+    @property
+    def train_loss(self) -> list[float]:
+        return [r.train_loss for r in self.records]
+
+    @property
+    def val_loss(self) -> list[float | None]:
+        return [r.val_loss for r in self.records]
+
+    @property
+    def val_metric(self) -> list[float | None]:
+        return [r.val_metric for r in self.records]
+
+
+def _check_dataset(net: Network, x: Any, y: Any, name: str) -> None:
+    net._check_x(x)
+    _check_finite(f"{name} x", x)
+    _check_ndarray(f"{name} y", y)
+    if len(y) != len(x):
+        raise ValueError(f"{name} x and y must have the same length, got {len(x)} and {len(y)}")
+    if y.dtype.kind not in "fiu":
+        raise TypeError(f"{name} y must be a float or integer array, got dtype {y.dtype}")
+    if y.dtype.kind == "f":
+        _check_finite(f"{name} y", y)
+    # The loss on one sample catches target shape/dtype mistakes before training;
+    # labels are range-checked over the whole set.
+    out = net._forward(x[:1], EVAL)[0]
+    net.loss.forward(out, y[:1])
+    if y.dtype.kind in "iu" and out.ndim == 2:
+        _check_labels(y, len(y), out.shape[1])
+
+
+def _default_metric(loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | None:
+    return accuracy if isinstance(loss, (SoftmaxCrossEntropy, BinaryCrossEntropy)) else None
+
+
+def _evaluate(
+    net: Network, x: np.ndarray, y: np.ndarray, metric: Any, batch_size: int
+) -> tuple[float, float | None]:
+    pred = net.predict(x, batch_size=max(batch_size, 1024))
+    loss = float(net.loss.forward(pred, y)[0])
+    return loss, (None if metric is None else float(metric(pred, y)))
+
+
+def _with_progress(it: Iterable[Any], progress: Any, total: int, desc: str) -> Iterator[Any]:
+    if progress is None:
+        yield from it
+        return
+    bar = progress(total=total, desc=desc)
+    try:
+        for item in it:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _format_record(r: EpochRecord) -> str:
+    text = f"epoch {r.epoch}: train_loss={r.train_loss:.4f}"
+    if r.val_loss is not None:
+        text += f" val_loss={r.val_loss:.4f}"
+    if r.val_metric is not None:
+        text += f" val_metric={r.val_metric:.4f}"
+    return text
+
+
+def fit(
+    net: Network,
+    optimizer: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    eval_every: int = 1,
+    seed: int | Key = 0,
+    shuffle: bool = True,
+    early_stopping: bool = True,
+    patience: int = 1,
+    metric: Any = "auto",
+    verbose: bool = False,
+    callback: Callable[[EpochRecord], Any] | None = None,
+    progress: Any = None,
+) -> tuple[Network, History]:
+    """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
+
+    Each epoch shuffles with a key derived from ``seed`` and folds
+    ``train_step`` over batches of ``batch_size``.  With ``validation``,
+    the network is evaluated every ``eval_every`` epochs and after the last
+    one; with ``early_stopping``, training stops once the validation loss has
+    not improved for ``patience`` evaluations and the best evaluated network
+    is returned.  ``metric`` (default: accuracy for classification losses)
+    goes in the history; ``verbose`` prints a line per evaluation and
+    ``callback(record)`` receives each; ``progress`` is a tqdm-like factory
+    called as ``progress(total=n_batches, desc=...)``.  The input network is
+    never modified.
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    epochs = _check_int("epochs", epochs)
+    batch_size = _check_int("batch_size", batch_size)
+    eval_every = _check_int("eval_every", eval_every)
+    patience = _check_int("patience", patience)
+    key = _as_key("seed", seed)
+    _check_dataset(net, x, y, "training")
+    if validation is not None:
+        if not isinstance(validation, tuple) or len(validation) != 2:
+            raise TypeError("validation must be a tuple (x_val, y_val)")
+        _check_dataset(net, *validation, "validation")
+    metric = _default_metric(net.loss) if metric == "auto" else metric
+    if metric is not None and not callable(metric):
+        raise TypeError(f"metric must be callable(pred, target) or None, got {metric!r}")
+    shuffle_key, step_key = split(key, 2)
+    state = TrainState.create(net, optimizer, step_key)
+    history, best, best_loss, bad = History(), net, math.inf, 0
+    n_batches = -(-len(x) // batch_size)
+    for epoch in range(1, epochs + 1):
+        order_key = shuffle_key + (epoch,) if shuffle else None
+        epoch_batches = _with_progress(
+            batches(x, y, batch_size, key=order_key), progress, n_batches, f"epoch {epoch}"
+        )
+        try:
+            state = train_epoch(state, epoch_batches)
+        except NonFiniteError as err:
+            raise NonFiniteError(
+                f"{err} (epoch {epoch}); the last finite network is on this exception's .network",
+                network=err.network,
+                history=history,
+                epoch=epoch,
+                step=err.step,
+            ) from None
+        record = EpochRecord(epoch, state.mean_loss)
+        evaluate = validation is not None and (epoch % eval_every == 0 or epoch == epochs)
+        if evaluate:
+            record = EpochRecord(
+                epoch, state.mean_loss, *_evaluate(state.net, *validation, metric, batch_size)
+            )
+        history = attrs.evolve(history, records=history.records + (record,))
+        if evaluate:
+            if verbose:
+                print(_format_record(record), file=sys.stdout)
+            if callback is not None:
+                callback(record)
+            if record.val_loss < best_loss:
+                best, best_loss, bad = state.net, record.val_loss, 0
+                history = attrs.evolve(history, best_epoch=epoch)
+            else:
+                bad += 1
+                if early_stopping and bad >= patience:
+                    if verbose:
+                        print(
+                            f"validation loss rose at epoch {epoch}; using the network from epoch {history.best_epoch}"
+                        )
+                    return best, attrs.evolve(history, stopped_early=True)
+        elif verbose:
+            print(_format_record(record))
+    return (best if validation is not None and early_stopping else state.net), history
+
+
+# ------------------------------------------------------------------- metrics
+
+
+def _check_pair(pred: Any, target: Any) -> None:
+    _check_pred("pred", pred)
+    _check_same_shape(pred, target)
+
+
+def mae(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean absolute error: mean(|p - y|); pred, target: same shape."""
+    _check_pair(pred, target)
+    return float(np.mean(np.abs(pred - target)))
+
+
+def rmse(pred: np.ndarray, target: np.ndarray) -> float:
+    """Root mean squared error: sqrt(mean((p - y)^2)); pred, target: same shape."""
+    _check_pair(pred, target)
+    return float(np.sqrt(np.mean((pred - target) ** 2)))
+
+
+def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Fraction of correct predictions.
+
+    pred: (N, K) scores -> argmax, or (N,)/(N, 1) binary logits -> z > 0;
+    target: integer labels (N,), one-hot (N, K), or binary targets like pred.
+    """
+    _check_pred("pred", pred)
+    _check_ndarray("target", target)
+    if pred.ndim == 2 and pred.shape[1] > 1:
+        labels = target if target.ndim == 1 else target.argmax(axis=1)
+        if np.issubdtype(labels.dtype, np.integer):
+            _check_labels(labels, len(pred), pred.shape[1])
+        else:
+            raise TypeError(f"target must be integer labels or one-hot, got dtype {target.dtype}")
+        return float(np.mean(pred.argmax(axis=1) == labels))
+    if target.shape != pred.shape:
+        raise ValueError(f"target must have shape {pred.shape}, got {target.shape}")
+    return float(np.mean((pred > 0) == (target > 0.5)))
+
+
+# ------------------------------------------------------------ data utilities
+
+
+def to_2d(a: np.ndarray, kind: str = "col") -> np.ndarray:
+    """The book's ``to_2d_np``: a 1-D array (N,) as a column (N, 1) or a row (1, N)."""
+    _check_ndarray("a", a)
+    if a.ndim != 1:
+        raise ValueError(f"a must be 1-D, got shape {a.shape}")
+    if kind not in ("col", "row"):
+        raise ValueError(f"kind must be 'col' or 'row', got {kind!r}")
+    return a.reshape(-1, 1) if kind == "col" else a.reshape(1, -1)
+
+
+def one_hot(labels: np.ndarray, n_classes: int, dtype: Any = np.float32) -> np.ndarray:
+    """Integer labels (N,) in [0, K) -> one-hot (N, K)."""
+    _check_ndarray("labels", labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    k = _check_int("n_classes", n_classes)
+    _check_labels(labels, labels.shape[0] if labels.ndim == 1 else -1, k)
+    out = np.zeros((len(labels), k), dtype=_check_dtype(dtype))
+    out[np.arange(len(labels)), labels] = 1
+    return out
+
+
+def permute(key: int | Key, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The book's ``permute_data``: the same random row order applied to each array."""
+    if not arrays:
+        raise ValueError("permute needs at least one array")
+    for i, a in enumerate(arrays):
+        _check_ndarray(f"arrays[{i}]", a)
+        if a.ndim == 0 or len(a) != len(arrays[0]):
+            raise ValueError(
+                f"arrays must share their first dimension, got {[getattr(b, 'shape', None) for b in arrays]}"
+            )
+    order = make_rng(key).permutation(len(arrays[0]))
+    return tuple(np.take(a, order, axis=0) for a in arrays)
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, key: int | Key | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (x_batch, y_batch) of ``batch_size`` rows (the last may be smaller),
+    in a random order drawn from ``key`` (in order when key is None)."""
+    _check_ndarray("x", x)
+    _check_ndarray("y", y)
+    if x.ndim == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must share their first dimension, got {x.shape} and {y.shape}")
+    batch_size = _check_int("batch_size", batch_size)
+    if key is None:
+        return (
+            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
+        )
+    order = make_rng(key).permutation(len(x))
+    return (
+        (np.take(x, idx, axis=0), np.take(y, idx, axis=0))
+        for idx in (order[i : i + batch_size] for i in range(0, len(x), batch_size))
+    )
+
+
+# ----------------------------------------------------------- gradient checks
+
+
+class GradientCheckError(AssertionError):
+    """An analytic gradient disagrees with central finite differences."""
+
+
+def check_grads(
+    f: Callable[..., tuple[np.ndarray, Callable[[np.ndarray], Sequence[np.ndarray]]]],
+    args: Sequence[np.ndarray],
+    *,
+    key: int | Key = 0,
+    directions: int = 3,
+    eps: float = 1e-6,
+    atol: float = 1e-7,
+    rtol: float = 1e-6,
+) -> float:
+    """Compare analytic gradients with central differences, in float64.
+
+    ``f(*args) -> (y, vjp)`` where ``vjp(dy)`` returns one gradient per arg.
+    With a random upstream ``dy`` and L = sum(y * dy), for each arg and each
+    of ``directions`` random unit vectors v, checks
+    |<grad, v> - (L(a + eps v) - L(a - eps v)) / (2 eps)| <=
+    atol * max(1, |L|) + rtol * |<grad, v>|.  Returns the largest error;
+    raises GradientCheckError on a mismatch.
+    """
+    args = [np.asarray(a) for a in args]
+    for i, a in enumerate(args):
+        if a.dtype != np.float64:
+            raise TypeError(
+                f"args[{i}] must be float64 for a finite-difference check, got {a.dtype}"
+            )
+    rng = make_rng(key)
+    y, vjp = f(*args)
+    dy = rng.standard_normal(np.shape(y))
+    grads = vjp(dy)
+    if len(grads) != len(args):
+        raise ValueError(f"vjp must return {len(args)} gradients, got {len(grads)}")
+
+    def loss_at(i: int, a: np.ndarray) -> float:
+        return float(np.sum(f(*args[:i], a, *args[i + 1 :])[0] * dy))
+
+    base = abs(float(np.sum(y * dy)))
+    worst = 0.0
+    for i, (a, g) in enumerate(zip(args, grads)):
+        if np.shape(g) != a.shape:
+            raise ValueError(f"gradient {i} has shape {np.shape(g)}, expected {a.shape}")
+        for d in range(directions):
+            v = rng.standard_normal(a.shape)
+            v /= np.linalg.norm(v) or 1.0
+            analytic = float(np.sum(g * v))
+            numeric = (loss_at(i, a + eps * v) - loss_at(i, a - eps * v)) / (2 * eps)
+            err = abs(analytic - numeric)
+            worst = max(worst, err)
+            if err > atol * max(1.0, base) + rtol * abs(analytic):
+                raise GradientCheckError(
+                    f"gradient {i}, direction {d}: analytic {analytic!r} vs numeric {numeric!r} (error {err:.3g})"
+                )
+    return worst
+
+
+def check_layer(layer: Any, x: np.ndarray, ctx: Context = EVAL, **kwargs: Any) -> float:
+    """``check_grads`` for a layer: its input and every parameter array (float64)."""
+    n = len(layer.params())
+
+    def f(x: np.ndarray, *ps: np.ndarray) -> tuple[np.ndarray, Callable]:
+        lay = layer.with_params(ps) if n else layer
+        y, cache, _ = lay.forward(x, ctx)
+        return y, lambda dy: (lambda dx, grads: (dx, *grads))(*lay.backward(cache, dy))
+
+    return check_grads(f, [x, *layer.params()], **kwargs)
+
+
+def check_loss(loss: Any, pred: np.ndarray, target: np.ndarray, **kwargs: Any) -> float:
+    """``check_grads`` for a loss with respect to its predictions (float64)."""
+
+    def f(p: np.ndarray) -> tuple[np.ndarray, Callable]:
+        value, cache = loss.forward(p, target)
+        return np.asarray(value), lambda dy: (loss.backward(cache) * dy,)
+
+    return check_grads(f, [pred], **kwargs)
