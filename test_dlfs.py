@@ -7,6 +7,7 @@ Gradients are checked against central differences in float64.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 import os
@@ -134,7 +135,7 @@ LAYER_CASES = [
 
 
 @pytest.mark.parametrize("name", LAYER_CASES)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
 def test_layer_shapes_dtypes_and_purity(name, seed, n, d, dtype):
     layer, x, ctx, out_shape = _make_case(name, seed, n, d, dtype)
@@ -173,7 +174,7 @@ def test_layer_shapes_dtypes_and_purity(name, seed, n, d, dtype):
 
 
 @pytest.mark.parametrize("name", LAYER_CASES)
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=SEEDS, n=SIZES, d=SIZES)
 def test_layer_gradients_match_finite_differences(name, seed, n, d):
     layer, x, ctx, _ = _make_case(name, seed, n, d, np.float64)
@@ -395,7 +396,7 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=SEEDS, n=SIZES, k=SIZES, dtype=DTYPES)
 def test_mse_value_gradient_dtype(seed, n, k, dtype):
     rng = np.random.default_rng(seed)
@@ -413,7 +414,7 @@ def test_mse_value_gradient_dtype(seed, n, k, dtype):
     dlfs.check_loss(loss, pred, target, key=seed % 991)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=SEEDS, n=SIZES, k=st.integers(2, 8), dtype=DTYPES, smoothing=st.sampled_from([0, 0.1]))
 def test_softmax_cross_entropy_value_gradient_dtype(seed, n, k, dtype, smoothing):
     rng = np.random.default_rng(seed)
@@ -439,7 +440,7 @@ def test_softmax_cross_entropy_value_gradient_dtype(seed, n, k, dtype, smoothing
     np.testing.assert_array_equal(z, z_copy)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=SEEDS, n=SIZES, k=SIZES, dtype=DTYPES)
 def test_binary_cross_entropy_value_gradient_dtype(seed, n, k, dtype):
     rng = np.random.default_rng(seed)
@@ -843,6 +844,10 @@ def test_layers_that_do_not_chain_raise():
         dlfs.network(0, 3, [dlfs.dense(2)], mse, dtype=np.int64)
     with pytest.raises(TypeError, match="input_shape"):
         dlfs.network(0, "13", [dlfs.dense(2)], mse)
+    with pytest.raises(ValueError, match="input_shape"):
+        dlfs.network(0, 0, [dlfs.dense(2)], mse)
+    with pytest.raises(ValueError, match="n_in"):
+        dlfs.Dense.init(0, 0, 3)
     with pytest.raises(TypeError, match="one dtype"):
         dlfs.Network([dlfs.Dense.init(0, 3, 2), dlfs.Dense.init(0, 2, 1, dtype=np.float64)], mse, 3)
 
@@ -1097,7 +1102,7 @@ def test_non_finite_error_keeps_last_finite_network():
     err = info.value
     assert isinstance(err.network, dlfs.Network)
     assert all(np.isfinite(a).all() for a in _net_arrays(err.network))
-    assert err.epoch == 1 and err.step is not None
+    assert err.epoch == 1 and err.step is not None and err.history is not None
     state = dlfs.TrainState.create(net, dlfs.SGD(1e30))
     with np.errstate(all="ignore"), pytest.raises(dlfs.NonFiniteError):
         functools.reduce(dlfs.train_step, dlfs.batches(x, y, 8), state)
@@ -1131,6 +1136,17 @@ def test_predict_bad_input():
             net.predict(x)
 
 
+def test_predict_batch_size_validated():
+    net = _linear_net()
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="batch_size"):
+        net.predict(x, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        net.predict(x, batch_size=2.5)
+    with pytest.raises(TypeError, match="batch_size"):
+        net.predict(x, batch_size="all")
+
+
 def test_predict_in_batches_matches_whole():
     x, _ = _regression(n=37)
     net = _linear_net()
@@ -1159,6 +1175,7 @@ def test_fit_bad_input():
         ({"x": x.astype(np.int32)}, TypeError, "x must be a float"),
         ({"x": x.tolist()}, TypeError, "x must be a numpy array"),
         ({"y": y[:, 0]}, ValueError, "target must have the same shape"),
+        ({"y": y.astype(np.float64)}, TypeError, "target must have dtype float32"),
         ({"y": y[:10]}, ValueError, "same length"),
         ({"y": y.astype(np.complex64)}, TypeError, "y must be a float or integer"),
         ({"y": y.tolist()}, TypeError, "y must be a numpy array"),
@@ -1252,6 +1269,10 @@ def test_to_2d_and_one_hot():
         dlfs.one_hot(np.array([0, 3]), 3)
     with pytest.raises(TypeError, match="labels must be an integer"):
         dlfs.one_hot(np.array([0.0, 1.0]), 3)
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        dlfs.one_hot(np.zeros((2, 2), np.int64), 3)
+    with pytest.raises(ValueError, match="n_classes"):
+        dlfs.one_hot(np.array([0]), 0)
 
 
 @settings(max_examples=20, deadline=None)
@@ -1340,6 +1361,27 @@ def test_file_works_alone(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok " + dlfs.__version__)
+
+
+def test_file_imports_only_stdlib_numpy_attrs():
+    tree = ast.parse((HERE / "dlfs.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    third_party = {n for n in names if n not in sys.stdlib_module_names}
+    assert third_party <= {"numpy", "attrs"}, third_party
+
+
+def test_public_names_exist_and_are_documented():
+    assert isinstance(dlfs.__version__, str) and dlfs.__version__
+    for name in dlfs.__all__:
+        obj = getattr(dlfs, name)
+        if name in ("__version__", "EVAL"):
+            continue
+        assert (obj.__doc__ or "").strip(), f"dlfs.{name} has no docstring"
 
 
 # ------------------------------------------------------------------- README
