@@ -1140,9 +1140,10 @@ class Network:
         (``None``: all at once).  x: (N, *input_shape) -> (N, *output_shape)."""
         self._check_x(x)
         _check_finite("x", x)
+        if batch_size is not None:
+            batch_size = _check_int("batch_size", batch_size)
         if batch_size is None or len(x) <= batch_size:
             return self._forward(x, EVAL)[0]
-        batch_size = _check_int("batch_size", batch_size)
         out = np.empty((len(x), *self.output_shape), dtype=self._forward(x[:1], EVAL)[0].dtype)
         for start in range(0, len(x), batch_size):
             out[start : start + batch_size] = self._forward(x[start : start + batch_size], EVAL)[0]
@@ -1993,7 +1994,9 @@ def one_hot(labels: np.ndarray, n_classes: int, dtype: Any = np.float32) -> np.n
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
     k = _check_int("n_classes", n_classes)
-    _check_labels(labels, labels.shape[0] if labels.ndim == 1 else -1, k)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {labels.shape}")
+    _check_labels(labels, labels.shape[0], k)
     out = np.zeros((len(labels), k), dtype=_check_dtype(dtype))
     out[np.arange(len(labels)), labels] = 1
     return out

@@ -1,0 +1,1405 @@
+"""Property tests for dlfs (GUIDE section 4): layers, losses, network builder,
+optimizers, schedules, training, metrics and data utilities.
+
+Hypothesis draws sizes and a seed; arrays are built with numpy from the seed.
+Gradients are checked against central differences in float64.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dlfs
+
+HERE = Path(__file__).resolve().parent
+
+SEEDS = st.integers(0, 2**32 - 1)
+SIZES = st.integers(1, 8)
+DTYPES = st.sampled_from([np.float32, np.float64])
+
+# ------------------------------------------------------------------ helpers
+
+
+def _away_from_zero(rng: np.random.Generator, shape: tuple[int, ...], gap: float = 1e-3):
+    """Values in +-[gap + 0.01, 2]: at least ``gap`` from the kink at 0."""
+    magnitude = rng.uniform(gap + 0.01, 2.0, shape)
+    return magnitude * rng.choice([-1.0, 1.0], shape)
+
+
+def _spread(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Per channel (axis 1), distinct values at least 0.5/m apart: BatchNorm's
+    batch variance stays away from 0, so finite differences stay accurate."""
+    c = shape[1]
+    m = math.prod(shape) // c
+    cols = np.stack([rng.permutation(m) + rng.uniform(0, 0.5, m) for _ in range(c)], axis=1)
+    cols = (cols - cols.mean(axis=0)) / m * rng.uniform(0.5, 3.0) + rng.normal()
+    return np.moveaxis(cols.reshape(shape[0], *shape[2:], c), -1, 1)
+
+
+def _arrays(layer) -> list[np.ndarray]:
+    """Every array field of an attrs layer (parameters and state)."""
+    return [
+        getattr(layer, f.name)
+        for f in attrs.fields(type(layer))
+        if isinstance(getattr(layer, f.name), np.ndarray)
+    ]
+
+
+def _make_case(name: str, seed: int, n: int, d: int, dtype):
+    """(layer, x, ctx, expected output shape) for one layer configuration."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    ctx_train = dlfs.train_context(seed % 1000)
+    if name == "Dense":
+        d_out = int(rng.integers(1, 9))
+        layer = dlfs.Dense.init(seed, d, d_out, bias_init=dlfs.normal, dtype=dt)
+        return layer, rng.standard_normal((n, d)).astype(dt), dlfs.EVAL, (n, d_out)
+    if name in ("ReLU", "LeakyReLU", "ELU"):
+        layer = {"ReLU": dlfs.ReLU(), "LeakyReLU": dlfs.LeakyReLU(0.1), "ELU": dlfs.ELU(0.7)}[name]
+        return layer, _away_from_zero(rng, (n, d)).astype(dt), dlfs.EVAL, (n, d)
+    simple = {
+        "Linear": dlfs.Linear(),
+        "Sigmoid": dlfs.Sigmoid(),
+        "Tanh": dlfs.Tanh(),
+        "GELU": dlfs.GELU(),
+        "SiLU": dlfs.SiLU(),
+        "Softmax": dlfs.Softmax(),
+    }
+    if name in simple:
+        x = (2 * rng.standard_normal((n, d))).astype(dt)
+        return simple[name], x, dlfs.EVAL, (n, d)
+    if name == "Dropout-train":
+        x = rng.standard_normal((n, d)).astype(dt)
+        return dlfs.Dropout(0.3), x, ctx_train, (n, d)
+    if name == "Dropout-eval":
+        x = rng.standard_normal((n, d)).astype(dt)
+        return dlfs.Dropout(0.3), x, dlfs.EVAL, (n, d)
+    if name == "Flatten":
+        c, h = min(d, 3), int(rng.integers(1, 5))
+        x = rng.standard_normal((n, c, h, 2)).astype(dt)
+        return dlfs.Flatten(), x, dlfs.EVAL, (n, c * h * 2)
+    if name.startswith("BatchNorm"):
+        four_d = name.endswith("4d")
+        c = min(d, 3) if four_d else d
+        layer = dlfs.BatchNorm(
+            rng.uniform(0.5, 2.0, c).astype(dt),
+            rng.standard_normal(c).astype(dt),
+            rng.standard_normal(c).astype(dt),
+            rng.uniform(0.5, 2.0, c).astype(dt),
+        )
+        if four_d:
+            shape = (n, c, int(rng.integers(2, 5)), int(rng.integers(1, 4)))
+        else:
+            shape = (max(n, 2), c)
+        x = _spread(rng, shape).astype(dt)
+        ctx = dlfs.EVAL if name.startswith("BatchNorm-eval") else ctx_train
+        return layer, x, ctx, shape
+    raise AssertionError(name)
+
+
+LAYER_CASES = [
+    "Dense",
+    "Linear",
+    "Sigmoid",
+    "Tanh",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "GELU",
+    "SiLU",
+    "Softmax",
+    "Dropout-train",
+    "Dropout-eval",
+    "Flatten",
+    "BatchNorm-train-2d",
+    "BatchNorm-train-4d",
+    "BatchNorm-eval-2d",
+    "BatchNorm-eval-4d",
+]
+
+
+# -------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("name", LAYER_CASES)
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
+def test_layer_shapes_dtypes_and_purity(name, seed, n, d, dtype):
+    layer, x, ctx, out_shape = _make_case(name, seed, n, d, dtype)
+    x_copy = x.copy()
+    before = [a.copy() for a in _arrays(layer)]
+
+    y, cache, new_layer = layer.forward(x, ctx)
+
+    assert y.shape == out_shape
+    assert tuple(layer.output_shape(x.shape[1:])) == out_shape[1:]
+    assert y.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(x, x_copy)
+    for a, b in zip(_arrays(layer), before):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+        assert not a.flags.writeable
+    for a in _arrays(new_layer):
+        assert not a.flags.writeable
+        assert a.dtype == np.dtype(dtype)
+    if not name.startswith("BatchNorm-train"):
+        assert new_layer is layer
+
+    dy = np.random.default_rng(seed + 1).standard_normal(y.shape).astype(dtype)
+    dy_copy = dy.copy()
+    dx, grads = layer.backward(cache, dy)
+    dx2, grads2 = layer.backward(cache, dy)
+    np.testing.assert_array_equal(dy, dy_copy)
+    assert dx.shape == x.shape and dx.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(dx, dx2)
+    assert len(grads) == len(layer.params()) == len(grads2)
+    for g, g2, p in zip(grads, grads2, layer.params()):
+        assert g.shape == p.shape and g.dtype == p.dtype
+        np.testing.assert_array_equal(g, g2)
+    for a, b in zip(_arrays(layer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", LAYER_CASES)
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES)
+def test_layer_gradients_match_finite_differences(name, seed, n, d):
+    layer, x, ctx, _ = _make_case(name, seed, n, d, np.float64)
+    err = dlfs.check_layer(layer, x, ctx, key=seed % 997)
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("layer", "formula"),
+    [
+        (dlfs.Linear(), lambda x: x),
+        (dlfs.Sigmoid(), lambda x: 1 / (1 + np.exp(-x))),
+        (dlfs.Tanh(), np.tanh),
+        (dlfs.ReLU(), lambda x: np.where(x > 0, x, 0.0)),
+        (dlfs.LeakyReLU(0.2), lambda x: np.where(x > 0, x, 0.2 * x)),
+        (dlfs.ELU(0.5), lambda x: np.where(x > 0, x, 0.5 * (np.exp(x) - 1))),
+        (
+            dlfs.GELU(),
+            lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+        ),
+        (dlfs.SiLU(), lambda x: x / (1 + np.exp(-x))),
+        (dlfs.Softmax(), lambda x: np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)),
+    ],
+)
+def test_activation_values_match_formulas(layer, formula):
+    x = _away_from_zero(np.random.default_rng(0), (5, 4)) * 2
+    y, _, _ = layer.forward(x)
+    np.testing.assert_allclose(y, formula(x), rtol=1e-12, atol=1e-14)
+
+
+def test_dense_forward_is_affine():
+    rng = np.random.default_rng(1)
+    w, b, x = rng.standard_normal((3, 2)), rng.standard_normal(2), rng.standard_normal((4, 3))
+    y, _, _ = dlfs.Dense(w, b).forward(x)
+    np.testing.assert_allclose(y, x @ w + b, rtol=1e-14)
+
+
+def test_layer_arrays_are_read_only_and_copied():
+    w = np.ones((2, 3))
+    layer = dlfs.Dense(w, np.zeros(3))
+    w[0, 0] = 5.0  # the caller's array is copied, not aliased
+    assert layer.w[0, 0] == 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        layer.w[0, 0] = 2.0
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        layer.w = np.zeros((2, 3))
+
+
+def test_relu_kink_conventions():
+    x = np.array([[-1.0, 0.0, 1.0]])
+    _, cache, _ = dlfs.ReLU().forward(x)
+    np.testing.assert_array_equal(dlfs.ReLU().backward(cache, np.ones_like(x))[0], [[0, 0, 1]])
+    leaky = dlfs.LeakyReLU()
+    assert leaky.alpha == 0.01
+    _, cache, _ = leaky.forward(x)
+    np.testing.assert_array_equal(leaky.backward(cache, np.ones_like(x))[0], [[0.01, 0.01, 1]])
+
+
+def test_layer_bad_input():
+    layer = dlfs.Dense.init(0, 3, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 3\)"):
+        layer.forward(np.zeros((4, 5), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        layer.forward(np.zeros((4, 3), np.float64))
+    with pytest.raises(TypeError, match="x must be a float32 or float64"):
+        layer.forward(np.zeros((4, 3), np.int64))
+    with pytest.raises(TypeError, match="numpy array"):
+        layer.forward([[0.0, 0.0, 0.0]])
+    with pytest.raises(TypeError, match="x must be a float"):
+        dlfs.ReLU().forward(np.zeros((2, 2), complex))
+    with pytest.raises(ValueError, match="params"):
+        layer.with_params((np.zeros((3, 2), np.float32),))
+    with pytest.raises(ValueError, match="shape"):
+        layer.with_params((np.zeros((2, 2), np.float32), np.zeros(2, np.float32)))
+    with pytest.raises(TypeError, match="dtype"):
+        layer.with_params((np.zeros((3, 2)), np.zeros(2)))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        dlfs.Dense(np.zeros((2, 2), int), np.zeros(2, int))
+    with pytest.raises(ValueError, match="alpha"):
+        dlfs.LeakyReLU(-1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        dlfs.Dense.init(0, 2, 2, dtype=np.int32)
+
+
+# ------------------------------------------------------------------- dropout
+
+
+def test_dropout_identity_cases():
+    x = np.random.default_rng(0).standard_normal((6, 5))
+    y, _, _ = dlfs.Dropout(0.0).forward(x, dlfs.train_context(1))
+    np.testing.assert_array_equal(y, x)
+    y, _, _ = dlfs.Dropout(0.5).forward(x, dlfs.EVAL)
+    np.testing.assert_array_equal(y, x)
+    y, cache, _ = dlfs.Dropout(0.5).forward(x, dlfs.EVAL)
+    np.testing.assert_array_equal(dlfs.Dropout(0.5).backward(cache, x)[0], x)
+
+
+def test_dropout_training_needs_key_and_valid_p():
+    x = np.ones((2, 2))
+    with pytest.raises(ValueError, match="key"):
+        dlfs.Dropout(0.5).forward(x, dlfs.Context(train=True))
+    for p in (1.0, -0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="p must be in"):
+            dlfs.Dropout(p)
+    with pytest.raises(TypeError, match="p must be a number"):
+        dlfs.Dropout("0.5")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.7])
+def test_dropout_rate_scale_and_key(dtype, p):
+    x = np.random.default_rng(2).uniform(1.0, 2.0, (200, 500)).astype(dtype)
+    layer = dlfs.Dropout(p)
+    y, _, _ = layer.forward(x, dlfs.train_context(5))
+    assert y.dtype == np.dtype(dtype)
+    dropped = y == 0
+    assert abs(dropped.mean() - p) < 0.01
+    np.testing.assert_allclose(y[~dropped], x[~dropped] / (1 - p), rtol=1e-6)
+    y_same, _, _ = layer.forward(x, dlfs.train_context(5))
+    np.testing.assert_array_equal(y, y_same)
+    y_other, _, _ = layer.forward(x, dlfs.train_context(6))
+    assert not np.array_equal(y, y_other)
+
+
+# ----------------------------------------------------------------- batchnorm
+
+
+def _bn_expected(layer, x):
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+    n = x.size // x.shape[1]
+    bm, bv = x.mean(axis=axes), x.var(axis=axes)
+    y = (x - bm.reshape(shape)) / np.sqrt(bv.reshape(shape) + layer.eps)
+    y = y * layer.gamma.reshape(shape) + layer.beta.reshape(shape)
+    m = layer.momentum
+    run_mean = (1 - m) * layer.mean + m * bm
+    run_var = (1 - m) * layer.var + m * bv * n / (n - 1)
+    return y, run_mean, run_var
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 2), (1, 2, 3, 3)])
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_batchnorm_training_matches_pytorch_convention(shape, momentum):
+    rng = np.random.default_rng(3)
+    c = shape[1]
+    layer = dlfs.BatchNorm(
+        rng.uniform(0.5, 2, c),
+        rng.standard_normal(c),
+        rng.standard_normal(c),
+        rng.uniform(0.5, 2, c),
+        momentum=momentum,
+    )
+    before = [a.copy() for a in _arrays(layer)]
+    x = rng.standard_normal(shape) * 3 + 1
+    y, _, new = layer.forward(x, dlfs.train_context(0))
+    want_y, want_mean, want_var = _bn_expected(layer, x)
+    np.testing.assert_allclose(y, want_y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(new.mean, want_mean, rtol=1e-12)
+    np.testing.assert_allclose(new.var, want_var, rtol=1e-12)
+    for a, b in zip(_arrays(layer), before):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(new.gamma, layer.gamma)
+
+
+def test_batchnorm_init_and_eval_uses_running_stats():
+    bn = dlfs.BatchNorm.init(3)
+    np.testing.assert_array_equal(bn.var, np.ones(3, np.float32))
+    np.testing.assert_array_equal(bn.mean, np.zeros(3, np.float32))
+    assert bn.momentum == 0.1 and bn.eps == 1e-5 and bn.gamma.dtype == np.float32
+    rng = np.random.default_rng(4)
+    layer = dlfs.BatchNorm(
+        rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(1, 2, 3)
+    )
+    x = rng.standard_normal((4, 3)) * 5
+    y, _, same = layer.forward(x, dlfs.EVAL)
+    assert same is layer
+    want = (x - layer.mean) / np.sqrt(layer.var + layer.eps) * layer.gamma + layer.beta
+    np.testing.assert_allclose(y, want, rtol=1e-12)
+    # a single row in eval mode is fine (no batch statistics)
+    layer.forward(x[:1], dlfs.EVAL)
+
+
+def test_batchnorm_train_then_eval_sequence():
+    bn = dlfs.BatchNorm.init(2, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    mean, var = np.zeros(2), np.ones(2)
+    for _ in range(3):
+        x = rng.standard_normal((6, 2)) * 2 + 3
+        _, _, bn = bn.forward(x, dlfs.train_context(0))
+        mean = 0.9 * mean + 0.1 * x.mean(0)
+        var = 0.9 * var + 0.1 * x.var(0, ddof=1)
+    np.testing.assert_allclose(bn.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.var, var, rtol=1e-12)
+
+
+def test_batchnorm_bad_input():
+    bn = dlfs.BatchNorm.init(3, dtype=np.float64)
+    with pytest.raises(ValueError, match="more than one value"):
+        bn.forward(np.ones((1, 3)), dlfs.train_context(0))
+    with pytest.raises(ValueError, match="more than one value"):
+        bn.forward(np.ones((1, 3, 1, 1)), dlfs.train_context(0))
+    with pytest.raises(ValueError, match="BatchNorm with 3 features"):
+        bn.forward(np.ones((4, 2)), dlfs.EVAL)
+    with pytest.raises(TypeError, match="float64"):
+        bn.forward(np.ones((4, 3), np.float32), dlfs.EVAL)
+    with pytest.raises(ValueError, match="momentum"):
+        dlfs.BatchNorm.init(3, momentum=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        dlfs.BatchNorm.init(3, eps=0.0)
+    with pytest.raises(ValueError, match="n_features"):
+        dlfs.BatchNorm.init(0)
+
+
+# -------------------------------------------------------------------- losses
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=SEEDS, n=SIZES, k=SIZES, dtype=DTYPES)
+def test_mse_value_gradient_dtype(seed, n, k, dtype):
+    rng = np.random.default_rng(seed)
+    pred, target = rng.standard_normal((2, n, k))
+    loss = dlfs.MeanSquaredError()
+    p32, t32 = pred.astype(dtype), target.astype(dtype)
+    p_copy = p32.copy()
+    value, cache = loss.forward(p32, t32)
+    assert np.asarray(value).dtype == np.dtype(dtype)
+    assert loss.backward(cache).dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(p32, p_copy)
+    value, cache = loss.forward(pred, target)
+    np.testing.assert_allclose(value, np.sum((pred - target) ** 2) / n, rtol=1e-12)
+    np.testing.assert_allclose(loss.backward(cache), 2 * (pred - target) / n, rtol=1e-12)
+    dlfs.check_loss(loss, pred, target, key=seed % 991)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=SEEDS, n=SIZES, k=st.integers(2, 8), dtype=DTYPES, smoothing=st.sampled_from([0, 0.1]))
+def test_softmax_cross_entropy_value_gradient_dtype(seed, n, k, dtype, smoothing):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, k)) * 3
+    labels = rng.integers(0, k, n)
+    onehot = np.eye(k)[labels]
+    q = (1 - smoothing) * onehot + smoothing / k
+    want = -(q * _log_softmax(logits)).sum() / n
+    loss = dlfs.SoftmaxCrossEntropy(label_smoothing=smoothing)
+    for target in (labels, onehot):
+        value, cache = loss.forward(logits, target)
+        np.testing.assert_allclose(value, want, rtol=1e-12)
+        dz = loss.backward(cache)
+        sm = np.exp(_log_softmax(logits))
+        np.testing.assert_allclose(dz, (sm - q) / n, rtol=1e-10, atol=1e-15)
+        dlfs.check_loss(loss, logits, target, key=seed % 991)
+    z = logits.astype(dtype)
+    z_copy = z.copy()
+    for target in (labels, onehot.astype(dtype)):
+        value, cache = loss.forward(z, target)
+        assert np.asarray(value).dtype == np.dtype(dtype)
+        assert loss.backward(cache).dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(z, z_copy)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=SEEDS, n=SIZES, k=SIZES, dtype=DTYPES)
+def test_binary_cross_entropy_value_gradient_dtype(seed, n, k, dtype):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, k)) * 3
+    target = rng.uniform(0, 1, (n, k))
+    s = 1 / (1 + np.exp(-logits))
+    want = -np.mean(target * np.log(s) + (1 - target) * np.log(1 - s))
+    loss = dlfs.BinaryCrossEntropy()
+    value, cache = loss.forward(logits, target)
+    np.testing.assert_allclose(value, want, rtol=1e-10)
+    np.testing.assert_allclose(loss.backward(cache), (s - target) / (n * k), rtol=1e-10)
+    dlfs.check_loss(loss, logits, target, key=seed % 991)
+    value, cache = loss.forward(logits.astype(dtype), target.astype(dtype))
+    assert np.asarray(value).dtype == np.dtype(dtype)
+    assert loss.backward(cache).dtype == np.dtype(dtype)
+
+
+def test_bce_is_stable_for_large_logits():
+    z = np.array([[1000.0, -1000.0]])
+    value, _ = dlfs.BinaryCrossEntropy().forward(z, np.array([[1.0, 0.0]]))
+    assert value == 0.0
+    value, _ = dlfs.BinaryCrossEntropy().forward(z, np.array([[0.0, 1.0]]))
+    np.testing.assert_allclose(value, 1000.0)
+
+
+def test_loss_bad_input():
+    mse = dlfs.MeanSquaredError()
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        mse.forward(np.zeros((4, 1)), np.zeros(4))
+    with pytest.raises(TypeError, match="target must have dtype float64"):
+        mse.forward(np.zeros((4, 1)), np.zeros((4, 1), np.float32))
+    with pytest.raises(ValueError, match="pred must not be empty"):
+        mse.forward(np.zeros((0, 1)), np.zeros((0, 1)))
+    sce = dlfs.SoftmaxCrossEntropy()
+    logits = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="labels must be in"):
+        sce.forward(logits, np.array([0, 1, 4]))
+    with pytest.raises(ValueError, match="labels must be in"):
+        sce.forward(logits, np.array([0, -1, 2]))
+    with pytest.raises(ValueError, match="target must have shape"):
+        sce.forward(logits, np.array([0, 1]))
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        sce.forward(logits, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        sce.forward(logits, np.zeros(3))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dlfs.SoftmaxCrossEntropy(label_smoothing=1.5)
+    bce = dlfs.BinaryCrossEntropy()
+    with pytest.raises(ValueError, match=r"target must be in \[0, 1\]"):
+        bce.forward(np.zeros((2, 1)), np.array([[0.0], [2.0]]))
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        bce.forward(np.zeros((2, 1)), np.zeros(2))
+
+
+# ----------------------------------------------------------------- optimizers
+
+
+def _problem(dtype=np.float64):
+    """A fixed small problem: params ((w, b),) and a quadratic loss's gradient."""
+    rng = np.random.default_rng(42)
+    w, b = rng.standard_normal((3, 2)), rng.standard_normal(2)
+    cw, cb = rng.standard_normal((3, 2)), rng.standard_normal(2)
+    noise = [rng.standard_normal((3, 2)) for _ in range(3)]
+
+    def grad(params, t):
+        w_, b_ = params
+        return (2 * (w_ - cw) + noise[t], 3 * (b_ - cb) * np.abs(b_))
+
+    return (w.astype(dtype), b.astype(dtype)), grad
+
+
+def _reference(name, lr, wd, steps=3):
+    """PyTorch's documented update rules (GUIDE section 7), in plain numpy."""
+    (w, b), grad = _problem()
+    params = [w.copy(), b.copy()]
+    mu, alpha, b1, b2 = 0.9, 0.99, 0.9, 0.999
+    slots = {k: [np.zeros_like(p) for p in params] for k in ("buf", "sum", "m", "v")}
+    out = []
+    for t in range(1, steps + 1):
+        grads = list(grad(params, t - 1))
+        if name != "AdamW":
+            grads = [g + wd * p for g, p in zip(grads, params)]
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if name == "SGD":
+                p = p - lr * g
+            elif name in ("Momentum", "Nesterov"):
+                buf = g.copy() if t == 1 else mu * slots["buf"][i] + g
+                slots["buf"][i] = buf
+                p = p - lr * (g + mu * buf if name == "Nesterov" else buf)
+            elif name == "AdaGrad":
+                slots["sum"][i] = slots["sum"][i] + g * g
+                p = p - lr * g / (np.sqrt(slots["sum"][i]) + 1e-10)
+            elif name == "RMSProp":
+                slots["v"][i] = alpha * slots["v"][i] + (1 - alpha) * g * g
+                p = p - lr * g / (np.sqrt(slots["v"][i]) + 1e-8)
+            else:  # Adam, AdamW
+                if name == "AdamW":
+                    p = p * (1 - lr * wd)
+                m = slots["m"][i] = b1 * slots["m"][i] + (1 - b1) * g
+                v = slots["v"][i] = b2 * slots["v"][i] + (1 - b2) * g * g
+                denom = np.sqrt(v) / math.sqrt(1 - b2**t) + 1e-8
+                p = p - lr / (1 - b1**t) * m / denom
+            new.append(p)
+        params = new
+        out.append([p.copy() for p in params])
+    return out
+
+
+def _make_opt(name, lr, wd):
+    cls = {
+        "SGD": dlfs.SGD,
+        "Momentum": dlfs.Momentum,
+        "Nesterov": dlfs.Nesterov,
+        "AdaGrad": dlfs.AdaGrad,
+        "RMSProp": dlfs.RMSProp,
+        "Adam": dlfs.Adam,
+        "AdamW": dlfs.AdamW,
+    }[name]
+    return cls(lr=lr, weight_decay=wd)
+
+
+OPTIMIZERS = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW"]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_first_three_updates_match_pytorch_rules(name, wd):
+    lr = 0.1
+    opt = _make_opt(name, lr, wd)
+    (w, b), grad = _problem()
+    params = ((w, b),)
+    state = opt.init(params)
+    assert state.count == 0 and state.lr == lr
+    for t, want in enumerate(_reference(name, lr, wd)):
+        grads = (grad(params[0], t),)
+        params_copy = [p.copy() for p in params[0]]
+        grads_copy = [g.copy() for g in grads[0]]
+        new, state = opt.update(grads, state, params)
+        for p, c in zip(params[0], params_copy):
+            np.testing.assert_array_equal(p, c)
+        for g, c in zip(grads[0], grads_copy):
+            np.testing.assert_array_equal(g, c)
+        assert state.count == t + 1 and state.lr == lr
+        for p, expected in zip(new[0], want):
+            np.testing.assert_allclose(p, expected, rtol=1e-12, atol=1e-14)
+            assert not p.flags.writeable
+        params = new
+
+
+def test_adamw_default_weight_decay_is_pytorch_default():
+    assert dlfs.AdamW().weight_decay == 0.01
+    assert dlfs.Adam().lr == 1e-3 and dlfs.RMSProp().alpha == 0.99
+
+
+def test_optimizer_with_schedule_exposes_current_lr():
+    sched = dlfs.ExponentialDecay(0.1, 0.5)
+    opt = dlfs.SGD(sched)
+    (w, b), grad = _problem()
+    params = ((w, b),)
+    state = opt.init(params)
+    assert state.lr == sched(0)
+    p_ref = [w.copy(), b.copy()]
+    for t in range(3):
+        g = grad(params[0], t)
+        params, state = opt.update((g,), state, params)
+        p_ref = [p - sched(t) * gi for p, gi in zip(p_ref, g)]
+        assert state.count == t + 1
+        assert state.lr == sched(t)  # the lr of the update just made
+        for p, q in zip(params[0], p_ref):
+            np.testing.assert_allclose(p, q, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_float32_state_stays_float32(name):
+    (w, b), grad = _problem(np.float32)
+    opt = _make_opt(name, 0.01, 0.01)
+    params = ((w, b),)
+    state = opt.init(params)
+    for t in range(2):
+        g = tuple(a.astype(np.float32) for a in grad(params[0], t))
+        params, state = opt.update((g,), state, params)
+        for p in params[0]:
+            assert p.dtype == np.float32
+        for slot in state.slots:
+            for layer in slot:
+                for a in layer:
+                    assert a.dtype == np.float32
+
+
+def test_optimizer_bad_input():
+    params = ((np.zeros((2, 2)), np.zeros(2)),)
+    opt = dlfs.Adam()
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="grads"):
+        opt.update(((np.zeros((2, 3)), np.zeros(2)),), state, params)
+    with pytest.raises(ValueError, match="grads"):
+        opt.update(((np.zeros((2, 2), np.float32), np.zeros(2)),), state, params)
+    with pytest.raises(ValueError, match="grads"):
+        opt.update((), state, params)
+    with pytest.raises(TypeError, match="state"):
+        opt.update(((np.zeros((2, 2)), np.zeros(2)),), None, params)
+    bad = [
+        (dlfs.SGD, {"lr": -0.1}, "lr"),
+        (dlfs.SGD, {"lr": math.nan}, "lr"),
+        (dlfs.SGD, {"lr": 0.1, "weight_decay": -1}, "weight_decay"),
+        (dlfs.Momentum, {"momentum": 1.0}, "momentum"),
+        (dlfs.Momentum, {"momentum": -0.5}, "momentum"),
+        (dlfs.AdaGrad, {"eps": 0.0}, "eps"),
+        (dlfs.RMSProp, {"alpha": 1.5}, "alpha"),
+        (dlfs.Adam, {"b1": 1.0}, "b1"),
+        (dlfs.Adam, {"b2": -0.1}, "b2"),
+        (dlfs.Adam, {"lr": -1e-3}, "lr"),
+        (dlfs.AdamW, {"weight_decay": -0.01}, "weight_decay"),
+        (dlfs.Constant, {"lr": -1}, "lr"),
+        (dlfs.StepDecay, {"lr": 0.1, "step_size": 0}, "step_size"),
+        (dlfs.StepDecay, {"lr": 0.1, "step_size": 2, "gamma": 2.0}, "gamma"),
+        (dlfs.ExponentialDecay, {"lr": 0.1, "gamma": -0.5}, "gamma"),
+        (dlfs.LinearDecay, {"lr": 0.1, "final_lr": -0.1, "steps": 10}, "final_lr"),
+        (dlfs.LinearDecay, {"lr": 0.1, "final_lr": 0.0, "steps": 0}, "steps"),
+        (dlfs.CosineDecay, {"lr": 0.1, "steps": 10, "warmup": 10}, "warmup"),
+        (dlfs.CosineDecay, {"lr": 0.1, "steps": 10, "warmup": -1}, "warmup"),
+        (dlfs.ClipByGlobalNorm, {"max_norm": 0.0}, "max_norm"),
+        (dlfs.MaxNorm, {"c": -1.0}, "c"),
+        (dlfs.WeightDecay, {"weight_decay": -1.0}, "weight_decay"),
+    ]
+    for cls, kwargs, word in bad:
+        with pytest.raises(ValueError, match=word):
+            cls(**kwargs)
+    with pytest.raises(TypeError, match="lr"):
+        dlfs.SGD(lr="0.1")
+    with pytest.raises(ValueError, match="lr"):
+        dlfs.SGD(lambda t: -1.0)
+
+
+def test_schedules_match_formulas():
+    steps = range(25)
+    assert [dlfs.Constant(0.3)(t) for t in steps] == [0.3] * 25
+    s = dlfs.StepDecay(1.0, 3, 0.5)
+    assert [s(t) for t in steps] == [0.5 ** (t // 3) for t in steps]
+    e = dlfs.ExponentialDecay(2.0, 0.9)
+    np.testing.assert_allclose([e(t) for t in steps], [2.0 * 0.9**t for t in steps], rtol=1e-15)
+    lin = dlfs.LinearDecay(1.0, 0.1, 10)
+    want = [1.0 + (0.1 - 1.0) * min(t, 10) / 10 for t in steps]
+    np.testing.assert_allclose([lin(t) for t in steps], want, rtol=1e-15)
+    assert lin(0) == 1.0 and lin(10) == pytest.approx(0.1) and lin(100) == pytest.approx(0.1)
+    cos = dlfs.CosineDecay(1.0, 10, warmup=2, final_lr=0.1)
+    want = [
+        (t + 1) / 2 if t < 2 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t - 2, 8) / 8))
+        for t in steps
+    ]
+    np.testing.assert_allclose([cos(t) for t in steps], want, rtol=1e-15)
+    plain = dlfs.CosineDecay(1.0, 10)
+    assert plain(0) == 1.0 and plain(10) == pytest.approx(0.0, abs=1e-15)
+    assert dlfs.StepDecay(1.0, 3)(0) == 1.0 and dlfs.ExponentialDecay(1.0, 0.5)(0) == 1.0
+
+
+# -------------------------------------------------------- transforms, chain
+
+
+def test_clip_by_global_norm():
+    g = ((np.array([[3.0, 0.0]]), np.array([4.0])), (np.array([0.0]),))
+    params = tuple(tuple(np.zeros_like(a) for a in layer) for layer in g)
+    clipped = dlfs.ClipByGlobalNorm(1.0)(g, params)
+    scale = 1.0 / (5.0 + 1e-6)
+    np.testing.assert_allclose(clipped[0][0], g[0][0] * scale, rtol=1e-15)
+    np.testing.assert_allclose(clipped[0][1], g[0][1] * scale, rtol=1e-15)
+    kept = dlfs.ClipByGlobalNorm(10.0)(g, params)
+    for a, b in zip(kept[0] + kept[1], g[0] + g[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weight_decay_transform():
+    p = ((np.array([1.0, -2.0]),),)
+    g = ((np.array([0.5, 0.5]),),)
+    out = dlfs.WeightDecay(0.1)(g, p)
+    np.testing.assert_allclose(out[0][0], [0.6, 0.3], rtol=1e-15)
+
+
+def test_max_norm_columns():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((4, 3))
+    w /= np.linalg.norm(w, axis=0)
+    w *= np.array([0.5, 2.0, 5.0])
+    b = np.array([10.0, 10.0, 10.0])
+    ((new_w, new_b),) = dlfs.MaxNorm(1.0)(((w, b),))
+    np.testing.assert_array_equal(new_w[:, 0], w[:, 0])
+    np.testing.assert_allclose(np.linalg.norm(new_w, axis=0), [0.5, 1.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(new_w[:, 1:] / w[:, 1:], np.tile([0.5, 0.2], (4, 1)), rtol=1e-12)
+    np.testing.assert_array_equal(new_b, b)
+
+
+def test_chain_order_and_equivalence():
+    with pytest.raises(TypeError, match="before the optimizer"):
+        dlfs.chain(dlfs.MaxNorm(1.0), dlfs.SGD(0.1))
+    with pytest.raises(TypeError, match="after the optimizer"):
+        dlfs.chain(dlfs.SGD(0.1), dlfs.ClipByGlobalNorm(1.0))
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        dlfs.chain(dlfs.SGD(0.1), dlfs.Adam())
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        dlfs.chain(dlfs.ClipByGlobalNorm(1.0))
+    (w, b), grad = _problem()
+    params = ((w, b),)
+    opt = dlfs.chain(
+        dlfs.ClipByGlobalNorm(0.5), dlfs.WeightDecay(0.1), dlfs.SGD(0.5), dlfs.MaxNorm(0.3)
+    )
+    state = opt.init(params)
+    assert state.lr == 0.5 and opt.lr == 0.5
+    g = grad(params[0], 0)
+    new, state = opt.update((g,), state, params)
+    assert state.count == 1 and state.lr == 0.5
+    norm = math.sqrt(sum(float((a * a).sum()) for a in g))
+    clipped = [a * min(1.0, 0.5 / (norm + 1e-6)) for a in g]
+    decayed = [c + 0.1 * p for c, p in zip(clipped, (w, b))]
+    stepped = [p - 0.5 * d for p, d in zip((w, b), decayed)]
+    col = np.linalg.norm(stepped[0], axis=0)
+    want_w = np.where(col > 0.3, stepped[0] * 0.3 / col, stepped[0])
+    np.testing.assert_allclose(new[0][0], want_w, rtol=1e-12)
+    np.testing.assert_allclose(new[0][1], stepped[1], rtol=1e-12)
+
+
+# ------------------------------------------------------------ network/builder
+
+
+def _boston_like():
+    return dlfs.network(
+        0, 13, [dlfs.dense(13, dlfs.Sigmoid()), dlfs.dense(1)], dlfs.MeanSquaredError()
+    )
+
+
+def test_builder_infers_shapes():
+    net = _boston_like()
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds == ["Dense", "Sigmoid", "Dense"]
+    assert net.layers[0].w.shape == (13, 13) and net.layers[2].w.shape == (13, 1)
+    assert net.output_shape == (1,) and net.input_shape == (13,)
+    assert net.dtype == np.float32
+    conv_like = dlfs.network(
+        1,
+        (2, 3, 3),
+        [
+            dlfs.Flatten(),
+            dlfs.dense(4, dlfs.ReLU()),
+            dlfs.batch_norm(),
+            dlfs.Dropout(0.2),
+            dlfs.dense(3),
+        ],
+        dlfs.SoftmaxCrossEntropy(),
+        dtype=np.float64,
+    )
+    assert conv_like.layers[1].w.shape == (18, 4)
+    assert conv_like.layers[3].gamma.shape == (4,)
+    assert conv_like.output_shape == (3,) and conv_like.dtype == np.float64
+    y = conv_like.predict(np.zeros((5, 2, 3, 3)))
+    assert y.shape == (5, 3) and y.dtype == np.float64
+
+
+def test_builder_same_key_same_weights():
+    a, b = _boston_like(), _boston_like()
+    for pa, pb in zip(a.params(), b.params()):
+        for x, y in zip(pa, pb):
+            np.testing.assert_array_equal(x, y)
+    c = dlfs.network(
+        1, 13, [dlfs.dense(13, dlfs.Sigmoid()), dlfs.dense(1)], dlfs.MeanSquaredError()
+    )
+    assert not np.array_equal(a.layers[0].w, c.layers[0].w)
+    # each dense layer gets its own sub-key
+    same = dlfs.network(0, 4, [dlfs.dense(4), dlfs.dense(4)], dlfs.MeanSquaredError())
+    assert not np.array_equal(same.layers[0].w, same.layers[1].w)
+
+
+def test_summary_and_repr():
+    net = _boston_like()
+    text = net.summary()
+    for word in ("Dense", "Sigmoid", "182", "14", "196", "Total"):
+        assert word in text
+    assert "(N, 13)" in text and "(N, 1)" in text
+    r = repr(net)
+    assert "Dense(13 -> 13" in r and "Sigmoid()" in r and "MeanSquaredError" in r
+    assert "array" not in r and "[[" not in r and len(r) < 400
+    assert "array" not in repr(net.layers[0]) and "array" not in repr(dlfs.BatchNorm.init(3))
+
+
+def test_layers_that_do_not_chain_raise():
+    mse = dlfs.MeanSquaredError()
+    with pytest.raises(ValueError, match="layer 1"):
+        dlfs.Network([dlfs.Dense.init(0, 3, 4), dlfs.Dense.init(0, 5, 2)], mse, 3)
+    with pytest.raises(ValueError, match="Flatten"):
+        dlfs.network(0, (1, 4, 4), [dlfs.dense(3)], mse)
+    with pytest.raises(ValueError, match="layer 0"):
+        dlfs.network(0, 5, [dlfs.Dense.init(0, 3, 2)], mse)
+    with pytest.raises(TypeError, match="layers"):
+        dlfs.network(0, 3, [dlfs.dense(2), "relu"], mse)
+    with pytest.raises(TypeError, match="loss"):
+        dlfs.network(0, 3, [dlfs.dense(2)], "mse")
+    with pytest.raises(TypeError, match="activation"):
+        dlfs.dense(3, "sigmoid")
+    with pytest.raises(ValueError, match="n_out"):
+        dlfs.dense(0)
+    with pytest.raises(TypeError, match="dtype"):
+        dlfs.network(0, 3, [dlfs.dense(2)], mse, dtype=np.int64)
+    with pytest.raises(TypeError, match="input_shape"):
+        dlfs.network(0, "13", [dlfs.dense(2)], mse)
+    with pytest.raises(ValueError, match="input_shape"):
+        dlfs.network(0, 0, [dlfs.dense(2)], mse)
+    with pytest.raises(ValueError, match="n_in"):
+        dlfs.Dense.init(0, 0, 3)
+    with pytest.raises(TypeError, match="one dtype"):
+        dlfs.Network([dlfs.Dense.init(0, 3, 2), dlfs.Dense.init(0, 2, 1, dtype=np.float64)], mse, 3)
+
+
+def test_params_with_params_round_trip():
+    net = _boston_like()
+    params = net.params()
+    assert [len(p) for p in params] == [2, 0, 2]
+    again = net.with_params(params)
+    for pa, pb in zip(again.params(), params):
+        for x, y in zip(pa, pb):
+            np.testing.assert_array_equal(x, y)
+    doubled = net.with_params(tuple(tuple(2 * a for a in layer) for layer in params))
+    np.testing.assert_array_equal(doubled.layers[0].w, 2 * net.layers[0].w)
+    assert not doubled.layers[0].w.flags.writeable
+    np.testing.assert_array_equal(net.layers[0].w, params[0][0])  # original untouched
+    with pytest.raises(ValueError, match="params"):
+        net.with_params(params[:2])
+    bad_shape = (params[0], (), (np.zeros((13, 2), np.float32), params[2][1]))
+    with pytest.raises(ValueError, match="shape"):
+        net.with_params(bad_shape)
+    bad_dtype = (params[0], (), tuple(a.astype(np.float64) for a in params[2]))
+    with pytest.raises(TypeError, match="dtype"):
+        net.with_params(bad_dtype)
+
+
+def test_network_gradients_match_finite_differences():
+    net = dlfs.network(
+        3,
+        4,
+        [dlfs.dense(5, dlfs.Tanh()), dlfs.batch_norm(), dlfs.dense(3, dlfs.SiLU()), dlfs.dense(2)],
+        dlfs.SoftmaxCrossEntropy(0.1),
+        dtype=np.float64,
+    )
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((6, 4)), rng.integers(0, 2, 6)
+    ctx = dlfs.train_context(0)
+    flat = [p for layer in net.params() for p in layer]
+    sizes = [len(p) for p in net.params()]
+
+    def unflatten(ps):
+        out, i = [], 0
+        for s in sizes:
+            out.append(tuple(ps[i : i + s]))
+            i += s
+        return tuple(out)
+
+    def f(*ps):
+        loss, grads, _ = net.with_params(unflatten(ps)).loss_and_grads(x, y, ctx)
+        return np.asarray(loss), lambda dy: [g * dy for layer in grads for g in layer]
+
+    assert dlfs.check_grads(f, flat, key=1) < 1e-6
+
+
+# ------------------------------------------------------------------ training
+
+
+def _regression(seed=0, n=64, d=3, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    y = (x @ np.array([[1.0], [-2.0], [0.5]])[:d] + 0.3).astype(dtype)
+    return x, y
+
+
+def _linear_net(key=0, dtype=np.float32, hidden=True):
+    layers = [dlfs.dense(8, dlfs.Tanh()), dlfs.dense(1)] if hidden else [dlfs.dense(1)]
+    return dlfs.network(key, 3, layers, dlfs.MeanSquaredError(), dtype=dtype)
+
+
+def _snapshot(*arrays):
+    return [a.copy() for a in arrays]
+
+
+def _net_arrays(net):
+    return [a for layer in net.layers for a in _arrays(layer)]
+
+
+def _assert_same_net(a, b):
+    for x, y in zip(_net_arrays(a), _net_arrays(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_train_step_is_pure():
+    net = dlfs.network(
+        0,
+        3,
+        [dlfs.dense(6, dlfs.ReLU()), dlfs.batch_norm(), dlfs.Dropout(0.3), dlfs.dense(1)],
+        dlfs.MeanSquaredError(),
+    )
+    x, y = _regression()
+    before = _snapshot(*_net_arrays(net), x, y)
+    state = dlfs.TrainState.create(net, dlfs.Adam(0.01), key=1)
+    new = dlfs.train_step(state, (x, y))
+    for a, b in zip([*_net_arrays(net), x, y], before):
+        np.testing.assert_array_equal(a, b)
+    for a in _net_arrays(net) + _net_arrays(new.net):
+        assert not a.flags.writeable
+    assert new.step == 1 and state.step == 0 and new.opt_state.count == 1
+    assert not np.array_equal(new.net.layers[0].w, net.layers[0].w)
+    assert not np.array_equal(new.net.layers[2].mean, net.layers[2].mean)
+    again = dlfs.train_step(state, (x, y))
+    _assert_same_net(again.net, new.net)
+
+
+def test_fit_is_pure_and_deterministic():
+    net = dlfs.network(
+        0,
+        3,
+        [dlfs.dense(6, dlfs.ReLU()), dlfs.Dropout(0.2), dlfs.dense(1)],
+        dlfs.MeanSquaredError(),
+    )
+    x, y = _regression()
+    xv, yv = _regression(seed=1, n=16)
+    before = _snapshot(*_net_arrays(net), x, y, xv, yv)
+    kwargs = {"epochs": 3, "batch_size": 16, "validation": (xv, yv), "early_stopping": False}
+    a, ha = dlfs.fit(net, dlfs.Momentum(0.01), x, y, seed=3, **kwargs)
+    for arr, b in zip([*_net_arrays(net), x, y, xv, yv], before):
+        np.testing.assert_array_equal(arr, b)
+    b, hb = dlfs.fit(net, dlfs.Momentum(0.01), x, y, seed=3, **kwargs)
+    _assert_same_net(a, b)
+    assert ha == hb
+    c, _ = dlfs.fit(net, dlfs.Momentum(0.01), x, y, seed=4, **kwargs)
+    assert not np.array_equal(a.layers[0].w, c.layers[0].w)
+
+
+def test_fit_loss_decreases_on_learnable_problem():
+    x, y = _regression(n=128)
+    net = _linear_net()
+    start = float(net.loss.forward(net.predict(x), y)[0])
+    trained, history = dlfs.fit(net, dlfs.SGD(0.02), x, y, epochs=30, batch_size=16)
+    end = float(net.loss.forward(trained.predict(x), y)[0])
+    assert end < 0.05 * start
+    assert history.train_loss[-1] < history.train_loss[0]
+
+
+def test_fit_classification_learns_and_reports_accuracy():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((120, 2))
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    net = dlfs.network(
+        0,
+        2,
+        [dlfs.dense(8, dlfs.ReLU()), dlfs.dense(2)],
+        dlfs.SoftmaxCrossEntropy(),
+        dtype=np.float64,
+    )
+    trained, history = dlfs.fit(
+        net, dlfs.Adam(0.05), x, y, epochs=10, validation=(x, y), early_stopping=False
+    )
+    assert history.val_metric[-1] > 0.9
+    assert history.val_metric[-1] == dlfs.accuracy(trained.predict(x), y)
+
+
+def test_reduce_train_step_equals_one_epoch_of_fit():
+    x, y = _regression(n=50)
+    net = _linear_net()
+    opt = dlfs.Adam(0.01)
+    seed = 11
+    fitted, history = dlfs.fit(net, opt, x, y, epochs=1, batch_size=16, seed=seed, shuffle=False)
+    state = dlfs.TrainState.create(net, opt, key=dlfs.split(seed, 2)[1])
+    folded = functools.reduce(dlfs.train_step, dlfs.batches(x, y, 16), state)
+    _assert_same_net(folded.net, fitted)
+    assert folded.step == 4 and folded.seen == 50
+    assert history.train_loss[0] == pytest.approx(folded.mean_loss, rel=1e-12)
+    epoch = dlfs.train_epoch(state, dlfs.batches(x, y, 16))
+    _assert_same_net(epoch.net, fitted)
+
+
+def test_history_fields():
+    x, y = _regression(n=40)
+    net = _linear_net()
+    _, h = dlfs.fit(
+        net, dlfs.SGD(0.01), x, y, epochs=5, eval_every=2, validation=(x, y), early_stopping=False
+    )
+    assert h.epochs == [1, 2, 3, 4, 5]
+    assert len(h.records) == 5 and len(h.train_loss) == 5
+    assert [v is None for v in h.val_loss] == [True, False, True, False, False]
+    assert h.val_metric == [None] * 5  # no metric for MSE
+    assert h.best_epoch in (2, 4, 5) and not h.stopped_early
+    assert all(isinstance(v, float) and math.isfinite(v) for v in h.train_loss)
+    _, h2 = dlfs.fit(net, dlfs.SGD(0.01), x, y, epochs=2)
+    assert h2.val_loss == [None, None] and h2.best_epoch is None
+
+
+def test_early_stopping_returns_best_evaluated_network():
+    # validation targets are the negation of the training targets: the more the
+    # network learns, the worse it does on validation, so the val loss rises.
+    x, y = _regression(n=64)
+    xv, yv = x[:32], -y[:32]
+    net = _linear_net(hidden=False)
+    seen = []
+    best, h = dlfs.fit(
+        net,
+        dlfs.SGD(0.05),
+        x,
+        y,
+        epochs=20,
+        batch_size=8,
+        validation=(xv, yv),
+        patience=2,
+        callback=seen.append,
+    )
+    assert h.stopped_early and len(h.records) < 20
+    losses = [v for v in h.val_loss if v is not None]
+    assert losses == [r.val_loss for r in seen]
+    assert min(losses) < losses[-1]
+    best_val = float(best.loss.forward(best.predict(xv), yv)[0])
+    assert best_val == pytest.approx(min(losses), rel=1e-6)
+    assert h.val_loss[h.best_epoch - 1] == min(losses)
+    last, h_all = dlfs.fit(
+        net,
+        dlfs.SGD(0.05),
+        x,
+        y,
+        epochs=4,
+        batch_size=8,
+        validation=(xv, yv),
+        early_stopping=False,
+    )
+    last_val = float(last.loss.forward(last.predict(xv), yv)[0])
+    assert last_val == pytest.approx(h_all.val_loss[-1], rel=1e-6)
+
+
+def test_verbose_and_progress(capsys):
+    x, y = _regression(n=20)
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    dlfs.fit(
+        _linear_net(), dlfs.SGD(0.01), x, y, epochs=2, batch_size=8, verbose=True, progress=Bar
+    )
+    out = capsys.readouterr().out
+    assert "epoch 1" in out and "train_loss" in out
+    assert [(b.total, b.n, b.closed) for b in bars] == [(3, 3, True), (3, 3, True)]
+
+
+def test_non_finite_error_keeps_last_finite_network():
+    x, y = _regression(n=32)
+    net = _linear_net()
+    with np.errstate(all="ignore"), pytest.raises(dlfs.NonFiniteError, match="NaN/inf") as info:
+        dlfs.fit(net, dlfs.SGD(1e30), x, y, epochs=3, batch_size=8)
+    err = info.value
+    assert isinstance(err.network, dlfs.Network)
+    assert all(np.isfinite(a).all() for a in _net_arrays(err.network))
+    assert err.epoch == 1 and err.step is not None and err.history is not None
+    state = dlfs.TrainState.create(net, dlfs.SGD(1e30))
+    with np.errstate(all="ignore"), pytest.raises(dlfs.NonFiniteError):
+        functools.reduce(dlfs.train_step, dlfs.batches(x, y, 8), state)
+
+
+# -------------------------------------------------------------- bad input
+
+
+def test_predict_bad_input():
+    net = _linear_net()
+    with pytest.raises(TypeError, match="x must be a float32 or float64"):
+        net.predict(np.zeros((2, 3), np.int64))
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        net.predict(np.zeros((2, 3), np.float64))
+    with pytest.raises(TypeError, match="x must be a float"):
+        net.predict(np.zeros((2, 3), object))
+    with pytest.raises(TypeError, match="x must be a float"):
+        net.predict(np.zeros((2, 3), np.complex64))
+    with pytest.raises(TypeError, match="x must be a numpy array"):
+        net.predict([[0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 3\)"):
+        net.predict(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        net.predict(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="x must not be empty"):
+        net.predict(np.zeros((0, 3), np.float32))
+    for bad in (np.nan, np.inf):
+        x = np.zeros((2, 3), np.float32)
+        x[1, 2] = bad
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            net.predict(x)
+
+
+def test_predict_batch_size_validated():
+    net = _linear_net()
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="batch_size"):
+        net.predict(x, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        net.predict(x, batch_size=2.5)
+    with pytest.raises(TypeError, match="batch_size"):
+        net.predict(x, batch_size="all")
+
+
+def test_predict_in_batches_matches_whole():
+    x, _ = _regression(n=37)
+    net = _linear_net()
+    np.testing.assert_allclose(
+        net.predict(x, batch_size=5), net.predict(x, batch_size=None), rtol=1e-6
+    )
+
+
+def test_fit_bad_input():
+    x, y = _regression(n=16)
+    net = _linear_net()
+    sgd = dlfs.SGD(0.01)
+    cases = [
+        (
+            {"x": np.where(np.arange(48).reshape(16, 3) == 5, np.nan, x)},
+            ValueError,
+            "x contains NaN",
+        ),
+        (
+            {"y": np.where(np.arange(16).reshape(16, 1) == 3, np.inf, y)},
+            ValueError,
+            "y contains NaN",
+        ),
+        ({"x": x[:0], "y": y[:0]}, ValueError, "x must not be empty"),
+        ({"x": x.astype(np.float64)}, TypeError, "x must have dtype float32"),
+        ({"x": x.astype(np.int32)}, TypeError, "x must be a float"),
+        ({"x": x.tolist()}, TypeError, "x must be a numpy array"),
+        ({"y": y[:, 0]}, ValueError, "target must have the same shape"),
+        ({"y": y.astype(np.float64)}, TypeError, "target must have dtype float32"),
+        ({"y": y[:10]}, ValueError, "same length"),
+        ({"y": y.astype(np.complex64)}, TypeError, "y must be a float or integer"),
+        ({"y": y.tolist()}, TypeError, "y must be a numpy array"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"batch_size": -3}, ValueError, "batch_size"),
+        ({"batch_size": 2.5}, TypeError, "batch_size"),
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"epochs": -1}, ValueError, "epochs"),
+        ({"eval_every": 0}, ValueError, "eval_every"),
+        ({"patience": 0}, ValueError, "patience"),
+        ({"seed": -1}, TypeError, "seed"),
+        ({"validation": [x, y]}, TypeError, "validation"),
+        ({"validation": (x, y[:3])}, ValueError, "validation x and y"),
+        ({"net": "net"}, TypeError, "net"),
+        ({"metric": 3}, TypeError, "metric"),
+    ]
+    for override, exc, word in cases:
+        args = {"net": net, "optimizer": sgd, "x": x, "y": y, "epochs": 1, **override}
+        with pytest.raises(exc, match=word):
+            dlfs.fit(**args)
+    with pytest.raises(ValueError, match="lr"):
+        dlfs.fit(net, dlfs.SGD(-0.1), x, y, epochs=1)
+    with pytest.raises(TypeError, match="optimizer"):
+        dlfs.fit(net, "sgd", x, y, epochs=1)
+
+
+def test_fit_labels_out_of_range():
+    net = dlfs.network(0, 3, [dlfs.dense(4)], dlfs.SoftmaxCrossEntropy())
+    x = np.zeros((6, 3), np.float32)
+    with pytest.raises(ValueError, match="labels must be in"):
+        dlfs.fit(net, dlfs.SGD(), x, np.array([0, 1, 2, 3, 4, 0]), epochs=1)
+    with pytest.raises(ValueError, match="labels must be in"):
+        dlfs.fit(net, dlfs.SGD(), x, np.array([0, 1, -1, 3, 0, 0]), epochs=1)
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        dlfs.fit(net, dlfs.SGD(), x, np.zeros((6, 3), np.float32), epochs=1)
+
+
+def test_train_step_bad_input():
+    net = _linear_net()
+    x, y = _regression(n=8)
+    state = dlfs.TrainState.create(net, dlfs.SGD())
+    with pytest.raises(ValueError, match="same length"):
+        dlfs.train_step(state, (x, y[:4]))
+    with pytest.raises(TypeError, match="dtype float32"):
+        dlfs.train_step(state, (x.astype(np.float64), y))
+    with pytest.raises(TypeError, match="net"):
+        dlfs.TrainState.create("net", dlfs.SGD())
+    with pytest.raises(TypeError, match="optimizer"):
+        dlfs.TrainState.create(net, 0.1)
+
+
+# --------------------------------------------------------- metrics and data
+
+
+def test_metrics_match_formulas():
+    rng = np.random.default_rng(9)
+    p, t = rng.standard_normal((2, 10, 2))
+    assert dlfs.mae(p, t) == pytest.approx(np.mean(np.abs(p - t)), rel=1e-14)
+    assert dlfs.rmse(p, t) == pytest.approx(np.sqrt(np.mean((p - t) ** 2)), rel=1e-14)
+    scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([1, 0, 0, 0])
+    assert dlfs.accuracy(scores, labels) == 0.75
+    assert dlfs.accuracy(scores, np.eye(2)[labels]) == 0.75
+    logits = np.array([[2.0], [-1.0], [0.5]])
+    assert dlfs.accuracy(logits, np.array([[1.0], [1.0], [1.0]])) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        dlfs.mae(p, t[:, :1])
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        dlfs.rmse(p[:, 0], t)
+    with pytest.raises(ValueError, match="target must have shape"):
+        dlfs.accuracy(scores, labels[:3])
+    with pytest.raises(ValueError, match="labels must be in"):
+        dlfs.accuracy(scores, np.array([0, 1, 2, 0]))
+    with pytest.raises(TypeError, match="pred must be a float"):
+        dlfs.mae(p.astype(int), t.astype(int))
+
+
+def test_to_2d_and_one_hot():
+    a = np.arange(4.0)
+    assert dlfs.to_2d(a).shape == (4, 1) and dlfs.to_2d(a, "row").shape == (1, 4)
+    np.testing.assert_array_equal(dlfs.to_2d(a)[:, 0], a)
+    with pytest.raises(ValueError, match="a must be 1-D"):
+        dlfs.to_2d(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="kind"):
+        dlfs.to_2d(a, "column")
+    oh = dlfs.one_hot(np.array([2, 0, 1]), 3)
+    np.testing.assert_array_equal(oh, np.eye(3, dtype=np.float32)[[2, 0, 1]])
+    assert oh.dtype == np.float32
+    assert dlfs.one_hot(np.array([1]), 2, np.float64).dtype == np.float64
+    with pytest.raises(ValueError, match="labels must be in"):
+        dlfs.one_hot(np.array([0, 3]), 3)
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        dlfs.one_hot(np.array([0.0, 1.0]), 3)
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        dlfs.one_hot(np.zeros((2, 2), np.int64), 3)
+    with pytest.raises(ValueError, match="n_classes"):
+        dlfs.one_hot(np.array([0]), 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 40), bs=st.integers(1, 12))
+def test_permute_and_batches(seed, n, bs):
+    x = np.arange(n * 2, dtype=np.float64).reshape(n, 2)
+    y = np.arange(n)
+    px, py = dlfs.permute(seed, x, y)
+    np.testing.assert_array_equal(px[:, 0], 2 * py)  # pairs stay aligned
+    assert sorted(py.tolist()) == list(range(n))
+    qx, _ = dlfs.permute(seed, x, y)
+    np.testing.assert_array_equal(px, qx)
+    np.testing.assert_array_equal(x, np.arange(n * 2.0).reshape(n, 2))
+    for key in (None, seed):
+        got = list(dlfs.batches(x, y, bs, key=key))
+        sizes = [len(b[1]) for b in got]
+        assert len(got) == -(-n // bs)
+        assert all(s == bs for s in sizes[:-1]) and 1 <= sizes[-1] <= bs
+        rows = np.concatenate([b[1] for b in got])
+        assert sorted(rows.tolist()) == list(range(n))
+        for bx, by in got:
+            np.testing.assert_array_equal(bx[:, 0], 2 * by)
+        if key is None:
+            np.testing.assert_array_equal(rows, y)
+
+
+def test_permute_depends_on_key_and_validates():
+    x = np.arange(100)
+    assert not np.array_equal(dlfs.permute(1, x)[0], dlfs.permute(2, x)[0])
+    with pytest.raises(ValueError, match="first dimension"):
+        dlfs.permute(0, np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="at least one array"):
+        dlfs.permute(0)
+    with pytest.raises(ValueError, match="batch_size"):
+        list(dlfs.batches(np.zeros((3, 1)), np.zeros(3), 0))
+    with pytest.raises(ValueError, match="first dimension"):
+        dlfs.batches(np.zeros((3, 1)), np.zeros(4), 2)
+    with pytest.raises(TypeError, match="key"):
+        dlfs.make_rng(-1)
+
+
+def test_keys_and_context():
+    assert dlfs.split(7, 2) == ((7, 0), (7, 1))
+    a = dlfs.make_rng((7, 0)).standard_normal(3)
+    np.testing.assert_array_equal(a, dlfs.make_rng((7, 0)).standard_normal(3))
+    assert not np.array_equal(a, dlfs.make_rng(7).standard_normal(3))
+    assert dlfs.train_context(3) == dlfs.Context(train=True, key=(3,))
+    assert not dlfs.EVAL.train and dlfs.EVAL.key is None
+
+
+def test_check_grads_catches_a_wrong_gradient():
+    x = np.random.default_rng(0).standard_normal((3, 2))
+
+    def wrong(a):
+        return a**2, lambda dy: (dy * a,)  # should be 2 * a * dy
+
+    with pytest.raises(dlfs.GradientCheckError):
+        dlfs.check_grads(wrong, [x])
+    with pytest.raises(TypeError, match="float64"):
+        dlfs.check_grads(wrong, [x.astype(np.float32)])
+
+
+# ------------------------------------------------------------ the file alone
+
+
+def test_file_works_alone(tmp_path):
+    (tmp_path / "dlfs.py").write_bytes((HERE / "dlfs.py").read_bytes())
+    script = (
+        "import numpy as np, dlfs\n"
+        f"assert dlfs.__file__.startswith({str(tmp_path)!r})\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.standard_normal((32, 2)).astype(np.float32)\n"
+        "y = (x @ np.array([[1.0], [-1.0]], np.float32))\n"
+        "net = dlfs.network(0, 2, [dlfs.dense(4, dlfs.Tanh()), dlfs.dense(1)], dlfs.MeanSquaredError())\n"
+        "trained, h = dlfs.fit(net, dlfs.SGD(0.05), x, y, epochs=20, batch_size=8)\n"
+        "assert h.train_loss[-1] < h.train_loss[0]\n"
+        "print('ok', dlfs.__version__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok " + dlfs.__version__)
+
+
+def test_file_imports_only_stdlib_numpy_attrs():
+    tree = ast.parse((HERE / "dlfs.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    third_party = {n for n in names if n not in sys.stdlib_module_names}
+    assert third_party <= {"numpy", "attrs"}, third_party
+
+
+def test_public_names_exist_and_are_documented():
+    assert isinstance(dlfs.__version__, str) and dlfs.__version__
+    for name in dlfs.__all__:
+        obj = getattr(dlfs, name)
+        if name in ("__version__", "EVAL"):
+            continue
+        assert (obj.__doc__ or "").strip(), f"dlfs.{name} has no docstring"
+
+
+# ------------------------------------------------------------------- README
+
+
+def _readme_blocks() -> list[str]:
+    readme = HERE / "README.md"
+    if not readme.is_file():
+        pytest.fail(f"README.md not found next to the tests ({readme})")
+    return re.findall(r"^```python[ \t]*\n(.*?)^```", readme.read_text(), re.M | re.S)
+
+
+def test_readme_python_blocks_run(monkeypatch):
+    blocks = _readme_blocks()
+    assert blocks, "README.md has no ```python code block"
+    monkeypatch.chdir(HERE)
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"README.md[python block {i}]", "exec"), {"__name__": "__readme__"})
+        except Exception as err:
+            pytest.fail(f"README python block {i} failed: {err!r}\n{code}")
