@@ -1403,3 +1403,13 @@ def test_readme_python_blocks_run(monkeypatch):
             exec(compile(code, f"README.md[python block {i}]", "exec"), {"__name__": "__readme__"})
         except Exception as err:
             pytest.fail(f"README python block {i} failed: {err!r}\n{code}")
+
+
+def test_complex_hyperparameter_rejected_by_name():
+    with pytest.raises(TypeError, match="lr"):
+        dlfs.SGD(lr=np.complex128(0.1))
+
+
+def test_softmax_after_image_shape_rejected_at_build():
+    with pytest.raises(ValueError, match="Softmax"):
+        dlfs.network(0, (1, 4, 4), [dlfs.Softmax()], dlfs.MeanSquaredError())
