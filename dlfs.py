@@ -176,7 +176,9 @@ def _check_number(
     high_open: bool = False,
 ) -> float:
     """A real, finite Python/numpy number within the given bounds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    if isinstance(value, (bool, complex, np.complexfloating)) or not isinstance(
+        value, (int, float, np.number)
+    ):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     too_low = value <= low if low_open else value < low
@@ -625,6 +627,14 @@ class Softmax(_NoParams):
 
     x: (N, K) -> y: (N, K).  For training use SoftmaxCrossEntropy on logits.
     """
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(K,) -> (K,); other shapes are rejected."""
+        if len(in_shape) != 1:
+            raise ValueError(
+                f"Softmax expects inputs of shape (N, K), got {_shape_str((None, *in_shape))}"
+            )
+        return tuple(in_shape)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Softmax]:
         """The cache is y."""
