@@ -14,9 +14,14 @@ PyTorch's documented numbers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import math
+import os
 import sys
+import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -34,6 +39,7 @@ __all__ = [
     "BatchNorm",
     "BinaryCrossEntropy",
     "Chain",
+    "Checkpoint",
     "ClipByGlobalNorm",
     "Constant",
     "Context",
@@ -83,6 +89,7 @@ __all__ = [
     "glorot_uniform",
     "he_normal",
     "he_uniform",
+    "load",
     "mae",
     "make_rng",
     "network",
@@ -90,6 +97,7 @@ __all__ = [
     "one_hot",
     "permute",
     "rmse",
+    "save",
     "split",
     "to_2d",
     "train_context",
@@ -2115,3 +2123,384 @@ def check_loss(loss: Any, pred: np.ndarray, target: np.ndarray, **kwargs: Any) -
         return np.asarray(value), lambda dy: (loss.backward(cache) * dy,)
 
     return check_grads(f, [pred], **kwargs)
+
+
+# ------------------------------------------------------------------ save/load
+
+# The classes ``load`` may rebuild.  Their attrs fields are saved generically
+# (array fields as arrays, plain fields as JSON), so supporting a new layer or
+# loss is one more entry here.
+_SAVABLE_LAYERS: tuple[type, ...] = (
+    Dense,
+    Linear,
+    Sigmoid,
+    Tanh,
+    ReLU,
+    LeakyReLU,
+    ELU,
+    GELU,
+    SiLU,
+    Softmax,
+    Dropout,
+    Flatten,
+    BatchNorm,
+)
+_SAVABLE_LOSSES: tuple[type, ...] = (MeanSquaredError, SoftmaxCrossEntropy, BinaryCrossEntropy)
+
+_FORMAT = "dlfs.checkpoint"
+_FORMAT_VERSION = 1
+_STRUCTURE = "__dlfs_structure__"  # the JSON description, stored as a uint8 array
+_NPY_HEADER_MAX = 1 << 16  # bytes an .npy member may hold beyond its array data
+
+
+@attrs.frozen(eq=False)
+class Checkpoint:
+    """What ``load`` returns.
+
+    ``net``: the saved Network (arrays bit-exact, read-only); ``opt_state``:
+    the saved OptState or None (use ``opt_state_for(optimizer)`` to check it
+    against an optimizer); ``meta``: the JSON-decoded ``meta`` given to
+    ``save`` (tuples come back as lists), ``{}`` if none; ``best``: the best
+    network so far of an early-stopping ``fit`` checkpoint, else None;
+    ``version``/``dlfs_version``: the file format and the dlfs that wrote it.
+    """
+
+    net: Network
+    opt_state: OptState | None
+    meta: dict[str, Any]
+    version: int
+    dlfs_version: str
+    best: Network | None = None
+
+    def opt_state_for(self, optimizer: Any) -> OptState:
+        """The saved optimizer state, checked against ``optimizer.init(net.params())``
+        (same number of moment slots, shapes and dtypes); ValueError if it differs."""
+        if not _is_optimizer(optimizer):
+            raise TypeError(f"optimizer must have init/update, got {optimizer!r}")
+        if self.opt_state is None:
+            raise ValueError("this checkpoint holds no optimizer state (save(..., opt_state=...))")
+        _check_opt_state_like(self.opt_state, optimizer.init(self.net.params()), optimizer)
+        return self.opt_state
+
+
+def _check_opt_state_like(state: OptState, template: OptState, optimizer: Any) -> None:
+    name = type(optimizer).__name__
+    if len(state.slots) != len(template.slots):
+        raise ValueError(
+            f"the saved optimizer state has {len(state.slots)} moment slots, "
+            f"{name} needs {len(template.slots)}: was it saved from another optimizer?"
+        )
+    for s, (tree, want) in enumerate(zip(state.slots, template.slots)):
+        got = [(a.shape, a.dtype) for layer in tree for a in layer]
+        need = [(a.shape, a.dtype) for layer in want for a in layer]
+        if [len(layer) for layer in tree] != [len(layer) for layer in want] or got != need:
+            raise ValueError(
+                f"the saved optimizer state's slot {s} does not match {name}'s for this "
+                f"network: shapes/dtypes {got} vs {need}"
+            )
+
+
+def _check_path(name: str, path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{name} must be a non-empty text path, got {path!r}")
+    return path
+
+
+def _json_value(where: str, value: Any) -> Any:
+    """A plain config value as JSON: None, bool, int, float, str, tuples of them as lists."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_value(where, v) for v in value]
+    raise TypeError(
+        f"cannot save {where} of type {type(value).__name__}: layers and losses may hold "
+        "arrays, numbers, strings, None and tuples of them"
+    )
+
+
+def _from_json_value(value: Any) -> Any:
+    return tuple(_from_json_value(v) for v in value) if isinstance(value, list) else value
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+
+
+def _add_array(arrays: dict[str, np.ndarray], name: str, a: Any) -> str:
+    if not isinstance(a, np.ndarray) or a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"cannot save {name}: only float32/float64 arrays are saved, got "
+            f"{getattr(a, 'dtype', type(a).__name__)}"
+        )
+    arrays[name] = a
+    return name
+
+
+def _record_structure(
+    kind: str, obj: Any, known: tuple[type, ...], prefix: str, arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """{"type", "config", "arrays"} of an attrs layer/loss; its arrays go into ``arrays``."""
+    cls = type(obj)
+    if cls not in known:
+        names = ", ".join(c.__name__ for c in known)
+        raise TypeError(f"cannot save {kind} {cls.__name__}: save knows dlfs's {kind}s {names}")
+    config, refs = {}, {}
+    for f in attrs.fields(cls):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        if isinstance(value, np.ndarray):
+            refs[f.name] = _add_array(arrays, f"{prefix}.{f.name}", value)
+        else:
+            config[f.name] = _json_value(f"{cls.__name__}.{f.name}", value)
+    return {"type": cls.__name__, "config": config, "arrays": refs}
+
+
+def _network_structure(net: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if not isinstance(net, Network):
+        raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    layers = [
+        _record_structure("layer", layer, _SAVABLE_LAYERS, f"{prefix}.layers.{i}", arrays)
+        for i, layer in enumerate(net.layers)
+    ]
+    loss = _record_structure("loss", net.loss, _SAVABLE_LOSSES, f"{prefix}.loss", arrays)
+    return {"input_shape": list(net.input_shape), "layers": layers, "loss": loss}
+
+
+def _opt_state_structure(state: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if not isinstance(state, OptState):
+        raise TypeError(
+            f"opt_state must be a dlfs.OptState (from optimizer.init/update), got {type(state).__name__}"
+        )
+    slots = [
+        [
+            [_add_array(arrays, f"opt.slots.{s}.{i}.{j}", a) for j, a in enumerate(layer)]
+            for i, layer in enumerate(tree)
+        ]
+        for s, tree in enumerate(state.slots)
+    ]
+    count = _check_int("opt_state.count", state.count, low=0)
+    return {"count": count, "lr": _check_number("opt_state.lr", state.lr), "slots": slots}
+
+
+def _structure_array(structure: dict[str, Any]) -> np.ndarray:
+    try:
+        text = json.dumps(structure, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"meta must be JSON-serializable (dicts, lists, numbers, str): {err}"
+        ) from None
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
+    """The one place that writes a checkpoint's bytes (tests make it fail)."""
+    np.savez(file, **arrays)
+
+
+def _file_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o644
+
+
+def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temporary file in the same folder, fsync, then ``os.replace``:
+    a crash leaves either the old file or the new one, never a mix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _save(
+    path: Any,
+    nets: dict[str, Network],
+    opt_state: Any,
+    meta: Any,
+) -> None:
+    path = _check_path("path", path)
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
+    arrays: dict[str, np.ndarray] = {}
+    structure: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "dlfs_version": __version__,
+        "networks": {k: _network_structure(v, k, arrays) for k, v in nets.items()},
+        "opt_state": None if opt_state is None else _opt_state_structure(opt_state, arrays),
+        "meta": {} if meta is None else meta,
+    }
+    structure["arrays"] = {
+        k: {"shape": list(a.shape), "dtype": a.dtype.name, "crc32": _crc(a)}
+        for k, a in arrays.items()
+    }
+    arrays[_STRUCTURE] = _structure_array(structure)
+    _atomic_write(path, arrays)
+
+
+def save(path: str | os.PathLike, net: Network, opt_state: Any = None, *, meta: Any = None) -> None:
+    """Save ``net`` (and an optimizer state, and a JSON-able ``meta`` dict) to one ``.npz`` file.
+
+    The file holds every array (``np.savez``, no pickle) plus a JSON
+    description (format version, dlfs version, layer types and their config,
+    the loss, input shape, array shapes, dtypes and CRC-32s).  It is written
+    to a temporary file in the same folder and moved into place with
+    ``os.replace``, so a crash mid-write leaves the previous file intact.
+    ``path`` is used as given (no suffix added).  Read it back with ``load``.
+    """
+    _save(path, {"net": net}, opt_state, meta)
+
+
+def _read_structure(npz: Any) -> dict[str, Any]:
+    if _STRUCTURE not in npz.files:
+        raise ValueError("not a dlfs checkpoint (no structure record)")
+    raw = npz[_STRUCTURE]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError("the structure record must be a 1-D uint8 array")
+    structure = json.loads(raw.tobytes().decode("utf-8"))
+    if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
+        raise ValueError("not a dlfs checkpoint (unknown format tag)")
+    version = structure.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"invalid format version {version!r}")
+    if version > _FORMAT_VERSION:
+        raise ValueError(
+            f"the file has format version {version}, written by dlfs "
+            f"{structure.get('dlfs_version')}; this dlfs {__version__} reads up to version "
+            f"{_FORMAT_VERSION}: upgrade dlfs"
+        )
+    return structure
+
+
+def _read_arrays(npz: Any, described: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every array the JSON describes, checked (names, size, shape, dtype, CRC) before use."""
+    stored = set(npz.files) - {_STRUCTURE}
+    if set(described) != stored:
+        missing, extra = sorted(set(described) - stored), sorted(stored - set(described))
+        raise ValueError(f"arrays do not match the description: missing {missing}, extra {extra}")
+    arrays = {}
+    for name, entry in described.items():
+        if entry["dtype"] not in ("float32", "float64"):
+            raise ValueError(f"array {name} has dtype {entry['dtype']!r}, expected float32/float64")
+        dtype = np.dtype(entry["dtype"])
+        shape = tuple(_check_int(f"{name} shape", d, low=0) for d in entry["shape"])
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = npz.zip.getinfo(f"{name}.npy").file_size
+        if not nbytes <= size <= nbytes + _NPY_HEADER_MAX:
+            raise ValueError(f"array {name} holds {size} bytes, expected {nbytes} plus a header")
+        a = npz[name]
+        if a.dtype != dtype or a.shape != shape:
+            raise ValueError(f"array {name} is {a.dtype} {a.shape}, described as {dtype} {shape}")
+        if _crc(a) != entry["crc32"]:
+            raise ValueError(f"array {name} fails its CRC-32 check (corrupt file)")
+        a.setflags(write=False)
+        arrays[name] = a
+    return arrays
+
+
+def _rebuild_record(
+    kind: str, entry: dict[str, Any], known: tuple[type, ...], arrays: dict[str, np.ndarray]
+) -> Any:
+    by_name = {c.__name__: c for c in known}
+    cls = by_name.get(entry["type"])
+    if cls is None:
+        raise ValueError(
+            f"unknown {kind} type {entry['type']!r}; this dlfs knows {sorted(by_name)}"
+        )
+    kwargs = {k: _from_json_value(v) for k, v in entry["config"].items()}
+    kwargs.update({k: arrays[name] for k, name in entry["arrays"].items()})
+    fields = {f.name for f in attrs.fields(cls) if f.init}
+    if set(kwargs) - fields:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(set(kwargs) - fields)}")
+    return cls(**kwargs)
+
+
+def _rebuild_network(entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> Network:
+    layers = [_rebuild_record("layer", e, _SAVABLE_LAYERS, arrays) for e in entry["layers"]]
+    loss = _rebuild_record("loss", entry["loss"], _SAVABLE_LOSSES, arrays)
+    return Network(layers, loss, tuple(entry["input_shape"]))
+
+
+def _rebuild_opt_state(entry: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> Any:
+    if entry is None:
+        return None
+    slots = tuple(
+        tuple(tuple(arrays[name] for name in layer) for layer in tree) for tree in entry["slots"]
+    )
+    count = _check_int("opt_state count", entry["count"], low=0)
+    return OptState(count, _check_number("opt_state lr", entry["lr"]), slots)
+
+
+def _used_arrays(structure: dict[str, Any]) -> list[str]:
+    names = []
+    for net in structure["networks"].values():
+        for record in [*net["layers"], net["loss"]]:
+            names.extend(record["arrays"].values())
+    if structure["opt_state"] is not None:
+        names.extend(n for tree in structure["opt_state"]["slots"] for layer in tree for n in layer)
+    return names
+
+
+def _checkpoint_from(npz: Any) -> Checkpoint:
+    structure = _read_structure(npz)
+    arrays = _read_arrays(npz, structure["arrays"])
+    used = _used_arrays(structure)
+    if sorted(used) != sorted(arrays):
+        raise ValueError("the description refers to its arrays inconsistently")
+    nets = {k: _rebuild_network(v, arrays) for k, v in structure["networks"].items()}
+    if set(nets) - {"net", "best"} or "net" not in nets:
+        raise ValueError(f"unexpected networks {sorted(nets)}")
+    meta = structure["meta"]
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+    opt_state = _rebuild_opt_state(structure["opt_state"], arrays)
+    return Checkpoint(
+        nets["net"],
+        opt_state,
+        meta,
+        structure["version"],
+        str(structure["dlfs_version"]),
+        nets.get("best"),
+    )
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by ``save`` (or ``fit(checkpoint=...)``) -> Checkpoint.
+
+    Uses ``np.load(allow_pickle=False)`` only, so no code in the file ever
+    runs.  Every array is checked against the JSON description (names,
+    shape, dtype, CRC-32) and the exact network is rebuilt: arrays bit-exact,
+    same dtype, read-only.  Unknown layer types, missing or extra arrays,
+    mismatches, a newer format version, truncated or corrupt files and
+    object arrays raise ValueError; a missing file raises FileNotFoundError.
+    """
+    path = _check_path("path", path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("not a dlfs checkpoint (not an .npz archive)")
+        with npz:
+            return _checkpoint_from(npz)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # anything a damaged file can trigger becomes a ValueError
+        why = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        raise ValueError(f"cannot load checkpoint {path!r}: {why}") from None
