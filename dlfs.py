@@ -1727,8 +1727,13 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     """One pure SGD step: forward, loss, backward, optimizer update.
 
     ``batch = (x, y)``; raises NonFiniteError (keeping ``state.net``) if the
-    loss or a gradient is NaN/inf.  Fold it over batches with functools.reduce.
+    loss, a gradient or an updated parameter is NaN/inf (NaN in the batch
+    shows up this way too).  Fold it over batches with functools.reduce.
     """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
     x, y = batch
     net = state.net
     net._check_x(x)
@@ -1743,6 +1748,10 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
             f"{what} became NaN/inf at step {state.step}", network=net, step=state.step
         )
     params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    if not _all_finite(params):  # e.g. an overflowing step: keep the last finite network
+        raise NonFiniteError(
+            f"the parameters became NaN/inf at step {state.step}", network=net, step=state.step
+        )
     return TrainState(
         new_net.with_params(params),
         state.optimizer,
@@ -1848,6 +1857,89 @@ def _format_record(r: EpochRecord) -> str:
     return text
 
 
+@attrs.frozen(eq=False)
+class _FitRun:
+    """fit's carry from epoch to epoch: the train state, the last finished epoch,
+    the history, and the early-stopping bookkeeping (best network, its
+    validation loss, evaluations since it improved)."""
+
+    state: TrainState
+    epoch: int
+    history: History
+    best: Network
+    best_loss: float = math.inf
+    bad: int = 0
+
+
+def _fit_epoch(
+    run: _FitRun,
+    epoch: int,
+    data: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+    order_key: Key | None,
+    progress: Any,
+) -> TrainState:
+    """One ``train_epoch``; a NonFiniteError gains the epoch and the history so far."""
+    n_batches = -(-len(data[0]) // batch_size)
+    epoch_batches = _with_progress(
+        batches(*data, batch_size, key=order_key), progress, n_batches, f"epoch {epoch}"
+    )
+    try:
+        return train_epoch(run.state, epoch_batches)
+    except NonFiniteError as err:
+        raise NonFiniteError(
+            f"{err} (epoch {epoch}); the last finite network is on this exception's .network",
+            network=err.network,
+            history=run.history,
+            epoch=epoch,
+            step=err.step,
+        ) from None
+
+
+def _fit_update(
+    run: _FitRun,
+    state: TrainState,
+    record: EpochRecord,
+    evaluated: bool,
+    patience: int,
+    early_stopping: bool,
+) -> _FitRun:
+    """Append ``record``; after an evaluation keep the best network, count the
+    evaluations without improvement and flag an early stop."""
+    history = attrs.evolve(run.history, records=run.history.records + (record,))
+    run = attrs.evolve(run, state=state, epoch=record.epoch, history=history)
+    if not evaluated:
+        return run
+    if record.val_loss < run.best_loss:
+        history = attrs.evolve(history, best_epoch=record.epoch)
+        return attrs.evolve(run, history=history, best=state.net, best_loss=record.val_loss, bad=0)
+    stop = early_stopping and run.bad + 1 >= patience
+    return attrs.evolve(run, history=attrs.evolve(history, stopped_early=stop), bad=run.bad + 1)
+
+
+def _report(
+    record: EpochRecord, run: _FitRun, evaluated: bool, verbose: bool, callback: Any
+) -> None:
+    if verbose:
+        print(_format_record(record), file=sys.stdout)
+    if evaluated and callback is not None:
+        callback(record)
+    if verbose and run.history.stopped_early:
+        print(
+            f"validation loss rose at epoch {record.epoch}; "
+            f"using the network from epoch {run.history.best_epoch}"
+        )
+
+
+def _check_fit_options(**options: Any) -> None:
+    for name in ("shuffle", "early_stopping", "verbose"):
+        if not isinstance(options[name], (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {options[name]!r}")
+    for name in ("callback", "progress"):
+        if options[name] is not None and not callable(options[name]):
+            raise TypeError(f"{name} must be callable or None, got {options[name]!r}")
+
+
 def fit(
     net: Network,
     optimizer: Any,
@@ -1866,19 +1958,36 @@ def fit(
     verbose: bool = False,
     callback: Callable[[EpochRecord], Any] | None = None,
     progress: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: str | os.PathLike | None = None,
 ) -> tuple[Network, History]:
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
-    Each epoch shuffles with a key derived from ``seed`` and folds
-    ``train_step`` over batches of ``batch_size``.  With ``validation``,
-    the network is evaluated every ``eval_every`` epochs and after the last
-    one; with ``early_stopping``, training stops once the validation loss has
-    not improved for ``patience`` evaluations and the best evaluated network
-    is returned.  ``metric`` (default: accuracy for classification losses)
-    goes in the history; ``verbose`` prints a line per evaluation and
-    ``callback(record)`` receives each; ``progress`` is a tqdm-like factory
-    called as ``progress(total=n_batches, desc=...)``.  The input network is
-    never modified.
+    x: (N, *net.input_shape) float array of the network's dtype (ints are
+    rejected with a TypeError, never cast: convert with
+    ``x.astype(np.float32)``); y: (N, ...) targets for the loss (float, or
+    integer labels in [0, K) for SoftmaxCrossEntropy).  Each epoch shuffles
+    with a key derived from ``seed`` and folds ``train_step`` over batches of
+    ``batch_size``.  With ``validation``, the network is evaluated every
+    ``eval_every`` epochs and after the last one; with ``early_stopping``,
+    training stops once the validation loss has not improved for
+    ``patience`` evaluations and the best evaluated network is returned.
+    ``metric`` (default: accuracy for classification losses) goes in the
+    history; ``verbose`` prints a line per epoch and ``callback(record)``
+    receives each evaluated one; ``progress`` is a tqdm-like factory called
+    as ``progress(total=n_batches, desc=...)``.  The input network is never
+    modified.
+
+    ``checkpoint=path`` saves (see ``save``) the network, optimizer state,
+    epoch, step count, history and early-stopping state every
+    ``checkpoint_every`` epochs, after the last and at an early stop.
+    ``resume=path`` continues from such a file: ``epochs`` is the total, so
+    2 epochs then a resume with ``epochs=4`` gives bit-identical weights to 4
+    straight (same data, ``seed``, ``shuffle``, ``batch_size`` and optimizer,
+    which are checked where possible; ``net`` must have the saved
+    architecture).  A NaN/inf loss or gradient raises NonFiniteError with
+    ``.network`` (the last finite one), ``.history``, ``.epoch``, ``.step``.
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
@@ -1886,7 +1995,16 @@ def fit(
     batch_size = _check_int("batch_size", batch_size)
     eval_every = _check_int("eval_every", eval_every)
     patience = _check_int("patience", patience)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
     key = _as_key("seed", seed)
+    _check_fit_options(
+        shuffle=shuffle,
+        early_stopping=early_stopping,
+        verbose=verbose,
+        callback=callback,
+        progress=progress,
+    )
+    checkpoint = None if checkpoint is None else _check_path("checkpoint", checkpoint)
     _check_dataset(net, x, y, "training")
     if validation is not None:
         if not isinstance(validation, tuple) or len(validation) != 2:
@@ -1896,50 +2014,25 @@ def fit(
     if metric is not None and not callable(metric):
         raise TypeError(f"metric must be callable(pred, target) or None, got {metric!r}")
     shuffle_key, step_key = split(key, 2)
-    state = TrainState.create(net, optimizer, step_key)
-    history, best, best_loss, bad = History(), net, math.inf, 0
-    n_batches = -(-len(x) // batch_size)
-    for epoch in range(1, epochs + 1):
+    setup = {"seed": list(key), "shuffle": bool(shuffle), "batch_size": batch_size, "n": len(x)}
+    if resume is None:
+        run = _FitRun(TrainState.create(net, optimizer, step_key), 0, History(), net)
+    else:
+        run = _resume_fit(resume, net, optimizer, step_key, setup)
+    while run.epoch < epochs and not run.history.stopped_early:
+        epoch = run.epoch + 1
         order_key = shuffle_key + (epoch,) if shuffle else None
-        epoch_batches = _with_progress(
-            batches(x, y, batch_size, key=order_key), progress, n_batches, f"epoch {epoch}"
-        )
-        try:
-            state = train_epoch(state, epoch_batches)
-        except NonFiniteError as err:
-            raise NonFiniteError(
-                f"{err} (epoch {epoch}); the last finite network is on this exception's .network",
-                network=err.network,
-                history=history,
-                epoch=epoch,
-                step=err.step,
-            ) from None
-        record = EpochRecord(epoch, state.mean_loss)
-        evaluate = validation is not None and (epoch % eval_every == 0 or epoch == epochs)
-        if evaluate:
-            record = EpochRecord(
-                epoch, state.mean_loss, *_evaluate(state.net, *validation, metric, batch_size)
-            )
-        history = attrs.evolve(history, records=history.records + (record,))
-        if evaluate:
-            if verbose:
-                print(_format_record(record), file=sys.stdout)
-            if callback is not None:
-                callback(record)
-            if record.val_loss < best_loss:
-                best, best_loss, bad = state.net, record.val_loss, 0
-                history = attrs.evolve(history, best_epoch=epoch)
-            else:
-                bad += 1
-                if early_stopping and bad >= patience:
-                    if verbose:
-                        print(
-                            f"validation loss rose at epoch {epoch}; using the network from epoch {history.best_epoch}"
-                        )
-                    return best, attrs.evolve(history, stopped_early=True)
-        elif verbose:
-            print(_format_record(record))
-    return (best if validation is not None and early_stopping else state.net), history
+        state = _fit_epoch(run, epoch, (x, y), batch_size, order_key, progress)
+        evaluated = validation is not None and (epoch % eval_every == 0 or epoch == epochs)
+        scores = _evaluate(state.net, *validation, metric, batch_size) if evaluated else ()
+        record = EpochRecord(epoch, state.mean_loss, *scores)
+        run = _fit_update(run, state, record, evaluated, patience, early_stopping)
+        _report(record, run, evaluated, verbose, callback)
+        last = epoch == epochs or run.history.stopped_early
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
+            _save_fit(checkpoint, run, setup, with_best=validation is not None)
+    keep_best = validation is not None and early_stopping
+    return (run.best if keep_best else run.state.net), run.history
 
 
 # ------------------------------------------------------------------- metrics
@@ -2504,3 +2597,69 @@ def load(path: str | os.PathLike) -> Checkpoint:
     except Exception as err:  # anything a damaged file can trigger becomes a ValueError
         why = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         raise ValueError(f"cannot load checkpoint {path!r}: {why}") from None
+
+
+_FIT_META = "dlfs.fit"  # the meta key under which fit keeps its bookkeeping
+
+
+def _save_fit(path: str, run: _FitRun, setup: dict[str, Any], *, with_best: bool) -> None:
+    """fit's checkpoint: network, optimizer state, best network, and in ``meta``
+    the setup, epoch, global step, history and early-stopping counters."""
+    h = run.history
+    record = {
+        **setup,
+        "epoch": run.epoch,
+        "step": run.state.step,
+        "records": [[r.epoch, r.train_loss, r.val_loss, r.val_metric] for r in h.records],
+        "best_epoch": h.best_epoch,
+        "stopped_early": h.stopped_early,
+        "best_loss": run.best_loss,
+        "bad": run.bad,
+    }
+    nets = {"net": run.state.net}
+    if with_best and run.best is not run.state.net:
+        nets["best"] = run.best
+    _save(path, nets, run.state.opt_state, {_FIT_META: record})
+
+
+def _same_architecture(a: Network, b: Network) -> bool:
+    def sig(net: Network) -> list[Any]:
+        return [
+            net.input_shape,
+            type(net.loss),
+            *((type(la), [(p.shape, p.dtype) for p in la.params()]) for la in net.layers),
+        ]
+
+    return sig(a) == sig(b)
+
+
+def _resume_fit(
+    path: Any, net: Network, optimizer: Any, step_key: Key, setup: dict[str, Any]
+) -> _FitRun:
+    """The _FitRun stored by ``_save_fit``, checked against this fit call."""
+    ckpt = load(_check_path("resume", path))
+    saved = ckpt.meta.get(_FIT_META)
+    if not isinstance(saved, dict):
+        raise ValueError(f"resume: {path!r} was not written by fit(checkpoint=...)")
+    for name, value in setup.items():
+        if saved.get(name) != value:
+            raise ValueError(
+                f"resume: the checkpoint was trained with {name}={saved.get(name)!r}, this "
+                f"call has {name}={value!r}; a resumed run must use the same value"
+            )
+    if not _same_architecture(ckpt.net, net):
+        raise ValueError(
+            f"resume: the checkpoint holds {ckpt.net!r}, which is not shaped like net {net!r}"
+        )
+    opt_state = ckpt.opt_state_for(optimizer)
+    try:
+        history = History(
+            tuple(EpochRecord(*r) for r in saved["records"]),
+            saved["best_epoch"],
+            saved["stopped_early"],
+        )
+        state = TrainState(ckpt.net, optimizer, opt_state, step_key, saved["step"])
+        best = ckpt.net if ckpt.best is None else ckpt.best
+        return _FitRun(state, saved["epoch"], history, best, saved["best_loss"], saved["bad"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None
