@@ -1145,12 +1145,17 @@ class Network:
 
     def predict(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
         """Evaluation-mode outputs, computed ``batch_size`` rows at a time
-        (``None``: all at once).  x: (N, *input_shape) -> (N, *output_shape)."""
+        (``None``: all at once).  x: (N, *input_shape) -> (N, *output_shape).
+
+        x must be a finite float array of the network's dtype: integer input
+        (e.g. uint8 images) is rejected with a TypeError, never cast silently;
+        convert it yourself, e.g. ``(x / 255).astype(np.float32)``."""
         self._check_x(x)
         _check_finite("x", x)
+        if batch_size is not None:
+            batch_size = _check_int("batch_size", batch_size)
         if batch_size is None or len(x) <= batch_size:
             return self._forward(x, EVAL)[0]
-        batch_size = _check_int("batch_size", batch_size)
         out = np.empty((len(x), *self.output_shape), dtype=self._forward(x[:1], EVAL)[0].dtype)
         for start in range(0, len(x), batch_size):
             out[start : start + batch_size] = self._forward(x[start : start + batch_size], EVAL)[0]
@@ -1224,19 +1229,28 @@ def _tree_map(f: Callable[..., np.ndarray], *trees: NetParams) -> NetParams:
     return tuple(tuple(f(*leaves) for leaves in zip(*layer)) for layer in zip(*trees))
 
 
-def _check_grads_like(grads: Any, params: NetParams) -> None:
+def _check_grads_like(grads: Any, params: NetParams, name: str = "grads") -> None:
     """``grads`` must mirror ``params``: same nesting, shapes and dtypes."""
     if not isinstance(grads, tuple) or len(grads) != len(params):
-        raise ValueError(f"grads must be a tuple of {len(params)} per-layer tuples")
+        raise ValueError(f"{name} must be a tuple of {len(params)} per-layer tuples")
     for i, (gs, ps) in enumerate(zip(grads, params)):
-        if len(gs) != len(ps):
-            raise ValueError(f"grads[{i}] must have {len(ps)} arrays, got {len(gs)}")
+        if not isinstance(gs, tuple) or len(gs) != len(ps):
+            raise ValueError(f"{name}[{i}] must be a tuple of {len(ps)} arrays, got {gs!r:.80}")
         for j, (g, p) in enumerate(zip(gs, ps)):
             if not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype != p.dtype:
                 raise ValueError(
-                    f"grads[{i}][{j}] must be an array of shape {p.shape} and dtype {p.dtype}, "
+                    f"{name}[{i}][{j}] must be an array of shape {p.shape} and dtype {p.dtype}, "
                     f"got {getattr(g, 'shape', type(g).__name__)} {getattr(g, 'dtype', '')}"
                 )
+
+
+def _check_params(params: Any) -> None:
+    """Parameters as ``Network.params()`` gives them: tuples of float arrays."""
+    if not isinstance(params, tuple) or not all(isinstance(layer, tuple) for layer in params):
+        raise TypeError(f"params must be a tuple of per-layer tuples, got {params!r:.80}")
+    for i, layer in enumerate(params):
+        for j, p in enumerate(layer):
+            _check_float(f"params[{i}][{j}]", p)
 
 
 def _check_schedule(name: str, value: Any) -> Any:
@@ -1357,14 +1371,27 @@ def _wd_field(default: float = 0.0) -> Any:
     )
 
 
-def _start(
-    opt: Any, grads: NetParams, state: OptState, params: NetParams
-) -> tuple[float, NetParams]:
-    """Validate an update's inputs; return the step's lr and decayed grads."""
+def _check_state(opt: Any, state: Any, params: NetParams, n_slots: int) -> None:
+    """``state`` must be an OptState with ``n_slots`` moment trees shaped like ``params``."""
     if not isinstance(state, OptState):
         raise TypeError(
             f"state must be the OptState from {type(opt).__name__}.init, got {type(state).__name__}"
         )
+    if not isinstance(state.slots, tuple) or len(state.slots) != n_slots:
+        raise ValueError(
+            f"state must be the OptState from {type(opt).__name__}.init ({n_slots} moment "
+            f"slots), got {len(state.slots) if isinstance(state.slots, tuple) else state.slots!r}"
+        )
+    for s, slot in enumerate(state.slots):
+        _check_grads_like(slot, params, f"state.slots[{s}]")
+
+
+def _start(
+    opt: Any, grads: NetParams, state: OptState, params: NetParams, n_slots: int = 0
+) -> tuple[float, NetParams]:
+    """Validate an update's inputs; return the step's lr and decayed grads."""
+    _check_params(params)
+    _check_state(opt, state, params, n_slots)
     _check_grads_like(grads, params)
     return _lr_at(opt.lr, state.count), _decay(grads, params, opt.weight_decay)
 
@@ -1414,7 +1441,7 @@ class Momentum:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 1)
         mu = self.momentum
         b = _tree_map(lambda b, g: b * mu + g, state.slots[0], grads)
         step = _tree_map(lambda g, b: g + b * mu, grads, b) if self.nesterov else b
@@ -1445,7 +1472,7 @@ class AdaGrad:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 1)
         s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
         new = _finish(
             _tree_map(lambda p, g, s: p - g * lr / (np.sqrt(s) + self.eps), params, grads, s)
@@ -1475,7 +1502,7 @@ class RMSProp:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 1)
         a = self.alpha
         v = _tree_map(lambda v, g: v * a + g * g * (1 - a), state.slots[0], grads)
         new = _finish(
@@ -1530,7 +1557,7 @@ class Adam:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 2)
         return _adam_step(self, lr, grads, state, params)
 
 
@@ -1555,10 +1582,8 @@ class AdamW:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        if not isinstance(state, OptState):
-            raise TypeError(
-                f"state must be the OptState from AdamW.init, got {type(state).__name__}"
-            )
+        _check_params(params)
+        _check_state(self, state, params, 2)
         _check_grads_like(grads, params)
         lr = _lr_at(self.lr, state.count)
         shrink = 1 - lr * self.weight_decay
@@ -2063,6 +2088,8 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     """
     _check_pred("pred", pred)
     _check_ndarray("target", target)
+    if target.dtype.kind not in "biuf":
+        raise TypeError(f"target must be a real numeric array, got dtype {target.dtype}")
     if pred.ndim == 2 and pred.shape[1] > 1:
         labels = target if target.ndim == 1 else target.argmax(axis=1)
         if np.issubdtype(labels.dtype, np.integer):
