@@ -2011,7 +2011,9 @@ def fit(
     2 epochs then a resume with ``epochs=4`` gives bit-identical weights to 4
     straight (same data, ``seed``, ``shuffle``, ``batch_size`` and optimizer,
     which are checked where possible; ``net`` must have the saved
-    architecture).  A NaN/inf loss or gradient raises NonFiniteError with
+    architecture; with validation, the extra evaluation at the last epoch
+    of the first call may change early stopping unless ``eval_every``
+    divides that epoch).  A NaN/inf loss or gradient raises NonFiniteError with
     ``.network`` (the last finite one), ``.history``, ``.epoch``, ``.step``.
     """
     if not isinstance(net, Network):
@@ -2029,7 +2031,11 @@ def fit(
         callback=callback,
         progress=progress,
     )
-    checkpoint = None if checkpoint is None else _check_path("checkpoint", checkpoint)
+    if checkpoint is not None:
+        checkpoint = _check_path("checkpoint", checkpoint)
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(folder):  # fail now, not after the first epoch
+            raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
     _check_dataset(net, x, y, "training")
     if validation is not None:
         if not isinstance(validation, tuple) or len(validation) != 2:

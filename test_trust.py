@@ -617,3 +617,27 @@ def test_public_api_fuzz(data):
         except dlfs.NonFiniteError:  # huge learning rates / NaN data in a raw step
             assert target in ("fit_lr", "train_step")
     assert [_trust_snapshot(x) for x in args] == before
+
+
+def test_fit_rejects_unusable_inputs_up_front(tmp_path):
+    net = _trust_net(0, 3, [4], [4], np.float32, "sce", [0])
+    x = np.ones((6, 3), np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    with pytest.raises(TypeError, match="astype"):  # never cast silently
+        dlfs.fit(net, dlfs.SGD(), x.astype(np.int64), y, epochs=1)
+    with pytest.raises(TypeError, match="astype"):
+        net.predict(x.astype(np.float64))
+    with pytest.raises(ValueError, match="same length"):
+        dlfs.fit(net, dlfs.SGD(), x, y[:5], epochs=1)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        dlfs.fit(net, dlfs.SGD(), x, y + 1, epochs=1)
+    with pytest.raises(ValueError, match="empty"):
+        dlfs.fit(net, dlfs.SGD(), x[:0], y[:0], epochs=1)
+    with pytest.raises(FileNotFoundError, match="folder"):
+        dlfs.fit(net, dlfs.SGD(), x, y, epochs=1, checkpoint=tmp_path / "no" / "c.npz")
+    with pytest.raises(TypeError, match="callback"):
+        dlfs.fit(net, dlfs.SGD(), x, y, epochs=1, callback=3)
+    with pytest.raises(ValueError, match="layer 1"):
+        dlfs.Network([dlfs.Dense.init(0, 3, 4), dlfs.Dense.init(0, 5, 2)], net.loss, (3,))
+    with pytest.raises(ValueError, match="moment slots"):
+        dlfs.Adam().update(net.params(), dlfs.SGD().init(net.params()), net.params())
