@@ -14,9 +14,14 @@ PyTorch's documented numbers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import math
+import os
 import sys
+import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -34,6 +39,7 @@ __all__ = [
     "BatchNorm",
     "BinaryCrossEntropy",
     "Chain",
+    "Checkpoint",
     "ClipByGlobalNorm",
     "Constant",
     "Context",
@@ -83,6 +89,7 @@ __all__ = [
     "glorot_uniform",
     "he_normal",
     "he_uniform",
+    "load",
     "mae",
     "make_rng",
     "network",
@@ -90,6 +97,7 @@ __all__ = [
     "one_hot",
     "permute",
     "rmse",
+    "save",
     "split",
     "to_2d",
     "train_context",
@@ -1147,7 +1155,11 @@ class Network:
 
     def predict(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
         """Evaluation-mode outputs, computed ``batch_size`` rows at a time
-        (``None``: all at once).  x: (N, *input_shape) -> (N, *output_shape)."""
+        (``None``: all at once).  x: (N, *input_shape) -> (N, *output_shape).
+
+        x must be a finite float array of the network's dtype: integer input
+        (e.g. uint8 images) is rejected with a TypeError, never cast silently;
+        convert it yourself, e.g. ``(x / 255).astype(np.float32)``."""
         self._check_x(x)
         _check_finite("x", x)
         if batch_size is not None:
@@ -1227,19 +1239,28 @@ def _tree_map(f: Callable[..., np.ndarray], *trees: NetParams) -> NetParams:
     return tuple(tuple(f(*leaves) for leaves in zip(*layer)) for layer in zip(*trees))
 
 
-def _check_grads_like(grads: Any, params: NetParams) -> None:
+def _check_grads_like(grads: Any, params: NetParams, name: str = "grads") -> None:
     """``grads`` must mirror ``params``: same nesting, shapes and dtypes."""
     if not isinstance(grads, tuple) or len(grads) != len(params):
-        raise ValueError(f"grads must be a tuple of {len(params)} per-layer tuples")
+        raise ValueError(f"{name} must be a tuple of {len(params)} per-layer tuples")
     for i, (gs, ps) in enumerate(zip(grads, params)):
-        if len(gs) != len(ps):
-            raise ValueError(f"grads[{i}] must have {len(ps)} arrays, got {len(gs)}")
+        if not isinstance(gs, tuple) or len(gs) != len(ps):
+            raise ValueError(f"{name}[{i}] must be a tuple of {len(ps)} arrays, got {gs!r:.80}")
         for j, (g, p) in enumerate(zip(gs, ps)):
             if not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype != p.dtype:
                 raise ValueError(
-                    f"grads[{i}][{j}] must be an array of shape {p.shape} and dtype {p.dtype}, "
+                    f"{name}[{i}][{j}] must be an array of shape {p.shape} and dtype {p.dtype}, "
                     f"got {getattr(g, 'shape', type(g).__name__)} {getattr(g, 'dtype', '')}"
                 )
+
+
+def _check_params(params: Any) -> None:
+    """Parameters as ``Network.params()`` gives them: tuples of float arrays."""
+    if not isinstance(params, tuple) or not all(isinstance(layer, tuple) for layer in params):
+        raise TypeError(f"params must be a tuple of per-layer tuples, got {params!r:.80}")
+    for i, layer in enumerate(params):
+        for j, p in enumerate(layer):
+            _check_float(f"params[{i}][{j}]", p)
 
 
 def _check_schedule(name: str, value: Any) -> Any:
@@ -1360,14 +1381,27 @@ def _wd_field(default: float = 0.0) -> Any:
     )
 
 
-def _start(
-    opt: Any, grads: NetParams, state: OptState, params: NetParams
-) -> tuple[float, NetParams]:
-    """Validate an update's inputs; return the step's lr and decayed grads."""
+def _check_state(opt: Any, state: Any, params: NetParams, n_slots: int) -> None:
+    """``state`` must be an OptState with ``n_slots`` moment trees shaped like ``params``."""
     if not isinstance(state, OptState):
         raise TypeError(
             f"state must be the OptState from {type(opt).__name__}.init, got {type(state).__name__}"
         )
+    if not isinstance(state.slots, tuple) or len(state.slots) != n_slots:
+        raise ValueError(
+            f"state must be the OptState from {type(opt).__name__}.init ({n_slots} moment "
+            f"slots), got {len(state.slots) if isinstance(state.slots, tuple) else state.slots!r}"
+        )
+    for s, slot in enumerate(state.slots):
+        _check_grads_like(slot, params, f"state.slots[{s}]")
+
+
+def _start(
+    opt: Any, grads: NetParams, state: OptState, params: NetParams, n_slots: int = 0
+) -> tuple[float, NetParams]:
+    """Validate an update's inputs; return the step's lr and decayed grads."""
+    _check_params(params)
+    _check_state(opt, state, params, n_slots)
     _check_grads_like(grads, params)
     return _lr_at(opt.lr, state.count), _decay(grads, params, opt.weight_decay)
 
@@ -1417,7 +1451,7 @@ class Momentum:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 1)
         mu = self.momentum
         b = _tree_map(lambda b, g: b * mu + g, state.slots[0], grads)
         step = _tree_map(lambda g, b: g + b * mu, grads, b) if self.nesterov else b
@@ -1448,7 +1482,7 @@ class AdaGrad:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 1)
         s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
         new = _finish(
             _tree_map(lambda p, g, s: p - g * lr / (np.sqrt(s) + self.eps), params, grads, s)
@@ -1478,7 +1512,7 @@ class RMSProp:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 1)
         a = self.alpha
         v = _tree_map(lambda v, g: v * a + g * g * (1 - a), state.slots[0], grads)
         new = _finish(
@@ -1533,7 +1567,7 @@ class Adam:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
+        lr, grads = _start(self, grads, state, params, 2)
         return _adam_step(self, lr, grads, state, params)
 
 
@@ -1558,10 +1592,8 @@ class AdamW:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        if not isinstance(state, OptState):
-            raise TypeError(
-                f"state must be the OptState from AdamW.init, got {type(state).__name__}"
-            )
+        _check_params(params)
+        _check_state(self, state, params, 2)
         _check_grads_like(grads, params)
         lr = _lr_at(self.lr, state.count)
         shrink = 1 - lr * self.weight_decay
@@ -1730,8 +1762,13 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     """One pure SGD step: forward, loss, backward, optimizer update.
 
     ``batch = (x, y)``; raises NonFiniteError (keeping ``state.net``) if the
-    loss or a gradient is NaN/inf.  Fold it over batches with functools.reduce.
+    loss, a gradient or an updated parameter is NaN/inf (NaN in the batch
+    shows up this way too).  Fold it over batches with functools.reduce.
     """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
     x, y = batch
     net = state.net
     net._check_x(x)
@@ -1746,6 +1783,10 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
             f"{what} became NaN/inf at step {state.step}", network=net, step=state.step
         )
     params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    if not _all_finite(params):  # e.g. an overflowing step: keep the last finite network
+        raise NonFiniteError(
+            f"the parameters became NaN/inf at step {state.step}", network=net, step=state.step
+        )
     return TrainState(
         new_net.with_params(params),
         state.optimizer,
@@ -1851,6 +1892,89 @@ def _format_record(r: EpochRecord) -> str:
     return text
 
 
+@attrs.frozen(eq=False)
+class _FitRun:
+    """fit's carry from epoch to epoch: the train state, the last finished epoch,
+    the history, and the early-stopping bookkeeping (best network, its
+    validation loss, evaluations since it improved)."""
+
+    state: TrainState
+    epoch: int
+    history: History
+    best: Network
+    best_loss: float = math.inf
+    bad: int = 0
+
+
+def _fit_epoch(
+    run: _FitRun,
+    epoch: int,
+    data: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+    order_key: Key | None,
+    progress: Any,
+) -> TrainState:
+    """One ``train_epoch``; a NonFiniteError gains the epoch and the history so far."""
+    n_batches = -(-len(data[0]) // batch_size)
+    epoch_batches = _with_progress(
+        batches(*data, batch_size, key=order_key), progress, n_batches, f"epoch {epoch}"
+    )
+    try:
+        return train_epoch(run.state, epoch_batches)
+    except NonFiniteError as err:
+        raise NonFiniteError(
+            f"{err} (epoch {epoch}); the last finite network is on this exception's .network",
+            network=err.network,
+            history=run.history,
+            epoch=epoch,
+            step=err.step,
+        ) from None
+
+
+def _fit_update(
+    run: _FitRun,
+    state: TrainState,
+    record: EpochRecord,
+    evaluated: bool,
+    patience: int,
+    early_stopping: bool,
+) -> _FitRun:
+    """Append ``record``; after an evaluation keep the best network, count the
+    evaluations without improvement and flag an early stop."""
+    history = attrs.evolve(run.history, records=run.history.records + (record,))
+    run = attrs.evolve(run, state=state, epoch=record.epoch, history=history)
+    if not evaluated:
+        return run
+    if record.val_loss < run.best_loss:
+        history = attrs.evolve(history, best_epoch=record.epoch)
+        return attrs.evolve(run, history=history, best=state.net, best_loss=record.val_loss, bad=0)
+    stop = early_stopping and run.bad + 1 >= patience
+    return attrs.evolve(run, history=attrs.evolve(history, stopped_early=stop), bad=run.bad + 1)
+
+
+def _report(
+    record: EpochRecord, run: _FitRun, evaluated: bool, verbose: bool, callback: Any
+) -> None:
+    if verbose:
+        print(_format_record(record), file=sys.stdout)
+    if evaluated and callback is not None:
+        callback(record)
+    if verbose and run.history.stopped_early:
+        print(
+            f"validation loss rose at epoch {record.epoch}; "
+            f"using the network from epoch {run.history.best_epoch}"
+        )
+
+
+def _check_fit_options(**options: Any) -> None:
+    for name in ("shuffle", "early_stopping", "verbose"):
+        if not isinstance(options[name], (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {options[name]!r}")
+    for name in ("callback", "progress"):
+        if options[name] is not None and not callable(options[name]):
+            raise TypeError(f"{name} must be callable or None, got {options[name]!r}")
+
+
 def fit(
     net: Network,
     optimizer: Any,
@@ -1869,19 +1993,38 @@ def fit(
     verbose: bool = False,
     callback: Callable[[EpochRecord], Any] | None = None,
     progress: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: str | os.PathLike | None = None,
 ) -> tuple[Network, History]:
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
-    Each epoch shuffles with a key derived from ``seed`` and folds
-    ``train_step`` over batches of ``batch_size``.  With ``validation``,
-    the network is evaluated every ``eval_every`` epochs and after the last
-    one; with ``early_stopping``, training stops once the validation loss has
-    not improved for ``patience`` evaluations and the best evaluated network
-    is returned.  ``metric`` (default: accuracy for classification losses)
-    goes in the history; ``verbose`` prints a line per evaluation and
-    ``callback(record)`` receives each; ``progress`` is a tqdm-like factory
-    called as ``progress(total=n_batches, desc=...)``.  The input network is
-    never modified.
+    x: (N, *net.input_shape) float array of the network's dtype (ints are
+    rejected with a TypeError, never cast: convert with
+    ``x.astype(np.float32)``); y: (N, ...) targets for the loss (float, or
+    integer labels in [0, K) for SoftmaxCrossEntropy).  Each epoch shuffles
+    with a key derived from ``seed`` and folds ``train_step`` over batches of
+    ``batch_size``.  With ``validation``, the network is evaluated every
+    ``eval_every`` epochs and after the last one; with ``early_stopping``,
+    training stops once the validation loss has not improved for
+    ``patience`` evaluations and the best evaluated network is returned.
+    ``metric`` (default: accuracy for classification losses) goes in the
+    history; ``verbose`` prints a line per epoch and ``callback(record)``
+    receives each evaluated one; ``progress`` is a tqdm-like factory called
+    as ``progress(total=n_batches, desc=...)``.  The input network is never
+    modified.
+
+    ``checkpoint=path`` saves (see ``save``) the network, optimizer state,
+    epoch, step count, history and early-stopping state every
+    ``checkpoint_every`` epochs, after the last and at an early stop.
+    ``resume=path`` continues from such a file: ``epochs`` is the total, so
+    2 epochs then a resume with ``epochs=4`` gives bit-identical weights to 4
+    straight (same data, ``seed``, ``shuffle``, ``batch_size`` and optimizer,
+    which are checked where possible; ``net`` must have the saved
+    architecture; with validation, the extra evaluation at the last epoch
+    of the first call may change early stopping unless ``eval_every``
+    divides that epoch).  A NaN/inf loss or gradient raises NonFiniteError with
+    ``.network`` (the last finite one), ``.history``, ``.epoch``, ``.step``.
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
@@ -1889,7 +2032,20 @@ def fit(
     batch_size = _check_int("batch_size", batch_size)
     eval_every = _check_int("eval_every", eval_every)
     patience = _check_int("patience", patience)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
     key = _as_key("seed", seed)
+    _check_fit_options(
+        shuffle=shuffle,
+        early_stopping=early_stopping,
+        verbose=verbose,
+        callback=callback,
+        progress=progress,
+    )
+    if checkpoint is not None:
+        checkpoint = _check_path("checkpoint", checkpoint)
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(folder):  # fail now, not after the first epoch
+            raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
     _check_dataset(net, x, y, "training")
     if validation is not None:
         if not isinstance(validation, tuple) or len(validation) != 2:
@@ -1899,50 +2055,25 @@ def fit(
     if metric is not None and not callable(metric):
         raise TypeError(f"metric must be callable(pred, target) or None, got {metric!r}")
     shuffle_key, step_key = split(key, 2)
-    state = TrainState.create(net, optimizer, step_key)
-    history, best, best_loss, bad = History(), net, math.inf, 0
-    n_batches = -(-len(x) // batch_size)
-    for epoch in range(1, epochs + 1):
+    setup = {"seed": list(key), "shuffle": bool(shuffle), "batch_size": batch_size, "n": len(x)}
+    if resume is None:
+        run = _FitRun(TrainState.create(net, optimizer, step_key), 0, History(), net)
+    else:
+        run = _resume_fit(resume, net, optimizer, step_key, setup)
+    while run.epoch < epochs and not run.history.stopped_early:
+        epoch = run.epoch + 1
         order_key = shuffle_key + (epoch,) if shuffle else None
-        epoch_batches = _with_progress(
-            batches(x, y, batch_size, key=order_key), progress, n_batches, f"epoch {epoch}"
-        )
-        try:
-            state = train_epoch(state, epoch_batches)
-        except NonFiniteError as err:
-            raise NonFiniteError(
-                f"{err} (epoch {epoch}); the last finite network is on this exception's .network",
-                network=err.network,
-                history=history,
-                epoch=epoch,
-                step=err.step,
-            ) from None
-        record = EpochRecord(epoch, state.mean_loss)
-        evaluate = validation is not None and (epoch % eval_every == 0 or epoch == epochs)
-        if evaluate:
-            record = EpochRecord(
-                epoch, state.mean_loss, *_evaluate(state.net, *validation, metric, batch_size)
-            )
-        history = attrs.evolve(history, records=history.records + (record,))
-        if evaluate:
-            if verbose:
-                print(_format_record(record), file=sys.stdout)
-            if callback is not None:
-                callback(record)
-            if record.val_loss < best_loss:
-                best, best_loss, bad = state.net, record.val_loss, 0
-                history = attrs.evolve(history, best_epoch=epoch)
-            else:
-                bad += 1
-                if early_stopping and bad >= patience:
-                    if verbose:
-                        print(
-                            f"validation loss rose at epoch {epoch}; using the network from epoch {history.best_epoch}"
-                        )
-                    return best, attrs.evolve(history, stopped_early=True)
-        elif verbose:
-            print(_format_record(record))
-    return (best if validation is not None and early_stopping else state.net), history
+        state = _fit_epoch(run, epoch, (x, y), batch_size, order_key, progress)
+        evaluated = validation is not None and (epoch % eval_every == 0 or epoch == epochs)
+        scores = _evaluate(state.net, *validation, metric, batch_size) if evaluated else ()
+        record = EpochRecord(epoch, state.mean_loss, *scores)
+        run = _fit_update(run, state, record, evaluated, patience, early_stopping)
+        _report(record, run, evaluated, verbose, callback)
+        last = epoch == epochs or run.history.stopped_early
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
+            _save_fit(checkpoint, run, setup, with_best=validation is not None)
+    keep_best = validation is not None and early_stopping
+    return (run.best if keep_best else run.state.net), run.history
 
 
 # ------------------------------------------------------------------- metrics
@@ -1973,6 +2104,8 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     """
     _check_pred("pred", pred)
     _check_ndarray("target", target)
+    if target.dtype.kind not in "biuf":
+        raise TypeError(f"target must be a real numeric array, got dtype {target.dtype}")
     if pred.ndim == 2 and pred.shape[1] > 1:
         labels = target if target.ndim == 1 else target.argmax(axis=1)
         if np.issubdtype(labels.dtype, np.integer):
@@ -2128,3 +2261,450 @@ def check_loss(loss: Any, pred: np.ndarray, target: np.ndarray, **kwargs: Any) -
         return np.asarray(value), lambda dy: (loss.backward(cache) * dy,)
 
     return check_grads(f, [pred], **kwargs)
+
+
+# ------------------------------------------------------------------ save/load
+
+# The classes ``load`` may rebuild.  Their attrs fields are saved generically
+# (array fields as arrays, plain fields as JSON), so supporting a new layer or
+# loss is one more entry here.
+_SAVABLE_LAYERS: tuple[type, ...] = (
+    Dense,
+    Linear,
+    Sigmoid,
+    Tanh,
+    ReLU,
+    LeakyReLU,
+    ELU,
+    GELU,
+    SiLU,
+    Softmax,
+    Dropout,
+    Flatten,
+    BatchNorm,
+)
+_SAVABLE_LOSSES: tuple[type, ...] = (MeanSquaredError, SoftmaxCrossEntropy, BinaryCrossEntropy)
+
+_FORMAT = "dlfs.checkpoint"
+_FORMAT_VERSION = 1
+_STRUCTURE = "__dlfs_structure__"  # the JSON description, stored as a uint8 array
+_NPY_HEADER_MAX = 1 << 16  # bytes an .npy member may hold beyond its array data
+
+
+@attrs.frozen(eq=False)
+class Checkpoint:
+    """What ``load`` returns.
+
+    ``net``: the saved Network (arrays bit-exact, read-only); ``opt_state``:
+    the saved OptState or None (use ``opt_state_for(optimizer)`` to check it
+    against an optimizer); ``meta``: the JSON-decoded ``meta`` given to
+    ``save`` (tuples come back as lists), ``{}`` if none; ``best``: the best
+    network so far of an early-stopping ``fit`` checkpoint, else None;
+    ``version``/``dlfs_version``: the file format and the dlfs that wrote it.
+    """
+
+    net: Network
+    opt_state: OptState | None
+    meta: dict[str, Any]
+    version: int
+    dlfs_version: str
+    best: Network | None = None
+
+    def opt_state_for(self, optimizer: Any) -> OptState:
+        """The saved optimizer state, checked against ``optimizer.init(net.params())``
+        (same number of moment slots, shapes and dtypes); ValueError if it differs."""
+        if not _is_optimizer(optimizer):
+            raise TypeError(f"optimizer must have init/update, got {optimizer!r}")
+        if self.opt_state is None:
+            raise ValueError("this checkpoint holds no optimizer state (save(..., opt_state=...))")
+        _check_opt_state_like(self.opt_state, optimizer.init(self.net.params()), optimizer)
+        return self.opt_state
+
+
+def _check_opt_state_like(state: OptState, template: OptState, optimizer: Any) -> None:
+    name = type(optimizer).__name__
+    if len(state.slots) != len(template.slots):
+        raise ValueError(
+            f"the saved optimizer state has {len(state.slots)} moment slots, "
+            f"{name} needs {len(template.slots)}: was it saved from another optimizer?"
+        )
+    for s, (tree, want) in enumerate(zip(state.slots, template.slots)):
+        got = [(a.shape, a.dtype) for layer in tree for a in layer]
+        need = [(a.shape, a.dtype) for layer in want for a in layer]
+        if [len(layer) for layer in tree] != [len(layer) for layer in want] or got != need:
+            raise ValueError(
+                f"the saved optimizer state's slot {s} does not match {name}'s for this "
+                f"network: shapes/dtypes {got} vs {need}"
+            )
+
+
+def _check_path(name: str, path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{name} must be a non-empty text path, got {path!r}")
+    return path
+
+
+def _json_value(where: str, value: Any) -> Any:
+    """A plain config value as JSON: None, bool, int, float, str, tuples of them as lists."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_value(where, v) for v in value]
+    raise TypeError(
+        f"cannot save {where} of type {type(value).__name__}: layers and losses may hold "
+        "arrays, numbers, strings, None and tuples of them"
+    )
+
+
+def _from_json_value(value: Any) -> Any:
+    return tuple(_from_json_value(v) for v in value) if isinstance(value, list) else value
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+
+
+def _add_array(arrays: dict[str, np.ndarray], name: str, a: Any) -> str:
+    if not isinstance(a, np.ndarray) or a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"cannot save {name}: only float32/float64 arrays are saved, got "
+            f"{getattr(a, 'dtype', type(a).__name__)}"
+        )
+    arrays[name] = a
+    return name
+
+
+def _record_structure(
+    kind: str, obj: Any, known: tuple[type, ...], prefix: str, arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """{"type", "config", "arrays"} of an attrs layer/loss; its arrays go into ``arrays``."""
+    cls = type(obj)
+    if cls not in known:
+        names = ", ".join(c.__name__ for c in known)
+        raise TypeError(f"cannot save {kind} {cls.__name__}: save knows dlfs's {kind}s {names}")
+    config, refs = {}, {}
+    for f in attrs.fields(cls):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        if isinstance(value, np.ndarray):
+            refs[f.name] = _add_array(arrays, f"{prefix}.{f.name}", value)
+        else:
+            config[f.name] = _json_value(f"{cls.__name__}.{f.name}", value)
+    return {"type": cls.__name__, "config": config, "arrays": refs}
+
+
+def _network_structure(net: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if not isinstance(net, Network):
+        raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    layers = [
+        _record_structure("layer", layer, _SAVABLE_LAYERS, f"{prefix}.layers.{i}", arrays)
+        for i, layer in enumerate(net.layers)
+    ]
+    loss = _record_structure("loss", net.loss, _SAVABLE_LOSSES, f"{prefix}.loss", arrays)
+    return {"input_shape": list(net.input_shape), "layers": layers, "loss": loss}
+
+
+def _opt_state_structure(state: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if not isinstance(state, OptState):
+        raise TypeError(
+            f"opt_state must be a dlfs.OptState (from optimizer.init/update), got {type(state).__name__}"
+        )
+    slots = [
+        [
+            [_add_array(arrays, f"opt.slots.{s}.{i}.{j}", a) for j, a in enumerate(layer)]
+            for i, layer in enumerate(tree)
+        ]
+        for s, tree in enumerate(state.slots)
+    ]
+    count = _check_int("opt_state.count", state.count, low=0)
+    return {"count": count, "lr": _check_number("opt_state.lr", state.lr), "slots": slots}
+
+
+def _structure_array(structure: dict[str, Any]) -> np.ndarray:
+    try:
+        text = json.dumps(structure, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"meta must be JSON-serializable (dicts, lists, numbers, str): {err}"
+        ) from None
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
+    """The one place that writes a checkpoint's bytes (tests make it fail)."""
+    np.savez(file, **arrays)
+
+
+def _file_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o644
+
+
+def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temporary file in the same folder, fsync, then ``os.replace``:
+    a crash leaves either the old file or the new one, never a mix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _save(
+    path: Any,
+    nets: dict[str, Network],
+    opt_state: Any,
+    meta: Any,
+) -> None:
+    path = _check_path("path", path)
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
+    arrays: dict[str, np.ndarray] = {}
+    structure: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "dlfs_version": __version__,
+        "networks": {k: _network_structure(v, k, arrays) for k, v in nets.items()},
+        "opt_state": None if opt_state is None else _opt_state_structure(opt_state, arrays),
+        "meta": {} if meta is None else meta,
+    }
+    structure["arrays"] = {
+        k: {"shape": list(a.shape), "dtype": a.dtype.name, "crc32": _crc(a)}
+        for k, a in arrays.items()
+    }
+    arrays[_STRUCTURE] = _structure_array(structure)
+    _atomic_write(path, arrays)
+
+
+def save(path: str | os.PathLike, net: Network, opt_state: Any = None, *, meta: Any = None) -> None:
+    """Save ``net`` (and an optimizer state, and a JSON-able ``meta`` dict) to one ``.npz`` file.
+
+    The file holds every array (``np.savez``, no pickle) plus a JSON
+    description (format version, dlfs version, layer types and their config,
+    the loss, input shape, array shapes, dtypes and CRC-32s).  It is written
+    to a temporary file in the same folder and moved into place with
+    ``os.replace``, so a crash mid-write leaves the previous file intact.
+    ``path`` is used as given (no suffix added).  Read it back with ``load``.
+    """
+    _save(path, {"net": net}, opt_state, meta)
+
+
+def _read_structure(npz: Any) -> dict[str, Any]:
+    if _STRUCTURE not in npz.files:
+        raise ValueError("not a dlfs checkpoint (no structure record)")
+    raw = npz[_STRUCTURE]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError("the structure record must be a 1-D uint8 array")
+    structure = json.loads(raw.tobytes().decode("utf-8"))
+    if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
+        raise ValueError("not a dlfs checkpoint (unknown format tag)")
+    version = structure.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"invalid format version {version!r}")
+    if version > _FORMAT_VERSION:
+        raise ValueError(
+            f"the file has format version {version}, written by dlfs "
+            f"{structure.get('dlfs_version')}; this dlfs {__version__} reads up to version "
+            f"{_FORMAT_VERSION}: upgrade dlfs"
+        )
+    return structure
+
+
+def _read_arrays(npz: Any, described: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every array the JSON describes, checked (names, size, shape, dtype, CRC) before use."""
+    stored = set(npz.files) - {_STRUCTURE}
+    if set(described) != stored:
+        missing, extra = sorted(set(described) - stored), sorted(stored - set(described))
+        raise ValueError(f"arrays do not match the description: missing {missing}, extra {extra}")
+    arrays = {}
+    for name, entry in described.items():
+        if entry["dtype"] not in ("float32", "float64"):
+            raise ValueError(f"array {name} has dtype {entry['dtype']!r}, expected float32/float64")
+        dtype = np.dtype(entry["dtype"])
+        shape = tuple(_check_int(f"{name} shape", d, low=0) for d in entry["shape"])
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = npz.zip.getinfo(f"{name}.npy").file_size
+        if not nbytes <= size <= nbytes + _NPY_HEADER_MAX:
+            raise ValueError(f"array {name} holds {size} bytes, expected {nbytes} plus a header")
+        a = npz[name]
+        if a.dtype != dtype or a.shape != shape:
+            raise ValueError(f"array {name} is {a.dtype} {a.shape}, described as {dtype} {shape}")
+        if _crc(a) != entry["crc32"]:
+            raise ValueError(f"array {name} fails its CRC-32 check (corrupt file)")
+        a.setflags(write=False)
+        arrays[name] = a
+    return arrays
+
+
+def _rebuild_record(
+    kind: str, entry: dict[str, Any], known: tuple[type, ...], arrays: dict[str, np.ndarray]
+) -> Any:
+    by_name = {c.__name__: c for c in known}
+    cls = by_name.get(entry["type"])
+    if cls is None:
+        raise ValueError(
+            f"unknown {kind} type {entry['type']!r}; this dlfs knows {sorted(by_name)}"
+        )
+    kwargs = {k: _from_json_value(v) for k, v in entry["config"].items()}
+    kwargs.update({k: arrays[name] for k, name in entry["arrays"].items()})
+    fields = {f.name for f in attrs.fields(cls) if f.init}
+    if set(kwargs) - fields:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(set(kwargs) - fields)}")
+    return cls(**kwargs)
+
+
+def _rebuild_network(entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> Network:
+    layers = [_rebuild_record("layer", e, _SAVABLE_LAYERS, arrays) for e in entry["layers"]]
+    loss = _rebuild_record("loss", entry["loss"], _SAVABLE_LOSSES, arrays)
+    return Network(layers, loss, tuple(entry["input_shape"]))
+
+
+def _rebuild_opt_state(entry: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> Any:
+    if entry is None:
+        return None
+    slots = tuple(
+        tuple(tuple(arrays[name] for name in layer) for layer in tree) for tree in entry["slots"]
+    )
+    count = _check_int("opt_state count", entry["count"], low=0)
+    return OptState(count, _check_number("opt_state lr", entry["lr"]), slots)
+
+
+def _used_arrays(structure: dict[str, Any]) -> list[str]:
+    names = []
+    for net in structure["networks"].values():
+        for record in [*net["layers"], net["loss"]]:
+            names.extend(record["arrays"].values())
+    if structure["opt_state"] is not None:
+        names.extend(n for tree in structure["opt_state"]["slots"] for layer in tree for n in layer)
+    return names
+
+
+def _checkpoint_from(npz: Any) -> Checkpoint:
+    structure = _read_structure(npz)
+    arrays = _read_arrays(npz, structure["arrays"])
+    used = _used_arrays(structure)
+    if sorted(used) != sorted(arrays):
+        raise ValueError("the description refers to its arrays inconsistently")
+    nets = {k: _rebuild_network(v, arrays) for k, v in structure["networks"].items()}
+    if set(nets) - {"net", "best"} or "net" not in nets:
+        raise ValueError(f"unexpected networks {sorted(nets)}")
+    meta = structure["meta"]
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+    opt_state = _rebuild_opt_state(structure["opt_state"], arrays)
+    return Checkpoint(
+        nets["net"],
+        opt_state,
+        meta,
+        structure["version"],
+        str(structure["dlfs_version"]),
+        nets.get("best"),
+    )
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by ``save`` (or ``fit(checkpoint=...)``) -> Checkpoint.
+
+    Uses ``np.load(allow_pickle=False)`` only, so no code in the file ever
+    runs.  Every array is checked against the JSON description (names,
+    shape, dtype, CRC-32) and the exact network is rebuilt: arrays bit-exact,
+    same dtype, read-only.  Unknown layer types, missing or extra arrays,
+    mismatches, a newer format version, truncated or corrupt files and
+    object arrays raise ValueError; a missing file raises FileNotFoundError.
+    """
+    path = _check_path("path", path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("not a dlfs checkpoint (not an .npz archive)")
+        with npz:
+            return _checkpoint_from(npz)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # anything a damaged file can trigger becomes a ValueError
+        why = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        raise ValueError(f"cannot load checkpoint {path!r}: {why}") from None
+
+
+_FIT_META = "dlfs.fit"  # the meta key under which fit keeps its bookkeeping
+
+
+def _save_fit(path: str, run: _FitRun, setup: dict[str, Any], *, with_best: bool) -> None:
+    """fit's checkpoint: network, optimizer state, best network, and in ``meta``
+    the setup, epoch, global step, history and early-stopping counters."""
+    h = run.history
+    record = {
+        **setup,
+        "epoch": run.epoch,
+        "step": run.state.step,
+        "records": [[r.epoch, r.train_loss, r.val_loss, r.val_metric] for r in h.records],
+        "best_epoch": h.best_epoch,
+        "stopped_early": h.stopped_early,
+        "best_loss": run.best_loss,
+        "bad": run.bad,
+    }
+    nets = {"net": run.state.net}
+    if with_best and run.best is not run.state.net:
+        nets["best"] = run.best
+    _save(path, nets, run.state.opt_state, {_FIT_META: record})
+
+
+def _same_architecture(a: Network, b: Network) -> bool:
+    def sig(net: Network) -> list[Any]:
+        return [
+            net.input_shape,
+            type(net.loss),
+            *((type(la), [(p.shape, p.dtype) for p in la.params()]) for la in net.layers),
+        ]
+
+    return sig(a) == sig(b)
+
+
+def _resume_fit(
+    path: Any, net: Network, optimizer: Any, step_key: Key, setup: dict[str, Any]
+) -> _FitRun:
+    """The _FitRun stored by ``_save_fit``, checked against this fit call."""
+    ckpt = load(_check_path("resume", path))
+    saved = ckpt.meta.get(_FIT_META)
+    if not isinstance(saved, dict):
+        raise ValueError(f"resume: {path!r} was not written by fit(checkpoint=...)")
+    for name, value in setup.items():
+        if saved.get(name) != value:
+            raise ValueError(
+                f"resume: the checkpoint was trained with {name}={saved.get(name)!r}, this "
+                f"call has {name}={value!r}; a resumed run must use the same value"
+            )
+    if not _same_architecture(ckpt.net, net):
+        raise ValueError(
+            f"resume: the checkpoint holds {ckpt.net!r}, which is not shaped like net {net!r}"
+        )
+    opt_state = ckpt.opt_state_for(optimizer)
+    try:
+        history = History(
+            tuple(EpochRecord(*r) for r in saved["records"]),
+            saved["best_epoch"],
+            saved["stopped_early"],
+        )
+        state = TrainState(ckpt.net, optimizer, opt_state, step_key, saved["step"])
+        best = ckpt.net if ckpt.best is None else ckpt.best
+        return _FitRun(state, saved["epoch"], history, best, saved["best_loss"], saved["bad"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None
