@@ -98,14 +98,17 @@ def save_plots(plot_dir: Path, history: dlfs.History, images, labels, pred) -> l
     fig.savefig(curves, dpi=100)
     plt.close(fig)
 
-    wrong = np.flatnonzero(pred != labels)[:36]
+    all_wrong = np.flatnonzero(pred != labels)
+    wrong = all_wrong[:36]
     fig, axes = plt.subplots(6, 6, figsize=(8, 8.5))
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i], cmap="gray_r")
         ax.set_title(f"{labels[i]} -> {pred[i]}", fontsize=9)
-    fig.suptitle(f"misclassified test digits (true -> predicted): {len(wrong)} shown")
+    fig.suptitle(
+        f"misclassified test digits, true -> predicted ({len(wrong)} of {len(all_wrong)} shown)"
+    )
     fig.tight_layout()
     grid = plot_dir / "mnist_mlp_errors.png"
     fig.savefig(grid, dpi=100)
