@@ -7,6 +7,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import importlib
 import importlib.util
 import struct
 import threading
@@ -242,3 +243,24 @@ def test_mnist_prepare():
     )
     with pytest.raises(ValueError, match="images must be uint8"):
         mnist_data.images_to_float(np.zeros((2, 4, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("preset", ["default", "tutorial"])
+def test_mnist_mlp_example_smoke(tmp_path, monkeypatch, capsys, preset):
+    """The example runs end to end on a tiny generated npz and prints key=value lines."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "x_train": rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, 40, dtype=np.uint8),
+        "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, 10, dtype=np.uint8),
+    }
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "examples"))
+    mnist_mlp = importlib.import_module("mnist_mlp")
+    args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "2", "--val-size", "8"]
+    result = mnist_mlp.main([*args, "--preset", preset])
+    out = capsys.readouterr().out
+    assert f"test_acc={result['test_acc']:.4f}" in out
+    assert f"epochs={result['epochs']}" in out and "train_s=" in out
+    assert 0.0 <= result["test_acc"] <= 1.0 and 1 <= result["epochs"] <= 2

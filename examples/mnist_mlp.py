@@ -7,7 +7,7 @@
 
 Default preset: 784-256-128-10 ReLU with dropout 0.2, softmax cross-entropy,
 Adam with a cosine learning-rate schedule, float32, batch 128.  The last 5000
-training images are the validation set for early stopping.
+training images (``--val-size``) are the validation set for early stopping.
 
 ``--preset tutorial``: the classic from-scratch tutorial's 784-100-50-10 net
 with tanh after every layer, trained on one-hot targets with MSE and plain SGD.
@@ -31,8 +31,6 @@ except ImportError:  # running from a checkout: dlfs.py sits one folder up
     import dlfs
 
 from mnist_data import load_mnist, prepare
-
-N_VAL = 5000
 
 
 def build(preset: str, seed: int, steps: int) -> tuple[dlfs.Network, object]:
@@ -123,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 (tutorial: 32)")
     parser.add_argument("--preset", choices=("default", "tutorial"), default="default")
+    parser.add_argument("--val-size", type=int, default=5000, help="last N training images")
     parser.add_argument("--patience", type=int, default=3, help="early-stopping patience")
     parser.add_argument("--plot-dir", type=Path, help="save PNG plots here (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -132,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     raw = load_mnist(args.data)
     x_train, y_train, x_test, y_test = prepare(raw)
-    x_fit, y_fit = x_train[:-N_VAL], y_train[:-N_VAL]
-    x_val, y_val = x_train[-N_VAL:], y_train[-N_VAL:]
+    if not 0 < args.val_size < len(x_train):
+        parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
+    x_fit, y_fit = x_train[: -args.val_size], y_train[: -args.val_size]
+    x_val, y_val = x_train[-args.val_size :], y_train[-args.val_size :]
     if tutorial:  # MSE on one-hot targets
         y_fit, y_val = dlfs.one_hot(y_fit, 10), dlfs.one_hot(y_val, 10)
 
