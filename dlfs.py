@@ -1065,30 +1065,25 @@ def _pool_stride_field() -> Any:
     )
 
 
-@attrs.frozen(eq=False, repr=False)
-class _Pool2D(_NoParams):
-    """Shared shape logic of the 2-D pools (windows that do not fit are dropped)."""
+def _pool_output_shape(pool: Any, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(C, H, W) -> (C, Ho, Wo) for a pool's size and stride (incomplete windows dropped)."""
+    ho, wo = _pool_out_hw(type(pool).__name__, tuple(in_shape), pool.size, pool.stride)
+    return (in_shape[0], ho, wo)
 
-    size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
-    stride: tuple[int, int] = _pool_stride_field()
 
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(C, H, W) -> (C, Ho, Wo), Ho = (H - size_h) // stride_h + 1."""
-        ho, wo = _pool_out_hw(type(self).__name__, tuple(in_shape), self.size, self.stride)
-        return (in_shape[0], ho, wo)
+def _pool_windows(pool: Any, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset index, strided view) for every window offset of a pool, row-major."""
+    out_hw = _pool_output_shape(pool, x.shape[1:])[1:]
+    for k, (i, j) in enumerate(_offsets(pool.size)):
+        yield k, _window(x, i, j, pool.stride, out_hw)
 
-    def _windows(self, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """(offset index, strided view) for every window offset, row-major."""
-        out_hw = self.output_shape(x.shape[1:])[1:]
-        for k, (i, j) in enumerate(_offsets(self.size)):
-            yield k, _window(x, i, j, self.stride, out_hw)
 
-    def _check_dy(self, x_shape: tuple[int, ...], dy: Any) -> np.ndarray:
-        return _check_input("dy", dy, (x_shape[0], *self.output_shape(x_shape[1:])))
+def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dy: Any) -> np.ndarray:
+    return _check_input("dy", dy, (x_shape[0], *_pool_output_shape(pool, x_shape[1:])))
 
 
 @attrs.frozen(eq=False, repr=False)
-class MaxPool2D(_Pool2D):
+class MaxPool2D(_NoParams):
     """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
@@ -1097,11 +1092,18 @@ class MaxPool2D(_Pool2D):
     row-major window order when several entries tie (PyTorch's choice).
     """
 
+    size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
+    stride: tuple[int, int] = _pool_stride_field()
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, H, W) -> (C, Ho, Wo), Ho = (H - size_h) // stride_h + 1."""
+        return _pool_output_shape(self, in_shape)
+
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, MaxPool2D]:
         """The cache is (x, y); backward finds each window's first maximum from them."""
         _check_images(x)
         y: np.ndarray | None = None
-        for _, view in self._windows(x):
+        for _, view in _pool_windows(self, x):
             y = view.copy(order="K") if y is None else np.maximum(y, view, out=y)
         return y, (x, y), self
 
@@ -1112,7 +1114,7 @@ class MaxPool2D(_Pool2D):
         not yet routed, so on ties only the first maximum receives it.
         """
         x, y = cache
-        self._check_dy(x.shape, dy)
+        _pool_check_dy(self, x.shape, dy)
         tiled = self.stride == self.size and all(
             d % s == 0 for d, s in zip(x.shape[2:], self.size)
         )  # every input in exactly one window: each dx entry is written once
@@ -1121,7 +1123,7 @@ class MaxPool2D(_Pool2D):
         rest[...] = dy
         hit = np.empty_like(y, dtype=bool)
         n_offsets = self.size[0] * self.size[1]
-        for (k, view), (_, dview) in zip(self._windows(x), self._windows(dx)):
+        for (k, view), (_, dview) in zip(_pool_windows(self, x), _pool_windows(self, dx)):
             np.equal(view, y, out=hit)
             if tiled:
                 np.multiply(hit, rest, out=dview)
@@ -1133,18 +1135,25 @@ class MaxPool2D(_Pool2D):
 
 
 @attrs.frozen(eq=False, repr=False)
-class AvgPool2D(_Pool2D):
+class AvgPool2D(_NoParams):
     """Average pooling: y[n, c, p, q] = mean_{i,j} x[n, c, p*sh + i, q*sw + j].
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
     """
 
+    size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
+    stride: tuple[int, int] = _pool_stride_field()
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, H, W) -> (C, Ho, Wo), Ho = (H - size_h) // stride_h + 1."""
+        return _pool_output_shape(self, in_shape)
+
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, AvgPool2D]:
         """The cache is x.shape."""
         _check_images(x)
         total: np.ndarray | None = None
-        for _, view in self._windows(x):
+        for _, view in _pool_windows(self, x):
             if total is None:
                 total = view.copy(order="K")
             else:
@@ -1155,10 +1164,10 @@ class AvgPool2D(_Pool2D):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx[window] += dy[window] / (size_h size_w)."""
         x_shape = cache
-        self._check_dy(x_shape, dy)
+        _pool_check_dy(self, x_shape, dy)
         share = dy * dy.dtype.type(1.0 / (self.size[0] * self.size[1]))
         dx = np.zeros(x_shape, dtype=dy.dtype)
-        for _, view in self._windows(dx):
+        for _, view in _pool_windows(self, dx):
             view += share
         return dx, ()
 
