@@ -10,7 +10,14 @@ the median samples/s of each, ``ratio_vs_torch`` (dlfs / torch, higher is
 better) and the BLAS/thread configuration.  Data are synthetic MNIST-shaped
 images unless ``--data`` names an npz with ``x_train``/``y_train``.
 
-    python benchmarks/bench_cnn.py --rounds 5 --steps 40
+    python benchmarks/bench_cnn.py --rounds 5 --steps 40 --threads 1
+
+On a small shared machine pass ``--threads 1``: OpenBLAS threads that wait
+for a busy core cost dlfs far more than torch's OpenMP pool.  dlfs allocates
+fresh arrays every step, so where first-touching new memory is slow (some
+VMs) glibc's trimming matters too; ``MALLOC_TRIM_THRESHOLD_=1000000000
+MALLOC_MMAP_THRESHOLD_=1000000000`` in the environment keeps freed memory
+for reuse (it applies to both frameworks in the process).
 """
 
 from __future__ import annotations
