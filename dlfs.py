@@ -911,26 +911,30 @@ def _im2col(xp: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) ->
     return view.transpose(1, 4, 5, 0, 2, 3).reshape(c * kernel[0] * kernel[1], n * ho * wo)
 
 
-def _col2im(
-    dcols: np.ndarray,
+def _conv_input_grad(
+    w: np.ndarray,
+    dy_mat: np.ndarray,
     x_shape: tuple[int, ...],
     pads: Pads,
-    kernel: tuple[int, int],
     stride: tuple[int, int],
 ) -> np.ndarray:
-    """Adjoint of ``_im2col`` + padding: sum each patch gradient back onto its pixels.
+    """dx of a convolution (col2im of w.T @ dY), one kernel offset at a time.
 
-    One strided accumulation per kernel offset (no np.add.at); returns (N, C, H, W).
+    For each offset (i, j), ``w[:, :, i, j].T @ dY`` (C_in, N*Ho*Wo) is added
+    onto the strided slice of the padded input it came from (no np.add.at);
+    working per offset keeps the temporaries kh*kw times smaller than the full
+    column matrix.  w: (C_out, C_in, kh, kw), dY: (C_out, N*Ho*Wo) -> (N, C, H, W).
     """
-    n, c, h, w = x_shape
+    n, c, h, wd = x_shape
+    kernel = (w.shape[2], w.shape[3])
     (top, bottom), (left, right) = pads
-    hp, wp = h + top + bottom, w + left + right
+    hp, wp = h + top + bottom, wd + left + right
     out_hw = (_out_size(hp, kernel[0], stride[0]), _out_size(wp, kernel[1], stride[1]))
-    d = dcols.reshape(c, kernel[0], kernel[1], n, *out_hw)
-    dxp = np.zeros((c, n, hp, wp), dtype=dcols.dtype)  # channel-major, like d
+    dxp = np.zeros((c, n, hp, wp), dtype=dy_mat.dtype)  # channel-major, like dY
     for i, j in _offsets(kernel):
-        _window(dxp, i, j, stride, out_hw)[...] += d[:, i, j]
-    return dxp[:, :, top : top + h, left : left + w].transpose(1, 0, 2, 3)
+        part = w[:, :, i, j].T @ dy_mat
+        _window(dxp, i, j, stride, out_hw)[...] += part.reshape(c, n, *out_hw)
+    return dxp[:, :, top : top + h, left : left + wd].transpose(1, 0, 2, 3)
 
 
 def _frozen_kernel(w: Any) -> np.ndarray:
@@ -1042,9 +1046,8 @@ class Conv2D:
         _, ho, wo = self.output_shape(x_shape[1:])
         _check_input("dy", dy, (x_shape[0], self.out_channels, ho, wo), self.w.dtype)
         dy_mat = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
-        w_mat = self.w.reshape(self.out_channels, -1)
         dw = (cols @ dy_mat.T).T.reshape(self.w.shape)  # faster in OpenBLAS than dy @ cols.T
-        dx = _col2im(w_mat.T @ dy_mat, x_shape, self.padding, self.kernel_size, self.stride)
+        dx = _conv_input_grad(self.w, dy_mat, x_shape, self.padding, self.stride)
         return dx, (dw, dy_mat.sum(axis=1))
 
     def __repr__(self) -> str:
