@@ -854,19 +854,25 @@ def _out_size(size: int, k: int, s: int) -> int:
 
 
 def _pool_out_hw(
-    what: str, in_shape: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int]
+    what: str,
+    in_shape: tuple[int, ...],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pads: Pads = ((0, 0), (0, 0)),
 ) -> tuple[int, int]:
-    """(Ho, Wo) for a (C, H, W) input (already padded); raises if the kernel does not fit."""
+    """(Ho, Wo) of a (C, H, W) input padded by ``pads``; raises if the window does not fit."""
     if len(in_shape) != 3:
         raise ValueError(
             f"{what} expects images (N, C, H, W), got {_shape_str((None, *in_shape))}; "
             "reshape flat inputs to (N, C, H, W)"
         )
-    _, h, w = in_shape
+    h = in_shape[1] + pads[0][0] + pads[0][1]
+    w = in_shape[2] + pads[1][0] + pads[1][1]
     if kernel[0] > h or kernel[1] > w:
+        padded = f" (padded to {h}x{w})" if any(pads[0] + pads[1]) else ""
         raise ValueError(
-            f"{what} window {kernel} is larger than the (padded) input {h}x{w} "
-            f"(input shape {_shape_str((None, *in_shape))})"
+            f"{what} window {kernel} is larger than the input "
+            f"{_shape_str((None, *in_shape))}{padded}"
         )
     return _out_size(h, kernel[0], stride[0]), _out_size(w, kernel[1], stride[1])
 
@@ -1024,10 +1030,7 @@ class Conv2D:
                 f"Conv2D expects {self.in_channels} input channels, got input shape "
                 f"{_shape_str((None, *in_shape))}"
             )
-        (top, bottom), (left, right) = self.padding
-        if len(in_shape) == 3:
-            in_shape = (in_shape[0], in_shape[1] + top + bottom, in_shape[2] + left + right)
-        ho, wo = _pool_out_hw("Conv2D", in_shape, self.kernel_size, self.stride)
+        ho, wo = _pool_out_hw("Conv2D", in_shape, self.kernel_size, self.stride, self.padding)
         return (self.out_channels, ho, wo)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Conv2D]:

@@ -245,7 +245,7 @@ def test_conv_bad_inputs():
         conv.forward(np.zeros((2, 5, 5), np.float32))  # wrong rank
     with pytest.raises(ValueError, match="2 input channels"):
         conv.forward(np.zeros((1, 3, 5, 5), np.float32))
-    with pytest.raises(ValueError, match="larger than the"):
+    with pytest.raises(ValueError, match="larger than the input"):
         conv.forward(np.zeros((1, 2, 2, 5), np.float32))
     with pytest.raises(TypeError, match="float32"):
         conv.forward(good.astype(np.float64))
