@@ -36,6 +36,7 @@ __all__ = [
     "AdaGrad",
     "Adam",
     "AdamW",
+    "AvgPool2D",
     "BatchNorm",
     "BinaryCrossEntropy",
     "Chain",
@@ -43,6 +44,8 @@ __all__ = [
     "ClipByGlobalNorm",
     "Constant",
     "Context",
+    "Conv2D",
+    "Conv2DSpec",
     "CosineDecay",
     "Dense",
     "DenseSpec",
@@ -59,6 +62,7 @@ __all__ = [
     "Linear",
     "LinearDecay",
     "MaxNorm",
+    "MaxPool2D",
     "MeanSquaredError",
     "Momentum",
     "Nesterov",
@@ -83,6 +87,7 @@ __all__ = [
     "check_grads",
     "check_layer",
     "check_loss",
+    "conv2d",
     "dense",
     "fit",
     "glorot_normal",
@@ -811,6 +816,442 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         return f"BatchNorm({self.gamma.shape[0]}, momentum={self.momentum}, eps={self.eps}, {self.gamma.dtype})"
+
+
+# ------------------------------------------------------ convolutions and pools
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _int_pair(name: str, value: Any, *, low: int = 1) -> tuple[int, int]:
+    """An int or a pair of ints (each >= ``low``) as a pair: 3 -> (3, 3)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return (
+            _check_int(f"{name}[0]", value[0], low=low),
+            _check_int(f"{name}[1]", value[1], low=low),
+        )
+    v = _check_int(name, value, low=low)
+    return (v, v)
+
+
+def _resolve_padding(padding: Any, kernel: tuple[int, int], stride: tuple[int, int]) -> Pads:
+    """``((top, bottom), (left, right))`` from "valid", "same", p, (ph, pw) or the pads.
+
+    "same" (stride 1 only, as in PyTorch) pads k - 1 in total per axis with
+    the extra row/column at the bottom/right for an even kernel.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0), (0, 0))
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(
+                    f"padding='same' needs stride 1 (as in PyTorch), got stride {stride}"
+                )
+            kh, kw = kernel
+            return (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
+        raise ValueError(
+            f"padding must be 'valid', 'same', an int, (ph, pw) or ((top, bottom), "
+            f"(left, right)), got {padding!r}"
+        )
+    if isinstance(padding, (tuple, list)) and any(isinstance(p, (tuple, list)) for p in padding):
+        if len(padding) != 2:
+            raise ValueError(f"padding must be ((top, bottom), (left, right)), got {padding!r}")
+        top, bottom = _int_pair("padding[0]", padding[0], low=0)
+        left, right = _int_pair("padding[1]", padding[1], low=0)
+        return ((top, bottom), (left, right))
+    ph, pw = _int_pair("padding", padding, low=0)
+    return ((ph, ph), (pw, pw))
+
+
+def _out_size(size: int, k: int, s: int) -> int:
+    """Number of complete windows of width k, stride s, along an axis of ``size``."""
+    return (size - k) // s + 1
+
+
+def _pool_out_hw(
+    what: str,
+    in_shape: tuple[int, ...],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pads: Pads = ((0, 0), (0, 0)),
+) -> tuple[int, int]:
+    """(Ho, Wo) of a (C, H, W) input padded by ``pads``; raises if the window does not fit."""
+    if len(in_shape) != 3:
+        raise ValueError(
+            f"{what} expects images (N, C, H, W), got {_shape_str((None, *in_shape))}; "
+            "reshape flat inputs to (N, C, H, W)"
+        )
+    h = in_shape[1] + pads[0][0] + pads[0][1]
+    w = in_shape[2] + pads[1][0] + pads[1][1]
+    if kernel[0] > h or kernel[1] > w:
+        padded = f" (padded to {h}x{w})" if any(pads[0] + pads[1]) else ""
+        raise ValueError(
+            f"{what} window {kernel} is larger than the input "
+            f"{_shape_str((None, *in_shape))}{padded}"
+        )
+    return _out_size(h, kernel[0], stride[0]), _out_size(w, kernel[1], stride[1])
+
+
+def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+    _check_float("x", x, dtype)
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {x.shape}")
+    return x
+
+
+def _pad2d(x: np.ndarray, pads: Pads) -> np.ndarray:
+    """Zero-pad the last two axes of (N, C, H, W); ``x`` itself when pads are 0."""
+    (top, bottom), (left, right) = pads
+    if not (top or bottom or left or right):
+        return x
+    n, c, h, w = x.shape
+    out = np.zeros((n, c, h + top + bottom, w + left + right), dtype=x.dtype)
+    out[:, :, top : top + h, left : left + w] = x
+    return out
+
+
+def _window(
+    x: np.ndarray, i: int, j: int, stride: tuple[int, int], out_hw: tuple[int, int]
+) -> np.ndarray:
+    """Strided view of the (i, j)-th element of every window: (N, C, Ho, Wo)."""
+    (sh, sw), (ho, wo) = stride, out_hw
+    return x[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+
+
+def _offsets(kernel: tuple[int, int]) -> list[tuple[int, int]]:
+    """Kernel offsets (i, j) in row-major order."""
+    return [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+def _im2col(xp: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """Patches of a padded (N, C, Hp, Wp) input as a (C*kh*kw, N*Ho*Wo) matrix,
+    rows ordered (c, i, j) like ``w.reshape(C_out, -1)``, columns (n, ho, wo)."""
+    view = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=(2, 3))
+    view = view[:, :, :: stride[0], :: stride[1]]  # (N, C, Ho, Wo, kh, kw)
+    n, c, ho, wo = view.shape[:4]
+    return view.transpose(1, 4, 5, 0, 2, 3).reshape(c * kernel[0] * kernel[1], n * ho * wo)
+
+
+def _conv_input_grad(
+    w: np.ndarray,
+    dy_mat: np.ndarray,
+    x_shape: tuple[int, ...],
+    pads: Pads,
+    stride: tuple[int, int],
+) -> np.ndarray:
+    """dx of a convolution (col2im of w.T @ dY), one kernel offset at a time.
+
+    For each offset (i, j), ``w[:, :, i, j].T @ dY`` (C_in, N*Ho*Wo) is added
+    onto the strided slice of the padded input it came from (no np.add.at);
+    working per offset keeps the temporaries kh*kw times smaller than the full
+    column matrix.  w: (C_out, C_in, kh, kw), dY: (C_out, N*Ho*Wo) -> (N, C, H, W).
+    """
+    n, c, h, wd = x_shape
+    kernel = (w.shape[2], w.shape[3])
+    (top, bottom), (left, right) = pads
+    hp, wp = h + top + bottom, wd + left + right
+    out_hw = (_out_size(hp, kernel[0], stride[0]), _out_size(wp, kernel[1], stride[1]))
+    dxp = np.zeros((c, n, hp, wp), dtype=dy_mat.dtype)  # channel-major, like dY
+    for i, j in _offsets(kernel):
+        part = w[:, :, i, j].T @ dy_mat
+        _window(dxp, i, j, stride, out_hw)[...] += part.reshape(c, n, *out_hw)
+    return dxp[:, :, top : top + h, left : left + wd].transpose(1, 0, 2, 3)
+
+
+def _frozen_kernel(w: Any) -> np.ndarray:
+    w = _frozen(w)
+    if w.ndim != 4:
+        raise ValueError(f"w must be 4-D (C_out, C_in, kh, kw), got shape {w.shape}")
+    return w
+
+
+@attrs.frozen(eq=False, repr=False)
+class Conv2D:
+    """2-D convolution (cross-correlation, as in PyTorch) on NCHW images:
+    y[n, o, p, q] = b[o] + sum_{c,i,j} w[o, c, i, j] * xp[n, c, p*sh + i, q*sw + j],
+    xp = x zero-padded by ``padding``.
+
+    x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), Ho = (H + top + bottom - kh) // sh + 1;
+    w: (C_out, C_in, kh, kw), b: (C_out,).  ``stride`` is an int or (sh, sw);
+    ``padding`` is "valid", "same" (stride 1; an even kernel's extra row/column
+    goes to the bottom/right, as in PyTorch), an int, (ph, pw), or
+    ((top, bottom), (left, right)); it is stored resolved to the last form.
+    Forward is im2col + one GEMM; the patches are kept for backward.
+    """
+
+    w: np.ndarray = attrs.field(converter=_frozen_kernel)
+    b: np.ndarray = attrs.field(converter=_frozen)
+    stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
+    padding: Pads = attrs.field(
+        default="valid",
+        converter=attrs.Converter(
+            lambda p, self: _resolve_padding(p, self.w.shape[2:], self.stride), takes_self=True
+        ),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        _check_input("b", self.b, (self.w.shape[0],), self.w.dtype)
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        c_in: int,
+        c_out: int,
+        kernel: int | tuple[int, int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: Any = "valid",
+        init: Callable[..., np.ndarray] = he_normal,
+        bias_init: Callable[..., np.ndarray] = zeros,
+        dtype: Any = np.float32,
+    ) -> Conv2D:
+        """Draw w (C_out, C_in, kh, kw) with ``init`` (He normal: fan_in = C_in kh kw)
+        and b (C_out,) with ``bias_init`` from ``key``."""
+        c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)
+        kh, kw = _int_pair("kernel", kernel)
+        dtype = _check_dtype(dtype)
+        rng = make_rng(key)
+        w = init(rng, (c_out, c_in, kh, kw), dtype)
+        b = bias_init(rng, (c_out,), dtype)
+        return cls(_freeze_new(w), _freeze_new(b), stride=stride, padding=padding)
+
+    @property
+    def in_channels(self) -> int:
+        return self.w.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.w.shape[2], self.w.shape[3])
+
+    def params(self) -> Params:
+        """(w, b)."""
+        return (self.w, self.b)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Conv2D:
+        """A new Conv2D with ``params = (w, b)``, same stride and padding."""
+        w, b = _check_new_params(self, params)
+        return Conv2D(w, b, stride=self.stride, padding=self.padding)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C_in, H, W) -> (C_out, Ho, Wo)."""
+        in_shape = tuple(in_shape)
+        if len(in_shape) == 3 and in_shape[0] != self.in_channels:
+            raise ValueError(
+                f"Conv2D expects {self.in_channels} input channels, got input shape "
+                f"{_shape_str((None, *in_shape))}"
+            )
+        ho, wo = _pool_out_hw("Conv2D", in_shape, self.kernel_size, self.stride, self.padding)
+        return (self.out_channels, ho, wo)
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Conv2D]:
+        """y = w (C_out, C_in kh kw) @ patches + b; the cache is (patches, x.shape)."""
+        _check_images(x, self.w.dtype)
+        _, ho, wo = self.output_shape(x.shape[1:])
+        n = x.shape[0]
+        cols = _im2col(_pad2d(x, self.padding), self.kernel_size, self.stride)
+        y = self.w.reshape(self.out_channels, -1) @ cols  # (C_out, N*Ho*Wo)
+        y += self.b[:, None]
+        return y.reshape(self.out_channels, n, ho, wo).transpose(1, 0, 2, 3), (cols, x.shape), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY) with dY = dy as (C_out, N Ho Wo)."""
+        cols, x_shape = cache
+        _, ho, wo = self.output_shape(x_shape[1:])
+        _check_input("dy", dy, (x_shape[0], self.out_channels, ho, wo), self.w.dtype)
+        dy_mat = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
+        dw = (cols @ dy_mat.T).T.reshape(self.w.shape)  # faster in OpenBLAS than dy @ cols.T
+        dx = _conv_input_grad(self.w, dy_mat, x_shape, self.padding, self.stride)
+        return dx, (dw, dy_mat.sum(axis=1))
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (
+            f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw}, "
+            f"stride={self.stride}, padding={self.padding}, {self.w.dtype})"
+        )
+
+
+def _pool_stride_field() -> Any:
+    """``stride`` of a pool: an int, a pair, or None for the window size."""
+    return attrs.field(
+        default=None,
+        converter=attrs.Converter(
+            lambda s, self: self.size if s is None else _int_pair("stride", s), takes_self=True
+        ),
+    )
+
+
+def _pool_output_shape(pool: Any, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(C, H, W) -> (C, Ho, Wo) for a pool's size and stride (incomplete windows dropped)."""
+    ho, wo = _pool_out_hw(type(pool).__name__, tuple(in_shape), pool.size, pool.stride)
+    return (in_shape[0], ho, wo)
+
+
+def _pool_windows(pool: Any, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset index, strided view) for every window offset of a pool, row-major."""
+    out_hw = _pool_output_shape(pool, x.shape[1:])[1:]
+    for k, (i, j) in enumerate(_offsets(pool.size)):
+        yield k, _window(x, i, j, pool.stride, out_hw)
+
+
+def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dy: Any) -> np.ndarray:
+    return _check_input("dy", dy, (x_shape[0], *_pool_output_shape(pool, x_shape[1:])))
+
+
+@attrs.frozen(eq=False, repr=False)
+class MaxPool2D(_NoParams):
+    """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
+
+    x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
+    (incomplete windows are dropped); ``stride`` defaults to ``size``.
+    The gradient of each window goes to ONE input: its first maximum in
+    row-major window order when several entries tie (PyTorch's choice).
+    """
+
+    size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
+    stride: tuple[int, int] = _pool_stride_field()
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, H, W) -> (C, Ho, Wo), Ho = (H - size_h) // stride_h + 1."""
+        return _pool_output_shape(self, in_shape)
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, MaxPool2D]:
+        """The cache is (x, y); backward finds each window's first maximum from them."""
+        _check_images(x)
+        y: np.ndarray | None = None
+        for _, view in _pool_windows(self, x):
+            y = view.copy(order="K") if y is None else np.maximum(y, view, out=y)
+        return y, (x, y), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx[first argmax of each window] = dy[window]; zero elsewhere.
+
+        Visits the window offsets in row-major order; ``rest`` is the gradient
+        not yet routed, so on ties only the first maximum receives it.
+        """
+        x, y = cache
+        _pool_check_dy(self, x.shape, dy)
+        tiled = self.stride == self.size and all(
+            d % s == 0 for d, s in zip(x.shape[2:], self.size)
+        )  # every input in exactly one window: each dx entry is written once
+        dx = (np.empty_like if tiled else np.zeros_like)(x, dtype=dy.dtype)
+        rest = np.empty_like(y, dtype=dy.dtype)  # y's memory layout, for fast loops
+        rest[...] = dy
+        hit = np.empty_like(y, dtype=bool)
+        n_offsets = self.size[0] * self.size[1]
+        for (k, view), (_, dview) in zip(_pool_windows(self, x), _pool_windows(self, dx)):
+            np.equal(view, y, out=hit)
+            if tiled:
+                np.multiply(hit, rest, out=dview)
+            else:
+                dview += hit * rest
+            if k < n_offsets - 1:  # rest = 0 where routed (bool masks: fast loops)
+                np.multiply(rest, np.logical_not(hit, out=hit), out=rest)
+        return dx, ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class AvgPool2D(_NoParams):
+    """Average pooling: y[n, c, p, q] = mean_{i,j} x[n, c, p*sh + i, q*sw + j].
+
+    x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
+    (incomplete windows are dropped); ``stride`` defaults to ``size``.
+    """
+
+    size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
+    stride: tuple[int, int] = _pool_stride_field()
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(C, H, W) -> (C, Ho, Wo), Ho = (H - size_h) // stride_h + 1."""
+        return _pool_output_shape(self, in_shape)
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, AvgPool2D]:
+        """The cache is x.shape."""
+        _check_images(x)
+        total: np.ndarray | None = None
+        for _, view in _pool_windows(self, x):
+            if total is None:
+                total = view.copy(order="K")
+            else:
+                total += view
+        total *= x.dtype.type(1.0 / (self.size[0] * self.size[1]))
+        return total, x.shape, self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx[window] += dy[window] / (size_h size_w)."""
+        x_shape = cache
+        _pool_check_dy(self, x_shape, dy)
+        share = dy * dy.dtype.type(1.0 / (self.size[0] * self.size[1]))
+        dx = np.zeros(x_shape, dtype=dy.dtype)
+        for _, view in _pool_windows(self, dx):
+            view += share
+        return dx, ()
+
+
+@attrs.frozen
+class Conv2DSpec:
+    """A Conv2D layer (plus optional activation) whose input channels the builder infers."""
+
+    channels: int = attrs.field(converter=lambda n: _check_int("channels", n))
+    kernel: tuple[int, int] = attrs.field(converter=lambda k: _int_pair("kernel", k))
+    stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
+    padding: Any = "valid"
+    activation: Any = None
+    init: Callable[..., np.ndarray] = he_normal
+    bias_init: Callable[..., np.ndarray] = zeros
+
+    def __attrs_post_init__(self) -> None:
+        _resolve_padding(self.padding, self.kernel, self.stride)  # fail early on bad padding
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        """Draw the kernel for images of per-sample shape ``in_shape`` (C, H, W)."""
+        if len(in_shape) != 3:
+            raise ValueError(
+                f"conv2d expects images (N, C, H, W), got {_shape_str((None, *in_shape))}"
+            )
+        layer = Conv2D.init(
+            key,
+            in_shape[0],
+            self.channels,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            init=self.init,
+            bias_init=self.bias_init,
+            dtype=dtype,
+        )
+        out = layer.output_shape(in_shape)
+        if self.activation is None:
+            return (layer,), out
+        return (layer, self.activation), self.activation.output_shape(out)
+
+
+def conv2d(
+    channels: int,
+    kernel: int | tuple[int, int],
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: Any = "valid",
+    activation: Any = None,
+    init: Callable[..., np.ndarray] = he_normal,
+    bias_init: Callable[..., np.ndarray] = zeros,
+) -> Conv2DSpec:
+    """A Conv2D of ``channels`` output channels and a ``kernel`` (int or (kh, kw))
+    window, followed by ``activation``; its input channels come from the previous
+    layer.  (N, C, H, W) -> (N, channels, Ho, Wo)."""
+    if activation is not None and not hasattr(activation, "forward"):
+        raise TypeError(f"activation must be a layer such as dlfs.ReLU(), got {activation!r}")
+    return Conv2DSpec(channels, kernel, stride, padding, activation, init, bias_init)
 
 
 # -------------------------------------------------------------------- losses
