@@ -2723,6 +2723,9 @@ _SAVABLE_LAYERS: tuple[type, ...] = (
     Dropout,
     Flatten,
     BatchNorm,
+    Conv2D,
+    MaxPool2D,
+    AvgPool2D,
 )
 _SAVABLE_LOSSES: tuple[type, ...] = (MeanSquaredError, SoftmaxCrossEntropy, BinaryCrossEntropy)
 
