@@ -3076,11 +3076,13 @@ def load(path: str | os.PathLike) -> Checkpoint:
     """
     path = _check_path("path", path)
     try:
-        npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise ValueError("not a dlfs checkpoint (not an .npz archive)")
-        with npz:
-            return _checkpoint_from(npz)
+        # Open the file ourselves: np.load(path) leaks its handle when a damaged zip fails.
+        with open(path, "rb") as f:
+            npz = np.load(f, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError("not a dlfs checkpoint (not an .npz archive)")
+            with npz:
+                return _checkpoint_from(npz)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # anything a damaged file can trigger becomes a ValueError

@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -136,7 +137,8 @@ def load_idx_folder(folder: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """``x_train, y_train, x_test, y_test`` from an ``.npz`` (loaded without pickle)."""
-    with np.load(path, allow_pickle=False) as z:
+    # Open the file ourselves: np.load(path) leaks its handle when a damaged zip fails.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
         missing = [k for k in KEYS if k not in z.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(z.files)}")
@@ -243,6 +245,8 @@ def download_mnist(
                 break
             # URLError/HTTPError/timeouts are OSErrors; IncompleteRead is an HTTPException.
             except (OSError, ValueError, http.client.HTTPException) as err:
+                if isinstance(err, urllib.error.HTTPError):
+                    err.close()  # an HTTPError holds the open response
                 errors.append(err)
         else:
             detail = "; ".join(str(e) for e in errors)
