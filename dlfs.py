@@ -166,7 +166,14 @@ def _check_nonempty(name: str, x: np.ndarray) -> None:
 
 
 def _check_finite(name: str, x: np.ndarray) -> None:
-    if not np.isfinite(x).all():
+    # Rows in chunks of about 1M elements: a whole-array mask would be a
+    # (transient) bool copy of a whole dataset, a quarter of its float32 size.
+    if x.ndim == 0 or x.size <= 1 << 20:
+        chunks: Iterable[np.ndarray] = (x,)
+    else:
+        rows = max(1, (1 << 20) // (x.size // len(x)))
+        chunks = (x[i : i + rows] for i in range(0, len(x), rows))
+    if not all(np.isfinite(c).all() for c in chunks):
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -231,6 +238,8 @@ def _freeze_new(a: np.ndarray) -> np.ndarray:
 
 def _as_key(name: str, key: Any) -> Key:
     """An int seed or a tuple of non-negative ints, as a tuple key."""
+    if type(key) is tuple and key and all(type(k) is int and k >= 0 for k in key):
+        return key  # already a key: the fast path for the per-step, per-layer keys
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         key = (key,)
     if (
@@ -286,6 +295,15 @@ class Context:
 
 
 EVAL = Context()
+
+
+def _sub_context(train: bool, key: Key) -> Context:
+    """``Context(train, key)`` for a key derived from a checked one (a step's or a
+    layer's sub-key), without re-running the field checks: built every step."""
+    ctx = object.__new__(Context)
+    object.__setattr__(ctx, "train", train)
+    object.__setattr__(ctx, "key", key)
+    return ctx
 
 
 def train_context(key: int | Key) -> Context:
@@ -484,9 +502,12 @@ class Dense:
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy."""
-        x = cache
-        _check_input("dy", dy, (x.shape[0], self.out_features), self.w.dtype)
-        return dy @ self.w.T, (x.T @ dy, dy.sum(axis=0))
+        _check_input("dy", dy, (cache.shape[0], self.out_features), self.w.dtype)
+        return dy @ self.w.T, self._param_grads(cache, dy)
+
+    def _param_grads(self, cache: np.ndarray, dy: np.ndarray) -> Params:
+        """(dw, db) without dx: a network skips the input gradient of its first layer."""
+        return (cache.T @ dy, dy.sum(axis=0))
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features} -> {self.out_features}, {self.w.dtype})"
@@ -1328,7 +1349,7 @@ class SoftmaxCrossEntropy:
         log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
         logp = z - log_norm
         eps = self.label_smoothing
-        if np.issubdtype(target.dtype, np.integer):
+        if target.dtype.kind in "iu":
             _check_labels(target, n, k)
             nll = -logp[np.arange(n), target].sum()
             loss = ((1 - eps) * nll - (eps / k) * logp.sum()) / n
@@ -1343,7 +1364,7 @@ class SoftmaxCrossEntropy:
         p, target = cache
         n, k = p.shape
         eps = self.label_smoothing
-        if np.issubdtype(target.dtype, np.integer):
+        if target.dtype.kind in "iu":
             g = p - eps / k if eps else p.copy()
             g[np.arange(n), target] -= 1 - eps
         else:
@@ -1517,11 +1538,23 @@ class Network:
     def _flat_params(self) -> list[np.ndarray]:
         return [p for layer in self.layers for p in layer.params()]
 
+    def _evolve_layers(self, layers: tuple[Any, ...]) -> Network:
+        """This network with ``layers`` swapped in, skipping the constructor's
+        checks: each new layer came from the old one's ``with_params`` or
+        ``forward``, so types, shapes and dtypes are already known to fit."""
+        net = object.__new__(Network)
+        for name, value in (("layers", layers), ("loss", self.loss), ("input_shape", self.input_shape)):
+            object.__setattr__(net, name, value)
+        return net
+
     @property
     def dtype(self) -> np.dtype | None:
         """The parameters' dtype (None for a network without parameters)."""
-        flat = self._flat_params()
-        return flat[0].dtype if flat else None
+        for layer in self.layers:
+            ps = layer.params()
+            if ps:
+                return ps[0].dtype
+        return None
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -1539,8 +1572,9 @@ class Network:
                 f"params must be a sequence of {len(self.layers)} per-layer tuples, "
                 f"got {type(params).__name__}"
             )
-        layers = tuple(layer.with_params(p) for layer, p in zip(self.layers, params))
-        return Network(layers, self.loss, self.input_shape)
+        return self._evolve_layers(
+            tuple(layer.with_params(p) for layer, p in zip(self.layers, params))
+        )
 
     def _check_x(self, x: Any) -> np.ndarray:
         _check_input("x", x, (None, *self.input_shape), self.dtype)
@@ -1557,12 +1591,12 @@ class Network:
     def _forward(self, x: np.ndarray, ctx: Context) -> tuple[np.ndarray, tuple, Network]:
         caches, layers = [], []
         for i, layer in enumerate(self.layers):
-            sub = ctx if ctx.key is None else Context(ctx.train, ctx.key + (i,))
+            sub = ctx if ctx.key is None else _sub_context(ctx.train, ctx.key + (i,))
             x, cache, layer = layer.forward(x, sub)
             caches.append(cache)
             layers.append(layer)
         changed = any(new is not old for new, old in zip(layers, self.layers))
-        net = Network(layers, self.loss, self.input_shape) if changed else self
+        net = self._evolve_layers(tuple(layers)) if changed else self
         return x, tuple(caches), net
 
     def backward(self, caches: Sequence[Any], dy: np.ndarray) -> tuple[np.ndarray, NetParams]:
@@ -1575,6 +1609,21 @@ class Network:
             dy, g = layer.backward(cache, dy)
             grads.append(g)
         return dy, tuple(reversed(grads))
+
+    def _param_backward(self, caches: Sequence[Any], dy: np.ndarray) -> NetParams:
+        """Parameter gradients only: stops at the first layer with parameters
+        and asks it for (dw, db) without dx when it can (``_param_grads``);
+        the layers before it have no parameters, so their grads are ``()``."""
+        layers = self.layers
+        first = next((i for i, layer in enumerate(layers) if layer.params()), len(layers))
+        grads = [()] * len(layers)
+        for i in range(len(layers) - 1, first - 1, -1):
+            layer = layers[i]
+            if i == first and hasattr(layer, "_param_grads"):
+                grads[i] = layer._param_grads(caches[i], dy)
+            else:
+                dy, grads[i] = layer.backward(caches[i], dy)
+        return tuple(grads)
 
     def loss_and_grads(
         self, x: np.ndarray, y: np.ndarray, ctx: Context = EVAL
@@ -1591,8 +1640,7 @@ class Network:
     ) -> tuple[Any, NetParams, Network]:
         out, caches, net = self._forward(x, ctx)
         loss, loss_cache = self.loss.forward(out, y)
-        _, grads = net.backward(caches, self.loss.backward(loss_cache))
-        return loss, grads, net
+        return loss, net._param_backward(caches, self.loss.backward(loss_cache)), net
 
     def predict(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
         """Evaluation-mode outputs, computed ``batch_size`` rows at a time
@@ -1851,6 +1899,12 @@ def _finish(new_params: NetParams) -> NetParams:
     return _tree_map(_freeze_new, new_params)
 
 
+def _sgd_leaf(p: np.ndarray, g: np.ndarray, lr: float) -> np.ndarray:
+    """p - g * lr, written into the fresh array g * lr (one allocation, not two)."""
+    step = g * lr
+    return np.subtract(p, step, out=step)
+
+
 @attrs.frozen
 class SGD:
     """Plain SGD (the book's): p <- p - lr * (g + wd * p).  ``lr`` may be a schedule."""
@@ -1867,7 +1921,7 @@ class SGD:
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
         lr, grads = _start(self, grads, state, params)
-        new = _finish(_tree_map(lambda p, g: p - g * lr, params, grads))
+        new = _tree_map(lambda p, g: _freeze_new(_sgd_leaf(p, g, lr)), params, grads)
         return new, OptState(state.count + 1, lr)
 
 
@@ -2216,7 +2270,7 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     _check_ndarray("y", y)
     if len(y) != len(x):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-    ctx = Context(True, state.key + (state.step,))
+    ctx = _sub_context(True, state.key + (state.step,))
     loss, grads, new_net = net._loss_and_grads(x, y, ctx)
     if not (np.isfinite(loss) and _all_finite(grads)):
         what = "loss" if not np.isfinite(loss) else "a gradient"
