@@ -1543,8 +1543,9 @@ class Network:
         checks: each new layer came from the old one's ``with_params`` or
         ``forward``, so types, shapes and dtypes are already known to fit."""
         net = object.__new__(Network)
-        for name, value in (("layers", layers), ("loss", self.loss), ("input_shape", self.input_shape)):
-            object.__setattr__(net, name, value)
+        object.__setattr__(net, "layers", layers)
+        object.__setattr__(net, "loss", self.loss)
+        object.__setattr__(net, "input_shape", self.input_shape)
         return net
 
     @property
