@@ -2712,3 +2712,42 @@ def test_cnn_checkpoint_round_trip(tmp_path):
         for a, b in zip(la, lb, strict=True):
             assert a.dtype == b.dtype and np.array_equal(a, b)
     assert np.array_equal(net.predict(x), loaded.predict(x))
+
+
+# ------------------------------------------------------- fast path (issue 6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, lead=st.sampled_from(["dense", "relu", "dropout"]), dtype=DTYPES)
+def test_loss_and_grads_matches_full_backward(seed, n, lead, dtype):
+    """The training path skips the input gradient of the first layer with parameters
+    (and the layers before it): its grads are bit-identical to a full backward."""
+    rng = np.random.default_rng(seed)
+    first = {"dense": [], "relu": [dlfs.ReLU()], "dropout": [dlfs.Dropout(0.3)]}[lead]
+    specs = [*first, dlfs.dense(5, dlfs.ReLU()), dlfs.dense(3)]
+    net = dlfs.network(seed, 4, specs, dlfs.SoftmaxCrossEntropy(), dtype=dtype)
+    x = rng.normal(size=(n, 4)).astype(dtype)
+    y = rng.integers(0, 3, n)
+    ctx = dlfs.train_context((seed, 1))
+    loss, grads, _ = net.loss_and_grads(x, y, ctx)
+    out, caches, _ = net.forward(x, ctx)
+    loss2, cache = net.loss.forward(out, y)
+    _, full = net.backward(caches, net.loss.backward(cache))
+    assert loss == loss2
+    assert len(grads) == len(full) == len(net.layers)
+    for gs, fs in zip(grads, full):
+        assert len(gs) == len(fs)
+        for g, f in zip(gs, fs):
+            assert g.dtype == f.dtype and np.array_equal(g, f)
+
+
+def test_finite_check_of_a_large_input_sees_every_row():
+    """Large inputs are checked for NaN/inf in chunks of rows (no whole-array mask)."""
+    net = dlfs.network(0, 784, [dlfs.dense(2)], dlfs.SoftmaxCrossEntropy())
+    x = np.zeros((1500, 784), np.float32)  # 1.2M elements: more than one chunk
+    assert net.predict(x).shape == (1500, 2)
+    for row, value in [(0, np.nan), (1337, np.inf), (1499, -np.inf)]:
+        bad = x.copy()
+        bad[row, 783] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            net.predict(bad)
