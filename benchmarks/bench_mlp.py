@@ -11,7 +11,9 @@ same number of threads (``--threads``; torch and the numpy BLAS pool).
 
 Prints ``key=value`` lines: median samples/s per contender and batch size,
 ``ratio_vs_torch_b128`` (dlfs / torch), ``ratio_vs_numpy_b128`` (dlfs /
-numpy), etc., then inference (predict) throughput and its ratios.
+numpy), etc., then inference (predict) throughput and its ratios.  A ratio
+is the median over rounds of the within-round ratio (the contenders of a
+round run back to back, so a shared machine's drifting load cancels out).
 
 Setup (from the project root)::
 
@@ -276,9 +278,8 @@ def bench_training(runners, x, y, args) -> dict:
                 dt, losses[r.name] = timed(r.train, x, y, bs, args.steps, (args.seed, bs, k + 1))
                 rates[r.name].append(args.steps * bs / dt)
         for r in runners:
-            med = statistics.median(rates[r.name])
-            results[(r.name, bs)] = med
-            print(f"train_{r.name}_b{bs}_samples_per_s={med:.0f}")
+            results[(r.name, bs)] = rates[r.name]
+            print(f"train_{r.name}_b{bs}_samples_per_s={statistics.median(rates[r.name]):.0f}")
         # Same data, same initial weights: the losses of the last round agree closely.
         print(f"train_loss_b{bs}=" + ",".join(f"{k}:{v:.4f}" for k, v in losses.items()))
     return results
@@ -295,9 +296,15 @@ def bench_inference(runners, x, args) -> dict:
             rates[r.name].append(len(xs) / dt)
     out = {}
     for r in runners:
-        out[r.name] = statistics.median(rates[r.name])
-        print(f"predict_{r.name}_samples_per_s={out[r.name]:.0f}")
+        out[r.name] = rates[r.name]
+        print(f"predict_{r.name}_samples_per_s={statistics.median(rates[r.name]):.0f}")
     return out
+
+
+def paired_ratio(ours: list[float], ref: list[float]) -> float:
+    """Median over rounds of ours/ref within the same round: contenders of one round
+    ran back to back, so a shared machine's changing load cancels out of the ratio."""
+    return statistics.median(a / b for a, b in zip(ours, ref))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,8 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="npz with x_train (N,28,28) uint8 and y_train (real MNIST)")
     p.add_argument("--n", type=int, default=60000, help="training rows (synthetic: generated)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (>= 3)")
-    p.add_argument("--steps", type=int, default=60, help="steps per contender per round")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (>= 3)")
+    p.add_argument("--steps", type=int, default=40, help="steps per contender per round")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--predict-n", type=int, default=10000)
@@ -337,12 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     for ref in ("torch", "numpy"):
         if ref in wanted and "dlfs" in wanted:
             for bs in args.batch_sizes:
-                print(f"ratio_vs_{ref}_b{bs}={train[('dlfs', bs)] / train[(ref, bs)]:.3f}")
+                print(f"ratio_vs_{ref}_b{bs}={paired_ratio(train['dlfs', bs], train[ref, bs]):.3f}")
 
     pred = bench_inference(runners, x, args)
     for ref in ("torch", "numpy"):
         if ref in wanted and "dlfs" in wanted:
-            print(f"predict_ratio_vs_{ref}={pred['dlfs'] / pred[ref]:.3f}")
+            print(f"predict_ratio_vs_{ref}={paired_ratio(pred['dlfs'], pred[ref]):.3f}")
 
 
 if __name__ == "__main__":
