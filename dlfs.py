@@ -2264,7 +2264,9 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
 
     ``batch = (x, y)``; raises NonFiniteError (keeping ``state.net``) if the
     loss, a gradient or an updated parameter is NaN/inf (NaN in the batch
-    shows up this way too).  Fold it over batches with functools.reduce.
+    shows up this way too; a NaN/inf gradient is caught through the updated
+    parameters it poisons, so an optimizer that maps it to finite values
+    goes on).  Fold it over batches with functools.reduce.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
@@ -2278,15 +2280,18 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     ctx = _sub_context(True, state.key + (state.step,))
     loss, grads, new_net = net._loss_and_grads(x, y, ctx)
-    if not (np.isfinite(loss) and _all_finite(grads)):
-        what = "loss" if not np.isfinite(loss) else "a gradient"
+    if not np.isfinite(loss):
         raise NonFiniteError(
-            f"{what} became NaN/inf at step {state.step}", network=net, step=state.step
+            f"loss became NaN/inf at step {state.step}", network=net, step=state.step
         )
     params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    # One finiteness pass per step, over the new parameters: a NaN/inf gradient
+    # makes them non-finite in every dlfs optimizer; the gradients are only
+    # looked at to name the culprit.
     if not _all_finite(params):  # e.g. an overflowing step: keep the last finite network
+        what = "a gradient" if not _all_finite(grads) else "the parameters"
         raise NonFiniteError(
-            f"the parameters became NaN/inf at step {state.step}", network=net, step=state.step
+            f"{what} became NaN/inf at step {state.step}", network=net, step=state.step
         )
     return TrainState(
         new_net.with_params(params),

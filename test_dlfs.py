@@ -2751,3 +2751,45 @@ def test_finite_check_of_a_large_input_sees_every_row():
         bad[row, 783] = value
         with pytest.raises(ValueError, match="NaN or inf"):
             net.predict(bad)
+
+
+@attrs.frozen(eq=False)
+class _PoisonedDense:
+    """A Dense whose weight gradient is multiplied by ``bad`` (NaN or inf)."""
+
+    inner: dlfs.Dense
+    bad: float
+
+    def params(self):
+        return self.inner.params()
+
+    def with_params(self, params):
+        return _PoisonedDense(self.inner.with_params(params), self.bad)
+
+    def output_shape(self, in_shape):
+        return self.inner.output_shape(in_shape)
+
+    def forward(self, x, ctx=dlfs.EVAL):
+        y, cache, _ = self.inner.forward(x, ctx)
+        return y, cache, self
+
+    def backward(self, cache, dy):
+        dx, (dw, db) = self.inner.backward(cache, dy)
+        return dx, (dw * dw.dtype.type(self.bad), db)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "opt",
+    [dlfs.SGD(0.1), dlfs.Adam(), dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.Momentum(0.1))],
+    ids=["sgd", "adam", "clip+momentum"],
+)
+def test_train_step_names_a_non_finite_gradient(bad, opt):
+    """The loss is finite, a gradient is not: the step raises and keeps the old network."""
+    layer = _PoisonedDense(dlfs.Dense.init(0, 3, 2), bad)
+    net = dlfs.Network([layer], dlfs.SoftmaxCrossEntropy(), (3,))
+    state = dlfs.TrainState.create(net, opt, 0)
+    x, y = np.ones((4, 3), np.float32), np.array([0, 1, 0, 1])
+    with np.errstate(all="ignore"), pytest.raises(dlfs.NonFiniteError, match="a gradient") as info:
+        dlfs.train_step(state, (x, y))
+    assert info.value.network is net
