@@ -567,14 +567,16 @@ class ReLU(_NoParams):
     """Rectified linear unit: y = max(x, 0); relu'(0) = 0 as in PyTorch."""
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, ReLU]:
-        """x: (N, ...) -> y: same shape; the cache is the mask x > 0."""
+        """x: (N, ...) -> y: same shape; the cache is y (y > 0 exactly where x > 0),
+        so inference builds no mask."""
         self._check(x)
         # max against a zero row, not the scalar 0: numpy's SIMD loop, 2-3x faster
-        return np.maximum(x, np.zeros(x.shape[1:], x.dtype)), x > 0, self
+        y = np.maximum(x, np.zeros(x.shape[1:], x.dtype))
+        return y, y, self
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy where x > 0, else 0."""
-        return dy * cache, ()
+        """dx = dy where x > 0 (i.e. y > 0), else 0."""
+        return dy * (cache > 0), ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1656,14 +1658,16 @@ class Network:
         (e.g. uint8 images) is rejected with a TypeError, never cast silently;
         convert it yourself, e.g. ``(x / 255).astype(np.float32)``."""
         self._check_x(x)
-        _check_finite("x", x)
         if batch_size is not None:
             batch_size = _check_int("batch_size", batch_size)
         if batch_size is None or len(x) <= batch_size:
+            _check_finite("x", x)
             return self._forward(x, EVAL)[0]
         out = np.empty((len(x), *self.output_shape), dtype=self._forward(x[:1], EVAL)[0].dtype)
         for start in range(0, len(x), batch_size):
-            out[start : start + batch_size] = self._forward(x[start : start + batch_size], EVAL)[0]
+            chunk = x[start : start + batch_size]
+            _check_finite("x", chunk)  # per chunk: the rows are still in cache for the GEMM
+            out[start : start + batch_size] = self._forward(chunk, EVAL)[0]
         return out
 
     def summary(self) -> str:
