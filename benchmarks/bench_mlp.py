@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import statistics
 import sys
 import time
@@ -241,18 +242,21 @@ def print_config(threads: int, torch: Any) -> None:
     try:
         from threadpoolctl import threadpool_info
 
-        for i, info in enumerate(threadpool_info()):
-            if info.get("user_api") == "blas":
-                print(
-                    f"blas_{i}={info.get('internal_api')} {info.get('version')} "
-                    f"arch={info.get('architecture')} threads={info.get('num_threads')} "
-                    f"layer={info.get('threading_layer')}"
-                )
+        for i, info in enumerate(threadpool_info()):  # numpy's BLAS, torch's OpenMP, ...
+            print(
+                f"threadpool_{i}={info.get('user_api')}:{info.get('internal_api')} "
+                f"{info.get('version')} arch={info.get('architecture')} "
+                f"threads={info.get('num_threads')} file={Path(info.get('filepath', '')).name}"
+            )
     except ImportError:
         print("blas=unknown (threadpoolctl not installed)")
     if torch is not None:
         print(f"torch={torch.__version__}")
         print(f"torch_num_threads={torch.get_num_threads()}")
+        blas = re.findall(r"BLAS_INFO=([^,\s]*)", torch.__config__.show())
+        print(
+            f"torch_blas={blas[0] if blas else 'unknown'} mkldnn={torch.backends.mkldnn.is_available()}"
+        )
     else:
         print("torch=not installed: torch contender skipped (pip install -e '.[bench]')")
 
