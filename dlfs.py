@@ -1099,6 +1099,13 @@ class Conv2D:
         dx = _conv_input_grad(self.w, dy_mat, x_shape, self.padding, self.stride)
         return dx, (dw, dy_mat.sum(axis=1))
 
+    def _param_grads(self, cache: tuple, dy: np.ndarray) -> Params:
+        """(dw, db) as in ``backward``, without dx: a network skips the input
+        gradient of its first layer."""
+        cols, _ = cache
+        dy_mat = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
+        return (cols @ dy_mat.T).T.reshape(self.w.shape), dy_mat.sum(axis=1)
+
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
         return (

@@ -2718,15 +2718,23 @@ def test_cnn_checkpoint_round_trip(tmp_path):
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=SEEDS, n=SIZES, lead=st.sampled_from(["dense", "relu", "dropout"]), dtype=DTYPES)
+@given(
+    seed=SEEDS, n=SIZES, lead=st.sampled_from(["dense", "relu", "dropout", "conv"]), dtype=DTYPES
+)
 def test_loss_and_grads_matches_full_backward(seed, n, lead, dtype):
     """The training path skips the input gradient of the first layer with parameters
     (and the layers before it): its grads are bit-identical to a full backward."""
     rng = np.random.default_rng(seed)
-    first = {"dense": [], "relu": [dlfs.ReLU()], "dropout": [dlfs.Dropout(0.3)]}[lead]
+    first = {
+        "dense": [],
+        "relu": [dlfs.ReLU()],
+        "dropout": [dlfs.Dropout(0.3)],
+        "conv": [dlfs.conv2d(2, 3, activation=dlfs.ReLU()), dlfs.Flatten()],
+    }[lead]
+    in_shape = (1, 4, 4) if lead == "conv" else (4,)
     specs = [*first, dlfs.dense(5, dlfs.ReLU()), dlfs.dense(3)]
-    net = dlfs.network(seed, 4, specs, dlfs.SoftmaxCrossEntropy(), dtype=dtype)
-    x = rng.normal(size=(n, 4)).astype(dtype)
+    net = dlfs.network(seed, in_shape, specs, dlfs.SoftmaxCrossEntropy(), dtype=dtype)
+    x = rng.normal(size=(n, *in_shape)).astype(dtype)
     y = rng.integers(0, 3, n)
     ctx = dlfs.train_context((seed, 1))
     loss, grads, _ = net.loss_and_grads(x, y, ctx)
