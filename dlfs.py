@@ -30,6 +30,9 @@ import numpy as np
 
 __version__ = "0.1.0"
 
+if not hasattr(attrs, "Converter"):  # attrs.Converter(takes_self=...) arrived in attrs 24.1
+    raise ImportError(f"dlfs needs attrs >= 24.1, found {attrs.__version__}")
+
 __all__ = [
     "EVAL",
     "SGD",
@@ -223,9 +226,10 @@ def _check_int(name: str, value: Any, *, low: int = 1) -> int:
 
 
 def _frozen(a: Any) -> np.ndarray:
-    """attrs converter: a read-only float array (copied unless already read-only)."""
+    """attrs converter: a read-only float array.  It is copied unless it owns
+    its data and is already read-only, so no writeable base can change it."""
     _check_float("array", a)
-    if a.flags.writeable:
+    if a.flags.writeable or a.base is not None:
         a = a.copy()
         a.setflags(write=False)
     return a
@@ -469,7 +473,7 @@ class Dense:
         rng = make_rng(key)
         w = init(rng, (n_in, n_out), dtype)
         b = bias_init(rng, (n_out,), dtype)
-        return cls(w=_freeze_new(w), b=_freeze_new(b))
+        return cls(w=w, b=b)  # the converter copies and freezes
 
     @property
     def in_features(self) -> int:
@@ -1045,7 +1049,7 @@ class Conv2D:
         rng = make_rng(key)
         w = init(rng, (c_out, c_in, kh, kw), dtype)
         b = bias_init(rng, (c_out,), dtype)
-        return cls(_freeze_new(w), _freeze_new(b), stride=stride, padding=padding)
+        return cls(w, b, stride=stride, padding=padding)  # the converter copies and freezes
 
     @property
     def in_channels(self) -> int:
@@ -1137,8 +1141,10 @@ def _pool_windows(pool: Any, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield k, _window(x, i, j, pool.stride, out_hw)
 
 
-def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dy: Any) -> np.ndarray:
-    return _check_input("dy", dy, (x_shape[0], *_pool_output_shape(pool, x_shape[1:])))
+def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dtype: np.dtype, dy: Any) -> np.ndarray:
+    """dy must have the pool's output shape and the input's dtype."""
+    out_shape = (x_shape[0], *_pool_output_shape(pool, x_shape[1:]))
+    return _check_input("dy", dy, out_shape, dtype)
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1173,7 +1179,7 @@ class MaxPool2D(_NoParams):
         not yet routed, so on ties only the first maximum receives it.
         """
         x, y = cache
-        _pool_check_dy(self, x.shape, dy)
+        _pool_check_dy(self, x.shape, x.dtype, dy)
         tiled = self.stride == self.size and all(
             d % s == 0 for d, s in zip(x.shape[2:], self.size)
         )  # every input in exactly one window: each dx entry is written once
@@ -1209,7 +1215,7 @@ class AvgPool2D(_NoParams):
         return _pool_output_shape(self, in_shape)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, AvgPool2D]:
-        """The cache is x.shape."""
+        """The cache is (x.shape, x.dtype)."""
         _check_images(x)
         total: np.ndarray | None = None
         for _, view in _pool_windows(self, x):
@@ -1218,12 +1224,12 @@ class AvgPool2D(_NoParams):
             else:
                 total += view
         total *= x.dtype.type(1.0 / (self.size[0] * self.size[1]))
-        return total, x.shape, self
+        return total, (x.shape, x.dtype), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx[window] += dy[window] / (size_h size_w)."""
-        x_shape = cache
-        _pool_check_dy(self, x_shape, dy)
+        x_shape, dtype = cache
+        _pool_check_dy(self, x_shape, dtype, dy)
         share = dy * dy.dtype.type(1.0 / (self.size[0] * self.size[1]))
         dx = np.zeros(x_shape, dtype=dy.dtype)
         for _, view in _pool_windows(self, dx):
@@ -1902,14 +1908,34 @@ def _check_state(opt: Any, state: Any, params: NetParams, n_slots: int) -> None:
         _check_grads_like(slot, params, f"state.slots[{s}]")
 
 
+def _zero_slots(params: NetParams, n: int) -> tuple[NetParams, ...]:
+    """``n`` independent read-only zero trees shaped like ``params`` (moments at t = 0)."""
+    _check_params(params)
+    return tuple(_tree_map(lambda p: _freeze_new(np.zeros_like(p)), params) for _ in range(n))
+
+
+def _eps_field(default: float) -> Any:
+    return attrs.field(
+        default=default, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
+    )
+
+
 def _start(
-    opt: Any, grads: NetParams, state: OptState, params: NetParams, n_slots: int = 0
+    opt: Any,
+    grads: NetParams,
+    state: OptState,
+    params: NetParams,
+    n_slots: int = 0,
+    *,
+    l2: bool = True,
 ) -> tuple[float, NetParams]:
-    """Validate an update's inputs; return the step's lr and decayed grads."""
+    """Validate an update's inputs; return the step's lr and the grads, with
+    L2 weight decay added (g + wd p) when ``l2``."""
     _check_params(params)
     _check_state(opt, state, params, n_slots)
     _check_grads_like(grads, params)
-    return _lr_at(opt.lr, state.count), _decay(grads, params, opt.weight_decay)
+    lr = _lr_at(opt.lr, state.count)
+    return lr, (_decay(grads, params, opt.weight_decay) if l2 else grads)
 
 
 def _finish(new_params: NetParams) -> NetParams:
@@ -1957,7 +1983,7 @@ class Momentum:
 
     def init(self, params: NetParams) -> OptState:
         """Velocity b = 0."""
-        return OptState(0, _lr_at(self.lr, 0), (_tree_map(np.zeros_like, params),))
+        return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def update(
         self, grads: NetParams, state: OptState, params: NetParams
@@ -1981,14 +2007,12 @@ class AdaGrad:
     """AdaGrad (PyTorch): s <- s + g^2 (s_0 = 0), p <- p - lr g / (sqrt(s) + eps)."""
 
     lr: Any = _lr_field(0.01)
-    eps: float = attrs.field(
-        default=1e-10, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
-    )
+    eps: float = _eps_field(1e-10)
     weight_decay: float = _wd_field()
 
     def init(self, params: NetParams) -> OptState:
         """Sum of squares s = 0."""
-        return OptState(0, _lr_at(self.lr, 0), (_tree_map(np.zeros_like, params),))
+        return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def update(
         self, grads: NetParams, state: OptState, params: NetParams
@@ -2011,14 +2035,12 @@ class RMSProp:
     alpha: float = attrs.field(
         default=0.99, converter=lambda v: _check_number("alpha", v, low=0.0, high=1.0)
     )
-    eps: float = attrs.field(
-        default=1e-8, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
-    )
+    eps: float = _eps_field(1e-8)
     weight_decay: float = _wd_field()
 
     def init(self, params: NetParams) -> OptState:
         """Square average v = 0."""
-        return OptState(0, _lr_at(self.lr, 0), (_tree_map(np.zeros_like, params),))
+        return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def update(
         self, grads: NetParams, state: OptState, params: NetParams
@@ -2060,57 +2082,42 @@ def _beta_field(name: str, default: float) -> Any:
 @attrs.frozen
 class Adam:
     """Adam (PyTorch): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
-    p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps); L2 ``weight_decay`` adds wd p to g."""
+    p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps).  ``weight_decay``
+    is L2 (adds wd p to g) unless ``decoupled``, which is AdamW: p <- p (1 - lr wd)
+    before the Adam step."""
 
     lr: Any = _lr_field(1e-3)
     b1: float = _beta_field("b1", 0.9)
     b2: float = _beta_field("b2", 0.999)
-    eps: float = attrs.field(
-        default=1e-8, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
-    )
+    eps: float = _eps_field(1e-8)
     weight_decay: float = _wd_field()
+    decoupled: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def init(self, params: NetParams) -> OptState:
         """Moments m = v = 0."""
-        zero = _tree_map(np.zeros_like, params)
-        return OptState(0, _lr_at(self.lr, 0), (zero, zero))
+        return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 2))
 
     def update(
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params, 2)
+        lr, grads = _start(self, grads, state, params, 2, l2=not self.decoupled)
+        if self.decoupled and self.weight_decay:
+            shrink = 1 - lr * self.weight_decay
+            params = _tree_map(lambda p: p * shrink, params)
         return _adam_step(self, lr, grads, state, params)
 
 
-@attrs.frozen
-class AdamW:
-    """AdamW (PyTorch): p <- p (1 - lr wd) first, then the Adam step (default wd 0.01)."""
-
-    lr: Any = _lr_field(1e-3)
-    b1: float = _beta_field("b1", 0.9)
-    b2: float = _beta_field("b2", 0.999)
-    eps: float = attrs.field(
-        default=1e-8, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
-    )
-    weight_decay: float = _wd_field(0.01)
-
-    def init(self, params: NetParams) -> OptState:
-        """Moments m = v = 0."""
-        zero = _tree_map(np.zeros_like, params)
-        return OptState(0, _lr_at(self.lr, 0), (zero, zero))
-
-    def update(
-        self, grads: NetParams, state: OptState, params: NetParams
-    ) -> tuple[NetParams, OptState]:
-        """Returns (new params, new state)."""
-        _check_params(params)
-        _check_state(self, state, params, 2)
-        _check_grads_like(grads, params)
-        lr = _lr_at(self.lr, state.count)
-        shrink = 1 - lr * self.weight_decay
-        decayed = _tree_map(lambda p: p * shrink, params)
-        return _adam_step(self, lr, grads, state, decayed)
+def AdamW(  # noqa: N802
+    lr: Any = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> Adam:
+    """AdamW (PyTorch): p <- p (1 - lr wd) first, then the Adam step (default wd 0.01);
+    ``Adam(..., decoupled=True)``."""
+    return Adam(lr, b1, b2, eps, weight_decay, decoupled=True)
 
 
 @attrs.frozen
@@ -2122,6 +2129,9 @@ class ClipByGlobalNorm:
     )
 
     def __call__(self, grads: NetParams, params: NetParams) -> NetParams:
+        """Scaled grads (the same tree when the norm is within ``max_norm``)."""
+        _check_params(params)
+        _check_grads_like(grads, params)
         norm = math.sqrt(sum(float(np.vdot(g, g)) for layer in grads for g in layer))
         scale = min(1.0, self.max_norm / (norm + 1e-6))
         return grads if scale == 1.0 else _tree_map(lambda g: g * scale, grads)
@@ -2134,6 +2144,9 @@ class WeightDecay:
     weight_decay: float = attrs.field(converter=lambda v: _check_number("weight_decay", v, low=0.0))
 
     def __call__(self, grads: NetParams, params: NetParams) -> NetParams:
+        """g + wd * p, leaf by leaf."""
+        _check_params(params)
+        _check_grads_like(grads, params)
         return _decay(grads, params, self.weight_decay)
 
 
@@ -2156,6 +2169,8 @@ class MaxNorm:
     c: float = attrs.field(converter=lambda v: _check_number("c", v, low=0.0, low_open=True))
 
     def __call__(self, params: NetParams) -> NetParams:
+        """The constrained params (arrays within ``c`` are returned as they are)."""
+        _check_params(params)
         return _tree_map(lambda w: _freeze_new(_max_norm(w, self.c)) if w.ndim >= 2 else w, params)
 
 
