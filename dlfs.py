@@ -172,6 +172,16 @@ def _check_nonempty(name: str, x: np.ndarray) -> None:
         raise ValueError(f"{name} must not be empty, got shape {x.shape}")
 
 
+def _check_xy(x: np.ndarray, y: Any, prefix: str = "") -> None:
+    """``y`` is an array with one row per row of ``x`` (x already checked)."""
+    _check_ndarray(f"{prefix}y", y)
+    if y.ndim == 0 or len(y) != len(x):
+        raise ValueError(
+            f"{prefix}x and y must have the same length (rows), got x of shape "
+            f"{x.shape} and y of shape {y.shape}"
+        )
+
+
 def _check_finite(name: str, x: np.ndarray) -> None:
     # Rows in chunks of about 1M elements: a whole-array mask would be a
     # (transient) bool copy of a whole dataset, a quarter of its float32 size.
@@ -1651,9 +1661,7 @@ class Network:
     ) -> tuple[Any, NetParams, Network]:
         """Forward, loss, backward: returns (loss, grads, network with new state)."""
         self._check_x(x)
-        _check_ndarray("y", y)
-        if len(y) != len(x):
-            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        _check_xy(x, y)
         return self._loss_and_grads(x, y, ctx)
 
     def _loss_and_grads(
@@ -2301,9 +2309,7 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     x, y = batch
     net = state.net
     net._check_x(x)
-    _check_ndarray("y", y)
-    if len(y) != len(x):
-        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    _check_xy(x, y)
     ctx = _sub_context(True, state.key + (state.step,))
     loss, grads, new_net = net._loss_and_grads(x, y, ctx)
     if not np.isfinite(loss):
@@ -2375,9 +2381,7 @@ class History:
 def _check_dataset(net: Network, x: Any, y: Any, name: str) -> None:
     net._check_x(x)
     _check_finite(f"{name} x", x)
-    _check_ndarray(f"{name} y", y)
-    if len(y) != len(x):
-        raise ValueError(f"{name} x and y must have the same length, got {len(x)} and {len(y)}")
+    _check_xy(x, y, f"{name} ")
     if y.dtype.kind not in "fiu":
         raise TypeError(f"{name} y must be a float or integer array, got dtype {y.dtype}")
     if y.dtype.kind == "f":
@@ -2697,9 +2701,9 @@ def batches(
     """Yield (x_batch, y_batch) of ``batch_size`` rows (the last may be smaller),
     in a random order drawn from ``key`` (in order when key is None)."""
     _check_ndarray("x", x)
-    _check_ndarray("y", y)
-    if x.ndim == 0 or len(x) != len(y):
-        raise ValueError(f"x and y must share their first dimension, got {x.shape} and {y.shape}")
+    if x.ndim == 0:
+        raise ValueError(f"x must have a batch axis, got shape {x.shape}")
+    _check_xy(x, y)
     batch_size = _check_int("batch_size", batch_size)
     if key is None:
         return (

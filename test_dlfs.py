@@ -1317,8 +1317,10 @@ def test_permute_depends_on_key_and_validates():
         dlfs.permute(0)
     with pytest.raises(ValueError, match="batch_size"):
         list(dlfs.batches(np.zeros((3, 1)), np.zeros(3), 0))
-    with pytest.raises(ValueError, match="first dimension"):
+    with pytest.raises(ValueError, match="same length"):
         dlfs.batches(np.zeros((3, 1)), np.zeros(4), 2)
+    with pytest.raises(ValueError, match="same length"):
+        dlfs.batches(np.zeros((3, 1)), np.float64(1.0) * np.ones(()), 2)  # 0-d y
     with pytest.raises(TypeError, match="key"):
         dlfs.make_rng(-1)
 
