@@ -1320,7 +1320,7 @@ def test_permute_depends_on_key_and_validates():
     with pytest.raises(ValueError, match="same length"):
         dlfs.batches(np.zeros((3, 1)), np.zeros(4), 2)
     with pytest.raises(ValueError, match="same length"):
-        dlfs.batches(np.zeros((3, 1)), np.float64(1.0) * np.ones(()), 2)  # 0-d y
+        dlfs.batches(np.zeros((3, 1)), np.array(1.0), 2)  # 0-d y
     with pytest.raises(TypeError, match="key"):
         dlfs.make_rng(-1)
 
