@@ -85,6 +85,7 @@ __all__ = [
     "__version__",
     "accuracy",
     "batch_norm",
+    "binary_accuracy",
     "batches",
     "chain",
     "check_grads",
@@ -2395,7 +2396,9 @@ def _check_dataset(net: Network, x: Any, y: Any, name: str) -> None:
 
 
 def _default_metric(loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | None:
-    return accuracy if isinstance(loss, (SoftmaxCrossEntropy, BinaryCrossEntropy)) else None
+    if isinstance(loss, SoftmaxCrossEntropy):
+        return accuracy
+    return binary_accuracy if isinstance(loss, BinaryCrossEntropy) else None
 
 
 def _evaluate(
@@ -2633,25 +2636,42 @@ def rmse(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
-    """Fraction of correct predictions.
+    """Fraction of correct class predictions: mean(argmax_k pred == label).
 
-    pred: (N, K) scores -> argmax, or (N,)/(N, 1) binary logits -> z > 0;
-    target: integer labels (N,), one-hot (N, K), or binary targets like pred.
+    pred: (N, K) scores, K > 1; target: integer labels (N,) or one-hot (N, K).
+    A single binary logit per row, pred (N,) or (N, 1), is scored as
+    ``binary_accuracy`` (z > 0 against t > 0.5); for multi-label BCE outputs
+    (N, K) call ``binary_accuracy`` directly.
     """
     _check_pred("pred", pred)
+    if pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1):
+        return binary_accuracy(pred, target)
+    _check_shape("pred", pred, (None, None))
+    _check_ndarray("target", target)
+    if target.ndim == 2:
+        if target.shape != pred.shape:
+            raise ValueError(f"one-hot target must have shape {pred.shape}, got {target.shape}")
+        labels = target.argmax(axis=1)
+    elif np.issubdtype(target.dtype, np.integer):
+        labels = target
+    else:
+        raise TypeError(f"target must be integer labels (N,) or one-hot (N, K), got {target.dtype}")
+    _check_labels(labels, len(pred), pred.shape[1])
+    return float(np.mean(pred.argmax(axis=1) == labels))
+
+
+def binary_accuracy(logits: np.ndarray, target: np.ndarray) -> float:
+    """Fraction of correct binary decisions, entry by entry: mean((z > 0) == (t > 0.5)).
+
+    logits, target: (N,) or (N, K) of equal shape (K independent labels).
+    """
+    _check_pred("logits", logits)
     _check_ndarray("target", target)
     if target.dtype.kind not in "biuf":
         raise TypeError(f"target must be a real numeric array, got dtype {target.dtype}")
-    if pred.ndim == 2 and pred.shape[1] > 1:
-        labels = target if target.ndim == 1 else target.argmax(axis=1)
-        if np.issubdtype(labels.dtype, np.integer):
-            _check_labels(labels, len(pred), pred.shape[1])
-        else:
-            raise TypeError(f"target must be integer labels or one-hot, got dtype {target.dtype}")
-        return float(np.mean(pred.argmax(axis=1) == labels))
-    if target.shape != pred.shape:
-        raise ValueError(f"target must have shape {pred.shape}, got {target.shape}")
-    return float(np.mean((pred > 0) == (target > 0.5)))
+    if target.shape != logits.shape:
+        raise ValueError(f"target must have shape {logits.shape}, got {target.shape}")
+    return float(np.mean((logits > 0) == (target > 0.5)))
 
 
 # ------------------------------------------------------------ data utilities

@@ -2803,3 +2803,24 @@ def test_train_step_names_a_non_finite_gradient(bad, opt):
     with np.errstate(all="ignore"), pytest.raises(dlfs.NonFiniteError, match="a gradient") as info:
         dlfs.train_step(state, (x, y))
     assert info.value.network is net
+
+
+def test_binary_accuracy_is_elementwise_for_multilabel_bce():
+    logits = np.array([[2.0, -1.0, 0.5], [-0.5, 1.0, -2.0]])
+    target = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    assert dlfs.binary_accuracy(logits, target) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="target must have shape"):
+        dlfs.binary_accuracy(logits, target[:, :2])
+    # fit's default metric for BCE is the elementwise one, not an argmax over labels
+    net = dlfs.network(0, 3, [dlfs.dense(3)], dlfs.BinaryCrossEntropy(), dtype=np.float64)
+    x = dlfs.make_rng(2).standard_normal((8, 3))
+    y = (x > 0).astype(np.float64)
+    trained, history = dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=1, validation=(x, y))
+    expected = dlfs.binary_accuracy(trained.predict(x), y)
+    assert history.val_metric[-1] == pytest.approx(expected)
+
+
+def test_accuracy_rejects_one_hot_of_the_wrong_width():
+    scores = np.zeros((4, 5))
+    with pytest.raises(ValueError, match="one-hot target must have shape"):
+        dlfs.accuracy(scores, np.eye(3)[[0, 1, 2, 0]])
