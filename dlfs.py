@@ -2594,11 +2594,25 @@ def fit(
     if metric is not None and not callable(metric):
         raise TypeError(f"metric must be callable(pred, target) or None, got {metric!r}")
     shuffle_key, step_key = split(key, 2)
-    setup = {"seed": list(key), "shuffle": bool(shuffle), "batch_size": batch_size, "n": len(x)}
+    setup = {
+        "seed": list(key),
+        "shuffle": bool(shuffle),
+        "batch_size": batch_size,
+        "n": len(x),
+        "validation": validation is not None,
+        "eval_every": eval_every,
+        "early_stopping": bool(early_stopping),
+        "patience": patience,
+    }
     if resume is None:
         run = _FitRun(TrainState.create(net, optimizer, step_key), 0, History(), net)
     else:
         run = _resume_fit(resume, net, optimizer, step_key, setup)
+        if run.epoch > epochs:
+            raise ValueError(
+                f"resume: the checkpoint is at epoch {run.epoch}, past epochs={epochs} "
+                "(epochs counts the total, not the epochs to add)"
+            )
     while run.epoch < epochs and not run.history.stopped_early:
         epoch = run.epoch + 1
         order_key = shuffle_key + (epoch,) if shuffle else None
@@ -3264,8 +3278,11 @@ def _resume_fit(
             saved["best_epoch"],
             saved["stopped_early"],
         )
-        state = TrainState(ckpt.net, optimizer, opt_state, step_key, saved["step"])
+        step = _check_int("step", saved["step"], low=0)
+        epoch = _check_int("epoch", saved["epoch"], low=0)
+        bad = _check_int("bad", saved["bad"], low=0)
+        state = TrainState(ckpt.net, optimizer, opt_state, step_key, step)
         best = ckpt.net if ckpt.best is None else ckpt.best
-        return _FitRun(state, saved["epoch"], history, best, saved["best_loss"], saved["bad"])
-    except (KeyError, TypeError) as err:
+        return _FitRun(state, epoch, history, best, float(saved["best_loss"]), bad)
+    except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None

@@ -1861,6 +1861,10 @@ def test_resume_rejects_a_different_run(tmp_path):
         (dict(batch_size=4), "batch_size"),
         (dict(seed=1), "seed"),
         (dict(shuffle=False), "shuffle"),
+        (dict(patience=2), "patience"),
+        (dict(eval_every=2), "eval_every"),
+        (dict(early_stopping=False), "early_stopping"),
+        (dict(validation=(x, y)), "validation"),
     ]:
         kw = dict(batch_size=8, seed=0, shuffle=True) | change
         with pytest.raises(ValueError, match=match):
@@ -1872,6 +1876,9 @@ def test_resume_rejects_a_different_run(tmp_path):
         dlfs.fit(other, dlfs.Adam(), x, y, epochs=2, batch_size=8, resume=path)
     with pytest.raises(ValueError, match=r"n=40"):
         dlfs.fit(net, dlfs.Adam(), x[:20], y[:20], epochs=2, batch_size=8, resume=path)
+    dlfs.fit(net, dlfs.Adam(), x, y, epochs=2, batch_size=8, checkpoint=path)
+    with pytest.raises(ValueError, match="past epochs=1"):
+        dlfs.fit(net, dlfs.Adam(), x, y, epochs=1, batch_size=8, resume=path)
     plain = tmp_path / "plain.npz"
     dlfs.save(plain, net)
     with pytest.raises(ValueError, match="not written by fit"):
