@@ -2286,7 +2286,9 @@ class TrainState:
 
     @property
     def mean_loss(self) -> float:
-        """Mean training loss per sample since the epoch began (NaN before any step)."""
+        """Mean training loss per sample over the steps since ``loss_sum`` was last
+        reset (``train_epoch`` resets it at the start of each epoch; a bare
+        ``reduce(train_step, ...)`` keeps accumulating).  NaN before any step."""
         return self.loss_sum / self.seen if self.seen else math.nan
 
 
@@ -2862,6 +2864,7 @@ _FORMAT = "dlfs.checkpoint"
 _FORMAT_VERSION = 1
 _STRUCTURE = "__dlfs_structure__"  # the JSON description, stored as a uint8 array
 _NPY_HEADER_MAX = 1 << 16  # bytes an .npy member may hold beyond its array data
+_STRUCTURE_MAX = 64 << 20  # the JSON description is small; refuse to inflate a huge one
 
 
 @attrs.frozen(eq=False)
@@ -3017,10 +3020,14 @@ def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _file_mode(path: str) -> int:
+    """The mode ``open(path, "w")`` would give: the existing file's, else 0o666
+    less the process umask."""
     try:
         return os.stat(path).st_mode & 0o777
     except OSError:
-        return 0o644
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -3083,6 +3090,9 @@ def save(path: str | os.PathLike, net: Network, opt_state: Any = None, *, meta: 
 def _read_structure(npz: Any) -> dict[str, Any]:
     if _STRUCTURE not in npz.files:
         raise ValueError("not a dlfs checkpoint (no structure record)")
+    size = npz.zip.getinfo(f"{_STRUCTURE}.npy").file_size
+    if size > _STRUCTURE_MAX:
+        raise ValueError(f"the structure record is {size} bytes, over {_STRUCTURE_MAX}")
     raw = npz[_STRUCTURE]
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError("the structure record must be a 1-D uint8 array")
