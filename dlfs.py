@@ -236,6 +236,24 @@ def _check_int(name: str, value: Any, *, low: int = 1) -> int:
     return int(value)
 
 
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from err
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not shape:
+        raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
+    return tuple(_check_int(f"{name}[{i}]", d) for i, d in enumerate(shape))
+
+
 def _frozen(a: Any) -> np.ndarray:
     """attrs converter: a read-only float array.  It is copied unless it owns
     its data and is already read-only, so no writeable base can change it."""
@@ -1004,6 +1022,16 @@ def _conv_input_grad(
     return dxp[:, :, top : top + h, left : left + wd].transpose(1, 0, 2, 3)
 
 
+def _conv_dy_matrix(dy: np.ndarray) -> np.ndarray:
+    """dy (N, C_out, Ho, Wo) as the (C_out, N Ho Wo) matrix the GEMMs use."""
+    return dy.transpose(1, 0, 2, 3).reshape(dy.shape[1], -1)
+
+
+def _conv_param_grads(cols: np.ndarray, dy_mat: np.ndarray, w_shape: tuple) -> Params:
+    """dw = dY @ patches.T (computed as (patches @ dY.T).T, faster in OpenBLAS), db = sum dY."""
+    return (cols @ dy_mat.T).T.reshape(w_shape), dy_mat.sum(axis=1)
+
+
 def _frozen_kernel(w: Any) -> np.ndarray:
     w = _frozen(w)
     if w.ndim != 4:
@@ -1109,17 +1137,14 @@ class Conv2D:
         cols, x_shape = cache
         _, ho, wo = self.output_shape(x_shape[1:])
         _check_input("dy", dy, (x_shape[0], self.out_channels, ho, wo), self.w.dtype)
-        dy_mat = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
-        dw = (cols @ dy_mat.T).T.reshape(self.w.shape)  # faster in OpenBLAS than dy @ cols.T
+        dy_mat = _conv_dy_matrix(dy)
         dx = _conv_input_grad(self.w, dy_mat, x_shape, self.padding, self.stride)
-        return dx, (dw, dy_mat.sum(axis=1))
+        return dx, _conv_param_grads(cols, dy_mat, self.w.shape)
 
     def _param_grads(self, cache: tuple, dy: np.ndarray) -> Params:
         """(dw, db) as in ``backward``, without dx: a network skips the input
         gradient of its first layer."""
-        cols, _ = cache
-        dy_mat = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
-        return (cols @ dy_mat.T).T.reshape(self.w.shape), dy_mat.sum(axis=1)
+        return _conv_param_grads(cache[0], _conv_dy_matrix(dy), self.w.shape)
 
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
@@ -1246,64 +1271,6 @@ class AvgPool2D(_NoParams):
         for _, view in _pool_windows(self, dx):
             view += share
         return dx, ()
-
-
-@attrs.frozen
-class Conv2DSpec:
-    """A Conv2D layer (plus optional activation) whose input channels the builder infers."""
-
-    channels: int = attrs.field(converter=lambda n: _check_int("channels", n))
-    kernel: tuple[int, int] = attrs.field(converter=lambda k: _int_pair("kernel", k))
-    stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
-    padding: Any = "valid"
-    activation: Any = None
-    init: Callable[..., np.ndarray] = he_normal
-    bias_init: Callable[..., np.ndarray] = zeros
-
-    def __attrs_post_init__(self) -> None:
-        _resolve_padding(self.padding, self.kernel, self.stride)  # fail early on bad padding
-
-    def build(
-        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
-        """Draw the kernel for images of per-sample shape ``in_shape`` (C, H, W)."""
-        if len(in_shape) != 3:
-            raise ValueError(
-                f"conv2d expects images (N, C, H, W), got {_shape_str((None, *in_shape))}"
-            )
-        layer = Conv2D.init(
-            key,
-            in_shape[0],
-            self.channels,
-            self.kernel,
-            stride=self.stride,
-            padding=self.padding,
-            init=self.init,
-            bias_init=self.bias_init,
-            dtype=dtype,
-        )
-        out = layer.output_shape(in_shape)
-        if self.activation is None:
-            return (layer,), out
-        return (layer, self.activation), self.activation.output_shape(out)
-
-
-def conv2d(
-    channels: int,
-    kernel: int | tuple[int, int],
-    *,
-    stride: int | tuple[int, int] = 1,
-    padding: Any = "valid",
-    activation: Any = None,
-    init: Callable[..., np.ndarray] = he_normal,
-    bias_init: Callable[..., np.ndarray] = zeros,
-) -> Conv2DSpec:
-    """A Conv2D of ``channels`` output channels and a ``kernel`` (int or (kh, kw))
-    window, followed by ``activation``; its input channels come from the previous
-    layer.  (N, C, H, W) -> (N, channels, Ho, Wo)."""
-    if activation is not None and not hasattr(activation, "forward"):
-        raise TypeError(f"activation must be a layer such as dlfs.ReLU(), got {activation!r}")
-    return Conv2DSpec(channels, kernel, stride, padding, activation, init, bias_init)
 
 
 # -------------------------------------------------------------------- losses
@@ -1433,10 +1400,18 @@ class BinaryCrossEntropy:
 # ------------------------------------------------------------------ networks
 
 
-class _Spec(Protocol):
-    def build(
-        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]: ...
+def _check_activation(activation: Any) -> None:
+    if activation is not None and not _is_layer(activation):
+        raise TypeError(f"activation must be a layer such as dlfs.ReLU(), got {activation!r}")
+
+
+def _then_activation(
+    layer: Any, out_shape: tuple[int, ...], activation: Any
+) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """A spec's layers and output shape: ``layer``, then ``activation`` if any."""
+    if activation is None:
+        return (layer,), out_shape
+    return (layer, activation), activation.output_shape(out_shape)
 
 
 @attrs.frozen
@@ -1460,9 +1435,7 @@ class DenseSpec:
         layer = Dense.init(
             key, in_shape[0], self.n_out, init=self.init, bias_init=self.bias_init, dtype=dtype
         )
-        if self.activation is None:
-            return (layer,), (self.n_out,)
-        return (layer, self.activation), self.activation.output_shape((self.n_out,))
+        return _then_activation(layer, (self.n_out,), self.activation)
 
 
 def dense(
@@ -1474,9 +1447,63 @@ def dense(
 ) -> DenseSpec:
     """The book's ``Dense(neurons, activation)``: a Dense layer of ``n_out`` units
     followed by ``activation``; its input size comes from the previous layer."""
-    if activation is not None and not hasattr(activation, "forward"):
-        raise TypeError(f"activation must be a layer such as dlfs.Sigmoid(), got {activation!r}")
+    _check_activation(activation)
     return DenseSpec(n_out, activation, init, bias_init)
+
+
+@attrs.frozen
+class Conv2DSpec:
+    """A Conv2D layer (plus optional activation) whose input channels the builder infers."""
+
+    channels: int = attrs.field(converter=lambda n: _check_int("channels", n))
+    kernel: tuple[int, int] = attrs.field(converter=lambda k: _int_pair("kernel", k))
+    stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
+    padding: Any = "valid"
+    activation: Any = None
+    init: Callable[..., np.ndarray] = he_normal
+    bias_init: Callable[..., np.ndarray] = zeros
+
+    def __attrs_post_init__(self) -> None:
+        _resolve_padding(self.padding, self.kernel, self.stride)  # fail early on bad padding
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        """Draw the kernel for images of per-sample shape ``in_shape`` (C, H, W)."""
+        if len(in_shape) != 3:
+            raise ValueError(
+                f"conv2d expects images (N, C, H, W), got {_shape_str((None, *in_shape))}"
+            )
+        layer = Conv2D.init(
+            key,
+            in_shape[0],
+            self.channels,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            init=self.init,
+            bias_init=self.bias_init,
+            dtype=dtype,
+        )
+        out = layer.output_shape(in_shape)
+        return _then_activation(layer, out, self.activation)
+
+
+def conv2d(
+    channels: int,
+    kernel: int | tuple[int, int],
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: Any = "valid",
+    activation: Any = None,
+    init: Callable[..., np.ndarray] = he_normal,
+    bias_init: Callable[..., np.ndarray] = zeros,
+) -> Conv2DSpec:
+    """A Conv2D of ``channels`` output channels and a ``kernel`` (int or (kh, kw))
+    window, followed by ``activation``; its input channels come from the previous
+    layer.  (N, C, H, W) -> (N, channels, Ho, Wo)."""
+    _check_activation(activation)
+    return Conv2DSpec(channels, kernel, stride, padding, activation, init, bias_init)
 
 
 @attrs.frozen
@@ -1496,24 +1523,6 @@ def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> _BatchNormSpec:
     _check_number("momentum", momentum, low=0.0, high=1.0)
     _check_number("eps", eps, low=0.0, low_open=True)
     return _BatchNormSpec(momentum, eps)
-
-
-def _check_dtype(dtype: Any) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as err:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from err
-    if dt not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
-    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, (tuple, list)) or not shape:
-        raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
-    return tuple(_check_int(f"{name}[{i}]", d) for i, d in enumerate(shape))
 
 
 def _is_layer(obj: Any) -> bool:
@@ -2893,25 +2902,9 @@ class Checkpoint:
             raise TypeError(f"optimizer must have init/update, got {optimizer!r}")
         if self.opt_state is None:
             raise ValueError("this checkpoint holds no optimizer state (save(..., opt_state=...))")
-        _check_opt_state_like(self.opt_state, optimizer.init(self.net.params()), optimizer)
+        params = self.net.params()
+        _check_state(optimizer, self.opt_state, params, len(optimizer.init(params).slots))
         return self.opt_state
-
-
-def _check_opt_state_like(state: OptState, template: OptState, optimizer: Any) -> None:
-    name = type(optimizer).__name__
-    if len(state.slots) != len(template.slots):
-        raise ValueError(
-            f"the saved optimizer state has {len(state.slots)} moment slots, "
-            f"{name} needs {len(template.slots)}: was it saved from another optimizer?"
-        )
-    for s, (tree, want) in enumerate(zip(state.slots, template.slots)):
-        got = [(a.shape, a.dtype) for layer in tree for a in layer]
-        need = [(a.shape, a.dtype) for layer in want for a in layer]
-        if [len(layer) for layer in tree] != [len(layer) for layer in want] or got != need:
-            raise ValueError(
-                f"the saved optimizer state's slot {s} does not match {name}'s for this "
-                f"network: shapes/dtypes {got} vs {need}"
-            )
 
 
 def _check_path(name: str, path: Any) -> str:
