@@ -6,10 +6,12 @@
 float32, Adam with a cosine-decayed learning rate (peak 2e-3, 200 warmup
 steps), batch 64, 5 epochs over the 60000 training images.  The data come
 from ``mnist_data.load_mnist`` (shared with the MLP example): pass
-``--data PATH`` to a local ``mnist.npz``, or leave it out to use the loader's
-default.  ``--holdout K`` keeps the last K training images aside and reports
-a validation accuracy after each epoch; the test set is used once, at the
-end.  Ends with ``key=value`` lines (``test_acc``, ``epochs``, ``train_s``, ...).
+``--data PATH`` to a local ``.npz`` or a folder of the four IDX files, or
+leave it out to use the loader's default (a checked download, cached).
+Images go through ``mnist_data.prepare`` (float32, standardized with MNIST's
+mean/std).  ``--holdout K`` keeps the last K training images aside and
+reports a validation accuracy after each epoch; the test set is used once,
+at the end.  Ends with ``key=value`` lines (``test_acc``, ``epochs``, ``train_s``, ...).
 On a small shared machine, ``OPENBLAS_NUM_THREADS=1`` avoids BLAS threads
 waiting for busy cores.
 
@@ -23,20 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # mnist_data, next to this file
 sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
-from mnist_data import load_mnist  # noqa: E402
+from mnist_data import load_mnist, prepare  # noqa: E402
 
 import dlfs  # noqa: E402
-
-
-def images(x: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), standardized with MNIST's mean/std."""
-    x = x.reshape(-1, 1, 28, 28).astype(np.float32) / np.float32(255)
-    return (x - np.float32(0.1307)) / np.float32(0.3081)
 
 
 def build(seed: int, width: int = 32) -> dlfs.Network:
@@ -60,7 +54,12 @@ def build(seed: int, width: int = 32) -> dlfs.Network:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="dlfs CNN on MNIST")
-    ap.add_argument("--data", default=None, help="path to mnist.npz (default: the loader's)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="an MNIST .npz, or a folder of the four IDX files (.gz or not); "
+        "default: download once to the loader's cache",
+    )
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
@@ -72,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     data = load_mnist(args.data)
-    x_all, y_all = images(data["x_train"]), data["y_train"].astype(np.int64)
-    x_test, y_test = images(data["x_test"]), data["y_test"].astype(np.int64)
+    # float32 (N, 1, 28, 28), standardized with MNIST's mean/std; int64 labels
+    x_all, y_all, x_test, y_test = prepare(data, flatten=False, standardize=True)
     n_train = len(x_all) - args.holdout
     x_train, y_train = x_all[:n_train], y_all[:n_train]
     validation = (x_all[n_train:], y_all[n_train:]) if args.holdout > 0 else None
