@@ -926,17 +926,40 @@ def _linear_net(key=0, dtype=np.float32, hidden=True):
     return dlfs.network(key, 3, layers, dlfs.MeanSquaredError(), dtype=dtype)
 
 
-def _snapshot(*arrays):
-    return [a.copy() for a in arrays]
+def _snapshot(x):
+    """A comparable copy of an array (dtype, shape, exact bytes) or any other value (repr)."""
+    if isinstance(x, np.ndarray):
+        return (x.dtype, x.shape, x.tolist() if x.dtype == object else x.tobytes())
+    return repr(x)
 
 
 def _net_arrays(net):
     return [a for layer in net.layers for a in _arrays(layer)]
 
 
-def _assert_same_net(a, b):
-    for x, y in zip(_net_arrays(a), _net_arrays(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+def _record_config(obj: object) -> dict:
+    return {
+        f.name: getattr(obj, f.name)
+        for f in attrs.fields(type(obj))
+        if not isinstance(getattr(obj, f.name), np.ndarray)
+    }
+
+
+def _assert_same_net(a: dlfs.Network, b: dlfs.Network) -> None:
+    """Same architecture, configuration and bit-identical (read-only) arrays."""
+    assert a.input_shape == b.input_shape
+    assert type(a.loss) is type(b.loss)
+    assert _record_config(a.loss) == _record_config(b.loss)
+    assert len(a.layers) == len(b.layers)
+    for la, lb in zip(a.layers, b.layers):
+        assert type(la) is type(lb)
+        assert _record_config(la) == _record_config(lb)
+        for f in attrs.fields(type(la)):
+            u, v = getattr(la, f.name), getattr(lb, f.name)
+            if isinstance(u, np.ndarray):
+                assert u.dtype == v.dtype and u.shape == v.shape
+                assert u.tobytes() == v.tobytes()
+                assert not v.flags.writeable
 
 
 def test_train_step_is_pure():
@@ -947,11 +970,10 @@ def test_train_step_is_pure():
         dlfs.MeanSquaredError(),
     )
     x, y = _regression()
-    before = _snapshot(*_net_arrays(net), x, y)
+    before = [_snapshot(a) for a in [*_net_arrays(net), x, y]]
     state = dlfs.TrainState.create(net, dlfs.Adam(0.01), key=1)
     new = dlfs.train_step(state, (x, y))
-    for a, b in zip([*_net_arrays(net), x, y], before):
-        np.testing.assert_array_equal(a, b)
+    assert [_snapshot(a) for a in [*_net_arrays(net), x, y]] == before
     for a in _net_arrays(net) + _net_arrays(new.net):
         assert not a.flags.writeable
     assert new.step == 1 and state.step == 0 and new.opt_state.count == 1
@@ -970,11 +992,10 @@ def test_fit_is_pure_and_deterministic():
     )
     x, y = _regression()
     xv, yv = _regression(seed=1, n=16)
-    before = _snapshot(*_net_arrays(net), x, y, xv, yv)
+    before = [_snapshot(a) for a in [*_net_arrays(net), x, y, xv, yv]]
     kwargs = {"epochs": 3, "batch_size": 16, "validation": (xv, yv), "early_stopping": False}
     a, ha = dlfs.fit(net, dlfs.Momentum(0.01), x, y, seed=3, **kwargs)
-    for arr, b in zip([*_net_arrays(net), x, y, xv, yv], before):
-        np.testing.assert_array_equal(arr, b)
+    assert [_snapshot(arr) for arr in [*_net_arrays(net), x, y, xv, yv]] == before
     b, hb = dlfs.fit(net, dlfs.Momentum(0.01), x, y, seed=3, **kwargs)
     _assert_same_net(a, b)
     assert ha == hb
@@ -1048,17 +1069,8 @@ def test_early_stopping_returns_best_evaluated_network():
     xv, yv = x[:32], -y[:32]
     net = _linear_net(hidden=False)
     seen = []
-    best, h = dlfs.fit(
-        net,
-        dlfs.SGD(0.05),
-        x,
-        y,
-        epochs=20,
-        batch_size=8,
-        validation=(xv, yv),
-        patience=2,
-        callback=seen.append,
-    )
+    kw = dict(batch_size=8, validation=(xv, yv))
+    best, h = dlfs.fit(net, dlfs.SGD(0.05), x, y, epochs=20, patience=2, callback=seen.append, **kw)
     assert h.stopped_early and len(h.records) < 20
     losses = [v for v in h.val_loss if v is not None]
     assert losses == [r.val_loss for r in seen]
@@ -1066,16 +1078,7 @@ def test_early_stopping_returns_best_evaluated_network():
     best_val = float(best.loss.forward(best.predict(xv), yv)[0])
     assert best_val == pytest.approx(min(losses), rel=1e-6)
     assert h.val_loss[h.best_epoch - 1] == min(losses)
-    last, h_all = dlfs.fit(
-        net,
-        dlfs.SGD(0.05),
-        x,
-        y,
-        epochs=4,
-        batch_size=8,
-        validation=(xv, yv),
-        early_stopping=False,
-    )
+    last, h_all = dlfs.fit(net, dlfs.SGD(0.05), x, y, epochs=4, early_stopping=False, **kw)
     last_val = float(last.loss.forward(last.predict(xv), yv)[0])
     assert last_val == pytest.approx(h_all.val_loss[-1], rel=1e-6)
 
@@ -1490,30 +1493,6 @@ def _trust_targets(net: dlfs.Network, n: int, rng: np.random.Generator) -> np.nd
     return rng.standard_normal((n, *net.output_shape)).astype(net.dtype)
 
 
-def _trust_record_config(obj: object) -> dict:
-    return {
-        f.name: getattr(obj, f.name)
-        for f in attrs.fields(type(obj))
-        if not isinstance(getattr(obj, f.name), np.ndarray)
-    }
-
-
-def _trust_assert_same_net(a: dlfs.Network, b: dlfs.Network) -> None:
-    assert a.input_shape == b.input_shape
-    assert type(a.loss) is type(b.loss)
-    assert _trust_record_config(a.loss) == _trust_record_config(b.loss)
-    assert len(a.layers) == len(b.layers)
-    for la, lb in zip(a.layers, b.layers):
-        assert type(la) is type(lb)
-        assert _trust_record_config(la) == _trust_record_config(lb)
-        for f in attrs.fields(type(la)):
-            u, v = getattr(la, f.name), getattr(lb, f.name)
-            if isinstance(u, np.ndarray):
-                assert u.dtype == v.dtype and u.shape == v.shape
-                assert u.tobytes() == v.tobytes()
-                assert not v.flags.writeable
-
-
 def _trust_assert_same_opt_state(a: dlfs.OptState, b: dlfs.OptState) -> None:
     assert (a.count, a.lr) == (b.count, b.lr)
     leaves_a = [x for tree in a.slots for layer in tree for x in layer]
@@ -1577,7 +1556,7 @@ def test_save_load_round_trip(seed, n_in, widths, acts, extras, dtype, loss, wit
         dlfs.save(path, state.net, state.opt_state if with_opt else None, meta=meta)
         ckpt = dlfs.load(path)
         assert os.listdir(d) == ["net.npz"]
-    _trust_assert_same_net(state.net, ckpt.net)
+    _assert_same_net(state.net, ckpt.net)
     assert ckpt.meta == meta
     assert ckpt.version == 1 and ckpt.dlfs_version == dlfs.__version__
     x = rng.standard_normal((3, n_in)).astype(dtype)
@@ -1662,7 +1641,7 @@ def test_flipped_byte_is_detected_or_harmless(_trust_ckpt_bytes, frac, xor):
     except ValueError as err:
         assert "cannot load checkpoint" in str(err)
         return
-    _trust_assert_same_net(ref.net, ckpt.net)
+    _assert_same_net(ref.net, ckpt.net)
     _trust_assert_same_opt_state(ref.opt_state, ckpt.opt_state)
     assert ckpt.meta == ref.meta
 
@@ -1796,10 +1775,10 @@ def test_interrupted_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, error
     with pytest.raises(type(error)):
         dlfs.save(path, new)
     assert os.listdir(tmp_path) == ["c.npz"]
-    _trust_assert_same_net(old, dlfs.load(path).net)
+    _assert_same_net(old, dlfs.load(path).net)
     monkeypatch.undo()
     dlfs.save(path, new)
-    _trust_assert_same_net(new, dlfs.load(path).net)
+    _assert_same_net(new, dlfs.load(path).net)
     assert os.listdir(tmp_path) == ["c.npz"]
 
 
@@ -1826,11 +1805,11 @@ def test_resume_is_bit_identical(tmp_path, with_validation):
     dlfs.fit(net, opt, x, y, epochs=2, checkpoint=path, **kw)
     assert dlfs.load(path).meta["dlfs.fit"]["epoch"] == 2
     resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, checkpoint=path, **kw)
-    _trust_assert_same_net(straight, resumed)
+    _assert_same_net(straight, resumed)
     assert h_straight == h_resumed
     # resuming a finished run trains nothing and returns the same result
     again, h_again = dlfs.fit(net, opt, x, y, epochs=4, resume=path, **kw)
-    _trust_assert_same_net(straight, again)
+    _assert_same_net(straight, again)
     assert h_again == h_straight
 
 
@@ -1849,7 +1828,7 @@ def test_resume_keeps_early_stopping_state(tmp_path):
         if hr.stopped_early:
             break
     assert hr == hs
-    _trust_assert_same_net(straight, out)
+    _assert_same_net(straight, out)
 
 
 def test_resume_rejects_a_different_run(tmp_path):
@@ -1983,12 +1962,6 @@ def _trust_call(draw, target: str, args: list):
     return calls[target]
 
 
-def _trust_snapshot(x):
-    if isinstance(x, np.ndarray):
-        return (x.dtype, x.shape, x.tolist() if x.dtype == object else x.tobytes())
-    return repr(x)
-
-
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_public_api_fuzz(data):
@@ -2025,7 +1998,7 @@ def test_public_api_fuzz(data):
         )
     )
     args = [data.draw(_trust_arrays()), data.draw(_trust_arrays()), data.draw(_TRUST_BAD_NUMBERS)]
-    before = [_trust_snapshot(x) for x in args]
+    before = [_snapshot(x) for x in args]
     call = _trust_call(data.draw, target, args)
     with np.errstate(all="ignore"):
         try:
@@ -2034,7 +2007,7 @@ def test_public_api_fuzz(data):
             pass
         except dlfs.NonFiniteError:  # huge learning rates / NaN data in a raw step
             assert target in ("fit_lr", "train_step")
-    assert [_trust_snapshot(x) for x in args] == before
+    assert [_snapshot(x) for x in args] == before
 
 
 def test_fit_rejects_unusable_inputs_up_front(tmp_path):
@@ -2100,8 +2073,10 @@ def _mnist_write_folder(folder: Path, arrays: dict[str, np.ndarray], gz: bool) -
             (folder / base).write_bytes(raw)
 
 
-def _mnist_md5s(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.glob("*.gz")}
+def _mnist_publish(www: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write ``arrays`` as gzipped IDX files under ``www/mnist``; their md5s by file name."""
+    _mnist_write_folder(www / "mnist", arrays, gz=True)
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (www / "mnist").glob("*.gz")}
 
 
 def _mnist_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
@@ -2144,8 +2119,7 @@ def _mnist_server(tmp_path):
 def test_mnist_download_parse_checksum_and_cache_reuse(_mnist_server, tmp_path):
     url, www, requests = _mnist_server
     arrays = _mnist_arrays()
-    _mnist_write_folder(www / "mnist", arrays, gz=True)
-    md5 = _mnist_md5s(www / "mnist")
+    md5 = _mnist_publish(www, arrays)
     cache = tmp_path / "cache"
     got = mnist_data.load_mnist(None, cache=cache, base_url=url, md5=md5)
     _mnist_equal(got, arrays)
@@ -2158,17 +2132,16 @@ def test_mnist_download_parse_checksum_and_cache_reuse(_mnist_server, tmp_path):
 
 def test_mnist_cache_dir_from_env(_mnist_server, tmp_path, monkeypatch):
     url, www, _ = _mnist_server
-    _mnist_write_folder(www / "mnist", _mnist_arrays(1), gz=True)
+    md5 = _mnist_publish(www, _mnist_arrays(1))
     monkeypatch.setenv("DLFS_DATA", str(tmp_path / "envcache"))
     assert mnist_data.cache_dir() == tmp_path / "envcache" / "mnist"
-    mnist_data.load_mnist(None, base_url=url, md5=_mnist_md5s(www / "mnist"))
+    mnist_data.load_mnist(None, base_url=url, md5=md5)
     assert len(list((tmp_path / "envcache" / "mnist").glob("*.gz"))) == 4
 
 
 def test_mnist_corrupt_download_is_not_cached(_mnist_server, tmp_path):
     url, www, _ = _mnist_server
-    _mnist_write_folder(www / "mnist", _mnist_arrays(), gz=True)
-    md5 = _mnist_md5s(www / "mnist")
+    md5 = _mnist_publish(www, _mnist_arrays())
     bad = www / "mnist" / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:-10])  # truncated in transit
     cache = tmp_path / "cache"
@@ -2185,8 +2158,7 @@ def test_mnist_corrupt_download_is_not_cached(_mnist_server, tmp_path):
 def test_mnist_damaged_cache_file_is_downloaded_again(_mnist_server, tmp_path):
     url, www, requests = _mnist_server
     arrays = _mnist_arrays()
-    _mnist_write_folder(www / "mnist", arrays, gz=True)
-    md5 = _mnist_md5s(www / "mnist")
+    md5 = _mnist_publish(www, arrays)
     cache = tmp_path / "cache"
     mnist_data.download_mnist(cache, base_url=url, md5=md5)
     (cache / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
@@ -2198,8 +2170,7 @@ def test_mnist_damaged_cache_file_is_downloaded_again(_mnist_server, tmp_path):
 def test_mnist_unreachable_mirror_falls_back_then_errors(_mnist_server, tmp_path):
     url, www, _ = _mnist_server
     arrays = _mnist_arrays()
-    _mnist_write_folder(www / "mnist", arrays, gz=True)
-    md5 = _mnist_md5s(www / "mnist")
+    md5 = _mnist_publish(www, arrays)
     missing = url.replace("/mnist/", "/nothing-here/")
     got = mnist_data.load_mnist(None, cache=tmp_path / "c1", base_url=[missing, url], md5=md5)
     _mnist_equal(got, arrays)
