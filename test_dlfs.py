@@ -2263,9 +2263,14 @@ def test_mnist_prepare():
         mnist_data.images_to_float(np.zeros((2, 4, 4), dtype=np.float32))
 
 
-@pytest.mark.parametrize("preset", ["default", "tutorial"])
-def test_mnist_mlp_example_smoke(tmp_path, monkeypatch, capsys, preset):
-    """The example runs end to end on a tiny generated npz and prints key=value lines."""
+def _example(name: str, monkeypatch: pytest.MonkeyPatch):
+    """Import ``examples/<name>.py`` (examples import each other and mnist_data by name)."""
+    monkeypatch.syspath_prepend(str(HERE / "examples"))
+    return importlib.import_module(name)
+
+
+def _tiny_mnist_npz(folder: Path) -> Path:
+    """A random MNIST-shaped npz: 40 training and 10 test images."""
     rng = np.random.default_rng(5)
     arrays = {
         "x_train": rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
@@ -2273,10 +2278,21 @@ def test_mnist_mlp_example_smoke(tmp_path, monkeypatch, capsys, preset):
         "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
         "y_test": rng.integers(0, 10, 10, dtype=np.uint8),
     }
-    np.savez(tmp_path / "tiny.npz", **arrays)
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "examples"))
-    mnist_mlp = importlib.import_module("mnist_mlp")
-    args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "2", "--val-size", "8"]
+    np.savez(folder / "tiny.npz", **arrays)
+    return folder / "tiny.npz"
+
+
+def _key_values(out: str) -> dict[str, str]:
+    """The ``key=value`` lines of an example's output (lines with spaces are prose)."""
+    pairs = (line.split("=", 1) for line in out.splitlines() if re.fullmatch(r"\w+=\S+", line))
+    return dict(pairs)
+
+
+@pytest.mark.parametrize("preset", ["default", "tutorial"])
+def test_mnist_mlp_example_smoke(tmp_path, monkeypatch, capsys, preset):
+    """The example runs end to end on a tiny generated npz and prints key=value lines."""
+    mnist_mlp = _example("mnist_mlp", monkeypatch)
+    args = ["--data", str(_tiny_mnist_npz(tmp_path)), "--epochs", "2", "--val-size", "8"]
     result = mnist_mlp.main([*args, "--preset", preset])
     out = capsys.readouterr().out
     assert f"test_acc={result['test_acc']:.4f}" in out
@@ -2802,3 +2818,44 @@ def test_accuracy_rejects_one_hot_of_the_wrong_width():
     scores = np.zeros((4, 5))
     with pytest.raises(ValueError, match="one-hot target must have shape"):
         dlfs.accuracy(scores, np.eye(3)[[0, 1, 2, 0]])
+
+
+# ------------------------------------------------- examples: xor, mnist_cnn
+
+
+def test_xor_example_smoke(monkeypatch, capsys):
+    """A few epochs: four predictions and an xor_correct count; the default run solves XOR."""
+    xor = _example("xor", monkeypatch)
+    correct = xor.main(["--epochs", "5"])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\[([01]), ([01])\] -> ([+-]\d\.\d{4})  \(target ([01])\)$", out, re.M)
+    assert [(a, b, t) for a, b, _, t in rows] == [
+        ("0", "0", "0"),
+        ("0", "1", "1"),
+        ("1", "0", "1"),
+        ("1", "1", "0"),
+    ]
+    assert isinstance(correct, int) and 0 <= correct <= 4
+    assert _key_values(out) == {"xor_correct": str(correct)}
+    # the full default run (1000 epochs, seed 0) takes well under a second
+    assert xor.main([]) == 4
+    assert _key_values(capsys.readouterr().out) == {"xor_correct": "4"}
+
+
+def test_mnist_cnn_example_smoke(tmp_path, monkeypatch, capsys):
+    """The CNN example on a tiny npz, narrow and for one epoch: summary shapes and key=value lines."""
+    mnist_cnn = _example("mnist_cnn", monkeypatch)
+    args = ["--data", str(_tiny_mnist_npz(tmp_path)), "--width", "2", "--epochs", "1"]
+    mnist_cnn.main([*args, "--batch-size", "16", "--holdout", "8"])
+    out = capsys.readouterr().out
+    kv = _key_values(out)
+    assert {"test_acc", "epochs", "train_s", "batch_size", "seed", "width", "train_loss"} <= set(kv)
+    assert 0.0 <= float(kv["test_acc"]) <= 1.0
+    assert (kv["epochs"], kv["batch_size"], kv["width"], kv["seed"]) == ("1", "16", "2", "0")
+    assert math.isfinite(float(kv["train_loss"])) and float(kv["train_s"]) >= 0
+    assert re.search(r"epoch 1: train_loss=\S+ val_loss=\S+ val_metric=", out)  # --holdout
+    # the summary's shapes: 28 -> pool -> 14 -> pool -> 7, width 2 then 4 channels
+    shapes = re.findall(r"\(N, [\d, ]+\)", out)
+    for shape in ["(N, 1, 28, 28)", "(N, 2, 28, 28)", "(N, 4, 7, 7)", "(N, 196)", "(N, 10)"]:
+        assert shape in shapes
+    assert shapes[-1] == "(N, 10)" and mnist_cnn.build(0, 2).output_shape == (10,)
