@@ -2859,3 +2859,43 @@ def test_mnist_cnn_example_smoke(tmp_path, monkeypatch, capsys):
     for shape in ["(N, 1, 28, 28)", "(N, 2, 28, 28)", "(N, 4, 7, 7)", "(N, 196)", "(N, 10)"]:
         assert shape in shapes
     assert shapes[-1] == "(N, 10)" and mnist_cnn.build(0, 2).output_shape == (10,)
+
+
+# ------------------------------------------------------ MaxNorm on conv kernels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_norm_conv_kernel_per_output_channel(dtype):
+    """A kernel (C_out, C_in, kh, kw): each output channel's incoming weights (axes 1, 2, 3)
+    are rescaled to norm c; channels within c and 1-D biases stay bit-identical."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((4, 3, 2, 2))
+    w /= np.sqrt((w * w).sum(axis=(1, 2, 3), keepdims=True))
+    norms = np.array([0.5, 2.0, 5.0, 0.9])
+    w = (w * norms[:, None, None, None]).astype(dtype)
+    b = np.array([10.0, -10.0, 10.0, 3.0], dtype=dtype)
+    ((new_w, new_b),) = dlfs.MaxNorm(1.0)(((w, b),))
+    assert new_w.dtype == dtype and new_w.shape == w.shape and not new_w.flags.writeable
+    for k in (0, 3):  # within c: untouched
+        assert new_w[k].tobytes() == w[k].tobytes()
+    got = np.sqrt((new_w.astype(np.float64) ** 2).sum(axis=(1, 2, 3)))
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got[1:3], [1.0, 1.0], rtol=rtol)
+    assert np.all(got <= 1.0 + rtol)
+    for k, scale in ((1, 0.5), (2, 0.2)):  # one factor per output channel, not per slice
+        np.testing.assert_allclose(new_w[k] / w[k], np.full(w[k].shape, scale), rtol=rtol)
+    assert new_b.dtype == dtype and new_b.tobytes() == b.tobytes()
+    # on a built CNN's parameters: Conv2D kernels and Dense weights constrained, biases not
+    net = dlfs.network(
+        0, (1, 5, 5), [dlfs.conv2d(3, 3), dlfs.Flatten(), dlfs.dense(2)], dlfs.MeanSquaredError()
+    )
+    big = net.with_params(tuple(tuple(p * 100 + 1 for p in ps) for ps in net.params()))
+    assert [p.shape for ps in big.params() for p in ps] == [(3, 1, 3, 3), (3,), (27, 2), (2,)]
+    for old, new in zip(big.params(), dlfs.MaxNorm(0.5)(big.params())):
+        for p, q in zip(old, new):
+            if p.ndim == 1:
+                assert q.tobytes() == p.tobytes()
+            else:
+                axes = tuple(range(1, p.ndim)) if p.ndim == 4 else (0,)
+                q64 = q.astype(np.float64)
+                assert np.all(np.sqrt((q64 * q64).sum(axis=axes)) <= 0.5 * (1 + 1e-6))
