@@ -2899,3 +2899,49 @@ def test_max_norm_conv_kernel_per_output_channel(dtype):
                 axes = tuple(range(1, p.ndim)) if p.ndim == 4 else (0,)
                 q64 = q.astype(np.float64)
                 assert np.all(np.sqrt((q64 * q64).sum(axis=axes)) <= 0.5 * (1 + 1e-6))
+
+
+# ------------------------------------------------------ resume with eval_every
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_resume_with_eval_every_dividing_the_split(tmp_path, early_stopping):
+    """eval_every=2 and a 2 + 2 split: both calls evaluate where the straight run does, so the
+    resumed run matches 4 straight epochs bit for bit, history and best network included."""
+    net = _trust_net(3, 4, [6, 5], [4, 2], np.float32, "sce", [1, 2])
+    x, y = _trust_fit_data()
+    kw = dict(batch_size=8, seed=5, validation=(x[:10], y[:10]), eval_every=2, patience=10)
+    kw["early_stopping"] = early_stopping
+    opt = dlfs.Adam(1e-2)
+    straight, h_straight = dlfs.fit(net, opt, x, y, epochs=4, **kw)
+    assert h_straight.val_loss[0] is None and h_straight.val_loss[2] is None
+    assert None not in (h_straight.val_loss[1], h_straight.val_loss[3])
+    path = tmp_path / "run.npz"
+    dlfs.fit(net, opt, x, y, epochs=2, checkpoint=path, **kw)
+    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, **kw)
+    _assert_same_net(straight, resumed)
+    assert h_resumed == h_straight
+
+
+def test_resume_with_eval_every_not_dividing_the_split(tmp_path):
+    """eval_every=3 and a 2 + 2 split: the first call also evaluates its last epoch (2), as
+    fit's docstring says.  Evaluating never changes training, so without early stopping the
+    weights still match 4 straight epochs bit for bit; the history has one more evaluation."""
+    net = _trust_net(3, 4, [6, 5], [4, 2], np.float32, "sce", [1, 2])
+    x, y = _trust_fit_data()
+    kw = dict(batch_size=8, seed=5, validation=(x[:10], y[:10]), eval_every=3)
+    kw["early_stopping"] = False
+    opt = dlfs.Adam(1e-2)
+    straight, h_straight = dlfs.fit(net, opt, x, y, epochs=4, **kw)
+    path = tmp_path / "run.npz"
+    dlfs.fit(net, opt, x, y, epochs=2, checkpoint=path, **kw)
+    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, **kw)
+    _assert_same_net(straight, resumed)
+    assert [v is not None for v in h_straight.val_loss] == [False, False, True, True]
+    assert [v is not None for v in h_resumed.val_loss] == [False, True, True, True]
+    assert h_resumed.train_loss == h_straight.train_loss
+    assert h_resumed.records[2:] == h_straight.records[2:]
+    assert h_resumed.records[0] == h_straight.records[0]
+    for h in (h_straight, h_resumed):  # the best epoch is over the evaluated ones
+        evaluated = {r.epoch: r.val_loss for r in h.records if r.val_loss is not None}
+        assert h.best_epoch == min(evaluated, key=evaluated.get)
