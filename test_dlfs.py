@@ -1962,6 +1962,47 @@ def _trust_call(draw, target: str, args: list):
     return calls[target]
 
 
+# Python's and numpy's own wording: a dlfs check was missing and an internal error leaked out.
+_INTERNAL_ERRORS = (
+    "unsized object",
+    "object of type",
+    "'NoneType'",
+    "has no len",
+    "not subscriptable",
+    "unsupported operand",
+    "is not iterable",
+    "cannot unpack",
+    "values to unpack",
+    "could not be broadcast",
+    "ufunc",
+    "out of bounds",
+    "invalid literal",
+    "could not convert",
+    "not supported between instances",
+    "positional argument",
+    "unhashable type",
+    "setting an array element",
+    "zero-size array",
+    "not aligned",
+    "input operand",
+    "math domain error",
+    "cannot convert float",
+    "cannot be interpreted as",
+    "only integer scalar arrays",
+    "truth value of an array",
+)
+
+
+def _assert_clear_error(err: Exception) -> None:
+    """A dlfs validation error: says what it expects (``... must ...``/``expects``), and is not
+    an internal Python/numpy error that escaped validation."""
+    message = str(err)
+    assert message.strip(), f"{type(err).__name__} with an empty message"
+    assert "must" in message or "expect" in message, f"unclear error: {message!r}"
+    leaked = [m for m in _INTERNAL_ERRORS if m in message.lower()]
+    assert not leaked, f"internal error leaked out of validation: {type(err).__name__}: {message}"
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_public_api_fuzz(data):
@@ -2003,8 +2044,8 @@ def test_public_api_fuzz(data):
     with np.errstate(all="ignore"):
         try:
             call()
-        except (ValueError, TypeError):
-            pass
+        except (ValueError, TypeError) as err:
+            _assert_clear_error(err)
         except dlfs.NonFiniteError:  # huge learning rates / NaN data in a raw step
             assert target in ("fit_lr", "train_step")
     assert [_snapshot(x) for x in args] == before
