@@ -23,6 +23,15 @@ Setup (from the project root)::
     python benchmarks/bench_mlp.py --data PATH/mnist.npz   # x_train (N,28,28) uint8, y_train
 
 Without torch installed the torch contender is skipped with a message.
+
+``--tiny`` measures the fixed per-step cost instead: an 8-8-8-4 network at
+batch 8 (so the arithmetic is negligible), dlfs against the same numpy loop,
+interleaved over ``--rounds`` rounds of ``--tiny-steps`` steps each; it prints
+``tiny_dlfs_us_per_step``, ``tiny_numpy_us_per_step`` (medians over rounds)
+and ``tiny_time_ratio_vs_numpy`` (median within-round ratio of the times, dlfs /
+numpy: above 1 means dlfs takes longer)::
+
+    python benchmarks/bench_mlp.py --tiny --threads 1
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dlfs
 
 SIZES = (784, 256, 128, 10)
+TINY_SIZES, TINY_BATCH = (8, 8, 8, 4), 8
 
 
 # ------------------------------------------------------------------- data
@@ -55,10 +65,15 @@ def load_data(path: str | None, n: int, seed: int) -> tuple[np.ndarray, np.ndarr
             x = d["x_train"].reshape(len(d["x_train"]), -1).astype(np.float32) / 255
             y = d["y_train"].astype(np.int64)
         return x[:n], y[:n]
+    return synthetic(n, SIZES, seed)
+
+
+def synthetic(n: int, sizes: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 (n, sizes[0]) uniform in [0, 1), y int64 (n,) in [0, sizes[-1])."""
     rng = np.random.default_rng(seed)
-    x = rng.random((n, SIZES[0]), dtype=np.float32)
+    x = rng.random((n, sizes[0]), dtype=np.float32)
     # Labels that depend on x, so that the task is learnable (the loss falls).
-    proj = rng.standard_normal((SIZES[0], SIZES[-1])).astype(np.float32)
+    proj = rng.standard_normal((sizes[0], sizes[-1])).astype(np.float32)
     y = np.argmax((x - 0.5) @ proj, axis=1).astype(np.int64)
     return x, y
 
@@ -79,19 +94,20 @@ def numpy_batches(x: np.ndarray, y: np.ndarray, batch_size: int, steps: int, key
 # ----------------------------------------------------------- contenders
 
 
-def initial_weights(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def initial_weights(
+    seed: int, sizes: tuple[int, ...] = SIZES
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Glorot-normal weights and zero biases, drawn by dlfs (shared by everyone)."""
-    net = make_dlfs_net(seed)
+    net = make_dlfs_net(seed, sizes=sizes)
     return [(np.array(w), np.array(b)) for w, b in (p for p in net.params() if p)]
 
 
-def make_dlfs_net(seed: int, weights=None) -> dlfs.Network:
-    layers = [
-        dlfs.dense(SIZES[1], dlfs.ReLU()),
-        dlfs.dense(SIZES[2], dlfs.ReLU()),
-        dlfs.dense(SIZES[3]),
-    ]
-    net = dlfs.network(seed, SIZES[0], layers, dlfs.SoftmaxCrossEntropy(), dtype=np.float32)
+def make_dlfs_net(seed: int, weights=None, sizes: tuple[int, ...] = SIZES) -> dlfs.Network:
+    """Dense layers ``sizes[0] -> ... -> sizes[-1]``, ReLU between them, softmax cross-entropy."""
+    if weights is not None:
+        sizes = (weights[0][0].shape[0], *(w.shape[1] for w, _ in weights))
+    layers = [dlfs.dense(n, dlfs.ReLU()) for n in sizes[1:-1]] + [dlfs.dense(sizes[-1])]
+    net = dlfs.network(seed, sizes[0], layers, dlfs.SoftmaxCrossEntropy(), dtype=np.float32)
     if weights is not None:
         it = iter(weights)
         net = net.with_params(tuple(next(it) if p else () for p in net.params()))
@@ -311,6 +327,28 @@ def paired_ratio(ours: list[float], ref: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, ref))
 
 
+def bench_tiny(args) -> None:
+    """Per-step time on an 8-8-8-4 net at batch 8: what a step costs besides the arithmetic.
+    dlfs and the numpy loop alternate, each round ``tiny_steps`` steps on a fresh shuffle."""
+    steps, bs = args.tiny_steps, TINY_BATCH
+    x, y = synthetic(steps * bs, TINY_SIZES, args.seed)
+    weights = initial_weights(args.seed, TINY_SIZES)
+    runners = [DlfsRunner(weights, args.lr), NumpyRunner(weights, args.lr)]
+    print(f"tiny_sizes={'-'.join(map(str, TINY_SIZES))} tiny_batch={bs} tiny_steps={steps}")
+    for r in runners:  # warm-up
+        r.train(x, y, bs, max(10, steps // 10), (args.seed, bs, 0))
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    losses = {}
+    for k in range(args.rounds):
+        for r in runners:
+            dt, losses[r.name] = timed(r.train, x, y, bs, steps, (args.seed, bs, k + 1))
+            times[r.name].append(dt / steps * 1e6)
+    for r in runners:
+        print(f"tiny_{r.name}_us_per_step={statistics.median(times[r.name]):.1f}")
+    print(f"tiny_time_ratio_vs_numpy={paired_ratio(times['dlfs'], times['numpy']):.2f}")
+    print("tiny_train_loss=" + ",".join(f"{k}:{v:.4f}" for k, v in losses.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="npz with x_train (N,28,28) uint8 and y_train (real MNIST)")
@@ -324,9 +362,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predict-batch", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", choices=["dlfs", "torch", "numpy"], help="contenders")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="only the per-step overhead: dlfs vs numpy on an 8-8-8-4 net, batch 8",
+    )
+    p.add_argument("--tiny-steps", type=int, default=2000, help="steps per contender per round")
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds must be >= 3")
+    if args.tiny:
+        if args.tiny_steps < 1:
+            p.error("--tiny-steps must be >= 1")
+        _limiter, torch = configure_threads(args.threads)
+        print_config(args.threads, torch)
+        print(f"rounds={args.rounds} lr={args.lr}")
+        bench_tiny(args)
+        return
     if args.steps * max(args.batch_sizes) > args.n:
         p.error(f"--steps * batch size must be <= --n ({args.n}): one pass per timed run")
 
