@@ -1891,7 +1891,8 @@ _TRUST_DTYPES = ("float32", "float64", "int64", "uint8", "bool", "complex128", "
 
 @st.composite
 def _trust_arrays(draw):
-    """Mostly plausible, often wrong arrays: odd dtypes, shapes, NaN/inf, empty."""
+    """Mostly plausible, often wrong arrays: odd dtypes, shapes, NaN/inf, empty;
+    shape () gives a numpy scalar or a 0-d array."""
     dtype = draw(st.sampled_from(_TRUST_DTYPES))
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=3)))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -1901,10 +1902,12 @@ def _trust_arrays(draw):
         a.flat[draw(st.integers(0, a.size - 1))] = special
     with np.errstate(all="ignore"):
         if dtype in ("int64", "uint8"):
-            return np.nan_to_num(np.abs(a)).astype(dtype)
-        if dtype == "<U2":
-            return a.astype(str).astype(dtype)
-        return a.astype(dtype)
+            a = np.nan_to_num(np.abs(a)).astype(dtype)
+        elif dtype == "<U2":
+            a = a.astype(str).astype(dtype)
+        else:
+            a = a.astype(dtype)
+    return np.asarray(a) if not shape and draw(st.booleans()) else a
 
 
 _TRUST_BAD_NUMBERS = st.one_of(
