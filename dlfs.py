@@ -124,8 +124,9 @@ NetParams = tuple[Params, ...]
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _shape_str(spec: Sequence[int | None]) -> str:
-    """Format a shape spec, ``None`` standing for the batch axis: ``(N, 13)``."""
+def _shape_str(spec: Sequence[int | str | None]) -> str:
+    """Format a shape spec: ``None`` is the batch axis N, a string names a free
+    axis (``(None, "K")`` -> ``(N, K)``), an int is a fixed size."""
     parts = ["N" if d is None else str(d) for d in spec]
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
@@ -155,13 +156,13 @@ def _check_float(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray
     return x
 
 
-def _check_shape(name: str, x: np.ndarray, spec: Sequence[int | None]) -> None:
-    """``x.shape`` must match ``spec``; ``None`` entries match any size."""
+def _check_shape(name: str, x: np.ndarray, spec: Sequence[int | str | None]) -> None:
+    """``x.shape`` must match ``spec``; ``None`` and named (str) entries match any size."""
     shape = x.shape
     ok = len(shape) == len(spec)
     if ok:  # a plain loop: this check runs per layer per step
         for want, got in zip(spec, shape):
-            if want is not None and want != got:
+            if want is not None and want != got and not isinstance(want, str):
                 ok = False
                 break
     if not ok:
@@ -196,7 +197,7 @@ def _check_finite(name: str, x: np.ndarray) -> None:
 
 
 def _check_input(
-    name: str, x: Any, spec: Sequence[int | None], dtype: np.dtype | None = None
+    name: str, x: Any, spec: Sequence[int | str | None], dtype: np.dtype | None = None
 ) -> np.ndarray:
     """Cheap per-call check of a layer input: float ndarray of shape ``spec``."""
     _check_float(name, x, dtype)
@@ -277,6 +278,7 @@ def _as_key(name: str, key: Any) -> Key:
     """An int seed or a tuple of non-negative ints, as a tuple key."""
     if type(key) is tuple and key and all(type(k) is int and k >= 0 for k in key):
         return key  # already a key: the fast path for the per-step, per-layer keys
+    given = key
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         key = (key,)
     if (
@@ -287,6 +289,7 @@ def _as_key(name: str, key: Any) -> Key:
         )
     ):
         return tuple(int(k) for k in key)
+    key = given
     raise TypeError(
         f"{name} must be a non-negative int seed or a non-empty tuple of them, got {key!r}"
     )
@@ -712,7 +715,7 @@ class Softmax(_NoParams):
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Softmax]:
         """The cache is y."""
-        _check_input("x", x, (None, None))
+        _check_input("x", x, (None, "K"))
         y = _softmax(x)
         return y, y, self
 
@@ -1340,7 +1343,7 @@ class SoftmaxCrossEntropy:
     def forward(self, logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
         """The cache is (softmax(z), target)."""
         _check_pred("logits", logits)
-        _check_shape("logits", logits, (None, None))
+        _check_shape("logits", logits, (None, "K"))
         n, k = logits.shape
         _check_ndarray("target", target)
         z = logits - logits.max(axis=1, keepdims=True)
@@ -2671,7 +2674,7 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     _check_pred("pred", pred)
     if pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1):
         return binary_accuracy(pred, target)
-    _check_shape("pred", pred, (None, None))
+    _check_shape("pred", pred, (None, "K"))
     _check_ndarray("target", target)
     if target.ndim == 2:
         if target.shape != pred.shape:

@@ -2989,3 +2989,10 @@ def test_resume_with_eval_every_not_dividing_the_split(tmp_path):
     for h in (h_straight, h_resumed):  # the best epoch is over the evaluated ones
         evaluated = {r.epoch: r.val_loss for r in h.records if r.val_loss is not None}
         assert h.best_epoch == min(evaluated, key=evaluated.get)
+
+
+def test_messages_name_the_axes_and_the_value_given():
+    with pytest.raises(ValueError, match=r"logits must have shape \(N, K\), got \(4,\)"):
+        dlfs.SoftmaxCrossEntropy().forward(np.zeros(4), np.zeros(4, int))
+    with pytest.raises(TypeError, match=r"got -1$"):
+        dlfs.make_rng(-1)
