@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -3015,28 +3014,31 @@ def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
     np.savez(file, **arrays)
 
 
-def _file_mode(path: str) -> int:
-    """The mode ``open(path, "w")`` would give: the existing file's, else 0o666
-    less the process umask."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _open_temp_beside(path: str) -> tuple[int, str]:
+    """A new, uniquely named file next to ``path``, created with mode 0o666 so
+    the kernel applies the umask exactly as ``open(path, "w")`` would."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    while True:
+        tmp = os.path.join(folder, f"{prefix}{os.urandom(8).hex()}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temporary file in the same folder, fsync, then ``os.replace``:
-    a crash leaves either the old file or the new one, never a mix."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    a crash leaves either the old file or the new one, never a mix.  An existing
+    file keeps its permissions; a new one gets the umask's."""
+    fd, tmp = _open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             _write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -2996,3 +2996,18 @@ def test_messages_name_the_axes_and_the_value_given():
         dlfs.SoftmaxCrossEntropy().forward(np.zeros(4), np.zeros(4, int))
     with pytest.raises(TypeError, match=r"got -1$"):
         dlfs.make_rng(-1)
+
+
+def test_save_file_mode_follows_umask_and_keeps_existing_mode(tmp_path):
+    net = dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+    path = tmp_path / "net.npz"
+    old = os.umask(0o027)
+    try:
+        dlfs.save(path, net)
+        assert os.stat(path).st_mode & 0o777 == 0o640
+        os.chmod(path, 0o600)
+        dlfs.save(path, net)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path) == ["net.npz"]
