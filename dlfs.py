@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import json
 import math
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -78,6 +80,8 @@ __all__ = [
     "Softmax",
     "SoftmaxCrossEntropy",
     "StepDecay",
+    "StopTraining",
+    "Summary",
     "Tanh",
     "TrainState",
     "WeightDecay",
@@ -90,6 +94,7 @@ __all__ = [
     "check_grads",
     "check_layer",
     "check_loss",
+    "confusion_matrix",
     "conv2d",
     "dense",
     "fit",
@@ -98,6 +103,7 @@ __all__ = [
     "he_normal",
     "he_uniform",
     "load",
+    "load_mnist",
     "mae",
     "make_rng",
     "network",
@@ -350,6 +356,46 @@ def train_context(key: int | Key) -> Context:
     return Context(train=True, key=key)
 
 
+# ------------------------------------------------------------------- display
+
+
+def _people(value: Any) -> str:
+    """A number as people read it: counts with thousands separators, other numbers
+    to 4 significant digits, None and NaN as empty; anything else as ``str``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    """An HTML table of text cells, every one escaped; ``caption`` above it."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(cell))}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _short_repr(obj: Any) -> str:
+    """An attrs record as its type name plus the plain fields that differ from
+    their defaults (``SoftmaxCrossEntropy``, ``SoftmaxCrossEntropy(label_smoothing=0.1)``)."""
+    if not attrs.has(type(obj)):
+        return type(obj).__name__
+    changed = []
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        plain = value is None or isinstance(value, (bool, int, float, str))
+        if plain and (f.default is attrs.NOTHING or value != f.default):
+            changed.append(f"{f.name}={value!r}")
+    return type(obj).__name__ + (f"({', '.join(changed)})" if changed else "")
+
+
 # -------------------------------------------------------------- initializers
 
 
@@ -472,6 +518,26 @@ class _NoParams:
         return f"{type(self).__name__}({args})"
 
 
+def _dense_weights(w: Any) -> np.ndarray:
+    """Dense's ``w`` converter; an int there is the Keras habit ``Dense(units)``."""
+    if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+        raise TypeError(
+            f"Dense(w, b) must be given weight arrays, got w={w}: for a layer of {w} units "
+            f"write dlfs.dense({w}) inside dlfs.network(...) (it infers the input size), "
+            f"or dlfs.Dense.init(key, n_in, {w})"
+        )
+    return _frozen(w)
+
+
+def _dense_bias(b: Any) -> np.ndarray:
+    if b is None:
+        raise TypeError(
+            "Dense must be given both w and b, Dense(w, b); "
+            "dlfs.Dense.init(key, n_in, n_out) draws new ones"
+        )
+    return _frozen(b)
+
+
 @attrs.frozen(eq=False, repr=False)
 class Dense:
     """Fully connected layer (the book's WeightMultiply + BiasAdd): y = x @ w + b.
@@ -479,8 +545,8 @@ class Dense:
     x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).
     """
 
-    w: np.ndarray = attrs.field(converter=_frozen)
-    b: np.ndarray = attrs.field(converter=_frozen)
+    w: np.ndarray = attrs.field(converter=_dense_weights)
+    b: np.ndarray = attrs.field(default=None, converter=_dense_bias)
 
     def __attrs_post_init__(self) -> None:
         if self.w.ndim != 2:
@@ -1402,9 +1468,24 @@ class BinaryCrossEntropy:
 # ------------------------------------------------------------------ networks
 
 
+def _not_called(obj: Any) -> str:
+    """The fix when a class (or a dlfs factory function) is passed where an instance
+    belongs, ``dlfs.ReLU`` for ``dlfs.ReLU()``; empty for anything else."""
+    dlfs_function = isinstance(obj, type(_not_called)) and obj.__module__ == __name__
+    if not (isinstance(obj, type) or dlfs_function):
+        return ""
+    name = getattr(obj, "__qualname__", "?")
+    name = f"dlfs.{name}" if getattr(obj, "__module__", None) == __name__ else name
+    kind = "class" if isinstance(obj, type) else "function"
+    return f" (that is the {kind} {name} itself: call it, {name}())"
+
+
 def _check_activation(activation: Any) -> None:
     if activation is not None and not _is_layer(activation):
-        raise TypeError(f"activation must be a layer such as dlfs.ReLU(), got {activation!r}")
+        raise TypeError(
+            f"activation must be a layer such as dlfs.ReLU(), got {activation!r}"
+            + _not_called(activation)
+        )
 
 
 def _then_activation(
@@ -1528,13 +1609,18 @@ def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> _BatchNormSpec:
 
 
 def _is_layer(obj: Any) -> bool:
-    return all(
+    return not isinstance(obj, type) and all(
         hasattr(obj, m) for m in ("params", "with_params", "forward", "backward", "output_shape")
     )
 
 
 def _is_loss(obj: Any) -> bool:
-    return hasattr(obj, "forward") and hasattr(obj, "backward") and not hasattr(obj, "params")
+    return (
+        not isinstance(obj, type)
+        and hasattr(obj, "forward")
+        and hasattr(obj, "backward")
+        and not hasattr(obj, "params")
+    )
 
 
 def _chain_shapes(layers: Sequence[Any], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -1547,6 +1633,62 @@ def _chain_shapes(layers: Sequence[Any], input_shape: tuple[int, ...]) -> list[t
             raise ValueError(f"layer {i} ({type(layer).__name__}): {err}") from None
         shapes.append(shape)
     return shapes
+
+
+def _input_error(net: Any, name: str, x: Any, err: Exception) -> Exception:
+    """``err`` from checking a network's input ``x``, with the fix for the usual
+    mistakes: raw uint8 pixels, one sample without its batch axis, channels-last
+    images, images for a dense network, a missing channel axis."""
+    if not isinstance(x, np.ndarray):
+        return err
+    if x.dtype == np.uint8 and isinstance(err, TypeError):
+        return TypeError(
+            f"{name} must be a float array, got dtype uint8 (raw pixel values?); dlfs never "
+            f"casts silently: convert with {name}.astype(np.{net.dtype or 'float32'}) / 255"
+        )
+    want, got = tuple(net.input_shape), x.shape[1:]
+    hint = ""
+    if x.shape == want:
+        hint = f"; {name} looks like a single sample: pass a batch of one, {name}[None]"
+    elif len(want) == 3 and got == (want[1], want[2], want[0]):
+        hint = (
+            f"; dlfs wants images channels-first (N, C, H, W) and {name} looks "
+            f"channels-last: use {name}.transpose(0, 3, 1, 2)"
+        )
+    elif len(want) == 3 and want[0] == 1 and got == want[1:]:
+        hint = f"; add the channel axis: {name}[:, None]"
+    elif len(want) == 1 and x.ndim > 2 and math.prod(got) == want[0]:
+        hint = f"; flatten each sample for a dense network: {name}.reshape(len({name}), -1)"
+    return type(err)(f"{err}{hint}") if hint else err
+
+
+@attrs.frozen
+class Summary:
+    """What ``Network.summary()`` returns: the network's one-line description
+    (``title``), one row per layer (name, output shape, parameter count; the
+    input row has None) and the total.  ``print`` it for the table; Jupyter
+    renders it as an HTML table."""
+
+    title: str
+    rows: tuple[tuple[str, str, int | None], ...]
+    total: int
+
+    def __str__(self) -> str:
+        cells = [("Layer", "Output shape", "Params")]
+        cells += [(name, shape, _people(n)) for name, shape, n in self.rows]
+        widths = [max(len(row[c]) for row in cells) for c in range(3)]
+        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in cells]
+        rule = "-" * len(lines[0])
+        total = f"Total params: {self.total:,}"
+        return "\n".join([self.title, lines[0], rule, *lines[1:], rule, total])
+
+    def __repr__(self) -> str:  # the table, also where a notebook shows plain text
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        rows = [(name, shape, _people(n)) for name, shape, n in self.rows]
+        rows.append(("Total params", "", _people(self.total)))
+        return _html_table(("Layer", "Output shape", "Params"), rows, caption=self.title)
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1566,11 +1708,12 @@ class Network:
             if not _is_layer(layer):
                 raise TypeError(
                     f"layers[{i}] must be a layer (params/with_params/forward/backward/"
-                    f"output_shape), got {type(layer).__name__}"
+                    f"output_shape), got {type(layer).__name__}" + _not_called(layer)
                 )
         if not _is_loss(self.loss):
             raise TypeError(
                 f"loss must be a loss such as dlfs.MeanSquaredError(), got {self.loss!r}"
+                + _not_called(self.loss)
             )
         _chain_shapes(self.layers, self.input_shape)
         dtypes = {p.dtype for p in self._flat_params()}
@@ -1619,9 +1762,12 @@ class Network:
             tuple(layer.with_params(p) for layer, p in zip(self.layers, params))
         )
 
-    def _check_x(self, x: Any) -> np.ndarray:
-        _check_input("x", x, (None, *self.input_shape), self.dtype)
-        _check_nonempty("x", x)
+    def _check_x(self, x: Any, name: str = "x") -> np.ndarray:
+        try:
+            _check_input(name, x, (None, *self.input_shape), self.dtype)
+        except (TypeError, ValueError) as err:
+            raise _input_error(self, name, x, err) from None
+        _check_nonempty(name, x)
         return x
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Network]:
@@ -1703,25 +1849,78 @@ class Network:
             out[start : start + batch_size] = self._forward(chunk, EVAL)[0]
         return out
 
-    def summary(self) -> str:
-        """A table: layer, output shape, parameter count, and the total."""
-        rows = [("Layer", "Output shape", "Params")]
+    def summary(self) -> Summary:
+        """The layer table: each layer, its output shape and parameter count, and
+        the total; prints as text, renders as an HTML table in Jupyter."""
         shapes = _chain_shapes(self.layers, self.input_shape)
-        rows.append(("Input", _shape_str((None, *self.input_shape)), ""))
+        rows = [("Input", _shape_str((None, *self.input_shape)), None)]
         for layer, shape in zip(self.layers, shapes):
             n = sum(p.size for p in layer.params())
-            rows.append((repr(layer), _shape_str((None, *shape)), str(n)))
-        total = sum(p.size for p in self._flat_params())
-        widths = [max(len(r[c]) for r in rows) for c in range(3)]
-        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-        rule = "-" * len(lines[0])
-        return "\n".join(
-            [lines[0], rule, *lines[1:], rule, f"Total params: {total}  (loss: {self.loss!r})"]
-        )
+            rows.append((repr(layer), _shape_str((None, *shape)), n))
+        return Summary(repr(self), tuple(rows), sum(p.size for p in self._flat_params()))
 
     def __repr__(self) -> str:
-        inner = ", ".join(repr(layer) for layer in self.layers)
-        return f"Network(input_shape={self.input_shape}, layers=[{inner}], loss={self.loss!r})"
+        n = len(self.layers)
+        parts = [
+            f"{self.input_shape} -> {self.output_shape}",
+            f"{n} layer{'' if n == 1 else 's'}",
+            f"{sum(p.size for p in self._flat_params()):,} params",
+        ]
+        if self.dtype is not None:
+            parts.append(str(self.dtype))
+        return f"Network({', '.join([*parts, _short_repr(self.loss)])})"
+
+    def _repr_html_(self) -> str:
+        return self.summary()._repr_html_()
+
+    def _classifier(self, what: str) -> str:
+        """ "softmax" or "sigmoid": how this network's outputs become probabilities."""
+        if isinstance(self.loss, SoftmaxCrossEntropy):
+            return "softmax"
+        if isinstance(self.loss, BinaryCrossEntropy):
+            return "sigmoid"
+        raise TypeError(
+            f"{what} must be called on a classifier (a network whose loss is "
+            f"SoftmaxCrossEntropy or BinaryCrossEntropy); this one's loss is "
+            f"{type(self.loss).__name__}, whose outputs are not class scores: use predict(x)"
+        )
+
+    def predict_proba(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
+        """Class probabilities in evaluation mode: softmax over the last axis for
+        SoftmaxCrossEntropy (N, K) -> (N, K), rows summing to 1; sigmoid(z) for
+        BinaryCrossEntropy, same shape as the output.  TypeError for other losses."""
+        kind = self._classifier("predict_proba")
+        z = self.predict(x, batch_size=batch_size)
+        if kind == "sigmoid":
+            return (np.tanh(z * 0.5) + 1) * 0.5
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        e /= e.sum(axis=-1, keepdims=True)
+        return e
+
+    def predict_classes(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
+        """Predicted classes as int64: argmax over the last axis, (N, K) -> (N,), for
+        SoftmaxCrossEntropy (and any other loss with K > 1 outputs, such as MSE on
+        one-hot targets); z > 0 for BinaryCrossEntropy, (N, 1) -> (N,) and
+        multi-label (N, K) -> (N, K).  TypeError for a single non-BCE output."""
+        if isinstance(self.loss, BinaryCrossEntropy):
+            labels = (self.predict(x, batch_size=batch_size) > 0).astype(np.int64)
+            return labels[:, 0] if self.output_shape == (1,) else labels
+        if not isinstance(self.loss, SoftmaxCrossEntropy) and self.output_shape[-1:] == (1,):
+            self._classifier("predict_classes")
+        return self.predict(x, batch_size=batch_size).argmax(axis=-1).astype(np.int64)
+
+    def evaluate(
+        self, x: np.ndarray, y: np.ndarray, *, metric: Any = "auto", batch_size: int = 1024
+    ) -> dict[str, float]:
+        """Loss and metric on a data set, in evaluation mode:
+        ``{"loss": L, "<metric name>": m}`` as plain floats.  ``metric``: "auto"
+        (accuracy for classifiers, none for MSE), None (loss only) or a
+        callable(pred, target).  x, y as for ``fit``, checked the same way."""
+        _check_dataset(self, x, y)
+        batch_size = _check_int("batch_size", batch_size)
+        metric = _resolve_metric(metric, self.loss)
+        loss, score = _evaluate(self, x, y, metric, batch_size)
+        return {"loss": loss} if metric is None else {"loss": loss, _metric_name(metric): score}
 
 
 def network(
@@ -1759,6 +1958,7 @@ def network(
         else:
             raise TypeError(
                 f"layers[{i}] must be a layer or a spec such as dlfs.dense(10), got {item!r}"
+                + _not_called(item)
             )
     return Network(built, loss, _as_shape("input_shape", input_shape))
 
@@ -2195,7 +2395,7 @@ class MaxNorm:
 
 
 def _is_optimizer(obj: Any) -> bool:
-    return hasattr(obj, "init") and hasattr(obj, "update")
+    return not isinstance(obj, type) and hasattr(obj, "init") and hasattr(obj, "update")
 
 
 @attrs.frozen
@@ -2292,6 +2492,7 @@ class TrainState:
         if not _is_optimizer(optimizer):
             raise TypeError(
                 f"optimizer must have init/update (e.g. dlfs.SGD(0.01)), got {optimizer!r}"
+                + _not_called(optimizer)
             )
         return cls(net, optimizer, optimizer.init(net.params()), key)
 
@@ -2356,6 +2557,11 @@ def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarra
     return functools.reduce(train_step, batches, start)
 
 
+class StopTraining(Exception):  # noqa: N818 (Keras/Lightning-style name: it is a signal, not an error)
+    """Raise it from a ``fit`` callback to end training after this epoch, just as
+    returning ``False`` does; ``history.stop_reason`` becomes ``"callback"``."""
+
+
 @attrs.frozen
 class EpochRecord:
     """One epoch of history; validation fields are None when not evaluated."""
@@ -2365,15 +2571,49 @@ class EpochRecord:
     val_loss: float | None = None
     val_metric: float | None = None
 
+    def __repr__(self) -> str:
+        fields = [f"epoch={self.epoch}", f"train_loss={_people(self.train_loss)}"]
+        for name in ("val_loss", "val_metric"):
+            if getattr(self, name) is not None:
+                fields.append(f"{name}={_people(getattr(self, name))}")
+        return f"EpochRecord({', '.join(fields)})"
+
+
+_STOP_REASONS = ("completed", "early_stopping", "callback", "interrupted", "non_finite")
+
 
 @attrs.frozen
 class History:
-    """What ``fit`` saw: one EpochRecord per epoch, the best evaluated epoch,
-    and whether early stopping ended training."""
+    """What ``fit`` saw: one EpochRecord per finished epoch and how training ended.
+
+    ``best_epoch``: the evaluated epoch with the lowest validation loss (None
+    without validation); ``stop_reason``: ``"completed"`` (every epoch ran),
+    ``"early_stopping"``, ``"callback"`` (it returned False or raised
+    StopTraining), ``"interrupted"`` (a KeyboardInterrupt; the records hold the
+    finished epochs) or ``"non_finite"`` (the history a NonFiniteError
+    carries); ``metric``: the validation metric's name (e.g. ``"accuracy"``)
+    or None; ``steps``: optimizer steps taken in all, mid-epoch ones included.
+    Columns: ``epochs``, ``train_loss``, ``val_loss``, ``val_metric``;
+    ``as_dict()`` for pandas, ``plot()`` for curves.
+    """
 
     records: tuple[EpochRecord, ...] = ()
     best_epoch: int | None = None
-    stopped_early: bool = False
+    stop_reason: str = attrs.field(
+        default="completed", validator=attrs.validators.in_(_STOP_REASONS)
+    )
+    metric: str | None = None
+    steps: int = 0
+
+    @property
+    def stopped_early(self) -> bool:
+        """True when early stopping ended training."""
+        return self.stop_reason == "early_stopping"
+
+    @property
+    def interrupted(self) -> bool:
+        """True when a KeyboardInterrupt ended training (fit returned what it had)."""
+        return self.stop_reason == "interrupted"
 
     @property
     def epochs(self) -> list[int]:
@@ -2391,21 +2631,219 @@ class History:
     def val_metric(self) -> list[float | None]:
         return [r.val_metric for r in self.records]
 
+    def _evaluated(self) -> list[EpochRecord]:
+        return [r for r in self.records if r.val_loss is not None]
 
-def _check_dataset(net: Network, x: Any, y: Any, name: str) -> None:
-    net._check_x(x)
-    _check_finite(f"{name} x", x)
-    _check_xy(x, y, f"{name} ")
-    if y.dtype.kind not in "fiu":
-        raise TypeError(f"{name} y must be a float or integer array, got dtype {y.dtype}")
+    def as_dict(self) -> dict[str, list[Any]]:
+        """Columns as lists, ready for ``pandas.DataFrame(history.as_dict())``:
+        ``epoch``, ``train_loss`` and, once anything was evaluated, ``val_loss``
+        and ``val_<metric>`` (e.g. ``val_accuracy``), NaN where an epoch was not."""
+        columns: dict[str, list[Any]] = {"epoch": self.epochs, "train_loss": self.train_loss}
+        if self._evaluated():
+            columns["val_loss"] = [math.nan if v is None else v for v in self.val_loss]
+            if self.metric is not None:
+                values = self.val_metric
+                columns[f"val_{self.metric}"] = [math.nan if v is None else v for v in values]
+        return columns
+
+    def plot(self) -> Any:
+        """Loss curves (training, and validation at the evaluated epochs) and the
+        validation metric, as a ``matplotlib.figure.Figure`` (a Jupyter cell shows
+        it; elsewhere ``fig.savefig(path)``).  Needs matplotlib, imported here."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as err:
+            raise ImportError("History.plot needs matplotlib: pip install matplotlib") from err
+        evaluated = self._evaluated()
+        with_metric = any(r.val_metric is not None for r in evaluated)
+        fig = Figure(figsize=(9.0 if with_metric else 5.0, 3.5), layout="constrained")
+        axes = fig.subplots(1, 2 if with_metric else 1, squeeze=False)[0]
+        axes[0].plot(self.epochs, self.train_loss, "o-", label="training")
+        if evaluated:
+            axes[0].plot(
+                [r.epoch for r in evaluated],
+                [r.val_loss for r in evaluated],
+                "o-",
+                label="validation",
+            )
+        if self.best_epoch is not None:
+            axes[0].axvline(
+                self.best_epoch,
+                color="gray",
+                linestyle=":",
+                label=f"best (epoch {self.best_epoch})",
+            )
+        axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+        axes[0].legend()
+        if with_metric:
+            scored = [r for r in evaluated if r.val_metric is not None]
+            name = self.metric or "metric"
+            axes[1].plot(
+                [r.epoch for r in scored], [r.val_metric for r in scored], "o-", color="C2"
+            )
+            axes[1].set(xlabel="epoch", ylabel=name, title=f"validation {name}")
+        return fig
+
+    def __repr__(self) -> str:
+        n = len(self.records)
+        text = f"History({n} epoch{'' if n == 1 else 's'}, {self.steps:,} steps, {self.stop_reason}"
+        if self.records:
+            text += f"; train_loss {_people(self.records[-1].train_loss)}"
+        evaluated = self._evaluated()
+        if evaluated:
+            last = evaluated[-1]
+            text += f", val_loss {_people(last.val_loss)}"
+            if last.val_metric is not None:
+                text += f", val_{self.metric or 'metric'} {_people(last.val_metric)}"
+            text += f", best epoch {self.best_epoch}"
+        return text + ")"
+
+    def _repr_html_(self) -> str:
+        columns = self.as_dict()
+        rows = [[_people(v) for v in row] for row in zip(*columns.values())]
+        if len(rows) > 20:  # the first and last ten epochs
+            rows = [*rows[:10], ["…"] * len(columns), *rows[-10:]]
+        return _html_table(list(columns), rows, caption=repr(self))
+
+
+# --------------------------------------------------------- fit's data checks
+
+
+def _check_dataset(net: Network, x: Any, y: Any, prefix: str = "") -> None:
+    """fit's and evaluate's checks of a whole data set before any step: ``x`` fits
+    the network and ``y`` its loss on every row.  Errors name ``{prefix}x`` /
+    ``{prefix}y`` and say the fix."""
+    xname, yname = f"{prefix}x", f"{prefix}y"
+    net._check_x(x, xname)
+    _check_finite(xname, x)
+    _check_xy(x, y, prefix)
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"{yname} must be a float or integer array, got dtype {y.dtype}")
     if y.dtype.kind == "f":
-        _check_finite(f"{name} y", y)
-    # The loss on one sample catches target shape/dtype mistakes before training;
-    # labels are range-checked over the whole set.
+        _check_finite(yname, y)
+    dtype = net.dtype or x.dtype
+    if isinstance(net.loss, SoftmaxCrossEntropy) and len(net.output_shape) == 1:
+        _check_class_targets(yname, y, net.output_shape[0], dtype)
+    elif isinstance(net.loss, (MeanSquaredError, BinaryCrossEntropy)):
+        _check_float_targets(yname, y, net, dtype)
+    else:
+        _check_other_targets(yname, y, net, x)
+
+
+def _check_label_range(name: str, y: np.ndarray, k: int) -> None:
+    lo, hi = y.min(), y.max()
+    if lo < 0 or hi >= k:
+        raise ValueError(
+            f"{name} labels must be in [0, {k}) for a network with {k} outputs, "
+            f"got values in [{lo}, {hi}]"
+        )
+
+
+def _check_class_targets(name: str, y: np.ndarray, k: int, dtype: np.dtype) -> None:
+    """SoftmaxCrossEntropy's targets: integer labels (N,) in [0, K), or float rows (N, K)."""
+    if y.dtype.kind in "iu":
+        if y.ndim == 2 and y.shape[1] == 1:
+            raise ValueError(
+                f"{name} holds integer labels of shape {y.shape}; SoftmaxCrossEntropy "
+                f"expects them flat, shape (N,): pass {name}.ravel()"
+            )
+        if y.ndim != 1:
+            raise ValueError(
+                f"{name} must be integer labels (N,) or one-hot rows (N, {k}), "
+                f"got an integer array of shape {y.shape}"
+            )
+        _check_label_range(name, y, k)
+        return
+    if y.dtype.kind == "b" or y.ndim == 1:
+        raise TypeError(
+            f"{name} must hold integer class labels for SoftmaxCrossEntropy, got {y.dtype} "
+            f"of shape {y.shape}: convert with {name}.astype(np.int64)"
+        )
+    if y.shape[1:] != (k,):
+        raise ValueError(
+            f"{name} must be integer labels (N,) or one-hot/probability rows (N, {k}) for a "
+            f"network with {k} outputs, got shape {y.shape}"
+        )
+    if y.dtype != dtype:
+        raise TypeError(
+            f"{name} holds {y.dtype} one-hot rows but the network is {dtype}: convert with "
+            f"{name}.astype(np.{dtype}), or pass integer labels ({name}.argmax(axis=1))"
+        )
+
+
+def _check_float_targets(name: str, y: np.ndarray, net: Network, dtype: np.dtype) -> None:
+    """MeanSquaredError's and BinaryCrossEntropy's targets: float, shaped like the output."""
+    out = net.output_shape
+    loss = type(net.loss).__name__
+    column = y.ndim == 1 and out == (1,)  # (N,) against a (N, 1) output
+    if y.dtype.kind != "f":
+        labels = y.dtype.kind in "iu" and y.ndim == 1 and len(out) == 1 and out[0] > 1
+        if isinstance(net.loss, MeanSquaredError) and labels:
+            raise TypeError(
+                f"{name} holds integer labels, but MeanSquaredError expects float targets "
+                f"shaped like the output {_shape_str((None, *out))}: one-hot encode them with "
+                f"dlfs.one_hot({name}, {out[-1]}), or train with SoftmaxCrossEntropy, which takes labels"
+            )
+        fix = f"{name}.astype(np.{dtype})" + ("[:, None]" if column else "")
+        raise TypeError(
+            f"{name} must be a float array ({dtype}) for {loss}, got dtype {y.dtype}: "
+            f"convert with {fix}"
+        )
+    if y.shape[1:] != out:
+        hint = f": use {name}[:, None] (or dlfs.to_2d({name}))" if column else ""
+        raise ValueError(
+            f"{name} must have shape {_shape_str((None, *out))} (the network's output), got "
+            f"{y.shape}; dlfs never broadcasts a loss{hint}"
+        )
+    if y.dtype != dtype:
+        raise TypeError(
+            f"{name} must have dtype {dtype} (the network's), got {y.dtype}: "
+            f"convert with {name}.astype(np.{dtype})"
+        )
+    if isinstance(net.loss, BinaryCrossEntropy):
+        lo, hi = y.min(), y.max()
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{name} must hold BinaryCrossEntropy targets in [0, 1], got values in [{lo}, {hi}]"
+            )
+
+
+def _check_other_targets(name: str, y: np.ndarray, net: Network, x: np.ndarray) -> None:
+    """Any other loss: its own checks on the first row, labels range-checked on all."""
     out = net._forward(x[:1], EVAL)[0]
-    net.loss.forward(out, y[:1])
-    if y.dtype.kind in "iu" and out.ndim == 2:
-        _check_labels(y, len(y), out.shape[1])
+    try:
+        net.loss.forward(out, y[:1])
+    except (TypeError, ValueError) as err:
+        raise type(err)(
+            f"{name} must suit the loss {type(net.loss).__name__} (checked on its first row): {err}"
+        ) from None
+    if y.dtype.kind in "iu" and out.ndim >= 2:
+        _check_label_range(name, y, out.shape[-1])
+
+
+def _check_batch_rows(net: Network, n: int, batch_size: int, drop_last: bool) -> None:
+    """Every training batch has rows, and each BatchNorm at least 2 values per feature."""
+    if drop_last and n < batch_size:
+        raise ValueError(
+            f"drop_last=True with {n} rows and batch_size={batch_size} leaves no full batch: "
+            "lower batch_size"
+        )
+    rows = batch_size if drop_last else (n % batch_size or batch_size)
+    shapes = [net.input_shape, *_chain_shapes(net.layers, net.input_shape)]
+    for i, layer in enumerate(net.layers):
+        if not isinstance(layer, BatchNorm) or rows * math.prod(shapes[i][1:]) >= 2:
+            continue
+        if rows == batch_size:
+            fix = "use batch_size >= 2"
+        else:
+            fix = "pass drop_last=True to fit (it skips that batch), or pick another batch_size"
+        raise ValueError(
+            f"layers[{i}] (BatchNorm) must see at least 2 rows in each training batch, but "
+            f"{n} rows in batches of {batch_size} leave a batch of {rows}: {fix}"
+        )
+
+
+# ----------------------------------------------------------------------- fit
 
 
 def _default_metric(loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | None:
@@ -2414,41 +2852,111 @@ def _default_metric(loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | No
     return binary_accuracy if isinstance(loss, BinaryCrossEntropy) else None
 
 
+def _resolve_metric(metric: Any, loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | None:
+    """``"auto"`` (accuracy for classification losses), None, or a callable(pred, target)."""
+    if isinstance(metric, str):
+        if metric != "auto":
+            raise ValueError(
+                f"metric must be 'auto', None or a callable(pred, target), got {metric!r}"
+            )
+        return _default_metric(loss)
+    if metric is not None and not callable(metric):
+        raise TypeError(
+            "metric must be 'auto', None or a callable(pred, target) -> float, "
+            f"got {type(metric).__name__}"
+        )
+    return metric
+
+
+def _metric_name(metric: Any) -> str | None:
+    """The name a metric goes by in records and tables: its ``__name__`` or ``"metric"``."""
+    if metric is None:
+        return None
+    name = getattr(metric, "__name__", "")
+    return name if name.isidentifier() and name != "loss" else "metric"
+
+
+def _resolve_early_stopping(early_stopping: Any, patience: Any, validation: Any) -> int | None:
+    """fit's early stopping as a patience, None when it is off (the default)."""
+    if patience is not None:
+        patience = _check_int("patience", patience)
+    if early_stopping is False and patience is not None:
+        raise ValueError(
+            f"patience={patience} asks for early stopping, but early_stopping=False: drop one"
+        )
+    if not early_stopping and patience is None:
+        return None
+    if validation is None:
+        raise ValueError(
+            "early stopping (early_stopping=True or patience=N) must watch a validation loss: "
+            "pass validation=(x_val, y_val)"
+        )
+    return 1 if patience is None else patience
+
+
 def _evaluate(
     net: Network, x: np.ndarray, y: np.ndarray, metric: Any, batch_size: int
 ) -> tuple[float, float | None]:
-    pred = net.predict(x, batch_size=max(batch_size, 1024))
+    pred = net.predict(x, batch_size=batch_size)
     loss = float(net.loss.forward(pred, y)[0])
     return loss, (None if metric is None else float(metric(pred, y)))
 
 
-def _with_progress(it: Iterable[Any], progress: Any, total: int, desc: str) -> Iterator[Any]:
-    if progress is None:
-        yield from it
-        return
-    bar = progress(total=total, desc=desc)
-    try:
-        for item in it:
-            yield item
-            bar.update(1)
-    finally:
-        bar.close()
+def _check_fit_options(**options: Any) -> None:
+    for name in ("shuffle", "drop_last", "verbose"):
+        if not isinstance(options[name], (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {options[name]!r}")
+    if options["early_stopping"] is not None and not isinstance(
+        options["early_stopping"], (bool, np.bool_)
+    ):
+        raise TypeError(f"early_stopping must be a bool or None, got {options['early_stopping']!r}")
+    if options["callback"] is not None and not callable(options["callback"]):
+        raise TypeError(f"callback must be callable or None, got {options['callback']!r}")
+    progress = options["progress"]
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise TypeError(
+            f"progress must be True, False, None or a tqdm-like factory, got {progress!r}"
+        )
 
 
-def _format_record(r: EpochRecord) -> str:
-    text = f"epoch {r.epoch}: train_loss={r.train_loss:.4f}"
-    if r.val_loss is not None:
-        text += f" val_loss={r.val_loss:.4f}"
-    if r.val_metric is not None:
-        text += f" val_metric={r.val_metric:.4f}"
-    return text
+@attrs.frozen(eq=False)
+class _FitPlan:
+    """One fit call's checked settings: what the epoch loop reads."""
+
+    x: np.ndarray
+    y: np.ndarray
+    validation: tuple[np.ndarray, np.ndarray] | None
+    epochs: int
+    batch_size: int
+    drop_last: bool
+    shuffle_key: Key | None
+    eval_every: int
+    patience: int | None  # None: no early stopping
+    metric: Any
+    lines: bool  # print a line per epoch (verbose, or progress=True without tqdm)
+    talk: bool  # say why training stopped (verbose or any progress display)
+    callback: Any
+    checkpoint: str | None
+    checkpoint_every: int
+    setup: dict[str, Any]  # what a checkpoint records and a resume checks
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Epoch ``epoch``'s batches from batch ``start`` on; the order depends on the epoch only."""
+        key = None if self.shuffle_key is None else self.shuffle_key + (epoch,)
+        return _epoch_batches(self.x, self.y, self.batch_size, key, self.drop_last, start)
 
 
 @attrs.frozen(eq=False)
 class _FitRun:
-    """fit's carry from epoch to epoch: the train state, the last finished epoch,
-    the history, and the early-stopping bookkeeping (best network, its
-    validation loss, evaluations since it improved)."""
+    """fit's carry: the train state, the last recorded epoch and the steps taken
+    in the next one (``batch``), the history, the early-stopping bookkeeping
+    (best network, its validation loss, evaluations since it improved), and
+    why training stopped (None while it goes on)."""
 
     state: TrainState
     epoch: int
@@ -2456,75 +2964,206 @@ class _FitRun:
     best: Network
     best_loss: float = math.inf
     bad: int = 0
+    batch: int = 0
+    stop: str | None = None
 
 
-def _fit_epoch(
-    run: _FitRun,
-    epoch: int,
-    data: tuple[np.ndarray, np.ndarray],
-    batch_size: int,
-    order_key: Key | None,
-    progress: Any,
-) -> TrainState:
-    """One ``train_epoch``; a NonFiniteError gains the epoch and the history so far."""
-    n_batches = -(-len(data[0]) // batch_size)
-    epoch_batches = _with_progress(
-        batches(*data, batch_size, key=order_key), progress, n_batches, f"epoch {epoch}"
-    )
+def _tqdm_auto() -> Any:
+    """``tqdm.auto.tqdm``, or None when tqdm is not installed."""
     try:
-        return train_epoch(run.state, epoch_batches)
+        with warnings.catch_warnings():  # Jupyter without ipywidgets: tqdm warns, uses text
+            warnings.simplefilter("ignore")
+            from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _bar_factory(progress: Any) -> Any:
+    """What makes fit's bar: the given factory, tqdm.auto's for ``True``, or None
+    (no bar; ``True`` without tqdm prints a line per epoch instead)."""
+    if progress is None or progress is False:
+        return None
+    return _tqdm_auto() if progress is True else progress
+
+
+def _say(bar: Any, text: str) -> None:
+    """Print a line, above the bar when it can write (tqdm's ``write``)."""
+    if hasattr(bar, "write"):
+        bar.write(text)
+    else:
+        print(text, file=sys.stdout)
+
+
+def _bar_figures(run: _FitRun) -> dict[str, str]:
+    """The bar's postfix apart from epoch and running loss: the last validation figures."""
+    evaluated = run.history._evaluated()
+    if not evaluated:
+        return {}
+    last = evaluated[-1]
+    shown = {"val_loss": _people(last.val_loss)}
+    if last.val_metric is not None:
+        shown[f"val_{run.history.metric or 'metric'}"] = _people(last.val_metric)
+    return shown
+
+
+def _bar_show(bar: Any, epoch: str, loss: float, figures: dict[str, str]) -> None:
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix({"epoch": epoch, "loss": _people(loss), **figures}, refresh=False)
+
+
+def _fit_steps(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
+    """The fold of ``train_step`` over the rest of epoch ``run.epoch + 1``, written
+    out so that a KeyboardInterrupt (in a step, the data or the bar) ends it at the
+    last completed step.  NaN/inf raises NonFiniteError with the epoch and history."""
+    epoch = run.epoch + 1
+    state = run.state if run.batch else attrs.evolve(run.state, loss_sum=0.0, seen=0)
+    first = state.step - run.batch  # the global step at the start of the epoch
+    label, figures = f"{epoch}/{plan.epochs}", (_bar_figures(run) if bar is not None else {})
+    try:
+        for batch in plan.batches(epoch, run.batch):
+            state = train_step(state, batch)
+            if bar is not None:
+                _bar_show(bar, label, state.mean_loss, figures)
+                bar.update(1)
+    except KeyboardInterrupt:
+        return attrs.evolve(run, state=state, batch=state.step - first, stop="interrupted")
     except NonFiniteError as err:
         raise NonFiniteError(
             f"{err} (epoch {epoch}); the last finite network is on this exception's .network",
             network=err.network,
-            history=run.history,
+            history=attrs.evolve(run.history, stop_reason="non_finite", steps=err.step),
             epoch=epoch,
             step=err.step,
         ) from None
+    return attrs.evolve(run, state=state, batch=state.step - first)
 
 
-def _fit_update(
-    run: _FitRun,
-    state: TrainState,
-    record: EpochRecord,
-    evaluated: bool,
-    patience: int,
-    early_stopping: bool,
-) -> _FitRun:
-    """Append ``record``; after an evaluation keep the best network, count the
-    evaluations without improvement and flag an early stop."""
+def _fit_epoch_end(run: _FitRun, plan: _FitPlan) -> _FitRun:
+    """Evaluate when due, append the epoch's record, keep the best evaluated
+    network, count the evaluations without improvement and flag an early stop."""
+    epoch = run.epoch + 1
+    evaluated = plan.validation is not None and (
+        epoch % plan.eval_every == 0 or epoch == plan.epochs
+    )
+    if evaluated:
+        size = max(plan.batch_size, 1024)
+        scores = _evaluate(run.state.net, *plan.validation, plan.metric, size)
+    else:
+        scores = ()
+    record = EpochRecord(epoch, run.state.mean_loss, *scores)
     history = attrs.evolve(run.history, records=run.history.records + (record,))
-    run = attrs.evolve(run, state=state, epoch=record.epoch, history=history)
+    run = attrs.evolve(run, epoch=epoch, batch=0, history=history)
     if not evaluated:
         return run
     if record.val_loss < run.best_loss:
-        history = attrs.evolve(history, best_epoch=record.epoch)
-        return attrs.evolve(run, history=history, best=state.net, best_loss=record.val_loss, bad=0)
-    stop = early_stopping and run.bad + 1 >= patience
-    return attrs.evolve(run, history=attrs.evolve(history, stopped_early=stop), bad=run.bad + 1)
+        history = attrs.evolve(history, best_epoch=epoch)
+        return attrs.evolve(
+            run, history=history, best=run.state.net, best_loss=record.val_loss, bad=0
+        )
+    stop = plan.patience is not None and run.bad + 1 >= plan.patience
+    return attrs.evolve(run, bad=run.bad + 1, stop="early_stopping" if stop else None)
 
 
-def _report(
-    record: EpochRecord, run: _FitRun, evaluated: bool, verbose: bool, callback: Any
-) -> None:
-    if verbose:
-        print(_format_record(record), file=sys.stdout)
-    if evaluated and callback is not None:
-        callback(record)
-    if verbose and run.history.stopped_early:
-        print(
-            f"validation loss rose at epoch {record.epoch}; "
-            f"using the network from epoch {run.history.best_epoch}"
+def _format_record(r: EpochRecord, metric: str | None) -> str:
+    text = f"epoch {r.epoch}: train_loss={r.train_loss:.4f}"
+    if r.val_loss is not None:
+        text += f" val_loss={r.val_loss:.4f}"
+    if r.val_metric is not None:
+        text += f" val_{metric or 'metric'}={r.val_metric:.4f}"
+    return text
+
+
+def _report(run: _FitRun, plan: _FitPlan, bar: Any) -> None:
+    """After an epoch's record: the bar's figures, the epoch's line, an early stop."""
+    if bar is not None:
+        record = run.history.records[-1]
+        epoch = f"{record.epoch}/{plan.epochs}"
+        _bar_show(bar, epoch, record.train_loss, _bar_figures(run))
+    if plan.lines:
+        _say(bar, _format_record(run.history.records[-1], run.history.metric))
+    if plan.talk and run.stop == "early_stopping":
+        _say(
+            bar,
+            f"early stopping after epoch {run.epoch}: no lower validation loss in "
+            f"{plan.patience} evaluation{'s' * (plan.patience > 1)}; returning the best "
+            f"network, from epoch {run.history.best_epoch}",
         )
 
 
-def _check_fit_options(**options: Any) -> None:
-    for name in ("shuffle", "early_stopping", "verbose"):
-        if not isinstance(options[name], (bool, np.bool_)):
-            raise TypeError(f"{name} must be a bool, got {options[name]!r}")
-    for name in ("callback", "progress"):
-        if options[name] is not None and not callable(options[name]):
-            raise TypeError(f"{name} must be callable or None, got {options[name]!r}")
+def _ask_callback(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
+    """``callback(record)``; exactly ``False`` or StopTraining ends training."""
+    if plan.callback is None:
+        return run
+    try:
+        answer = plan.callback(run.history.records[-1])
+    except StopTraining:
+        answer = False
+    if answer is not False or run.stop is not None:
+        return run
+    if plan.talk:
+        _say(bar, f"training stopped by the callback after epoch {run.epoch}")
+    return attrs.evolve(run, stop="callback")
+
+
+def _fit_loop(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
+    """Epoch after epoch until done or stopped.  A KeyboardInterrupt anywhere (a
+    step, an evaluation, the checkpoint, the callback, the bar) ends training at
+    the last completed stage: ``run`` is rebound only when a stage is done."""
+    try:
+        while run.stop is None and run.epoch < plan.epochs:
+            run = _fit_steps(run, plan, bar)
+            if run.stop is not None:
+                break
+            run = _fit_epoch_end(run, plan)
+            _report(run, plan, bar)
+            due = run.epoch % plan.checkpoint_every == 0 or run.epoch == plan.epochs
+            if plan.checkpoint is not None and (due or run.stop is not None):
+                _save_fit(plan.checkpoint, run, plan)  # before the callback: nothing is lost
+            run = _ask_callback(run, plan, bar)
+    except KeyboardInterrupt:
+        run = attrs.evolve(run, stop="interrupted")
+    return run
+
+
+def _interrupt_message(run: _FitRun, plan: _FitPlan) -> str:
+    n = plan.steps_per_epoch
+    if run.batch == 0:
+        where = f"after epoch {run.epoch}"
+    elif run.batch == n:
+        where = f"after the last step of epoch {run.epoch + 1}, before its record"
+    else:
+        where = f"in epoch {run.epoch + 1} after step {run.batch} of {n}"
+    saved = f"; checkpoint saved to {plan.checkpoint!r}" if plan.checkpoint else ""
+    return (
+        f"fit interrupted {where}: returning the network after {run.state.step} steps "
+        f"(history.interrupted is True){saved}"
+    )
+
+
+def _fit_result(run: _FitRun, plan: _FitPlan) -> tuple[Network, History]:
+    """Checkpoint a stop the last save does not know of, warn after an interrupt, and
+    pick the network: the best evaluated one with early stopping, else the last."""
+    if plan.checkpoint is not None and run.stop in ("callback", "interrupted"):
+        _save_fit(plan.checkpoint, run, plan)  # a second Ctrl-C here aborts
+    if run.stop == "interrupted":
+        warnings.warn(_interrupt_message(run, plan), UserWarning, stacklevel=3)
+    history = attrs.evolve(run.history, stop_reason=run.stop or "completed", steps=run.state.step)
+    keep_best = plan.patience is not None and run.stop != "interrupted"
+    return (run.best if keep_best else run.state.net), history
+
+
+def _start_run(net: Network, optimizer: Any, step_key: Key, plan: _FitPlan, resume: Any) -> _FitRun:
+    if resume is None:
+        history = History(metric=_metric_name(plan.metric))
+        return _FitRun(TrainState.create(net, optimizer, step_key), 0, history, net)
+    run = _resume_fit(resume, net, optimizer, step_key, plan)
+    if run.epoch + (run.batch > 0) > plan.epochs:
+        raise ValueError(
+            f"resume: the checkpoint is at epoch {run.epoch + (run.batch > 0)}, past "
+            f"epochs={plan.epochs} (epochs counts the total, not the epochs to add)"
+        )
+    return run
 
 
 def fit(
@@ -2539,8 +3178,9 @@ def fit(
     eval_every: int = 1,
     seed: int | Key = 0,
     shuffle: bool = True,
-    early_stopping: bool = True,
-    patience: int = 1,
+    drop_last: bool = False,
+    early_stopping: bool | None = None,
+    patience: int | None = None,
     metric: Any = "auto",
     verbose: bool = False,
     callback: Callable[[EpochRecord], Any] | None = None,
@@ -2552,94 +3192,112 @@ def fit(
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
     x: (N, *net.input_shape) float array of the network's dtype (ints are
-    rejected with a TypeError, never cast: convert with
-    ``x.astype(np.float32)``); y: (N, ...) targets for the loss (float, or
-    integer labels in [0, K) for SoftmaxCrossEntropy).  Each epoch shuffles
-    with a key derived from ``seed`` and folds ``train_step`` over batches of
-    ``batch_size``.  With ``validation``, the network is evaluated every
-    ``eval_every`` epochs and after the last one; with ``early_stopping``,
-    training stops once the validation loss has not improved for
-    ``patience`` evaluations and the best evaluated network is returned.
-    ``metric`` (default: accuracy for classification losses) goes in the
-    history; ``verbose`` prints a line per epoch and ``callback(record)``
-    receives each evaluated one; ``progress`` is a tqdm-like factory called
-    as ``progress(total=n_batches, desc=...)``.  The input network is never
-    modified.
+    rejected with a TypeError, never cast); y: (N, ...) targets for the loss
+    (float, or integer labels in [0, K) for SoftmaxCrossEntropy).  Both are
+    checked whole before the first step.  Each epoch shuffles with a key
+    derived from ``seed`` and folds ``train_step`` over batches of
+    ``batch_size`` (``drop_last`` skips a last, smaller batch, as PyTorch's
+    DataLoader does).  With ``validation=(x_val, y_val)`` the network is
+    evaluated every ``eval_every`` epochs and after the last; that only
+    monitors.  Early stopping is opt-in: ``patience=N`` (or
+    ``early_stopping=True``, patience 1: the book's Trainer) stops once the
+    validation loss has not improved for N evaluations and returns the best
+    evaluated network; otherwise the last network is returned.  ``metric``
+    (default: accuracy for classification losses) goes in the history.
+
+    ``callback(record)`` runs after every epoch; returning exactly ``False``
+    or raising ``StopTraining`` ends training.  ``verbose`` prints a line per
+    epoch; ``progress=True`` shows one bar over all steps (tqdm.auto; a line
+    per epoch without tqdm), or pass a tqdm-like factory called as
+    ``progress(total=steps, desc="fit")`` (``update``, ``close``, and
+    ``set_postfix(dict, refresh=False)`` if it has one).  A KeyboardInterrupt
+    (Ctrl-C, Jupyter's stop button) ends training cleanly: fit warns
+    (``warnings.warn``) and returns the network after the last completed
+    step with ``history.interrupted`` True, having written ``checkpoint``
+    first.  The input network is never modified.
 
     ``checkpoint=path`` saves (see ``save``) the network, optimizer state,
-    epoch, step count, history and early-stopping state every
-    ``checkpoint_every`` epochs, after the last and at an early stop.
-    ``resume=path`` continues from such a file: ``epochs`` is the total, so
-    2 epochs then a resume with ``epochs=4`` gives bit-identical weights to 4
-    straight (same data, ``seed``, ``shuffle``, ``batch_size`` and optimizer,
-    which are checked where possible; ``net`` must have the saved
-    architecture; with validation, the extra evaluation at the last epoch
-    of the first call may change early stopping unless ``eval_every``
-    divides that epoch).  A NaN/inf loss or gradient raises NonFiniteError with
-    ``.network`` (the last finite one), ``.history``, ``.epoch``, ``.step``.
+    position, history and early-stopping state every ``checkpoint_every``
+    epochs, after the last, and when training stops early or is interrupted
+    (mid-epoch too).  ``resume=path`` continues from such a file: ``epochs``
+    is the total, and the result is bit-identical to one uninterrupted call
+    (same data, ``seed``, ``shuffle``, ``batch_size``, ``drop_last``,
+    early-stopping settings and optimizer, checked where possible; ``net``
+    must have the saved architecture; with validation, the extra evaluation
+    at the last epoch of the first call may change early stopping unless
+    ``eval_every`` divides that epoch).  A NaN/inf loss or gradient raises
+    NonFiniteError with ``.network`` (the last finite one), ``.history``,
+    ``.epoch``, ``.step``.
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
     epochs = _check_int("epochs", epochs)
     batch_size = _check_int("batch_size", batch_size)
     eval_every = _check_int("eval_every", eval_every)
-    patience = _check_int("patience", patience)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
     key = _as_key("seed", seed)
     _check_fit_options(
         shuffle=shuffle,
+        drop_last=drop_last,
         early_stopping=early_stopping,
         verbose=verbose,
         callback=callback,
         progress=progress,
     )
+    patience = _resolve_early_stopping(early_stopping, patience, validation)
     if checkpoint is not None:
         checkpoint = _check_path("checkpoint", checkpoint)
         folder = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(folder):  # fail now, not after the first epoch
             raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
-    _check_dataset(net, x, y, "training")
+    _check_dataset(net, x, y)
     if validation is not None:
         if not isinstance(validation, tuple) or len(validation) != 2:
             raise TypeError("validation must be a tuple (x_val, y_val)")
-        _check_dataset(net, *validation, "validation")
-    metric = _default_metric(net.loss) if metric == "auto" else metric
-    if metric is not None and not callable(metric):
-        raise TypeError(f"metric must be callable(pred, target) or None, got {metric!r}")
+        _check_dataset(net, *validation, "validation ")
+    _check_batch_rows(net, len(x), batch_size, bool(drop_last))
+    metric = _resolve_metric(metric, net.loss)
     shuffle_key, step_key = split(key, 2)
-    setup = {
-        "seed": list(key),
-        "shuffle": bool(shuffle),
-        "batch_size": batch_size,
-        "n": len(x),
-        "validation": validation is not None,
-        "eval_every": eval_every,
-        "early_stopping": bool(early_stopping),
-        "patience": patience,
-    }
-    if resume is None:
-        run = _FitRun(TrainState.create(net, optimizer, step_key), 0, History(), net)
-    else:
-        run = _resume_fit(resume, net, optimizer, step_key, setup)
-        if run.epoch > epochs:
-            raise ValueError(
-                f"resume: the checkpoint is at epoch {run.epoch}, past epochs={epochs} "
-                "(epochs counts the total, not the epochs to add)"
-            )
-    while run.epoch < epochs and not run.history.stopped_early:
-        epoch = run.epoch + 1
-        order_key = shuffle_key + (epoch,) if shuffle else None
-        state = _fit_epoch(run, epoch, (x, y), batch_size, order_key, progress)
-        evaluated = validation is not None and (epoch % eval_every == 0 or epoch == epochs)
-        scores = _evaluate(state.net, *validation, metric, batch_size) if evaluated else ()
-        record = EpochRecord(epoch, state.mean_loss, *scores)
-        run = _fit_update(run, state, record, evaluated, patience, early_stopping)
-        _report(record, run, evaluated, verbose, callback)
-        last = epoch == epochs or run.history.stopped_early
-        if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
-            _save_fit(checkpoint, run, setup, with_best=validation is not None)
-    keep_best = validation is not None and early_stopping
-    return (run.best if keep_best else run.state.net), run.history
+    factory = _bar_factory(progress)
+    plan = _FitPlan(
+        x=x,
+        y=y,
+        validation=validation,
+        epochs=epochs,
+        batch_size=batch_size,
+        drop_last=bool(drop_last),
+        shuffle_key=shuffle_key if shuffle else None,
+        eval_every=eval_every,
+        patience=patience,
+        metric=metric,
+        lines=bool(verbose) or (progress is True and factory is None),
+        talk=bool(verbose) or progress not in (None, False),
+        callback=callback,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        setup={
+            "seed": list(key),
+            "shuffle": bool(shuffle),
+            "batch_size": batch_size,
+            "drop_last": bool(drop_last),
+            "n": len(x),
+            "validation": validation is not None,
+            "eval_every": eval_every,
+            "early_stopping": patience is not None,
+            "patience": patience,
+        },
+    )
+    run = _start_run(net, optimizer, step_key, plan, resume)
+    done = run.epoch * plan.steps_per_epoch + run.batch
+    bar = (
+        None if factory is None else factory(total=epochs * plan.steps_per_epoch - done, desc="fit")
+    )
+    try:
+        run = _fit_loop(run, plan, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _fit_result(run, plan)
 
 
 # ------------------------------------------------------------------- metrics
@@ -2701,6 +3359,54 @@ def binary_accuracy(logits: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean((logits > 0) == (target > 0.5)))
 
 
+def confusion_matrix(
+    pred: np.ndarray, labels: np.ndarray, n_classes: int | None = None
+) -> np.ndarray:
+    """Counts C[i, j] = #{n : labels_n = i and pred_n = j}: rows are the true
+    classes, columns the predicted ones (scikit-learn's layout).
+
+    pred: class ids (N,) (e.g. ``net.predict_classes(x)``) or scores (N, K),
+    K > 1, whose argmax is taken; labels: integer labels (N,); ``n_classes``:
+    K (default: the scores' K, else the largest id + 1).  -> (K, K) int64.
+    """
+    _check_ndarray("pred", pred)
+    _check_ndarray("labels", labels)
+    if pred.dtype.kind == "f" and pred.ndim == 2 and pred.shape[1] > 1:
+        _check_finite("pred", pred)
+        k_scores: int | None = pred.shape[1]
+        pred = pred.argmax(axis=1)
+    elif pred.dtype.kind in "iu" and pred.ndim == 1:
+        k_scores = None
+    else:
+        raise TypeError(
+            f"pred must be integer class ids (N,) or float scores (N, K) with K > 1, got "
+            f"{pred.dtype} of shape {pred.shape}; for one binary logit per row pass "
+            "net.predict_classes(x)"
+        )
+    if labels.dtype.kind not in "iu" or labels.shape != pred.shape:
+        raise ValueError(
+            f"labels must be integer labels of shape {pred.shape} (one per prediction), "
+            f"got {labels.dtype} of shape {labels.shape}"
+        )
+    _check_nonempty("labels", labels)
+    if pred.min() < 0 or labels.min() < 0:
+        raise ValueError("pred and labels must be class ids >= 0")
+    needed = max(int(pred.max()), int(labels.max())) + 1
+    if n_classes is None:
+        k = k_scores or needed
+    else:
+        k = _check_int("n_classes", n_classes)
+        if k < needed:
+            raise ValueError(
+                f"n_classes must be at least {needed} (the largest class id + 1), got {k}"
+            )
+        if k_scores is not None and k != k_scores:
+            raise ValueError(f"n_classes must match the scores' K={k_scores}, got {k}")
+    flat = labels.astype(np.int64) * k + pred.astype(np.int64)
+    counts = np.bincount(flat, minlength=k * k)
+    return counts.reshape(k, k)
+
+
 # ------------------------------------------------------------ data utilities
 
 
@@ -2743,24 +3449,287 @@ def permute(key: int | Key, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, key: int | Key | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    key: int | Key | None = None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (x_batch, y_batch) of ``batch_size`` rows (the last may be smaller),
-    in a random order drawn from ``key`` (in order when key is None)."""
+    """Yield (x_batch, y_batch) of ``batch_size`` rows, in a random order drawn
+    from ``key`` (in order when key is None).  The last batch may be smaller;
+    ``drop_last=True`` skips it (PyTorch's DataLoader option)."""
     _check_ndarray("x", x)
     if x.ndim == 0:
         raise ValueError(f"x must have a batch axis, got shape {x.shape}")
     _check_xy(x, y)
     batch_size = _check_int("batch_size", batch_size)
+    if not isinstance(drop_last, (bool, np.bool_)):
+        raise TypeError(f"drop_last must be a bool, got {drop_last!r}")
+    key = None if key is None else _as_key("key", key)
+    return _epoch_batches(x, y, batch_size, key, bool(drop_last))
+
+
+def _epoch_batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    key: Key | None,
+    drop_last: bool,
+    start: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``batches`` without the checks, from batch number ``start`` on (a resumed epoch)."""
+    n = len(x)
+    starts = range(start * batch_size, n - n % batch_size if drop_last else n, batch_size)
     if key is None:
-        return (
-            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
-        )
-    order = make_rng(key).permutation(len(x))
+        return ((x[i : i + batch_size], y[i : i + batch_size]) for i in starts)
+    order = _rng(key).permutation(n)
     return (
         (np.take(x, idx, axis=0), np.take(y, idx, axis=0))
-        for idx in (order[i : i + batch_size] for i in range(0, len(x), batch_size))
+        for idx in (order[i : i + batch_size] for i in starts)
     )
+
+
+# -------------------------------------------------- data utilities: datasets
+
+# Mirrors of the original MNIST files (yann.lecun.com often refuses downloads), tried in order.
+_MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+_MNIST_FILES = {  # array name -> standard IDX file name (without .gz)
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_MNIST_MD5 = {  # the published checksums of the four .gz files
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+_MNIST_TIMEOUT = 60.0  # seconds a mirror may stay silent
+_IDX_DTYPES = {  # IDX type byte -> big-endian numpy dtype
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _parse_idx(raw: bytes, name: str) -> np.ndarray:
+    """Decode one (un-gzipped) IDX file: magic ``00 00 type ndim``, ``ndim``
+    big-endian uint32 sizes, then exactly prod(sizes) items; ValueError naming
+    ``name`` otherwise.  Returns a native-endian array of shape ``sizes``."""
+    if len(raw) < 4:
+        raise ValueError(f"{name}: truncated IDX header ({len(raw)} bytes, expected at least 4)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"{name}: not an IDX file (magic number starts with {raw[:2].hex()}, expected 0000)"
+        )
+    dtype = _IDX_DTYPES.get(raw[2])
+    if dtype is None:
+        raise ValueError(f"{name}: unknown IDX data type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    if ndim == 0:
+        raise ValueError(f"{name}: IDX header declares 0 dimensions, expected at least 1")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(
+            f"{name}: truncated IDX header ({len(raw)} bytes, expected {header} for {ndim} dims)"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = math.prod(shape) * dtype.itemsize
+    got = len(raw) - header
+    if got != expected:
+        what = "truncated" if got < expected else "has trailing bytes"
+        raise ValueError(
+            f"{name}: IDX payload {what}: the header says shape {shape} ({expected} bytes "
+            f"expected), got {got} bytes"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An IDX file, gzipped (told by its magic bytes) or plain."""
+    import gzip
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError) as err:
+            raise ValueError(f"{path}: corrupt or truncated gzip file ({err})") from None
+    return _parse_idx(raw, path)
+
+
+def _find_idx(folder: str, base: str) -> str:
+    dotted = base.replace("-idx", ".idx")  # a common variant: train-images.idx3-ubyte
+    for stem in (base, dotted):
+        for name in (stem, f"{stem}.gz"):
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise FileNotFoundError(f"{folder}: no {base} or {base}.gz found")
+
+
+def _check_mnist(data: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """uint8 images (N, H, W), integer labels (N,) in 0..9, train and test alike."""
+    for part in ("train", "test"):
+        x, y = data[f"x_{part}"], data[f"y_{part}"]
+        if x.ndim != 3:
+            raise ValueError(f"{source}: x_{part} must have shape (N, H, W), got {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(
+                f"{source}: y_{part} must have shape ({len(x)},) to match x_{part}, got {y.shape}"
+            )
+        if x.dtype != np.uint8:
+            raise TypeError(f"{source}: x_{part} must be uint8, got dtype {x.dtype}")
+        if y.dtype.kind not in "iu":
+            raise TypeError(f"{source}: y_{part} must be integer labels, got dtype {y.dtype}")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise ValueError(f"{source}: y_{part} labels must be in 0..9, got {y.min()}..{y.max()}")
+    if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
+        raise ValueError(
+            f"{source}: train and test images must have one size, got "
+            f"{data['x_train'].shape[1:]} and {data['x_test'].shape[1:]}"
+        )
+    return data
+
+
+def _mnist_from_npz(path: str) -> dict[str, np.ndarray]:
+    # Open the file ourselves: np.load(path) leaks its handle when a damaged zip fails.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+        missing = [k for k in _MNIST_FILES if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(z.files)}")
+        return _check_mnist({k: z[k] for k in _MNIST_FILES}, path)
+
+
+def _mnist_from_folder(folder: str) -> dict[str, np.ndarray]:
+    data = {k: _read_idx(_find_idx(folder, base)) for k, base in _MNIST_FILES.items()}
+    return _check_mnist(data, folder)
+
+
+def _mnist_cache(cache_dir: Any) -> str:
+    """``cache_dir``, else ``$DLFS_DATA/mnist``, else ``~/.cache/dlfs/mnist``."""
+    if cache_dir is not None:
+        return _check_path("cache_dir", cache_dir)
+    root = os.environ.get("DLFS_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "dlfs")
+    return os.path.join(root, "mnist")
+
+
+def _md5_of(path: str) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dest: str, md5: str) -> None:
+    """Stream ``url`` into a temporary file next to ``dest``; move it to ``dest``
+    only when its md5 is ``md5``.  Nothing is left behind on failure."""
+    import hashlib
+    import tempfile
+    import urllib.request
+
+    folder, name = os.path.split(dest)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    try:
+        h = hashlib.md5()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=_MNIST_TIMEOUT) as r:
+            for chunk in iter(lambda: r.read(1 << 16), b""):
+                h.update(chunk)
+                f.write(chunk)
+        if h.hexdigest() != md5:
+            raise ValueError(
+                f"checksum mismatch for {url}: expected md5 {md5}, got {h.hexdigest()} "
+                f"({os.path.getsize(tmp)} bytes); the file was not cached"
+            )
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _download_mnist(folder: str) -> str:
+    """The four ``.gz`` files in ``folder`` with their published md5s, fetched from the
+    mirrors in turn when missing or damaged.  ValueError on a checksum mismatch,
+    OSError when no mirror answers; a bad file is never kept."""
+    import http.client
+    import urllib.error
+
+    os.makedirs(folder, exist_ok=True)
+    for base in _MNIST_FILES.values():
+        name = f"{base}.gz"
+        dest = os.path.join(folder, name)
+        if os.path.isfile(dest) and _md5_of(dest) == _MNIST_MD5[name]:
+            continue
+        errors: list[Exception] = []
+        for prefix in _MNIST_MIRRORS:
+            try:
+                _fetch(prefix.rstrip("/") + "/" + name, dest, _MNIST_MD5[name])
+                break
+            # URLError/HTTPError/timeouts are OSErrors; IncompleteRead is an HTTPException.
+            except (OSError, ValueError, http.client.HTTPException) as err:
+                if isinstance(err, urllib.error.HTTPError):
+                    err.close()  # an HTTPError holds the open response
+                errors.append(err)
+        else:
+            detail = "; ".join(str(e) for e in errors)
+            kind = ValueError if all(isinstance(e, ValueError) for e in errors) else OSError
+            raise kind(f"could not download {name} into {folder}: {detail}")
+    return folder
+
+
+def load_mnist(
+    path: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    flatten: bool = False,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """MNIST as ``(x_train, y_train), (x_test, y_test)``: float32 images in [0, 1]
+    (pixel / 255) and int64 labels in 0..9; 60000 training and 10000 test images.
+
+    Images come as (N, 1, 28, 28), channels first as dlfs's convolutions want,
+    or as (N, 784) with ``flatten=True`` for a dense network.  ``path``: an
+    ``.npz`` holding uint8 ``x_train`` (N, 28, 28), ``y_train``, ``x_test``,
+    ``y_test`` (read without pickle), or a folder of the four standard IDX
+    files (each ``.gz`` or not).  ``path=None`` downloads the four ``.gz``
+    files once into ``cache_dir``, else ``$DLFS_DATA/mnist``, else
+    ``~/.cache/dlfs/mnist``, and reads them from there afterwards; each
+    download goes to a temporary file that is kept only when its md5 matches
+    the published checksum, and a cached file that no longer matches is
+    fetched again.  Standard library and numpy only.
+    """
+    if not isinstance(flatten, (bool, np.bool_)):
+        raise TypeError(f"flatten must be a bool, got {flatten!r}")
+    if path is None:
+        data = _mnist_from_folder(_download_mnist(_mnist_cache(cache_dir)))
+    else:
+        path = _check_path("path", path)
+        if os.path.isdir(path):
+            data = _mnist_from_folder(path)
+        elif os.path.isfile(path):
+            data = _mnist_from_npz(path)
+        else:
+            raise FileNotFoundError(
+                f"path must be an .npz file or a folder of IDX files; {path!r} not found"
+            )
+
+    def images(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32) / np.float32(255.0)
+        return x.reshape(len(x), -1) if flatten else x[:, None]
+
+    train = images(data["x_train"]), data["y_train"].astype(np.int64)
+    return train, (images(data["x_test"]), data["y_test"].astype(np.int64))
 
 
 # ----------------------------------------------------------- gradient checks
@@ -2907,6 +3876,36 @@ class Checkpoint:
         params = self.net.params()
         _check_state(optimizer, self.opt_state, params, len(optimizer.init(params).slots))
         return self.opt_state
+
+    def _facts(self) -> list[tuple[str, str]]:
+        """(field, description) rows for the reprs; never raises on odd meta."""
+        facts = [("net", repr(self.net))]
+        if self.opt_state is not None:
+            facts.append(("opt_state", f"step {self.opt_state.count:,}"))
+        if self.best is not None:
+            facts.append(("best", repr(self.best)))
+        run = self.meta.get(_FIT_META)
+        if isinstance(run, dict):
+            where = f"epoch {run.get('epoch')}"
+            if run.get("batch"):
+                where += f" + {run.get('batch')} steps"
+            facts.append(
+                ("fit", where + (f", {run['stop_reason']}" if run.get("stop_reason") else ""))
+            )
+        others = [str(k) for k in self.meta if k != _FIT_META]
+        if others:
+            facts.append(("meta", ", ".join(others)))
+        facts.append(("format", f"version {self.version}, written by dlfs {self.dlfs_version}"))
+        return facts
+
+    def __repr__(self) -> str:
+        shown = [f"{k} {v}" if k != "net" else v for k, v in self._facts() if k != "best"]
+        if self.best is not None:
+            shown.insert(1, "with best network")
+        return f"Checkpoint({'; '.join(shown)})"
+
+    def _repr_html_(self) -> str:
+        return _html_table(("field", "value"), self._facts(), caption="dlfs checkpoint")
 
 
 def _check_path(name: str, path: Any) -> str:
@@ -3230,24 +4229,29 @@ def load(path: str | os.PathLike) -> Checkpoint:
 _FIT_META = "dlfs.fit"  # the meta key under which fit keeps its bookkeeping
 
 
-def _save_fit(path: str, run: _FitRun, setup: dict[str, Any], *, with_best: bool) -> None:
+def _save_fit(path: str, run: _FitRun, plan: _FitPlan) -> None:
     """fit's checkpoint: network, optimizer state, best network, and in ``meta``
-    the setup, epoch, global step, history and early-stopping counters."""
-    h = run.history
+    the setup, position (epoch, steps into the next, running loss), history,
+    early-stopping counters and stop reason."""
+    h, state = run.history, run.state
     record = {
-        **setup,
+        **plan.setup,
         "epoch": run.epoch,
-        "step": run.state.step,
+        "batch": run.batch,
+        "step": state.step,
+        "loss_sum": state.loss_sum,
+        "seen": state.seen,
         "records": [[r.epoch, r.train_loss, r.val_loss, r.val_metric] for r in h.records],
         "best_epoch": h.best_epoch,
-        "stopped_early": h.stopped_early,
+        "stop_reason": run.stop,
+        "stopped_early": run.stop == "early_stopping",
         "best_loss": run.best_loss,
         "bad": run.bad,
     }
-    nets = {"net": run.state.net}
-    if with_best and run.best is not run.state.net:
+    nets = {"net": state.net}
+    if plan.validation is not None and run.best is not state.net:
         nets["best"] = run.best
-    _save(path, nets, run.state.opt_state, {_FIT_META: record})
+    _save(path, nets, state.opt_state, {_FIT_META: record})
 
 
 def _same_architecture(a: Network, b: Network) -> bool:
@@ -3261,16 +4265,27 @@ def _same_architecture(a: Network, b: Network) -> bool:
     return sig(a) == sig(b)
 
 
-def _resume_fit(
-    path: Any, net: Network, optimizer: Any, step_key: Key, setup: dict[str, Any]
-) -> _FitRun:
+# Settings older fit checkpoints did not record, at the value they always had.
+_FIT_SETUP_BEFORE = {"drop_last": False}
+
+
+def _saved_stop(saved: dict[str, Any]) -> str | None:
+    """The stop a resumed run keeps: only early stopping; after a callback's stop
+    or an interrupt, training goes on."""
+    reason = saved.get("stop_reason", "early_stopping" if saved.get("stopped_early") else None)
+    if reason not in (None, *_STOP_REASONS):
+        raise ValueError(f"unknown stop_reason {reason!r}")
+    return "early_stopping" if reason == "early_stopping" else None
+
+
+def _resume_fit(path: Any, net: Network, optimizer: Any, step_key: Key, plan: _FitPlan) -> _FitRun:
     """The _FitRun stored by ``_save_fit``, checked against this fit call."""
     ckpt = load(_check_path("resume", path))
     saved = ckpt.meta.get(_FIT_META)
     if not isinstance(saved, dict):
         raise ValueError(f"resume: {path!r} was not written by fit(checkpoint=...)")
-    for name, value in setup.items():
-        if saved.get(name) != value:
+    for name, value in plan.setup.items():
+        if saved.get(name, _FIT_SETUP_BEFORE.get(name)) != value:
             raise ValueError(
                 f"resume: the checkpoint was trained with {name}={saved.get(name)!r}, this "
                 f"call has {name}={value!r}; a resumed run must use the same value"
@@ -3281,16 +4296,19 @@ def _resume_fit(
         )
     opt_state = ckpt.opt_state_for(optimizer)
     try:
-        history = History(
-            tuple(EpochRecord(*r) for r in saved["records"]),
-            saved["best_epoch"],
-            saved["stopped_early"],
-        )
+        records = tuple(EpochRecord(*r) for r in saved["records"])
+        history = History(records, saved["best_epoch"], metric=_metric_name(plan.metric))
         step = _check_int("step", saved["step"], low=0)
         epoch = _check_int("epoch", saved["epoch"], low=0)
         bad = _check_int("bad", saved["bad"], low=0)
-        state = TrainState(ckpt.net, optimizer, opt_state, step_key, step)
+        batch = _check_int("batch", saved.get("batch", 0), low=0)
+        if batch > plan.steps_per_epoch:
+            raise ValueError(f"batch {batch} is past the {plan.steps_per_epoch} steps of an epoch")
+        seen = _check_int("seen", saved.get("seen", 0), low=0)
+        loss_sum = _check_number("loss_sum", saved.get("loss_sum", 0.0))
+        state = TrainState(ckpt.net, optimizer, opt_state, step_key, step, loss_sum, seen)
         best = ckpt.net if ckpt.best is None else ckpt.best
-        return _FitRun(state, epoch, history, best, float(saved["best_loss"]), bad)
+        best_loss = float(saved["best_loss"])
+        return _FitRun(state, epoch, history, best, best_loss, bad, batch, _saved_stop(saved))
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None
