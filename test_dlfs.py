@@ -823,13 +823,13 @@ def test_builder_same_key_same_weights():
 
 def test_summary_and_repr():
     net = _boston_like()
-    text = net.summary()
+    text = str(net.summary())
     for word in ("Dense", "Sigmoid", "182", "14", "196", "Total"):
         assert word in text
     assert "(N, 13)" in text and "(N, 1)" in text
+    assert repr(net.summary()) == text  # a notebook's plain-text view is the table too
     r = repr(net)
-    assert "Dense(13 -> 13" in r and "Sigmoid()" in r and "MeanSquaredError" in r
-    assert "array" not in r and "[[" not in r and len(r) < 400
+    assert r == "Network((13,) -> (1,), 3 layers, 196 params, float32, MeanSquaredError)"
     assert "array" not in repr(net.layers[0]) and "array" not in repr(dlfs.BatchNorm.init(3))
 
 
@@ -1087,7 +1087,7 @@ def test_verbose_and_progress(capsys):
     x, y = _regression(n=20)
     bars = []
 
-    class Bar:
+    class Bar:  # the least a progress factory needs: update and close
         def __init__(self, total, desc):
             self.total, self.desc, self.n, self.closed = total, desc, 0, False
             bars.append(self)
@@ -1103,7 +1103,7 @@ def test_verbose_and_progress(capsys):
     )
     out = capsys.readouterr().out
     assert "epoch 1" in out and "train_loss" in out
-    assert [(b.total, b.n, b.closed) for b in bars] == [(3, 3, True), (3, 3, True)]
+    assert [(b.total, b.n, b.closed, b.desc) for b in bars] == [(6, 6, True, "fit")]  # one bar
 
 
 def test_non_finite_error_keeps_last_finite_network():
@@ -1186,8 +1186,8 @@ def test_fit_bad_input():
         ({"x": x.astype(np.float64)}, TypeError, "x must have dtype float32"),
         ({"x": x.astype(np.int32)}, TypeError, "x must be a float"),
         ({"x": x.tolist()}, TypeError, "x must be a numpy array"),
-        ({"y": y[:, 0]}, ValueError, "target must have the same shape"),
-        ({"y": y.astype(np.float64)}, TypeError, "target must have dtype float32"),
+        ({"y": y[:, 0]}, ValueError, r"y must have shape \(N, 1\).*y\[:, None\]"),
+        ({"y": y.astype(np.float64)}, TypeError, r"y must have dtype float32.*astype"),
         ({"y": y[:10]}, ValueError, "same length"),
         ({"y": y.astype(np.complex64)}, TypeError, "y must be a float or integer"),
         ({"y": y.tolist()}, TypeError, "y must be a numpy array"),
@@ -1221,7 +1221,7 @@ def test_fit_labels_out_of_range():
         dlfs.fit(net, dlfs.SGD(), x, np.array([0, 1, 2, 3, 4, 0]), epochs=1)
     with pytest.raises(ValueError, match="labels must be in"):
         dlfs.fit(net, dlfs.SGD(), x, np.array([0, 1, -1, 3, 0, 0]), epochs=1)
-    with pytest.raises(ValueError, match="target must have the same shape"):
+    with pytest.raises(ValueError, match=r"y must be integer labels \(N,\) or one-hot"):
         dlfs.fit(net, dlfs.SGD(), x, np.zeros((6, 3), np.float32), epochs=1)
 
 
@@ -1377,16 +1377,22 @@ def test_file_works_alone(tmp_path):
     assert result.stdout.startswith("ok " + dlfs.__version__)
 
 
-def test_file_imports_only_stdlib_numpy_attrs():
-    tree = ast.parse((HERE / "dlfs.py").read_text())
+def _imported(nodes) -> set[str]:
     names = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module.split(".")[0])
-    third_party = {n for n in names if n not in sys.stdlib_module_names}
-    assert third_party <= {"numpy", "attrs"}, third_party
+    return {n for n in names if n not in sys.stdlib_module_names}
+
+
+def test_file_imports_only_stdlib_numpy_attrs():
+    """At import: numpy and attrs only.  Inside functions, for optional extras only,
+    tqdm (progress=True) and matplotlib (History.plot), each behind an ImportError."""
+    tree = ast.parse((HERE / "dlfs.py").read_text())
+    assert _imported(tree.body) <= {"numpy", "attrs"}
+    assert _imported(ast.walk(tree)) <= {"numpy", "attrs", "tqdm", "matplotlib"}
 
 
 def test_public_names_exist_and_are_documented():
@@ -1797,9 +1803,9 @@ def test_resume_is_bit_identical(tmp_path, with_validation):
     net = _trust_net(3, 4, [6, 5], [4, 2], np.float32, "sce", [1, 2])
     opt = dlfs.chain(dlfs.ClipByGlobalNorm(5.0), dlfs.Adam(1e-2))
     x, y = _trust_fit_data()
-    kw = dict(batch_size=8, seed=5, shuffle=True, patience=10)
+    kw = dict(batch_size=8, seed=5, shuffle=True)
     if with_validation:
-        kw["validation"] = (x[:10], y[:10])
+        kw |= dict(validation=(x[:10], y[:10]), patience=10)
     straight, h_straight = dlfs.fit(net, opt, x, y, epochs=4, **kw)
     path = tmp_path / "run.npz"
     dlfs.fit(net, opt, x, y, epochs=2, checkpoint=path, **kw)
@@ -1840,14 +1846,19 @@ def test_resume_rejects_a_different_run(tmp_path):
         (dict(batch_size=4), "batch_size"),
         (dict(seed=1), "seed"),
         (dict(shuffle=False), "shuffle"),
-        (dict(patience=2), "patience"),
+        (dict(drop_last=True), "drop_last"),
         (dict(eval_every=2), "eval_every"),
-        (dict(early_stopping=False), "early_stopping"),
         (dict(validation=(x, y)), "validation"),
     ]:
         kw = dict(batch_size=8, seed=0, shuffle=True) | change
         with pytest.raises(ValueError, match=match):
             dlfs.fit(net, dlfs.Adam(), x, y, epochs=2, resume=path, **kw)
+    monitored = tmp_path / "monitored.npz"
+    kw = dict(batch_size=8, validation=(x, y))
+    dlfs.fit(net, dlfs.Adam(), x, y, epochs=1, checkpoint=monitored, **kw)
+    for change in (dict(patience=2), dict(early_stopping=True)):
+        with pytest.raises(ValueError, match="early_stopping=False, this call has"):
+            dlfs.fit(net, dlfs.Adam(), x, y, epochs=2, resume=monitored, **kw, **change)
     with pytest.raises(ValueError, match="slots"):
         dlfs.fit(net, dlfs.SGD(), x, y, epochs=2, batch_size=8, resume=path)
     other = _trust_net(0, 4, [6], [3], np.float32, "sce", [0])
@@ -2078,18 +2089,7 @@ def test_fit_rejects_unusable_inputs_up_front(tmp_path):
         dlfs.Adam().update(net.params(), dlfs.SGD().init(net.params()), net.params())
 
 
-# -------------------- MNIST loader and example (issue 4) ------------------
-
-
-def _mnist_module():
-    path = Path(__file__).resolve().parent / "examples" / "mnist_data.py"
-    spec = importlib.util.spec_from_file_location("mnist_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mnist_data = _mnist_module()
+# -------------------- MNIST loader: dlfs.load_mnist (issues 4, 11) --------
 
 
 def _mnist_idx(a: np.ndarray) -> bytes:
@@ -2109,7 +2109,7 @@ def _mnist_arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _mnist_write_folder(folder: Path, arrays: dict[str, np.ndarray], gz: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for key, base in mnist_data.FILES.items():
+    for key, base in dlfs._MNIST_FILES.items():
         raw = _mnist_idx(arrays[key])
         if gz:
             (folder / f"{base}.gz").write_bytes(gzip.compress(raw, mtime=0))
@@ -2123,11 +2123,17 @@ def _mnist_publish(www: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (www / "mnist").glob("*.gz")}
 
 
-def _mnist_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert set(got) == set(want)
-    for key in want:
-        assert got[key].dtype == np.uint8
-        np.testing.assert_array_equal(got[key], want[key])
+def _mnist_equal(got, want: dict[str, np.ndarray], flatten: bool = False) -> None:
+    """``load_mnist``'s ((x_train, y_train), (x_test, y_test)) against the uint8 arrays."""
+    (x_train, y_train), (x_test, y_test) = got
+    for x, key in ((x_train, "x_train"), (x_test, "x_test")):
+        n = len(want[key])
+        assert x.dtype == np.float32 and x.shape == ((n, 784) if flatten else (n, 1, 28, 28))
+        expected = want[key].astype(np.float32) / np.float32(255)
+        np.testing.assert_array_equal(x.reshape(n, 28, 28), expected)
+    for y, key in ((y_train, "y_train"), (y_test, "y_test")):
+        assert y.dtype == np.int64
+        np.testing.assert_array_equal(y, want[key])
 
 
 class _MnistHandler(http.server.SimpleHTTPRequestHandler):
@@ -2136,8 +2142,10 @@ class _MnistHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def _mnist_server(tmp_path):
-    """Serve tmp_path/www on 127.0.0.1; yields (base_url, www folder, request paths)."""
+def _mnist_server(tmp_path, monkeypatch):
+    """Serve tmp_path/www on 127.0.0.1 as dlfs's only MNIST mirror; yields
+    (base_url, www folder, request paths, publish) where ``publish(arrays)``
+    writes the files and makes their md5s the ones dlfs checks against."""
     www = tmp_path / "www"
     www.mkdir()
     requests: list[str] = []
@@ -2147,13 +2155,21 @@ def _mnist_server(tmp_path):
             requests.append(self.path)
             super().do_GET()
 
+    def publish(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+        md5 = _mnist_publish(www, arrays)
+        monkeypatch.setattr(dlfs, "_MNIST_MD5", md5)
+        return md5
+
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Handler, directory=str(www))
     )
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/mnist/"
+    monkeypatch.setattr(dlfs, "_MNIST_MIRRORS", (url,))
+    monkeypatch.delenv("DLFS_DATA", raising=False)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/mnist/", www, requests
+        yield url, www, requests, publish
     finally:
         server.shutdown()
         server.server_close()
@@ -2161,65 +2177,69 @@ def _mnist_server(tmp_path):
 
 
 def test_mnist_download_parse_checksum_and_cache_reuse(_mnist_server, tmp_path):
-    url, www, requests = _mnist_server
+    _, _, requests, publish = _mnist_server
     arrays = _mnist_arrays()
-    md5 = _mnist_publish(www, arrays)
+    md5 = publish(arrays)
     cache = tmp_path / "cache"
-    got = mnist_data.load_mnist(None, cache=cache, base_url=url, md5=md5)
-    _mnist_equal(got, arrays)
+    _mnist_equal(dlfs.load_mnist(cache_dir=cache), arrays)
     assert sorted(requests) == sorted(f"/mnist/{n}" for n in md5)
     assert sorted(p.name for p in cache.iterdir()) == sorted(md5)  # no temp files left
-    again = mnist_data.load_mnist(None, cache=cache, base_url=url, md5=md5)
-    _mnist_equal(again, arrays)
+    _mnist_equal(dlfs.load_mnist(None, cache_dir=str(cache), flatten=True), arrays, flatten=True)
     assert len(requests) == 4  # second call: all from the cache
 
 
-def test_mnist_cache_dir_from_env(_mnist_server, tmp_path, monkeypatch):
-    url, www, _ = _mnist_server
-    md5 = _mnist_publish(www, _mnist_arrays(1))
+def test_mnist_cache_dir_from_env_then_home(_mnist_server, tmp_path, monkeypatch):
+    _, _, _, publish = _mnist_server
+    publish(_mnist_arrays(1))
     monkeypatch.setenv("DLFS_DATA", str(tmp_path / "envcache"))
-    assert mnist_data.cache_dir() == tmp_path / "envcache" / "mnist"
-    mnist_data.load_mnist(None, base_url=url, md5=md5)
+    dlfs.load_mnist()
     assert len(list((tmp_path / "envcache" / "mnist").glob("*.gz"))) == 4
+    monkeypatch.delenv("DLFS_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    dlfs.load_mnist()
+    assert len(list((tmp_path / "home" / ".cache" / "dlfs" / "mnist").glob("*.gz"))) == 4
 
 
-def test_mnist_corrupt_download_is_not_cached(_mnist_server, tmp_path):
-    url, www, _ = _mnist_server
-    md5 = _mnist_publish(www, _mnist_arrays())
+def test_mnist_corrupt_download_is_not_cached(_mnist_server, tmp_path, monkeypatch):
+    _, www, _, publish = _mnist_server
+    published = dlfs._MNIST_MD5
+    publish(_mnist_arrays())
     bad = www / "mnist" / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:-10])  # truncated in transit
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match=r"checksum mismatch.*t10k-images.*not cached"):
-        mnist_data.load_mnist(None, cache=cache, base_url=url, md5=md5)
+        dlfs.load_mnist(cache_dir=cache)
     assert not (cache / bad.name).exists()
     assert not [p for p in cache.iterdir() if p.name.endswith(".part")]
     # the real published checksums never match the tiny files either
+    monkeypatch.setattr(dlfs, "_MNIST_MD5", published)
     with pytest.raises(ValueError, match="checksum mismatch"):
-        mnist_data.download_mnist(tmp_path / "cache2", base_url=url)
+        dlfs.load_mnist(cache_dir=tmp_path / "cache2")
     assert list((tmp_path / "cache2").iterdir()) == []
 
 
 def test_mnist_damaged_cache_file_is_downloaded_again(_mnist_server, tmp_path):
-    url, www, requests = _mnist_server
+    _, _, requests, publish = _mnist_server
     arrays = _mnist_arrays()
-    md5 = _mnist_publish(www, arrays)
+    publish(arrays)
     cache = tmp_path / "cache"
-    mnist_data.download_mnist(cache, base_url=url, md5=md5)
+    dlfs.load_mnist(cache_dir=cache)
     (cache / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
-    _mnist_equal(mnist_data.load_mnist(None, cache=cache, base_url=url, md5=md5), arrays)
+    _mnist_equal(dlfs.load_mnist(cache_dir=cache), arrays)
     assert requests.count("/mnist/train-labels-idx1-ubyte.gz") == 2
     assert len(requests) == 5
 
 
-def test_mnist_unreachable_mirror_falls_back_then_errors(_mnist_server, tmp_path):
-    url, www, _ = _mnist_server
+def test_mnist_unreachable_mirror_falls_back_then_errors(_mnist_server, tmp_path, monkeypatch):
+    url, _, _, publish = _mnist_server
     arrays = _mnist_arrays()
-    md5 = _mnist_publish(www, arrays)
+    publish(arrays)
     missing = url.replace("/mnist/", "/nothing-here/")
-    got = mnist_data.load_mnist(None, cache=tmp_path / "c1", base_url=[missing, url], md5=md5)
-    _mnist_equal(got, arrays)
+    monkeypatch.setattr(dlfs, "_MNIST_MIRRORS", (missing, url))
+    _mnist_equal(dlfs.load_mnist(cache_dir=tmp_path / "c1"), arrays)
+    monkeypatch.setattr(dlfs, "_MNIST_MIRRORS", (missing,))
     with pytest.raises(OSError, match="could not download train-images"):
-        mnist_data.download_mnist(tmp_path / "c2", base_url=missing, md5=md5)
+        dlfs.load_mnist(cache_dir=tmp_path / "c2")
     assert list((tmp_path / "c2").iterdir()) == []
 
 
@@ -2227,52 +2247,56 @@ def test_mnist_unreachable_mirror_falls_back_then_errors(_mnist_server, tmp_path
 def test_mnist_idx_folder(tmp_path, gz):
     arrays = _mnist_arrays(2)
     _mnist_write_folder(tmp_path / "idx", arrays, gz=gz)
-    _mnist_equal(mnist_data.load_mnist(tmp_path / "idx"), arrays)
-    _mnist_equal(mnist_data.load_mnist(str(tmp_path / "idx")), arrays)
+    _mnist_equal(dlfs.load_mnist(tmp_path / "idx"), arrays)
+    _mnist_equal(dlfs.load_mnist(str(tmp_path / "idx"), flatten=True), arrays, flatten=True)
 
 
 def test_mnist_idx_folder_missing_file(tmp_path):
     _mnist_write_folder(tmp_path / "idx", _mnist_arrays(), gz=False)
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
-        mnist_data.load_mnist(tmp_path / "idx")
+        dlfs.load_mnist(tmp_path / "idx")
     with pytest.raises(FileNotFoundError, match="not found"):
-        mnist_data.load_mnist(tmp_path / "nope.npz")
+        dlfs.load_mnist(tmp_path / "nope.npz")
 
 
 def test_mnist_npz(tmp_path):
     arrays = _mnist_arrays(3)
     np.savez(tmp_path / "m.npz", **arrays)
-    _mnist_equal(mnist_data.load_mnist(tmp_path / "m.npz"), arrays)
+    _mnist_equal(dlfs.load_mnist(tmp_path / "m.npz"), arrays)
     np.savez(tmp_path / "bad.npz", **{k: v for k, v in arrays.items() if k != "y_test"})
     with pytest.raises(ValueError, match=r"missing arrays.*y_test"):
-        mnist_data.load_mnist(tmp_path / "bad.npz")
+        dlfs.load_mnist(tmp_path / "bad.npz")
     np.savez(tmp_path / "short.npz", **{**arrays, "y_train": arrays["y_train"][:2]})
     with pytest.raises(ValueError, match="y_train must have shape"):
-        mnist_data.load_mnist(tmp_path / "short.npz")
+        dlfs.load_mnist(tmp_path / "short.npz")
     np.savez(tmp_path / "float.npz", **{**arrays, "x_test": arrays["x_test"] / 255.0})
     with pytest.raises(TypeError, match="x_test must be uint8"):
-        mnist_data.load_mnist(tmp_path / "float.npz")
+        dlfs.load_mnist(tmp_path / "float.npz")
+    with pytest.raises(TypeError, match="flatten"):
+        dlfs.load_mnist(tmp_path / "m.npz", flatten="yes")
+    with pytest.raises(TypeError, match="path"):
+        dlfs.load_mnist(3)
 
 
 def test_mnist_parse_idx_validates_header_and_length():
     a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     raw = _mnist_idx(a)
-    np.testing.assert_array_equal(mnist_data.parse_idx(raw), a)
-    with pytest.raises(ValueError, match="payload truncated"):
-        mnist_data.parse_idx(raw[:-1], "imgs")
+    np.testing.assert_array_equal(dlfs._parse_idx(raw, "imgs"), a)
+    with pytest.raises(ValueError, match="imgs: IDX payload truncated"):
+        dlfs._parse_idx(raw[:-1], "imgs")
     with pytest.raises(ValueError, match="trailing bytes"):
-        mnist_data.parse_idx(raw + b"\0")
+        dlfs._parse_idx(raw + b"\0", "imgs")
     with pytest.raises(ValueError, match="truncated IDX header"):
-        mnist_data.parse_idx(raw[:9])
+        dlfs._parse_idx(raw[:9], "imgs")
     with pytest.raises(ValueError, match="not an IDX file"):
-        mnist_data.parse_idx(b"\x1f\x8b" + raw[2:])
+        dlfs._parse_idx(b"\x1f\x8b" + raw[2:], "imgs")
     with pytest.raises(ValueError, match="unknown IDX data type"):
-        mnist_data.parse_idx(b"\0\0\x07" + raw[3:])
+        dlfs._parse_idx(b"\0\0\x07" + raw[3:], "imgs")
     with pytest.raises(ValueError, match="0 dimensions"):
-        mnist_data.parse_idx(b"\0\0\x08\0")
+        dlfs._parse_idx(b"\0\0\x08\0", "imgs")
     big = np.array([1, -2, 300], dtype=">i4")
-    got = mnist_data.parse_idx(b"\0\0\x0c\x01" + struct.pack(">I", 3) + big.tobytes())
+    got = dlfs._parse_idx(b"\0\0\x0c\x01" + struct.pack(">I", 3) + big.tobytes(), "ints")
     np.testing.assert_array_equal(got, [1, -2, 300])
     assert got.dtype == np.int32 and got.dtype.isnative
 
@@ -2282,33 +2306,31 @@ def test_mnist_truncated_idx_file_in_folder(tmp_path):
     f = tmp_path / "plain" / "train-images-idx3-ubyte"
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"train-images.*payload truncated"):
-        mnist_data.load_mnist(tmp_path / "plain")
+        dlfs.load_mnist(tmp_path / "plain")
     _mnist_write_folder(tmp_path / "gz", _mnist_arrays(), gz=True)
     g = tmp_path / "gz" / "train-labels-idx1-ubyte.gz"
     g.write_bytes(g.read_bytes()[:-12])  # cut into the gzip stream
     with pytest.raises(ValueError, match=r"train-labels.*(truncated|corrupt)"):
-        mnist_data.load_mnist(tmp_path / "gz")
+        dlfs.load_mnist(tmp_path / "gz")
 
 
-def test_mnist_prepare():
-    arrays = _mnist_arrays(4)
-    x_train, y_train, x_test, y_test = mnist_data.prepare(arrays)
-    assert x_train.shape == (5, 784) and x_train.dtype == np.float32
-    assert x_test.shape == (3, 784) and x_test.min() >= 0.0 and x_test.max() <= 1.0
-    assert y_train.dtype == np.int64 and y_test.dtype == np.int64
-    np.testing.assert_array_equal(y_test, arrays["y_test"])
-    np.testing.assert_allclose(x_train[0], arrays["x_train"][0].ravel() / 255.0, rtol=1e-6)
-    images = mnist_data.prepare(arrays, flatten=False, standardize=True)[0]
-    assert images.shape == (5, 1, 28, 28) and images.dtype == np.float32
-    np.testing.assert_allclose(
-        images[0, 0], (arrays["x_train"][0] / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-6
+def test_mnist_images_fit_an_mlp_and_a_cnn(tmp_path):
+    """The two layouts feed dlfs's dense and convolutional networks as they come."""
+    np.savez(tmp_path / "m.npz", **_mnist_arrays(4))
+    (x_flat, y), _ = dlfs.load_mnist(tmp_path / "m.npz", flatten=True)
+    (x_img, _), _ = dlfs.load_mnist(tmp_path / "m.npz")
+    mlp = dlfs.network(0, 784, [dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    cnn = dlfs.network(
+        0, (1, 28, 28), [dlfs.conv2d(2, 3), dlfs.Flatten(), dlfs.dense(10)], mlp.loss
     )
-    with pytest.raises(ValueError, match="images must be uint8"):
-        mnist_data.images_to_float(np.zeros((2, 4, 4), dtype=np.float32))
+    for net, x in ((mlp, x_flat), (cnn, x_img)):
+        assert net.predict(x).shape == (5, 10)
+        assert set(net.evaluate(x, y)) == {"loss", "accuracy"}
+    assert x_img.min() >= 0 and x_img.max() <= 1
 
 
 def _example(name: str, monkeypatch: pytest.MonkeyPatch):
-    """Import ``examples/<name>.py`` (examples import each other and mnist_data by name)."""
+    """Import ``examples/<name>.py`` (examples import each other by name)."""
     monkeypatch.syspath_prepend(str(HERE / "examples"))
     return importlib.import_module(name)
 
@@ -2897,7 +2919,7 @@ def test_mnist_cnn_example_smoke(tmp_path, monkeypatch, capsys):
     assert 0.0 <= float(kv["test_acc"]) <= 1.0
     assert (kv["epochs"], kv["batch_size"], kv["width"], kv["seed"]) == ("1", "16", "2", "0")
     assert math.isfinite(float(kv["train_loss"])) and float(kv["train_s"]) >= 0
-    assert re.search(r"epoch 1: train_loss=\S+ val_loss=\S+ val_metric=", out)  # --holdout
+    assert re.search(r"epoch 1: train_loss=\S+ val_loss=\S+ val_accuracy=", out)  # --holdout
     # the summary's shapes: 28 -> pool -> 14 -> pool -> 7, width 2 then 4 channels
     shapes = re.findall(r"\(N, [\d, ]+\)", out)
     for shape in ["(N, 1, 28, 28)", "(N, 2, 28, 28)", "(N, 4, 7, 7)", "(N, 196)", "(N, 10)"]:
@@ -2954,8 +2976,8 @@ def test_resume_with_eval_every_dividing_the_split(tmp_path, early_stopping):
     resumed run matches 4 straight epochs bit for bit, history and best network included."""
     net = _trust_net(3, 4, [6, 5], [4, 2], np.float32, "sce", [1, 2])
     x, y = _trust_fit_data()
-    kw = dict(batch_size=8, seed=5, validation=(x[:10], y[:10]), eval_every=2, patience=10)
-    kw["early_stopping"] = early_stopping
+    kw = dict(batch_size=8, seed=5, validation=(x[:10], y[:10]), eval_every=2)
+    kw["patience"] = 10 if early_stopping else None
     opt = dlfs.Adam(1e-2)
     straight, h_straight = dlfs.fit(net, opt, x, y, epochs=4, **kw)
     assert h_straight.val_loss[0] is None and h_straight.val_loss[2] is None

@@ -5,11 +5,11 @@
 
 float32, Adam with a cosine-decayed learning rate (peak 2e-3, 200 warmup
 steps), batch 64, 5 epochs over the 60000 training images.  The data come
-from ``mnist_data.load_mnist`` (shared with the MLP example): pass
-``--data PATH`` to a local ``.npz`` or a folder of the four IDX files, or
-leave it out to use the loader's default (a checked download, cached).
-Images go through ``mnist_data.prepare`` (float32, standardized with MNIST's
-mean/std).  ``--holdout K`` keeps the last K training images aside and
+from ``dlfs.load_mnist``: pass ``--data PATH`` to a local ``.npz`` or a
+folder of the four IDX files, or leave it out for a checked download,
+cached.  Images (N, 1, 28, 28) are standardized with MNIST's mean/std.  In a
+terminal a progress bar shows the running loss (tqdm, in the examples
+extra).  ``--holdout K`` keeps the last K training images aside and
 reports a validation accuracy after each epoch; the test set is used once,
 at the end.  Ends with ``key=value`` lines (``test_acc``, ``epochs``, ``train_s``, ...).
 On a small shared machine, ``OPENBLAS_NUM_THREADS=1`` avoids BLAS threads
@@ -25,12 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # mnist_data, next to this file
-sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
-from mnist_data import load_mnist, prepare  # noqa: E402
+import numpy as np
 
-import dlfs  # noqa: E402
+try:
+    import dlfs
+except ImportError:  # running from a checkout: dlfs.py sits one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import dlfs
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the training set, in [0, 1]
 
 
 def build(seed: int, width: int = 32) -> dlfs.Network:
@@ -70,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
 
-    data = load_mnist(args.data)
-    # float32 (N, 1, 28, 28), standardized with MNIST's mean/std; int64 labels
-    x_all, y_all, x_test, y_test = prepare(data, flatten=False, standardize=True)
+    # float32 (N, 1, 28, 28) in [0, 1], int64 labels; then standardized with MNIST's mean/std
+    (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    x_all = (x_all - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
+    x_test = (x_test - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     n_train = len(x_all) - args.holdout
     x_train, y_train = x_all[:n_train], y_all[:n_train]
     validation = (x_all[n_train:], y_all[n_train:]) if args.holdout > 0 else None
@@ -94,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         validation=validation,
-        early_stopping=False,
         seed=args.seed,
         verbose=True,
         callback=report,
+        progress=sys.stderr.isatty(),  # a bar in a terminal, not in logs
     )
     train_s = time.perf_counter() - start
     test_acc = dlfs.accuracy(net.predict(x_test, batch_size=1000), y_test)

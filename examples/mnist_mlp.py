@@ -1,6 +1,6 @@
 """Train a multilayer perceptron on MNIST with dlfs.
 
-    python examples/mnist_mlp.py                      # downloads MNIST once (cached)
+    python examples/mnist_mlp.py                      # downloads MNIST once (dlfs.load_mnist caches it)
     python examples/mnist_mlp.py --data mnist.npz     # or a folder of IDX files
     python examples/mnist_mlp.py --preset tutorial --epochs 5
     python examples/mnist_mlp.py --plot-dir plots     # needs matplotlib (the examples extra)
@@ -9,7 +9,8 @@ Default preset: 784-256-128-10 ReLU with dropout 0.2, softmax cross-entropy,
 Adam with a cosine learning-rate schedule (1e-3 -> 1e-5 over all epochs),
 float32, batch 128, 20 epochs.  The last 5000 training images (``--val-size``)
 are the validation set, evaluated after every epoch; ``--patience N`` turns
-on early stopping (keep the network with the lowest validation loss).
+on early stopping (keep the network with the lowest validation loss).  In a
+terminal a progress bar shows the running loss (tqdm, in the examples extra).
 
 ``--preset tutorial``: the classic from-scratch tutorial's 784-100-50-10 net
 with tanh after every layer, trained on one-hot targets with MSE and plain SGD.
@@ -31,8 +32,6 @@ try:
 except ImportError:  # running from a checkout: dlfs.py sits one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import dlfs
-
-from mnist_data import load_mnist, prepare
 
 
 def build(preset: str, seed: int, steps: int) -> tuple[dlfs.Network, object]:
@@ -68,51 +67,28 @@ def build(preset: str, seed: int, steps: int) -> tuple[dlfs.Network, object]:
     raise ValueError(f"preset must be 'default' or 'tutorial', got {preset!r}")
 
 
-def _progress_factory():  # a tqdm bar when tqdm is installed and stderr is a terminal
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return lambda total, desc: tqdm(total=total, desc=desc, leave=False)
-
-
 def save_plots(plot_dir: Path, history: dlfs.History, images, labels, pred) -> list[Path]:
-    """Loss/accuracy curves and a grid of misclassified test digits (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss/accuracy curves (History.plot) and a grid of misclassified test digits (PNG)."""
+    from matplotlib.figure import Figure
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(history.epochs, history.train_loss, "o-", label="train")
-    ax1.plot(history.epochs, history.val_loss, "o-", label="validation")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax1.legend()
-    ax2.plot(history.epochs, history.val_metric, "o-", color="C1")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
-    fig.tight_layout()
     curves = plot_dir / "mnist_mlp_curves.png"
-    fig.savefig(curves, dpi=100)
-    plt.close(fig)
+    history.plot().savefig(curves, dpi=100)
 
     all_wrong = np.flatnonzero(pred != labels)
     wrong = all_wrong[:36]
-    fig, axes = plt.subplots(6, 6, figsize=(8, 8.5))
+    fig = Figure(figsize=(8, 8.5), layout="constrained")
+    axes = fig.subplots(6, 6)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        ax.imshow(images[i], cmap="gray_r")
+        ax.imshow(images[i].reshape(28, 28), cmap="gray_r")
         ax.set_title(f"{labels[i]} -> {pred[i]}", fontsize=9)
     fig.suptitle(
         f"misclassified test digits, true -> predicted ({len(wrong)} of {len(all_wrong)} shown)"
     )
-    fig.tight_layout()
     grid = plot_dir / "mnist_mlp_errors.png"
     fig.savefig(grid, dpi=100)
-    plt.close(fig)
     return [curves, grid]
 
 
@@ -137,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     epochs = args.epochs or (10 if tutorial else 20)
     batch_size = args.batch_size or (32 if tutorial else 128)
 
-    raw = load_mnist(args.data)
-    x_train, y_train, x_test, y_test = prepare(raw)
+    # float32 (N, 784) in [0, 1], int64 labels; downloads and caches when --data is not given
+    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
     if not 0 < args.val_size < len(x_train):
         parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
     x_fit, y_fit = x_train[: -args.val_size], y_train[: -args.val_size]
@@ -163,15 +139,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batch_size=batch_size,
         validation=(x_val, y_val),
         seed=args.seed,
-        early_stopping=args.patience > 0,
-        patience=max(args.patience, 1),
+        patience=args.patience or None,  # None: no early stopping
         metric=dlfs.accuracy,
         verbose=True,
-        progress=_progress_factory(),
+        progress=sys.stderr.isatty(),  # a bar in a terminal, not in logs
     )
     train_s = time.perf_counter() - start
 
-    pred = net.predict(x_test).argmax(axis=1)
+    pred = net.predict_classes(x_test)
     result = {
         "test_acc": float(np.mean(pred == y_test)),
         "epochs": len(history.records),
@@ -179,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "train_s": train_s,
     }
     if args.plot_dir is not None:
-        for path in save_plots(args.plot_dir, history, raw["x_test"], y_test, pred):
+        for path in save_plots(args.plot_dir, history, x_test, y_test, pred):
             print(f"saved {path}")
     print(f"preset={args.preset}")
     print(f"test_acc={result['test_acc']:.4f}")
