@@ -198,7 +198,7 @@ def _check_finite(name: str, x: np.ndarray) -> None:
         rows = max(1, (1 << 20) // (x.size // len(x)))
         chunks = (x[i : i + rows] for i in range(0, len(x), rows))
     if not all(np.isfinite(c).all() for c in chunks):
-        raise ValueError(f"{name} contains NaN or inf")
+        raise ValueError(f"{name} contains NaN or inf; it must be finite")
 
 
 def _check_input(
@@ -2766,8 +2766,8 @@ def _check_class_targets(name: str, y: np.ndarray, k: int, dtype: np.dtype) -> N
         )
     if y.dtype != dtype:
         raise TypeError(
-            f"{name} holds {y.dtype} one-hot rows but the network is {dtype}: convert with "
-            f"{name}.astype(np.{dtype}), or pass integer labels ({name}.argmax(axis=1))"
+            f"{name} must have the network's dtype {dtype}, got {y.dtype} one-hot rows: convert "
+            f"with {name}.astype(np.{dtype}), or pass integer labels ({name}.argmax(axis=1))"
         )
 
 
@@ -3092,14 +3092,14 @@ def _report(run: _FitRun, plan: _FitPlan, bar: Any) -> None:
 
 
 def _ask_callback(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
-    """``callback(record)``; exactly ``False`` or StopTraining ends training."""
+    """``callback(record)``; ``False`` itself (or numpy's) or StopTraining ends training."""
     if plan.callback is None:
         return run
     try:
         answer = plan.callback(run.history.records[-1])
     except StopTraining:
         answer = False
-    if answer is not False or run.stop is not None:
+    if not (answer is False or answer is np.False_) or run.stop is not None:
         return run
     if plan.talk:
         _say(bar, f"training stopped by the callback after epoch {run.epoch}")
@@ -3205,8 +3205,8 @@ def fit(
     evaluated network; otherwise the last network is returned.  ``metric``
     (default: accuracy for classification losses) goes in the history.
 
-    ``callback(record)`` runs after every epoch; returning exactly ``False``
-    or raising ``StopTraining`` ends training.  ``verbose`` prints a line per
+    ``callback(record)`` runs after every epoch; returning ``False`` itself
+    (not None or another falsy value) or raising ``StopTraining`` ends training.  ``verbose`` prints a line per
     epoch; ``progress=True`` shows one bar over all steps (tqdm.auto; a line
     per epoch without tqdm), or pass a tqdm-like factory called as
     ``progress(total=steps, desc="fit")`` (``update``, ``close``, and

@@ -11,6 +11,7 @@ import ast
 import functools
 import gzip
 import hashlib
+import html.parser
 import http.server
 import importlib
 import importlib.util
@@ -3033,3 +3034,679 @@ def test_save_file_mode_follows_umask_and_keeps_existing_mode(tmp_path):
     finally:
         os.umask(old)
     assert os.listdir(tmp_path) == ["net.npz"]
+
+
+# -------------------- everyday use in notebooks (issue 11) ----------------
+
+_I11_KW = dict(batch_size=8, seed=5)  # 40 rows: 5 steps an epoch
+
+
+def _i11_net():
+    """Dropout and BatchNorm (keys and state per step) with Adam (moments): nothing
+    about resuming or interrupting is trivial."""
+    return _trust_net(3, 4, [6, 5], [4, 2], np.float32, "sce", [1, 2])
+
+
+def _i11_by_hand(net, opt, x, y, steps, *, batch_size=8, seed=5):
+    """Exactly ``steps`` steps of what fit does, from the public pieces: fit splits
+    its seed into a shuffle key and a step key; epoch e shuffles with shuffle_key + (e,)."""
+    shuffle_key, step_key = dlfs.split(seed, 2)
+    state = dlfs.TrainState.create(net, opt, step_key)
+    epoch = 0
+    while state.step < steps:
+        epoch += 1
+        for batch in dlfs.batches(x, y, batch_size, key=shuffle_key + (epoch,)):
+            if state.step == steps:
+                break
+            state = dlfs.train_step(state, batch)
+    return state.net
+
+
+def _i11_interrupt_source(monkeypatch, after: int) -> None:
+    """Make fit's data source raise KeyboardInterrupt when asked for batch ``after + 1``."""
+    real, served = dlfs._epoch_batches, [0]
+
+    def source(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            if served[0] == after:
+                raise KeyboardInterrupt
+            served[0] += 1
+            yield batch
+
+    monkeypatch.setattr(dlfs, "_epoch_batches", source)
+
+
+@pytest.mark.parametrize("where", ["data", "progress", "step"])
+@pytest.mark.parametrize("steps", [3, 5, 7])  # mid-epoch 1, end of epoch 1, mid-epoch 2
+def test_interrupt_mid_epoch_returns_the_network_of_the_last_completed_step(
+    monkeypatch, where, steps
+):
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    kw = dict(_I11_KW)
+    if where == "data":
+        _i11_interrupt_source(monkeypatch, steps)
+    elif where == "step":
+        real_step = dlfs.train_step
+
+        def step(state, batch):
+            if state.step == steps:
+                raise KeyboardInterrupt
+            return real_step(state, batch)
+
+        monkeypatch.setattr(dlfs, "train_step", step)
+    else:
+
+        class Bar:
+            def __init__(self, total, desc):
+                self.n = 0
+
+            def update(self, k):
+                self.n += k
+                if self.n == steps:  # the step is done; the bar breaks
+                    raise KeyboardInterrupt
+
+            def close(self):
+                pass
+
+        kw["progress"] = Bar
+    with pytest.warns(UserWarning, match=rf"fit interrupted .*after {steps} steps") as caught:
+        got, history = dlfs.fit(net, opt, x, y, epochs=4, **kw)
+    assert len(caught) == 1 and "history.interrupted is True" in str(caught[0].message)
+    monkeypatch.undo()
+    _assert_same_net(got, _i11_by_hand(net, opt, x, y, steps))
+    assert history.interrupted and history.stop_reason == "interrupted"
+    assert not history.stopped_early and history.steps == steps
+    # the recorded epochs only: a bar that breaks at an epoch's last step stops the
+    # epoch before its record (a resume from a checkpoint would record it)
+    recorded = steps // 5 - (where == "progress" and steps % 5 == 0)
+    assert history.epochs == list(range(1, recorded + 1))
+
+
+def test_interrupt_from_the_callback_checkpoints_first_and_equals_a_shorter_run(tmp_path):
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    path = tmp_path / "run.npz"
+    seen = []
+
+    def callback(record):
+        seen.append((record.epoch, dlfs.load(path).meta["dlfs.fit"]["epoch"]))
+        if record.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning, match=r"interrupted after epoch 2.*saved to"):
+        got, history = dlfs.fit(
+            net, opt, x, y, epochs=5, callback=callback, checkpoint=path, **_I11_KW
+        )
+    assert seen == [(1, 1), (2, 2)]  # the checkpoint was written before the callback ran
+    short, h_short = dlfs.fit(net, opt, x, y, epochs=2, **_I11_KW)
+    _assert_same_net(got, short)
+    assert history.records == h_short.records and history.interrupted
+    saved = dlfs.load(path).meta["dlfs.fit"]
+    assert (saved["epoch"], saved["batch"], saved["stop_reason"]) == (2, 0, "interrupted")
+
+
+def test_interrupted_checkpoint_resumes_bit_identically_mid_epoch(tmp_path, monkeypatch):
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    kw = dict(_I11_KW, validation=(x[:10], y[:10]), patience=3)
+    straight, h_straight = dlfs.fit(net, opt, x, y, epochs=4, **kw)
+    path = tmp_path / "run.npz"
+    _i11_interrupt_source(monkeypatch, 7)  # in epoch 2, after its second step
+    with pytest.warns(UserWarning, match="in epoch 2 after step 2 of 5"):
+        part, _ = dlfs.fit(net, opt, x, y, epochs=4, checkpoint=path, **kw)
+    monkeypatch.undo()
+    saved = dlfs.load(path)
+    record = saved.meta["dlfs.fit"]
+    assert (record["epoch"], record["batch"], record["step"]) == (1, 2, 7)
+    assert record["seen"] == 16 and record["loss_sum"] > 0  # the running loss of epoch 2
+    _assert_same_net(saved.net, part)
+    assert "epoch 1 + 2 steps, interrupted" in repr(saved)
+    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, **kw)
+    _assert_same_net(straight, resumed)
+    assert h_resumed == h_straight and h_resumed.stop_reason == "completed"
+
+
+def test_interrupt_during_evaluation_resumes_with_that_evaluation(tmp_path):
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    calls = [0]
+
+    def metric(pred, target):
+        calls[0] += 1
+        if calls[0] == 2:  # epoch 2's evaluation
+            raise KeyboardInterrupt
+        return dlfs.accuracy(pred, target)
+
+    kw = dict(_I11_KW, validation=(x[:10], y[:10]), metric=metric)
+    path = tmp_path / "run.npz"
+    with pytest.warns(UserWarning, match="after the last step of epoch 2, before its record"):
+        got, history = dlfs.fit(net, opt, x, y, epochs=3, checkpoint=path, **kw)
+    assert history.epochs == [1] and history.steps == 10
+    _assert_same_net(got, _i11_by_hand(net, opt, x, y, 10))
+    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=3, resume=path, **kw)
+    calls[0] = -100  # no more interrupts
+    straight, h_straight = dlfs.fit(net, opt, x, y, epochs=3, **kw)
+    _assert_same_net(straight, resumed)
+    assert h_resumed == h_straight
+
+
+def test_second_interrupt_during_the_checkpoint_write_aborts(tmp_path, monkeypatch):
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    path = tmp_path / "run.npz"
+    dlfs.fit(net, opt, x, y, epochs=1, checkpoint=path, **_I11_KW)
+    _i11_interrupt_source(monkeypatch, 7)
+
+    def writer(file, arrays):
+        raise KeyboardInterrupt  # Ctrl-C again while fit saves what it has
+
+    monkeypatch.setattr(dlfs, "_write_npz", writer)
+    with pytest.raises(KeyboardInterrupt):
+        dlfs.fit(net, opt, x, y, epochs=3, checkpoint=path, resume=path, **_I11_KW)
+    monkeypatch.undo()
+    assert dlfs.load(path).meta["dlfs.fit"]["epoch"] == 1  # the old checkpoint is intact
+    assert os.listdir(tmp_path) == ["run.npz"]
+
+
+def test_callback_runs_every_epoch_and_can_stop_training(tmp_path, capsys):
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    seen = []
+    for answer in (None, 0, "", True, [False]):  # only False itself stops
+        seen.clear()
+
+        def callback(record, answer=answer):
+            seen.append(record)
+            return answer
+
+        _, h = dlfs.fit(net, opt, x, y, epochs=3, callback=callback)
+        assert [r.epoch for r in seen] == [1, 2, 3] and h.stop_reason == "completed"
+        assert all(r.val_loss is None for r in seen)  # called without validation too
+
+    def stop_at_2(record):
+        return np.float64(record.epoch) != 2  # numpy's False stops too
+
+    def raise_at_2(record):
+        if record.epoch == 2:
+            raise dlfs.StopTraining
+
+    short, h_short = dlfs.fit(net, opt, x, y, epochs=2, **_I11_KW)
+    for callback in (stop_at_2, raise_at_2):
+        path = tmp_path / f"{callback.__name__}.npz"
+        kw = dict(_I11_KW, callback=callback, checkpoint=path, verbose=True)
+        got, h = dlfs.fit(net, opt, x, y, epochs=5, **kw)
+        assert h.stop_reason == "callback" and h.epochs == [1, 2] and not h.interrupted
+        _assert_same_net(got, short)
+        assert h.records == h_short.records
+        assert "training stopped by the callback after epoch 2" in capsys.readouterr().out
+        assert dlfs.load(path).meta["dlfs.fit"]["stop_reason"] == "callback"
+        # a resume goes on where the callback stopped, like one uninterrupted call
+        resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, **_I11_KW)
+        straight, h_straight = dlfs.fit(net, opt, x, y, epochs=4, **_I11_KW)
+        _assert_same_net(resumed, straight)
+        assert h_resumed == h_straight
+
+
+def test_validation_only_monitors_unless_early_stopping_is_asked_for(capsys):
+    x, y = _regression(n=64)
+    xv, yv = x[:32], -y[:32]  # validation loss rises as the network learns
+    net, opt = _linear_net(hidden=False), dlfs.SGD(0.05)
+    kw = dict(batch_size=8, validation=(xv, yv))
+    last, h = dlfs.fit(net, opt, x, y, epochs=6, **kw)
+    assert h.epochs == [1, 2, 3, 4, 5, 6] and h.stop_reason == "completed"
+    assert h.best_epoch < 6  # monitored, yet the last network comes back
+    assert float(last.loss.forward(last.predict(xv), yv)[0]) == pytest.approx(h.val_loss[-1])
+    best, h_es = dlfs.fit(net, opt, x, y, epochs=6, early_stopping=True, verbose=True, **kw)
+    out = capsys.readouterr().out
+    assert h_es.stopped_early and h_es.stop_reason == "early_stopping"
+    assert len(h_es.records) == h_es.best_epoch + 1  # patience 1: the book's Trainer
+    assert f"early stopping after epoch {h_es.epochs[-1]}" in out
+    assert f"returning the best network, from epoch {h_es.best_epoch}" in out
+    val = float(best.loss.forward(best.predict(xv), yv)[0])
+    assert val == pytest.approx(min(v for v in h_es.val_loss if v is not None))
+    _, h_p2 = dlfs.fit(net, opt, x, y, epochs=6, patience=2, **kw)
+    assert h_p2.stopped_early and len(h_p2.records) == h_p2.best_epoch + 2
+    for bad, exc, words in [
+        (dict(early_stopping=True), ValueError, r"early_stopping=True.*validation=\(x_val"),
+        (dict(patience=3), ValueError, r"patience=N.*validation=\(x_val, y_val\)"),
+        (dict(early_stopping="yes"), TypeError, "early_stopping must be a bool"),
+    ]:
+        with pytest.raises(exc, match=words):
+            dlfs.fit(net, opt, x, y, epochs=1, **bad)
+    with pytest.raises(ValueError, match="patience=2 asks for early stopping, but early_stopping"):
+        dlfs.fit(net, opt, x, y, epochs=1, early_stopping=False, patience=2, **kw)
+
+
+def test_history_survives_checkpoint_and_resume(tmp_path):
+    x, y = _regression(n=64)
+    xv, yv = x[:32], -y[:32]
+    net, opt = _linear_net(hidden=False), dlfs.SGD(0.05)
+    kw = dict(batch_size=8, validation=(xv, yv), patience=1)
+    path = tmp_path / "run.npz"
+    best, h = dlfs.fit(net, opt, x, y, epochs=10, checkpoint=path, **kw)
+    assert h.stopped_early
+    again, h_again = dlfs.fit(net, opt, x, y, epochs=10, resume=path, **kw)
+    assert h_again == h and h_again.stop_reason == "early_stopping"
+    _assert_same_net(again, best)
+
+
+def test_history_repr_html_dict_and_numbers_for_people():
+    records = tuple(
+        dlfs.EpochRecord(e, 1 / (e + 2), 2 / (e + 3) if e % 2 == 0 else None, 0.5 + e / 1000)
+        for e in range(1, 201)
+    )
+    records = tuple(attrs.evolve(r, val_metric=None) if r.val_loss is None else r for r in records)
+    h = dlfs.History(records, best_epoch=200, metric="accuracy", steps=12345)
+    text = repr(h)
+    assert text == (
+        "History(200 epochs, 12,345 steps, completed; train_loss 0.00495, val_loss 0.009852, "
+        "val_accuracy 0.7, best epoch 200)"
+    )
+    columns = h.as_dict()
+    assert list(columns) == ["epoch", "train_loss", "val_loss", "val_accuracy"]
+    assert all(len(v) == 200 for v in columns.values())
+    assert columns["train_loss"][0] == 1 / 3  # full precision in the data
+    assert math.isnan(columns["val_loss"][0]) and columns["val_loss"][1] == 2 / 5
+    table = _parse_html(h._repr_html_())
+    assert table["caption"] == text
+    assert table["header"] == ["epoch", "train_loss", "val_loss", "val_accuracy"]
+    assert len(table["rows"]) == 21 and table["rows"][10] == ["…"] * 4  # first/last ten
+    assert table["rows"][0] == ["1", "0.3333", "", ""] and table["rows"][1][2] == "0.4"
+    assert dlfs.History().as_dict() == {"epoch": [], "train_loss": []}
+    assert repr(dlfs.History()) == "History(0 epochs, 0 steps, completed)"
+    assert repr(records[0]) == "EpochRecord(epoch=1, train_loss=0.3333)"
+    with pytest.raises(ValueError, match="stop_reason"):
+        dlfs.History(stop_reason="bored")
+
+
+def test_history_plot_returns_a_figure_and_needs_matplotlib(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    x, y = _trust_fit_data()
+    _, h = dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y))
+    fig = h.plot()
+    assert type(fig).__name__ == "Figure" and len(fig.axes) == 2
+    assert fig.axes[1].get_ylabel() == "accuracy"
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines][:2] == [3, 3]
+    fig.savefig(tmp_path / "h.png")  # renders without pyplot or a display (Agg)
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    _, h_mse = dlfs.fit(_linear_net(), dlfs.SGD(0.01), *_regression(n=16), epochs=2)
+    assert len(h_mse.plot().axes) == 1
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        h.plot()
+
+
+class _HTMLTable(html.parser.HTMLParser):
+    """Collects a table's caption, header cells and rows of data cells (as text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.table = {"caption": "", "header": [], "rows": []}
+        self._text: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs_):
+        self.tags.append(tag)
+        if tag == "tr" and "tbody" in self.tags:
+            self.table["rows"].append([])
+        if tag in ("td", "th", "caption"):
+            self._text = []
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag):
+        assert self.tags and self.tags[-1] == tag, f"unbalanced </{tag}>"
+        self.tags.pop()
+        if tag in ("td", "th", "caption"):
+            text, self._text = "".join(self._text), None
+            if tag == "caption":
+                self.table["caption"] = text
+            elif tag == "th":
+                self.table["header"].append(text)
+            else:
+                self.table["rows"][-1].append(text)
+
+
+def _parse_html(markup: str) -> dict:
+    parser = _HTMLTable()
+    parser.feed(markup)
+    parser.close()
+    assert parser.tags == [] and markup.startswith("<table>")
+    return parser.table
+
+
+def test_network_repr_summary_and_html():
+    sys.path.insert(0, str(HERE / "examples"))
+    try:
+        cnn = importlib.import_module("mnist_cnn").build(0)
+    finally:
+        sys.path.remove(str(HERE / "examples"))
+    text = repr(cnn)
+    assert text == (
+        "Network((1, 28, 28) -> (10,), 11 layers, 421,642 params, float32, SoftmaxCrossEntropy)"
+    )
+    summary = cnn.summary()
+    assert isinstance(summary, dlfs.Summary) and summary.total == 421642
+    lines = str(summary).splitlines()
+    assert lines[0] == text and lines[-1] == "Total params: 421,642"
+    assert any(line.endswith("401,536") for line in lines)  # 3136 x 128 + 128, separated
+    table = _parse_html(cnn._repr_html_())
+    assert table["caption"] == text and table["header"] == ["Layer", "Output shape", "Params"]
+    assert table["rows"][0] == ["Input", "(N, 1, 28, 28)", ""]
+    assert table["rows"][-1] == ["Total params", "", "421,642"]
+    assert [r[0] for r in table["rows"][1:-1]] == [repr(layer) for layer in cnn.layers]
+    smoothing = dlfs.network(0, 3, [dlfs.dense(2)], dlfs.SoftmaxCrossEntropy(0.1))
+    assert repr(smoothing).endswith("float64, SoftmaxCrossEntropy(label_smoothing=0.1))") is False
+    assert repr(smoothing).endswith("float32, SoftmaxCrossEntropy(label_smoothing=0.1))")
+
+
+def test_html_is_escaped():
+    @attrs.frozen(eq=False)
+    class Sneaky(dlfs.ReLU):
+        def __repr__(self):
+            return "<script>alert('x & y')</script>"
+
+    net = dlfs.network(0, 3, [dlfs.dense(2), Sneaky()], dlfs.MeanSquaredError())
+    markup = net._repr_html_()
+    assert "<script>" not in markup and "&lt;script&gt;" in markup
+    assert _parse_html(markup)["rows"][2][0] == "<script>alert('x & y')</script>"
+    h = dlfs.History(metric="<b>")
+    assert "<b>" not in h._repr_html_()
+
+
+def test_checkpoint_repr_and_html(tmp_path):
+    x, y = _regression(n=64)
+    net, path = _linear_net(hidden=False), tmp_path / "run.npz"
+    kw = dict(batch_size=8, validation=(x[:32], -y[:32]), checkpoint=path)  # val loss rises
+    dlfs.fit(net, dlfs.SGD(0.05), x, y, epochs=2, **kw)
+    ckpt = dlfs.load(path)
+    assert ckpt.best is not None
+    text = repr(ckpt)
+    assert text == (
+        "Checkpoint(Network((3,) -> (1,), 1 layer, 4 params, float32, MeanSquaredError); "
+        "with best network; opt_state step 16; fit epoch 2; "
+        f"format version 1, written by dlfs {dlfs.__version__})"
+    )
+    assert len(text) < 200 and "array" not in text
+    table = _parse_html(ckpt._repr_html_())
+    assert table["header"] == ["field", "value"]
+    assert [r[0] for r in table["rows"]] == ["net", "opt_state", "best", "fit", "format"]
+    dlfs.save(path, net, meta={"note": "<x>", "run": 3})
+    plain = dlfs.load(path)
+    assert repr(plain).endswith("; meta note, run; format version 1, written by dlfs 0.1.0)")
+    assert "&lt;x&gt;" not in plain._repr_html_()  # meta values are not shown, only keys
+
+
+def test_progress_one_bar_with_running_loss_and_validation():
+    x, y = _trust_fit_data()
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.desc, self.n, self.closed, self.postfix = total, desc, 0, False, []
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, ordered_dict=None, refresh=True):
+            self.postfix.append(dict(ordered_dict))
+
+        def close(self):
+            self.closed = True
+
+    dlfs.fit(
+        _i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y), progress=Bar, **_I11_KW
+    )
+    (bar,) = bars
+    assert (bar.total, bar.n, bar.closed, bar.desc) == (15, 15, True, "fit")
+    assert list(bar.postfix[0]) == ["epoch", "loss"] and bar.postfix[0]["epoch"] == "1/3"
+    assert list(bar.postfix[-1]) == ["epoch", "loss", "val_loss", "val_accuracy"]
+    assert bar.postfix[-1]["epoch"] == "3/3"
+    float(bar.postfix[-1]["loss"]), float(bar.postfix[-1]["val_accuracy"])
+
+
+def test_progress_true_uses_tqdm_auto_or_prints_a_line_per_epoch(monkeypatch, capsys):
+    x, y = _trust_fit_data()
+    kw = dict(_I11_KW, epochs=2, validation=(x, y), progress=True)
+    pytest.importorskip("tqdm")
+    dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, **kw)
+    captured = capsys.readouterr()
+    assert (
+        "fit: 100%" in captured.err and "10/10" in captured.err and "val_accuracy=" in captured.err
+    )
+    assert captured.out == ""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    for verbose in (False, True):
+        dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, verbose=verbose, **kw)
+        out = capsys.readouterr().out.splitlines()
+        assert [line.split(":")[0] for line in out] == ["epoch 1", "epoch 2"]  # not twice
+    with pytest.raises(TypeError, match="progress must be True, False, None or a tqdm-like"):
+        dlfs.fit(_i11_net(), dlfs.Adam(), x, y, epochs=1, progress="bar")
+
+
+def test_classifier_helpers():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    labels = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    sce = dlfs.network(0, 4, [dlfs.dense(3)], dlfs.SoftmaxCrossEntropy())
+    p = sce.predict_proba(x, batch_size=7)
+    z = sce.predict(x).astype(np.float64)
+    want = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    assert p.dtype == np.float32 and p.shape == (30, 3)
+    np.testing.assert_allclose(p, want, rtol=1e-6)
+    np.testing.assert_array_equal(sce.predict_classes(x), z.argmax(axis=1))
+    assert sce.predict_classes(x).dtype == np.int64
+    scores = sce.evaluate(x, labels)
+    assert scores == {
+        "loss": float(sce.loss.forward(sce.predict(x), labels)[0]),
+        "accuracy": dlfs.accuracy(sce.predict(x), labels),
+    }
+    assert all(type(v) is float for v in scores.values())
+    assert list(sce.evaluate(x, labels, metric=None)) == ["loss"]
+    assert list(sce.evaluate(x, labels, metric=lambda p, t: 0.5)) == ["loss", "metric"]
+    with pytest.raises(TypeError, match="metric must be 'auto', None or a callable"):
+        sce.evaluate(x, labels, metric=np.zeros(3))
+    with pytest.raises(ValueError, match=r"y labels must be in \[0, 3\)"):
+        sce.evaluate(x, labels + 1)
+
+    bce = dlfs.network(0, 4, [dlfs.dense(1)], dlfs.BinaryCrossEntropy(), dtype=np.float64)
+    big = bce.with_params(((np.full((4, 1), 400.0), np.zeros(1)),))
+    far = np.array([[10.0] * 4, [-10.0] * 4])  # logits +-16000: no overflow
+    np.testing.assert_array_equal(big.predict_proba(far), [[1.0], [0.0]])
+    z1 = bce.predict(x.astype(np.float64))
+    np.testing.assert_allclose(bce.predict_proba(x.astype(np.float64)), 1 / (1 + np.exp(-z1)))
+    np.testing.assert_array_equal(bce.predict_classes(x.astype(np.float64)), (z1[:, 0] > 0))
+    multi = dlfs.network(0, 4, [dlfs.dense(3)], dlfs.BinaryCrossEntropy())
+    assert multi.predict_classes(x).shape == (30, 3)
+    assert set(bce.evaluate(x.astype(np.float64), (z1 > 0).astype(np.float64))) == {
+        "loss",
+        "binary_accuracy",
+    }
+
+    mse = dlfs.network(0, 4, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    for method in (mse.predict_proba, mse.predict_classes):
+        with pytest.raises(TypeError, match=r"classifier.*MeanSquaredError.*use predict\(x\)"):
+            method(x)
+    one_hot_mse = dlfs.network(0, 4, [dlfs.dense(3)], dlfs.MeanSquaredError())
+    np.testing.assert_array_equal(
+        one_hot_mse.predict_classes(x), one_hot_mse.predict(x).argmax(axis=1)
+    )
+    assert list(mse.evaluate(x, x[:, :1])) == ["loss"]
+
+
+def test_confusion_matrix():
+    labels = np.array([0, 1, 2, 2, 1, 0, 2])
+    pred = np.array([0, 2, 2, 2, 1, 1, 0])
+    want = np.zeros((3, 3), np.int64)
+    for t, p in zip(labels, pred):
+        want[t, p] += 1
+    got = dlfs.confusion_matrix(pred, labels)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    scores = np.eye(4, dtype=np.float32)[pred]  # K = 4 from the scores
+    np.testing.assert_array_equal(dlfs.confusion_matrix(scores, labels)[:3, :3], want)
+    assert dlfs.confusion_matrix(scores, labels).shape == (4, 4)
+    assert dlfs.confusion_matrix(pred.astype(np.uint8), labels, n_classes=5).shape == (5, 5)
+    for args, exc, words in [
+        ((pred, labels, 2), ValueError, r"n_classes must be at least 3"),
+        ((scores, labels, 5), ValueError, "match the scores' K=4"),
+        ((pred.astype(float), labels), TypeError, r"pred must be integer class ids"),
+        ((scores[:, :1], labels), TypeError, r"predict_classes"),
+        ((pred, labels[:3]), ValueError, r"labels must be integer labels of shape \(7,\)"),
+        ((pred, labels.astype(float)), ValueError, "labels must be integer"),
+        ((pred - 1, labels), ValueError, ">= 0"),
+        ((pred.tolist(), labels), TypeError, "pred must be a numpy array"),
+        ((pred[:0], labels[:0]), ValueError, "labels must not be empty"),
+    ]:
+        with pytest.raises(exc, match=words):
+            dlfs.confusion_matrix(*args)
+
+
+def _i11_mnist_like(n=6):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 1, 4, 4), dtype=np.float32), rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize(
+    ("case", "exc", "names", "fix"),
+    [
+        ("labels (N, 1)", ValueError, "y holds integer labels of shape (6, 1)", "y.ravel()"),
+        ("float labels", TypeError, "y must hold integer class labels", "y.astype(np.int64)"),
+        (
+            "one-hot float64",
+            TypeError,
+            "y must have the network's dtype float32, got float64",
+            "integer labels",
+        ),
+        ("labels for MSE", TypeError, "y holds integer labels", "dlfs.one_hot(y, 10)"),
+        ("uint8 images", TypeError, "x must be a float array, got dtype uint8", "/ 255"),
+        ("single sample", ValueError, "x must have shape (N, 1, 4, 4)", "x[None]"),
+        ("channels last", ValueError, "x looks channels-last", "x.transpose(0, 3, 1, 2)"),
+        ("no channel axis", ValueError, "x must have shape (N, 1, 4, 4)", "x[:, None]"),
+        ("images for dense", ValueError, "x must have shape (N, 16)", "x.reshape(len(x), -1)"),
+        ("activation class", TypeError, "activation must be a layer", "dlfs.ReLU()"),
+        ("layer class", TypeError, "layers[1] must be a layer", "dlfs.ReLU()"),
+        ("loss class", TypeError, "loss must be a loss", "dlfs.SoftmaxCrossEntropy()"),
+        ("optimizer class", TypeError, "optimizer must have init/update", "dlfs.Adam()"),
+        ("optimizer function", TypeError, "optimizer must have init/update", "dlfs.AdamW()"),
+        ("Dense(10)", TypeError, "Dense(w, b) must be given weight arrays", "dlfs.dense(10)"),
+        ("Dense(w)", TypeError, "Dense must be given both w and b", "Dense.init"),
+        ("BatchNorm last row", ValueError, "layers[2] (BatchNorm)", "drop_last=True"),
+        ("BatchNorm batch 1", ValueError, "layers[2] (BatchNorm)", "batch_size >= 2"),
+        (
+            "BCE targets",
+            TypeError,
+            "y must be a float array (float32)",
+            "y.astype(np.float32)[:, None]",
+        ),
+        (
+            "validation labels",
+            ValueError,
+            "validation y holds integer labels",
+            "validation y.ravel()",
+        ),
+    ],
+)
+def test_common_mistakes_name_the_argument_and_the_fix(case, exc, names, fix):
+    x, y = _i11_mnist_like()
+    flat = x.reshape(6, 16)
+    cnn = dlfs.network(0, (1, 4, 4), [dlfs.Flatten(), dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    mlp = dlfs.network(0, 16, [dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    mse = dlfs.network(0, 16, [dlfs.dense(10)], dlfs.MeanSquaredError())
+    bce = dlfs.network(0, 16, [dlfs.dense(1)], dlfs.BinaryCrossEntropy())
+    bn = dlfs.network(
+        0, 16, [dlfs.dense(4), dlfs.ReLU(), dlfs.batch_norm(), dlfs.dense(10)], mlp.loss
+    )
+    sgd = dlfs.SGD()
+    calls = {
+        "labels (N, 1)": lambda: dlfs.fit(cnn, sgd, x, y[:, None], epochs=1),
+        "float labels": lambda: dlfs.fit(cnn, sgd, x, y.astype(np.float32), epochs=1),
+        "one-hot float64": lambda: dlfs.fit(cnn, sgd, x, np.eye(10)[y], epochs=1),
+        "labels for MSE": lambda: dlfs.fit(mse, sgd, flat, y, epochs=1),
+        "uint8 images": lambda: dlfs.fit(cnn, sgd, (x * 255).astype(np.uint8), y, epochs=1),
+        "single sample": lambda: cnn.predict(x[0]),
+        "channels last": lambda: cnn.predict(x.transpose(0, 2, 3, 1).copy()),
+        "no channel axis": lambda: dlfs.fit(cnn, sgd, x[:, 0], y, epochs=1),
+        "images for dense": lambda: mlp.evaluate(x, y),
+        "activation class": lambda: dlfs.dense(10, dlfs.ReLU),
+        "layer class": lambda: dlfs.network(0, 16, [dlfs.dense(4), dlfs.ReLU], mse.loss),
+        "loss class": lambda: dlfs.network(0, 16, [dlfs.dense(4)], dlfs.SoftmaxCrossEntropy),
+        "optimizer class": lambda: dlfs.fit(mlp, dlfs.Adam, flat, y, epochs=1),
+        "optimizer function": lambda: dlfs.fit(mlp, dlfs.AdamW, flat, y, epochs=1),
+        "Dense(10)": lambda: dlfs.Dense(10),
+        "Dense(w)": lambda: dlfs.Dense(np.zeros((3, 2), np.float32)),
+        "BatchNorm last row": lambda: dlfs.fit(bn, sgd, flat[:5], y[:5], epochs=1, batch_size=4),
+        "BatchNorm batch 1": lambda: dlfs.fit(bn, sgd, flat, y, epochs=1, batch_size=1),
+        "BCE targets": lambda: dlfs.fit(bce, sgd, flat, y % 2, epochs=1),
+        "validation labels": lambda: dlfs.fit(
+            mlp, sgd, flat, y, epochs=1, validation=(flat, y[:, None])
+        ),
+    }
+    with pytest.raises(exc) as info:
+        calls[case]()
+    message = str(info.value)
+    assert names in message and fix in message, message
+    _assert_clear_error(info.value)
+
+
+def test_drop_last_skips_the_short_batch_in_batches_and_fit():
+    x, y = _regression(n=10)
+    sizes = [len(b[0]) for b in dlfs.batches(x, y, 4, key=1, drop_last=True)]
+    assert sizes == [4, 4]
+    assert [len(b[0]) for b in dlfs.batches(x, y, 4, drop_last=False)] == [4, 4, 2]
+    with pytest.raises(TypeError, match="drop_last must be a bool"):
+        dlfs.batches(x, y, 4, drop_last=1)
+    bn = dlfs.network(
+        0, 3, [dlfs.dense(4), dlfs.batch_norm(), dlfs.dense(1)], dlfs.MeanSquaredError()
+    )
+    x9, y9 = _regression(n=9)
+    with pytest.raises(ValueError, match="leave a batch of 1: pass drop_last=True"):
+        dlfs.fit(bn, dlfs.SGD(0.01), x9, y9, epochs=2, batch_size=4)
+    _, h = dlfs.fit(bn, dlfs.SGD(0.01), x9, y9, epochs=2, batch_size=4, drop_last=True)
+    assert h.steps == 4
+    with pytest.raises(ValueError, match="leaves no full batch"):
+        dlfs.fit(bn, dlfs.SGD(0.01), x9, y9, epochs=1, batch_size=16, drop_last=True)
+    # a BatchNorm after a convolution sees H*W values per channel: one row is enough
+    conv = dlfs.network(
+        0, (1, 3, 3), [dlfs.conv2d(2, 2), dlfs.batch_norm(), dlfs.Flatten(), dlfs.dense(1)], bn.loss
+    )
+    rng = np.random.default_rng(0)
+    xi, yi = rng.random((5, 1, 3, 3), dtype=np.float32), rng.random((5, 1), dtype=np.float32)
+    assert dlfs.fit(conv, dlfs.SGD(0.01), xi, yi, epochs=1, batch_size=4)[1].steps == 2
+
+
+def test_fit_checks_whole_data_sets_before_the_first_step(monkeypatch):
+    def no_step(state, batch):
+        raise AssertionError("training started before the data were checked")
+
+    monkeypatch.setattr(dlfs, "train_step", no_step)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 2)).astype(np.float32)
+    t = rng.random((3000, 1), dtype=np.float32)
+    bce = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.BinaryCrossEntropy())
+    bad = t.copy()
+    bad[-1] = 1.5  # only the last row is out of range
+    with pytest.raises(ValueError, match=r"y must hold BinaryCrossEntropy targets in \[0, 1\]"):
+        dlfs.fit(bce, dlfs.SGD(), x, bad, epochs=1)
+    with pytest.raises(ValueError, match="validation y must hold BinaryCrossEntropy targets"):
+        dlfs.fit(bce, dlfs.SGD(), x, t, epochs=1, validation=(x, bad))
+    xv = x.copy()
+    xv[-1, 1] = np.nan
+    with pytest.raises(ValueError, match="validation x contains NaN"):
+        dlfs.fit(bce, dlfs.SGD(), x, t, epochs=1, validation=(xv, t))
+    labels = rng.integers(0, 3, 3000)
+    labels[-1] = 3
+    sce = dlfs.network(0, 2, [dlfs.dense(3)], dlfs.SoftmaxCrossEntropy())
+    with pytest.raises(ValueError, match=r"validation y labels must be in \[0, 3\)"):
+        dlfs.fit(sce, dlfs.SGD(), x, labels % 3, epochs=1, validation=(x, labels))
+    for metric in (np.zeros(3), [1, 2], 3):
+        with pytest.raises(TypeError, match="metric must be 'auto', None or a callable"):
+            dlfs.fit(sce, dlfs.SGD(), x, labels % 3, epochs=1, metric=metric)
+    with pytest.raises(ValueError, match="metric must be 'auto'"):
+        dlfs.fit(sce, dlfs.SGD(), x, labels % 3, epochs=1, metric="accuracy")
