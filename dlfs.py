@@ -2648,31 +2648,25 @@ class History:
 
     def plot(self) -> Any:
         """Loss curves (training, and validation at the evaluated epochs) and the
-        validation metric, as a ``matplotlib.figure.Figure`` (a Jupyter cell shows
-        it; elsewhere ``fig.savefig(path)``).  Needs matplotlib, imported here."""
+        validation metric, as a matplotlib Figure; save it with ``fig.savefig(path)``.
+        It is closed in pyplot, so a notebook shows it once, as the cell's value.
+        Needs matplotlib, imported here (ImportError naming ``pip install matplotlib``)."""
         try:
-            from matplotlib.figure import Figure
+            import matplotlib.pyplot as plt
         except ImportError as err:
             raise ImportError("History.plot needs matplotlib: pip install matplotlib") from err
         evaluated = self._evaluated()
         with_metric = any(r.val_metric is not None for r in evaluated)
-        fig = Figure(figsize=(9.0 if with_metric else 5.0, 3.5), layout="constrained")
+        fig = plt.figure(figsize=(9.0 if with_metric else 5.0, 3.5), layout="constrained")
+        plt.close(fig)  # no second copy from Jupyter's inline backend
         axes = fig.subplots(1, 2 if with_metric else 1, squeeze=False)[0]
         axes[0].plot(self.epochs, self.train_loss, "o-", label="training")
         if evaluated:
-            axes[0].plot(
-                [r.epoch for r in evaluated],
-                [r.val_loss for r in evaluated],
-                "o-",
-                label="validation",
-            )
+            val_epochs = [r.epoch for r in evaluated]
+            axes[0].plot(val_epochs, [r.val_loss for r in evaluated], "o-", label="validation")
         if self.best_epoch is not None:
-            axes[0].axvline(
-                self.best_epoch,
-                color="gray",
-                linestyle=":",
-                label=f"best (epoch {self.best_epoch})",
-            )
+            label = f"best (epoch {self.best_epoch})"
+            axes[0].axvline(self.best_epoch, color="gray", linestyle=":", label=label)
         axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
         axes[0].legend()
         if with_metric:

@@ -3710,3 +3710,49 @@ def test_fit_checks_whole_data_sets_before_the_first_step(monkeypatch):
             dlfs.fit(sce, dlfs.SGD(), x, labels % 3, epochs=1, metric=metric)
     with pytest.raises(ValueError, match="metric must be 'auto'"):
         dlfs.fit(sce, dlfs.SGD(), x, labels % 3, epochs=1, metric="accuracy")
+
+
+# ------------------------------------------------------ the quickstart notebook
+
+_NOTEBOOK = HERE / "examples" / "quickstart.ipynb"
+
+
+def test_quickstart_notebook_is_stored_without_outputs():
+    nb = json.loads(_NOTEBOOK.read_text())
+    code = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
+    assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+
+
+def test_quickstart_notebook_runs_headless(tmp_path):
+    """Executes every cell in a fresh kernel on the synthetic data (DLFS_DATA and DLFS_MNIST
+    unset), importing this checkout's dlfs.py; each cell gets at most 60 s."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(_NOTEBOOK, as_version=4)
+    env = {k: v for k, v in os.environ.items() if k not in ("DLFS_DATA", "DLFS_MNIST")}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env["HOME"] = str(home)
+    client = nbclient.NotebookClient(
+        nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+    )
+    client.execute(env=env)
+    results = [
+        out["data"]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out["output_type"] in ("execute_result", "display_data")
+    ]
+    plain = [r["text/plain"] for r in results]
+    assert any(p.startswith("Network((784,) -> (10,), 4 layers, 101,770 params") for p in plain)
+    history = next(r for r in results if r["text/plain"].startswith("History("))
+    assert "5 epochs" in history["text/plain"] and "<table>" in history["text/html"]
+    assert sum("image/png" in r for r in results) == 2  # curves and digits, each shown once
+    scores = next(p for p in plain if p.startswith("{'loss'"))
+    assert float(re.search(r"'accuracy': ([\d.]+)", scores).group(1)) > 0.8
+    assert plain[-1].startswith("Checkpoint(Network(")
+    assert os.listdir(work) == [] and not (home / ".cache" / "dlfs").exists()  # no downloads
