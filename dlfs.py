@@ -1874,7 +1874,7 @@ class Network:
         return self.summary()._repr_html_()
 
     def _classifier(self, what: str) -> str:
-        """ "softmax" or "sigmoid": how this network's outputs become probabilities."""
+        """How this network's outputs become probabilities: "softmax" or "sigmoid"."""
         if isinstance(self.loss, SoftmaxCrossEntropy):
             return "softmax"
         if isinstance(self.loss, BinaryCrossEntropy):
@@ -2653,6 +2653,7 @@ class History:
         Needs matplotlib, imported here (ImportError naming ``pip install matplotlib``)."""
         try:
             import matplotlib.pyplot as plt
+            from matplotlib.ticker import MaxNLocator
         except ImportError as err:
             raise ImportError("History.plot needs matplotlib: pip install matplotlib") from err
         evaluated = self._evaluated()
@@ -2676,6 +2677,8 @@ class History:
                 [r.epoch for r in scored], [r.val_metric for r in scored], "o-", color="C2"
             )
             axes[1].set(xlabel="epoch", ylabel=name, title=f"validation {name}")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         return fig
 
     def __repr__(self) -> str:
@@ -3200,9 +3203,11 @@ def fit(
     (default: accuracy for classification losses) goes in the history.
 
     ``callback(record)`` runs after every epoch; returning ``False`` itself
-    (not None or another falsy value) or raising ``StopTraining`` ends training.  ``verbose`` prints a line per
-    epoch; ``progress=True`` shows one bar over all steps (tqdm.auto; a line
-    per epoch without tqdm), or pass a tqdm-like factory called as
+    (not None or another falsy value) or raising ``StopTraining`` ends
+    training.  ``verbose`` prints a line per epoch; ``progress=True`` shows
+    one bar over all steps (tqdm.auto; a line per epoch without tqdm) with
+    the running loss and the last validation figures, or pass a tqdm-like
+    factory called as
     ``progress(total=steps, desc="fit")`` (``update``, ``close``, and
     ``set_postfix(dict, refresh=False)`` if it has one).  A KeyboardInterrupt
     (Ctrl-C, Jupyter's stop button) ends training cleanly: fit warns

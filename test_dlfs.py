@@ -3582,7 +3582,7 @@ def _i11_mnist_like(n=6):
             "one-hot float64",
             TypeError,
             "y must have the network's dtype float32, got float64",
-            "integer labels",
+            "y.astype(np.float32), or pass integer labels",
         ),
         ("labels for MSE", TypeError, "y holds integer labels", "dlfs.one_hot(y, 10)"),
         ("uint8 images", TypeError, "x must be a float array, got dtype uint8", "/ 255"),
