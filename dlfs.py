@@ -1853,7 +1853,9 @@ class Network:
         """The layer table: each layer, its output shape and parameter count, and
         the total; prints as text, renders as an HTML table in Jupyter."""
         shapes = _chain_shapes(self.layers, self.input_shape)
-        rows = [("Input", _shape_str((None, *self.input_shape)), None)]
+        rows: list[tuple[str, str, int | None]] = [
+            ("Input", _shape_str((None, *self.input_shape)), None)
+        ]
         for layer, shape in zip(self.layers, shapes):
             n = sum(p.size for p in layer.params())
             rows.append((repr(layer), _shape_str((None, *shape)), n))
@@ -1920,7 +1922,8 @@ class Network:
         batch_size = _check_int("batch_size", batch_size)
         metric = _resolve_metric(metric, self.loss)
         loss, score = _evaluate(self, x, y, metric, batch_size)
-        return {"loss": loss} if metric is None else {"loss": loss, _metric_name(metric): score}
+        name = _metric_name(metric)
+        return {"loss": loss} if name is None or score is None else {"loss": loss, name: score}
 
 
 def network(
@@ -2849,7 +2852,7 @@ def _default_metric(loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | No
     return binary_accuracy if isinstance(loss, BinaryCrossEntropy) else None
 
 
-def _resolve_metric(metric: Any, loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | None:
+def _resolve_metric(metric: Any, loss: Any) -> Callable[..., Any] | None:
     """``"auto"`` (accuracy for classification losses), None, or a callable(pred, target)."""
     if isinstance(metric, str):
         if metric != "auto":
@@ -2866,10 +2869,11 @@ def _resolve_metric(metric: Any, loss: Any) -> Callable[[np.ndarray, np.ndarray]
 
 
 def _metric_name(metric: Any) -> str | None:
-    """The name a metric goes by in records and tables: its ``__name__`` or ``"metric"``."""
+    """The name a metric goes by in records and tables: its ``__name__`` or
+    ``"metric"``; None for no metric."""
     if metric is None:
         return None
-    name = getattr(metric, "__name__", "")
+    name = str(getattr(metric, "__name__", ""))
     return name if name.isidentifier() and name != "loss" else "metric"
 
 
@@ -3040,24 +3044,20 @@ def _fit_epoch_end(run: _FitRun, plan: _FitPlan) -> _FitRun:
     """Evaluate when due, append the epoch's record, keep the best evaluated
     network, count the evaluations without improvement and flag an early stop."""
     epoch = run.epoch + 1
-    evaluated = plan.validation is not None and (
-        epoch % plan.eval_every == 0 or epoch == plan.epochs
-    )
-    if evaluated:
-        size = max(plan.batch_size, 1024)
-        scores = _evaluate(run.state.net, *plan.validation, plan.metric, size)
-    else:
-        scores = ()
-    record = EpochRecord(epoch, run.state.mean_loss, *scores)
+    due = epoch % plan.eval_every == 0 or epoch == plan.epochs
+    if plan.validation is None or not due:
+        record = EpochRecord(epoch, run.state.mean_loss)
+        history = attrs.evolve(run.history, records=run.history.records + (record,))
+        return attrs.evolve(run, epoch=epoch, batch=0, history=history)
+    x_val, y_val = plan.validation
+    size = max(plan.batch_size, 1024)
+    val_loss, score = _evaluate(run.state.net, x_val, y_val, plan.metric, size)
+    record = EpochRecord(epoch, run.state.mean_loss, val_loss, score)
     history = attrs.evolve(run.history, records=run.history.records + (record,))
     run = attrs.evolve(run, epoch=epoch, batch=0, history=history)
-    if not evaluated:
-        return run
-    if record.val_loss < run.best_loss:
+    if val_loss < run.best_loss:
         history = attrs.evolve(history, best_epoch=epoch)
-        return attrs.evolve(
-            run, history=history, best=run.state.net, best_loss=record.val_loss, bad=0
-        )
+        return attrs.evolve(run, history=history, best=run.state.net, best_loss=val_loss, bad=0)
     stop = plan.patience is not None and run.bad + 1 >= plan.patience
     return attrs.evolve(run, bad=run.bad + 1, stop="early_stopping" if stop else None)
 
@@ -3083,7 +3083,7 @@ def _report(run: _FitRun, plan: _FitPlan, bar: Any) -> None:
         _say(
             bar,
             f"early stopping after epoch {run.epoch}: no lower validation loss in "
-            f"{plan.patience} evaluation{'s' * (plan.patience > 1)}; returning the best "
+            f"{plan.patience} evaluation{'' if plan.patience == 1 else 's'}; returning the best "
             f"network, from epoch {run.history.best_epoch}",
         )
 

@@ -3321,7 +3321,8 @@ def test_history_repr_html_dict_and_numbers_for_people():
 
 
 def test_history_plot_returns_a_figure_and_needs_matplotlib(monkeypatch, tmp_path):
-    pytest.importorskip("matplotlib")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")  # no display needed
     x, y = _trust_fit_data()
     _, h = dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y))
     fig = h.plot()
