@@ -2706,7 +2706,7 @@ class History:
         return _html_table(list(columns), rows, caption=repr(self))
 
 
-# --------------------------------------------------------- fit's data checks
+# fit's checks of whole data sets, before the first step
 
 
 def _check_dataset(net: Network, x: Any, y: Any, prefix: str = "") -> None:
@@ -2843,7 +2843,7 @@ def _check_batch_rows(net: Network, n: int, batch_size: int, drop_last: bool) ->
         )
 
 
-# ----------------------------------------------------------------------- fit
+# fit: settings, the epoch loop and its stops
 
 
 def _default_metric(loss: Any) -> Callable[[np.ndarray, np.ndarray], float] | None:
@@ -3489,7 +3489,7 @@ def _epoch_batches(
     )
 
 
-# -------------------------------------------------- data utilities: datasets
+# datasets: MNIST (standard library and numpy; heavy modules imported when used)
 
 # Mirrors of the original MNIST files (yann.lecun.com often refuses downloads), tried in order.
 _MNIST_MIRRORS = (

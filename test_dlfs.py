@@ -1045,6 +1045,10 @@ def test_reduce_train_step_equals_one_epoch_of_fit():
     assert history.train_loss[0] == pytest.approx(folded.mean_loss, rel=1e-12)
     epoch = dlfs.train_epoch(state, dlfs.batches(x, y, 16))
     _assert_same_net(epoch.net, fitted)
+    again = dlfs.train_epoch(epoch, dlfs.batches(x, y, 16))  # the running loss starts over
+    fresh = attrs.evolve(epoch, loss_sum=0.0, seen=0)
+    by_hand = functools.reduce(dlfs.train_step, dlfs.batches(x, y, 16), fresh)
+    assert (again.seen, again.loss_sum) == (50, by_hand.loss_sum)
 
 
 def test_history_fields():
@@ -2274,6 +2278,9 @@ def test_mnist_npz(tmp_path):
     np.savez(tmp_path / "float.npz", **{**arrays, "x_test": arrays["x_test"] / 255.0})
     with pytest.raises(TypeError, match="x_test must be uint8"):
         dlfs.load_mnist(tmp_path / "float.npz")
+    np.savez(tmp_path / "flabels.npz", **{**arrays, "y_train": arrays["y_train"] * 1.0})
+    with pytest.raises(TypeError, match="y_train must be integer labels"):
+        dlfs.load_mnist(tmp_path / "flabels.npz")
     with pytest.raises(TypeError, match="flatten"):
         dlfs.load_mnist(tmp_path / "m.npz", flatten="yes")
     with pytest.raises(TypeError, match="path"):
@@ -2290,8 +2297,9 @@ def test_mnist_parse_idx_validates_header_and_length():
         dlfs._parse_idx(raw + b"\0", "imgs")
     with pytest.raises(ValueError, match="truncated IDX header"):
         dlfs._parse_idx(raw[:9], "imgs")
-    with pytest.raises(ValueError, match="not an IDX file"):
-        dlfs._parse_idx(b"\x1f\x8b" + raw[2:], "imgs")
+    for magic in (b"\x1f\x8b", b"\x00\x01", b"\x01\x00"):
+        with pytest.raises(ValueError, match="not an IDX file"):
+            dlfs._parse_idx(magic + raw[2:], "imgs")
     with pytest.raises(ValueError, match="unknown IDX data type"):
         dlfs._parse_idx(b"\0\0\x07" + raw[3:], "imgs")
     with pytest.raises(ValueError, match="0 dimensions"):
@@ -3162,9 +3170,23 @@ def test_interrupted_checkpoint_resumes_bit_identically_mid_epoch(tmp_path, monk
     assert record["seen"] == 16 and record["loss_sum"] > 0  # the running loss of epoch 2
     _assert_same_net(saved.net, part)
     assert "epoch 1 + 2 steps, interrupted" in repr(saved)
-    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, **kw)
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, progress=Bar, **kw)
     _assert_same_net(straight, resumed)
     assert h_resumed == h_straight and h_resumed.stop_reason == "completed"
+    assert [(b.total, b.n) for b in bars] == [(13, 13)]  # the 20 - 7 steps left
 
 
 def test_interrupt_during_evaluation_resumes_with_that_evaluation(tmp_path):
@@ -3530,6 +3552,8 @@ def test_classifier_helpers():
         "binary_accuracy",
     }
 
+    plain = dlfs.Network([dlfs.Tanh()], dlfs.MeanSquaredError(), 4)  # no parameters, no dtype
+    assert plain.evaluate(x, np.tanh(x)) == {"loss": 0.0}  # float32 data set the dtype
     mse = dlfs.network(0, 4, [dlfs.dense(1)], dlfs.MeanSquaredError())
     for method in (mse.predict_proba, mse.predict_classes):
         with pytest.raises(TypeError, match=r"classifier.*MeanSquaredError.*use predict\(x\)"):
@@ -3656,6 +3680,14 @@ def test_common_mistakes_name_the_argument_and_the_fix(case, exc, names, fix):
     _assert_clear_error(info.value)
 
 
+def test_input_hints_only_where_they_fit():
+    rgb = dlfs.network(0, (3, 4, 4), [dlfs.Flatten(), dlfs.dense(2)], dlfs.MeanSquaredError())
+    with pytest.raises(ValueError, match=r"must have shape \(N, 3, 4, 4\), got \(6, 4, 4\)$"):
+        rgb.predict(np.zeros((6, 4, 4), np.float32))  # not one channel: no x[:, None]
+    with pytest.raises(TypeError, match=r"dtype int64; dlfs never casts silently"):
+        rgb.predict(np.zeros((6, 3, 4, 4), np.int64))  # integers, not uint8 pixels: no / 255
+
+
 def test_drop_last_skips_the_short_batch_in_batches_and_fit():
     x, y = _regression(n=10)
     sizes = [len(b[0]) for b in dlfs.batches(x, y, 4, key=1, drop_last=True)]
@@ -3695,6 +3727,8 @@ def test_fit_checks_whole_data_sets_before_the_first_step(monkeypatch):
     bad[-1] = 1.5  # only the last row is out of range
     with pytest.raises(ValueError, match=r"y must hold BinaryCrossEntropy targets in \[0, 1\]"):
         dlfs.fit(bce, dlfs.SGD(), x, bad, epochs=1)
+    with pytest.raises(ValueError, match=r"got values in \[-0.5, "):
+        dlfs.fit(bce, dlfs.SGD(), x, np.where(bad > 1, np.float32(-0.5), bad), epochs=1)
     with pytest.raises(ValueError, match="validation y must hold BinaryCrossEntropy targets"):
         dlfs.fit(bce, dlfs.SGD(), x, t, epochs=1, validation=(x, bad))
     xv = x.copy()
@@ -3757,3 +3791,32 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     assert float(re.search(r"'accuracy': ([\d.]+)", scores).group(1)) > 0.8
     assert plain[-1].startswith("Checkpoint(Network(")
     assert os.listdir(work) == [] and not (home / ".cache" / "dlfs").exists()  # no downloads
+
+
+@attrs.frozen
+class _HalfCE:
+    """A user's own loss: half of softmax cross-entropy (dlfs knows nothing of it)."""
+
+    def forward(self, logits, target):
+        loss, cache = dlfs.SoftmaxCrossEntropy().forward(logits, target)
+        return loss / 2, cache
+
+    def backward(self, cache):
+        return dlfs.SoftmaxCrossEntropy().backward(cache) / 2
+
+
+def test_fit_checks_targets_of_a_custom_loss_by_the_loss_and_labels_on_all_rows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 50)
+    net = dlfs.network(0, 3, [dlfs.dense(4)], _HalfCE())
+    _, h = dlfs.fit(net, dlfs.SGD(0.1), x, labels, epochs=2, validation=(x, labels), metric=None)
+    assert h.steps == 4 and h.val_loss[-1] > 0
+    bad = labels.copy()
+    bad[-1] = 4
+    with pytest.raises(ValueError, match=r"y labels must be in \[0, 4\) for a network with 4"):
+        dlfs.fit(net, dlfs.SGD(0.1), x, bad, epochs=1)
+    with pytest.raises(
+        ValueError, match=r"y must suit the loss _HalfCE \(checked on its first row\)"
+    ):
+        dlfs.fit(net, dlfs.SGD(0.1), x, labels[:, None], epochs=1)
