@@ -40,6 +40,7 @@ __all__ = [
     "AdaGrad",
     "Adam",
     "AdamW",
+    "AllReduce",
     "AvgPool2D",
     "BatchNorm",
     "BinaryCrossEntropy",
@@ -96,8 +97,10 @@ __all__ = [
     "check_loss",
     "confusion_matrix",
     "conv2d",
+    "data_parallel_step",
     "dense",
     "fit",
+    "global_mean_loss",
     "glorot_normal",
     "glorot_uniform",
     "he_normal",
@@ -112,7 +115,9 @@ __all__ = [
     "permute",
     "rmse",
     "save",
+    "shard",
     "split",
+    "sync_state",
     "to_2d",
     "train_context",
     "train_epoch",
@@ -2373,6 +2378,85 @@ class WeightDecay:
         return _decay(grads, params, self.weight_decay)
 
 
+# An MPI communicator is duck-typed (mpi4py's ``MPI.COMM_WORLD`` is one): dlfs
+# imports no MPI.  ``Allreduce(sendbuf, recvbuf)`` must sum, mpi4py's default op.
+_COMM_METHODS = ("Allreduce", "Get_rank", "Get_size")
+
+
+def _check_comm(comm: Any) -> tuple[int, int]:
+    """(rank, size) of an MPI-like communicator, checked."""
+    missing = [m for m in _COMM_METHODS if not callable(getattr(comm, m, None))]
+    if missing:
+        raise TypeError(
+            "comm must be an MPI communicator with Allreduce, Get_rank and Get_size "
+            f"(e.g. mpi4py's MPI.COMM_WORLD), got {type(comm).__name__} without "
+            f"{', '.join(missing)}"
+        )
+    rank, size = comm.Get_rank(), comm.Get_size()
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (rank, size))
+    if not ints or not 0 <= rank < size:
+        raise ValueError(
+            f"comm must report ints 0 <= Get_rank() < Get_size(), got rank {rank!r} of {size!r}"
+        )
+    return int(rank), int(size)
+
+
+def _all_reduce(comm: Any, arrays: Sequence[np.ndarray], divide_by: int = 1) -> list[np.ndarray]:
+    """Sum ``arrays`` over the ranks (then divide by ``divide_by``) in ONE
+    ``comm.Allreduce`` call: they travel packed in one contiguous buffer of
+    their common dtype and come back as read-only views of the result."""
+    if not arrays:
+        return []
+    send = np.concatenate([a.ravel() for a in arrays])
+    recv = np.empty_like(send)
+    comm.Allreduce(send, recv)
+    if divide_by != 1:
+        recv /= divide_by  # our own fresh buffer; / 2 is exact
+    recv.setflags(write=False)
+    out, start = [], 0
+    for a in arrays:
+        part = recv[start : start + a.size].reshape(a.shape).astype(a.dtype, copy=False)
+        part.setflags(write=False)  # a view of recv, or a copy when dtypes were mixed
+        out.append(part)
+        start += a.size
+    return out
+
+
+def _unflatten(leaves: Sequence[np.ndarray], like: NetParams) -> NetParams:
+    """Per-layer tuples shaped like ``like`` from its leaves in order."""
+    it = iter(leaves)
+    return tuple(tuple(next(it) for _ in layer) for layer in like)
+
+
+@attrs.frozen
+class AllReduce:
+    """Gradient transform for data-parallel training: g <- (1/R) sum_r g_r, the
+    mean of the gradients of the R ranks of ``comm`` (the convention of
+    Horovod and PyTorch's DistributedDataParallel).
+
+    ``comm`` is an MPI communicator such as mpi4py's ``MPI.COMM_WORLD``,
+    duck-typed: ``Allreduce(sendbuf, recvbuf)`` must sum (mpi4py's default
+    op, ``MPI.SUM``), plus ``Get_rank()`` and ``Get_size()``; dlfs imports no
+    MPI.  Every update makes ONE Allreduce call: all gradient arrays packed
+    into one contiguous buffer of their dtype (float32 stays float32).  It
+    must be the first element of ``chain`` so clipping, weight decay and the
+    optimizer see the averaged gradient, identical on every rank.  With equal
+    shards per rank that is all data parallelism needs; ``data_parallel_step``
+    also weights unequal shards so the average is the global batch's mean
+    gradient.  grads: per-layer tuples like params -> the same structure.
+    """
+
+    comm: Any = attrs.field(validator=lambda _self, _attr, comm: _check_comm(comm))
+
+    def __call__(self, grads: NetParams, params: NetParams) -> NetParams:
+        """The rank-averaged grads (read-only views of one buffer)."""
+        _check_params(params)
+        _check_grads_like(grads, params)
+        _, size = _check_comm(self.comm)
+        leaves = [g for layer in grads for g in layer]
+        return _unflatten(_all_reduce(self.comm, leaves, divide_by=size), grads)
+
+
 def _max_norm(w: np.ndarray, c: float) -> np.ndarray:
     if w.ndim < 2:
         return w
@@ -2435,15 +2519,21 @@ class Chain:
 
 def chain(*parts: Any) -> Chain:
     """``chain(ClipByGlobalNorm(1.0), Adam(1e-3), MaxNorm(3.0))``: exactly one
-    optimizer; gradient transforms before it, constraints after it."""
+    optimizer; gradient transforms before it (``AllReduce`` only first),
+    constraints after it."""
     found = [i for i, p in enumerate(parts) if _is_optimizer(p)]
     if len(found) != 1:
         raise ValueError(f"chain needs exactly one optimizer, got {len(found)}")
     i = found[0]
     before, after = parts[:i], parts[i + 1 :]
-    for p in before:
-        if not isinstance(p, (ClipByGlobalNorm, WeightDecay)):
+    for j, p in enumerate(before):
+        if not isinstance(p, (AllReduce, ClipByGlobalNorm, WeightDecay)):
             raise TypeError(f"before the optimizer, chain takes gradient transforms, got {p!r}")
+        if isinstance(p, AllReduce) and j > 0:
+            raise ValueError(
+                f"AllReduce must be the first element of chain (transforms after it see the "
+                f"averaged gradient), got it at position {j}"
+            )
     for p in after:
         if not isinstance(p, MaxNorm):
             raise TypeError(
@@ -3297,6 +3387,177 @@ def fit(
         if bar is not None:
             bar.close()
     return _fit_result(run, plan)
+
+
+# ---------------------------------------------------- data-parallel training
+#
+# Synchronous data parallelism over MPI (the Horovod / DistributedDataParallel
+# pattern): every rank holds the same network, walks the same global batches
+# (same key, same permutation), trains on its own shard of each, and an
+# ``AllReduce`` first in the optimizer's chain averages the gradients, so every
+# rank applies the same update.
+
+
+def shard(n: int, rank: int, size: int) -> slice:
+    """The rows of a global batch of ``n`` that ``rank`` of ``size`` ranks trains on.
+
+    Contiguous and in rank order; the first ``n % size`` ranks take
+    ``n // size + 1`` rows, the others ``n // size`` (``np.array_split``'s
+    split), so shards are empty when ``n < size``.
+    """
+    n = _check_int("n", n, low=0)
+    size = _check_int("size", size)
+    rank = _check_int("rank", rank, low=0)
+    if rank >= size:
+        raise ValueError(f"rank must be < size = {size}, got {rank}")
+    q, r = divmod(n, size)
+    start = rank * q + min(rank, r)
+    return slice(start, start + q + (rank < r))
+
+
+def _check_all_reduce_first(optimizer: Any, comm: Any) -> None:
+    before = optimizer.before if isinstance(optimizer, Chain) else ()
+    if not (before and isinstance(before[0], AllReduce) and before[0].comm is comm):
+        raise ValueError(
+            "state.optimizer must be dlfs.chain(dlfs.AllReduce(comm), ...) with the comm "
+            f"given here, so the ranks average their gradients; got {optimizer!r:.120}"
+        )
+
+
+def _rank_key(state: TrainState, rank: int, size: int) -> Key:
+    """The forward key of ``rank``: train_step's ``(key, step)`` with one rank,
+    ``(key, step, rank)`` with more, so the ranks draw independent dropout masks."""
+    return state.key + ((state.step,) if size == 1 else (state.step, rank))
+
+
+def _shard_loss_and_grads(
+    net: Network, x: np.ndarray, y: np.ndarray, key: Key
+) -> tuple[float, NetParams, Network]:
+    """(mean loss, mean grads, network with new state) on this rank's shard;
+    an empty shard contributes zero gradients and leaves the network as it is."""
+    if len(x) == 0:
+        return 0.0, _tree_map(np.zeros_like, net.params()), net
+    loss, grads, new_net = net._loss_and_grads(x, y, _sub_context(True, key))
+    return float(loss), grads, new_net
+
+
+def data_parallel_step(
+    state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any
+) -> TrainState:
+    """One synchronous data-parallel step: this rank's shard of the global batch.
+
+    Every rank calls it with the SAME global batch ``(x, y)`` (e.g. from
+    ``batches`` with the same key) and trains on rows
+    ``shard(len(x), rank, size)``; ``state.optimizer`` must be
+    ``chain(AllReduce(comm), ...)``.  Fold it like ``train_step``:
+    ``reduce(partial(data_parallel_step, comm=comm), batches(...), state)``.
+
+    Weighting: the shard's mean gradient g_r (over its n_r of the N rows) is
+    scaled by w_r = R n_r / N before AllReduce averages the ranks, so the
+    optimizer sees (1/R) sum_r w_r g_r = sum_r (n_r / N) g_r, the global
+    batch's mean gradient, for shards of any size (w_r = 1 when they are
+    equal, and then nothing is scaled).  The weight lives here, not in the
+    transform, because only the step knows the shard sizes; the transform
+    stays a plain average that needs no per-step state.
+
+    Result: ``train_step`` on the global batch, to float rounding, for
+    networks without Dropout or BatchNorm.  Otherwise, by design:
+    Dropout on rank r draws from the key ``state.key + (step, r)`` (with one
+    rank ``state.key + (step,)``, exactly train_step's), so its masks differ
+    from a single process's; BatchNorm normalizes with its shard's batch
+    statistics, and its running statistics stay per rank until ``sync_state``
+    averages them.  ``loss_sum``/``seen`` count this rank's shard;
+    ``global_mean_loss`` combines the ranks.  A NaN/inf loss on one rank is
+    sent as NaN gradients, so every rank raises NonFiniteError at the same
+    step instead of the others waiting in the next all-reduce.
+    Data cost: each rank indexes the whole global batch, compute is 1/R.
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    rank, size = _check_comm(comm)
+    _check_all_reduce_first(state.optimizer, comm)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
+    x, y = batch
+    net = state.net
+    net._check_x(x)
+    _check_xy(x, y)
+    rows = shard(len(x), rank, size)
+    n_r = rows.stop - rows.start
+    loss, grads, new_net = _shard_loss_and_grads(
+        net, x[rows], y[rows], _rank_key(state, rank, size)
+    )
+    weight = size * n_r / len(x)
+    if not math.isfinite(loss):
+        grads = _tree_map(lambda g: np.full_like(g, np.nan), grads)
+    elif weight != 1.0:
+        grads = _tree_map(lambda g: g * g.dtype.type(weight), grads)
+    params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    if not _all_finite(params):
+        where = f"the loss on rank {rank}" if not math.isfinite(loss) else "a gradient or parameter"
+        raise NonFiniteError(
+            f"{where} became NaN/inf at step {state.step}", network=net, step=state.step
+        )
+    return attrs.evolve(
+        state,
+        net=new_net.with_params(params),
+        opt_state=opt_state,
+        step=state.step + 1,
+        loss_sum=state.loss_sum + loss * n_r,
+        seen=state.seen + n_r,
+    )
+
+
+def global_mean_loss(state: TrainState, comm: Any) -> float:
+    """The mean training loss per sample over all ranks' shards:
+    sum_r loss_sum_r / sum_r seen_r (one Allreduce); NaN before any step.
+    Every rank gets the same value (call it on every rank)."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    _check_comm(comm)
+    totals = np.array([state.loss_sum, state.seen], dtype=np.float64)
+    loss_sum, seen = _all_reduce(comm, [totals])[0]
+    return float(loss_sum / seen) if seen else math.nan
+
+
+def _state_fields(layer: Any) -> list[str]:
+    """Names of a layer's state arrays: attrs array fields that are not parameters
+    (BatchNorm's running ``mean`` and ``var``)."""
+    if not attrs.has(type(layer)):
+        return []
+    params = layer.params()
+    values = ((f.name, getattr(layer, f.name)) for f in attrs.fields(type(layer)))
+    return [
+        name for name, v in values if isinstance(v, np.ndarray) and not any(v is p for p in params)
+    ]
+
+
+def sync_state(net: Network, comm: Any) -> Network:
+    """``net`` with each layer's state (BatchNorm's running mean and var) averaged
+    over the ranks in one Allreduce: state_l <- (1/R) sum_r state_l,r.
+
+    ``data_parallel_step`` leaves running statistics per rank (parameters are
+    always identical); call this on every rank before evaluating, saving or
+    comparing networks.  The running mean update is affine, so averaging at the
+    end equals averaging every step; with equal shards it is the running mean
+    of the global batches' means, as in one process (for the same
+    parameters).  The running var becomes the average of the shards' unbiased
+    variances, which misses the spread between shard means: it differs from a
+    single process's.  Returns ``net`` itself when no layer has state.
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    _, size = _check_comm(comm)
+    names = [_state_fields(layer) for layer in net.layers]
+    arrays = [getattr(layer, n) for layer, ns in zip(net.layers, names) for n in ns]
+    if not arrays:
+        return net
+    it = iter(_all_reduce(comm, arrays, divide_by=size))
+    layers = tuple(
+        attrs.evolve(layer, **{n: next(it) for n in ns}) if ns else layer
+        for layer, ns in zip(net.layers, names)
+    )
+    return net._evolve_layers(layers)
 
 
 # ------------------------------------------------------------------- metrics
