@@ -3820,3 +3820,396 @@ def test_fit_checks_targets_of_a_custom_loss_by_the_loss_and_labels_on_all_rows(
         ValueError, match=r"y must suit the loss _HalfCE \(checked on its first row\)"
     ):
         dlfs.fit(net, dlfs.SGD(0.1), x, labels[:, None], epochs=1)
+
+
+# ------------------------------------------------ data-parallel training (issue 16)
+
+
+class _ThreadComm:
+    """An in-process stand-in for an MPI communicator: rank ``rank`` of a group of
+    threads.  Allreduce sums the ranks' buffers in rank order (every rank gets the
+    same bits) and keeps every buffer sent, by rank, in ``group["sent"]``."""
+
+    def __init__(self, group: dict, rank: int) -> None:
+        self.group, self.rank = group, rank
+
+    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's names)
+        return self.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self.group["size"]
+
+    def Allreduce(self, sendbuf: np.ndarray, recvbuf: np.ndarray) -> None:  # noqa: N802
+        g = self.group
+        assert sendbuf.ndim == 1 and sendbuf.flags.c_contiguous and recvbuf.dtype == sendbuf.dtype
+        g["bufs"][self.rank] = sendbuf.copy()
+        g["sent"][self.rank].append(g["bufs"][self.rank])
+        g["barrier"].wait()
+        recvbuf[...] = functools.reduce(np.add, g["bufs"])
+        g["barrier"].wait()  # nobody overwrites a buffer before every rank has summed
+
+
+def _comm_group(size: int) -> dict:
+    return {
+        "size": size,
+        "bufs": [None] * size,
+        "sent": [[] for _ in range(size)],
+        "barrier": threading.Barrier(size, timeout=20),
+    }
+
+
+def _run_ranks(size: int, fn) -> tuple[list, dict]:
+    """``fn(comm)`` on ``size`` threads, one per rank: (results by rank, the group)."""
+    group = _comm_group(size)
+    results, errors = [None] * size, [None] * size
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(_ThreadComm(group, rank))
+        except BaseException as err:  # re-raised below, in the test's thread
+            errors[rank] = err
+            group["barrier"].abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [e for e in errors if e is not None]  # the cause first, then broken barriers
+    failed.sort(key=lambda e: isinstance(e, threading.BrokenBarrierError))
+    if failed:
+        raise failed[0]
+    return results, group
+
+
+def _dp_problem(kind: str, dtype=np.float64, n: int = 95):
+    """(network, x, y) for the equality checks: an MLP or a small CNN (no dropout),
+    or the MLP with Dropout / BatchNorm."""
+    rng = np.random.default_rng(11)
+    relu = dlfs.ReLU()
+    if kind == "cnn":
+        layers = [
+            dlfs.conv2d(3, 3, padding="same", activation=relu),
+            dlfs.MaxPool2D(2),
+            dlfs.Flatten(),
+            dlfs.dense(4),
+        ]
+        shape = (1, 6, 6)
+    else:
+        extra = {"dropout": [dlfs.Dropout(0.3)], "bn": [dlfs.batch_norm()]}.get(kind, [])
+        layers = [dlfs.dense(8, dlfs.Tanh()), *extra, dlfs.dense(6, relu), dlfs.dense(4)]
+        shape = (5,)
+    net = dlfs.network(3, shape, layers, dlfs.SoftmaxCrossEntropy(), dtype=dtype)
+    x = rng.standard_normal((n, *shape)).astype(dtype)
+    return net, x, rng.integers(0, 4, n)
+
+
+def _dp_optimizer(comm=None):
+    """Clipping after the all-reduce, then Adam: the same chain with or without it."""
+    parts = (dlfs.ClipByGlobalNorm(2.0), dlfs.Adam(0.02))
+    return dlfs.chain(*parts) if comm is None else dlfs.chain(dlfs.AllReduce(comm), *parts)
+
+
+def _dp_train(net, x, y, comm=None, *, batch_size=10, epochs=2) -> dlfs.TrainState:
+    """``epochs`` shuffled epochs: train_step in one process, data_parallel_step under
+    ``comm`` (95 rows, batch 10: 20 steps whose last batches have 5 rows)."""
+    step = (
+        dlfs.train_step if comm is None else functools.partial(dlfs.data_parallel_step, comm=comm)
+    )
+    state = dlfs.TrainState.create(net, _dp_optimizer(comm), key=7)
+    for epoch in range(epochs):
+        state = functools.reduce(step, dlfs.batches(x, y, batch_size, key=(5, epoch)), state)
+    return state
+
+
+def _assert_close_params(got: dlfs.Network, want: dlfs.Network, rtol: float) -> None:
+    """Every parameter array within ``rtol`` of ``want``'s, relative to its largest entry."""
+    for g, w in zip(got._flat_params(), want._flat_params()):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.abs(g - w).max() <= rtol * np.abs(w).max(), np.abs(g - w).max()
+
+
+def _mpi_worker(out_dir: str) -> None:
+    """Run under ``mpiexec -n R``: train every problem data-parallel over
+    MPI.COMM_WORLD and save each rank's parameters to ``out_dir``."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    for kind in ("mlp", "cnn"):
+        net, x, y = _dp_problem(kind)
+        state = _dp_train(net, x, y, comm)
+        loss = dlfs.global_mean_loss(state, comm)
+        arrays = {f"p{i}": p for i, p in enumerate(state.net._flat_params())}
+        np.savez(Path(out_dir) / f"{kind}_rank{comm.Get_rank()}.npz", loss=loss, **arrays)
+
+
+def _mpiexec() -> Path:
+    """The mpiexec next to this Python (the mpich wheel's), or skip."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed (pip install -e '.[distributed]')")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"no mpiexec next to {sys.executable} (the mpich wheel installs one)")
+    return mpiexec
+
+
+def _run_mpi(n: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [str(_mpiexec()), "-n", str(n), sys.executable, *args]
+    result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_mpi_two_ranks_equal_single_process(tmp_path):
+    """mpiexec -n 2: an MLP and a CNN trained 20 steps data-parallel (shards of 5 and
+    3 + 2 rows included) match train_step in one process to float64 rounding, with
+    bit-identical parameters on both ranks and the same mean training loss."""
+    code = f"import test_dlfs; test_dlfs._mpi_worker({str(tmp_path)!r})"
+    _run_mpi(2, ["-c", code])
+    for kind in ("mlp", "cnn"):
+        net, x, y = _dp_problem(kind)
+        single = _dp_train(net, x, y)
+        assert single.step == 20
+        ranks = [np.load(tmp_path / f"{kind}_rank{r}.npz") for r in range(2)]
+        for name in ranks[0].files:
+            assert ranks[0][name].tobytes() == ranks[1][name].tobytes()
+        flat = iter(ranks[0][f"p{i}"] for i in range(len(ranks[0].files) - 1))
+        got = net.with_params(tuple(tuple(next(flat) for _ in ps) for ps in net.params()))
+        _assert_close_params(got, single.net, 1e-12)
+        assert abs(float(ranks[0]["loss"]) - single.mean_loss) <= 1e-12 * single.mean_loss
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(1, 4), seed=SEEDS, dtype=DTYPES)
+def test_all_reduce_averages_the_ranks_in_one_packed_call(size, seed, dtype):
+    """g <- (1/R) sum_r g_r on every rank, bit-identical across ranks, from ONE Allreduce
+    of one contiguous buffer of the gradients' dtype; the result is read-only."""
+    net = _dp_problem("cnn", dtype)[0]
+    params = net.params()
+
+    def grads_of(rank: int) -> tuple:
+        rng = np.random.default_rng((seed, rank))
+        return tuple(tuple(rng.standard_normal(p.shape).astype(dtype) for p in ps) for ps in params)
+
+    results, group = _run_ranks(
+        size, lambda comm: dlfs.AllReduce(comm)(grads_of(comm.rank), params)
+    )
+    want = [
+        sum(g.astype(np.float64) for g in leaves) / size
+        for leaves in zip(*([g for ps in grads_of(r) for g in ps] for r in range(size)))
+    ]
+    for got in results:
+        flat = [g for ps in got for g in ps]
+        assert [g.tobytes() for g in flat] == [g.tobytes() for ps in results[0] for g in ps]
+        for g, w in zip(flat, want):
+            assert g.dtype == dtype and not g.flags.writeable
+            np.testing.assert_allclose(g, w, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    assert [[b.dtype for b in bufs] for bufs in group["sent"]] == [[np.dtype(dtype)]] * size
+
+
+def test_all_reduce_validates_comm_and_its_place_in_chain():
+    with pytest.raises(TypeError, match=r"comm must be an MPI communicator.*Allreduce, Get_rank"):
+        dlfs.AllReduce(object())
+
+    class NoRanks:
+        def Allreduce(self, sendbuf, recvbuf):  # noqa: N802
+            pass
+
+    with pytest.raises(TypeError, match="NoRanks without Get_rank, Get_size"):
+        dlfs.AllReduce(NoRanks())
+    with pytest.raises(ValueError, match=r"comm must report ints 0 <= Get_rank\(\) < Get_size\(\)"):
+        dlfs.AllReduce(_ThreadComm({"size": 0}, 0))
+    comm = _ThreadComm(_comm_group(1), 0)
+    dlfs.chain(dlfs.AllReduce(comm), dlfs.ClipByGlobalNorm(1.0), dlfs.SGD())
+    with pytest.raises(ValueError, match="AllReduce must be the first element of chain"):
+        dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.AllReduce(comm), dlfs.SGD())
+    net = _dp_problem("mlp")[0]
+    with pytest.raises(ValueError, match=r"grads\[0\] must be a tuple"):
+        dlfs.AllReduce(comm)(((),) * len(net.params()), net.params())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), size=SIZES)
+def test_shard_splits_a_batch_into_contiguous_near_equal_parts(n, size):
+    parts = [dlfs.shard(n, r, size) for r in range(size)]
+    assert [i for s in parts for i in range(n)[s]] == list(range(n))  # in order, each row once
+    assert [s.stop - s.start for s in parts] == [len(a) for a in np.array_split(np.arange(n), size)]
+
+
+def test_shard_rejects_bad_input():
+    with pytest.raises(ValueError, match="rank must be < size = 2, got 2"):
+        dlfs.shard(5, 2, 2)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        dlfs.shard(-1, 0, 2)
+    with pytest.raises(TypeError, match="size must be an int, got float"):
+        dlfs.shard(5, 0, 2.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    size=st.integers(1, 4),
+    n=st.integers(1, 24),
+    batch_size=SIZES,
+    kind=st.sampled_from(["mlp", "cnn"]),
+    dtype=DTYPES,
+)
+def test_data_parallel_step_equals_train_step(size, n, batch_size, kind, dtype):
+    """Any number of ranks, shards of unequal size and empty ones (batch < ranks): the
+    parameters after two epochs equal train_step's on the global batches to rounding, are
+    bit-identical on every rank, and each step made one Allreduce of the dtype."""
+    net, x, y = _dp_problem(kind, dtype, n)
+    single = _dp_train(net, x, y, batch_size=batch_size)
+
+    def rank(comm):
+        state = _dp_train(net, x, y, comm, batch_size=batch_size)
+        return state, dlfs.global_mean_loss(state, comm)
+
+    results, group = _run_ranks(size, rank)
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
+    for state, loss in results:
+        assert state.step == single.step
+        assert [p.tobytes() for p in state.net._flat_params()] == [
+            p.tobytes() for p in results[0][0].net._flat_params()
+        ]
+        assert loss == results[0][1] and abs(loss - single.mean_loss) <= rtol * single.mean_loss
+    _assert_close_params(results[0][0].net, single.net, rtol)
+    sent = [[b.dtype for b in bufs] for bufs in group["sent"]]
+    assert sent == [[np.dtype(dtype)] * single.step + [np.dtype(np.float64)]] * size
+
+
+@pytest.mark.parametrize("kind", ["dropout", "bn"])
+def test_one_rank_is_train_step_bit_for_bit(kind):
+    """With one rank nothing is scaled and the forward key is train_step's: Dropout masks
+    and BatchNorm statistics included, the result is bit-identical."""
+    net, x, y = _dp_problem(kind, np.float32)
+    single = _dp_train(net, x, y)
+    ((state, comm),), _ = _run_ranks(1, lambda comm: (_dp_train(net, x, y, comm), comm))
+    _assert_same_net(state.net, single.net)
+    synced = dlfs.sync_state(state.net, comm)  # the average over one rank: the same
+    assert (synced is state.net) == (kind == "dropout")  # a new network only with state
+    _assert_same_net(synced, single.net)
+    assert (state.loss_sum, state.seen) == (single.loss_sum, single.seen)
+
+
+def test_dropout_ranks_draw_their_own_masks():
+    """Two ranks with Dropout: rank r's masks come from the key (key, step, r), so the run
+    differs from one process's (documented) but is reproducible and identical on both ranks."""
+    net, x, y = _dp_problem("dropout")
+    runs = [_run_ranks(2, lambda comm: _dp_train(net, x, y, comm))[0] for _ in range(2)]
+    for state in runs[0] + runs[1]:
+        _assert_same_net(state.net, runs[0][0].net)
+    single = _dp_train(net, x, y)
+    assert not np.allclose(runs[0][0].net._flat_params()[0], single.net._flat_params()[0])
+    # the same rows on both ranks: different masks, so different local gradients (and
+    # identical ones with p = 0, so the difference is the masks)
+    twice = (np.concatenate([x[:5], x[:5]]), np.concatenate([y[:5], y[:5]]))
+
+    def first_buffers(p: float) -> list[bytes]:
+        layers = list(net.layers)
+        layers[2] = dlfs.Dropout(p)
+        dropout_net = dlfs.Network(layers, net.loss, net.input_shape)
+
+        def one_step(comm):
+            state = dlfs.TrainState.create(dropout_net, _dp_optimizer(comm), key=7)
+            return dlfs.data_parallel_step(state, twice, comm)
+
+        return [bufs[0].tobytes() for bufs in _run_ranks(2, one_step)[1]["sent"]]
+
+    masked, unmasked = first_buffers(0.3), first_buffers(0.0)
+    assert masked[0] != masked[1] and unmasked[0] == unmasked[1]
+
+
+def test_batch_norm_statistics_per_shard_and_sync_state():
+    """Two ranks with BatchNorm: batch statistics are each shard's, so the parameters agree on
+    both ranks (not with one process's); the running statistics differ per rank until
+    sync_state averages them."""
+    net, x, y = _dp_problem("bn")
+    (a, b), _ = _run_ranks(2, lambda comm: _dp_train(net, x, y, comm))
+    assert [p.tobytes() for p in a.net._flat_params()] == [
+        p.tobytes() for p in b.net._flat_params()
+    ]
+    assert not np.allclose(a.net.layers[2].mean, b.net.layers[2].mean)
+    synced, _ = _run_ranks(2, lambda comm: dlfs.sync_state((a, b)[comm.rank].net, comm))
+    _assert_same_net(synced[0], synced[1])
+    for name in ("mean", "var"):
+        want = (getattr(a.net.layers[2], name) + getattr(b.net.layers[2], name)) / 2
+        np.testing.assert_allclose(getattr(synced[0].layers[2], name), want, rtol=1e-15)
+
+
+def test_sync_state_running_mean_equals_one_process_with_equal_shards():
+    """BatchNorm on the input (statistics independent of the parameters), shards of 5 + 5:
+    after sync_state the running mean is the single-process one to rounding; the running
+    var is the average of the shards' unbiased variances, as sync_state documents."""
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((100, 5)) * 3 + 1, rng.integers(0, 4, 100)
+    net = dlfs.network(
+        3, (5,), [dlfs.batch_norm(), dlfs.dense(4)], dlfs.SoftmaxCrossEntropy(), dtype=np.float64
+    )
+    single = _dp_train(net, x, y, epochs=1)
+    synced, _ = _run_ranks(
+        2, lambda comm: dlfs.sync_state(_dp_train(net, x, y, comm, epochs=1).net, comm)
+    )
+    mean, var = np.zeros(5), np.ones(5)
+    for xb, _ in dlfs.batches(x, y, 10, key=(5, 0)):
+        halves = (xb[:5], xb[5:])
+        mean = 0.9 * mean + 0.1 * sum(h.mean(axis=0) for h in halves) / 2
+        var = 0.9 * var + 0.1 * sum(h.var(axis=0, ddof=1) for h in halves) / 2
+    bn, one = synced[0].layers[0], single.net.layers[0]
+    np.testing.assert_allclose(bn.mean, one.mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.var, var, rtol=1e-12)
+    assert not np.allclose(bn.var, one.var, rtol=1e-3)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step():
+    """Only rank 1's shard (rows 5..9) holds a bad row, yet both ranks raise at step 0
+    instead of rank 0 waiting in the next all-reduce: a NaN input, and a target so large
+    that the MSE overflows to inf while its gradient 2 (p - y) / N stays finite (rank 1
+    sends NaN gradients whenever its loss is not finite)."""
+    net, x, _ = _dp_problem("mlp", n=10)
+    net = dlfs.network(3, (5,), [dlfs.dense(4)], dlfs.MeanSquaredError(), dtype=np.float64)
+    y = np.zeros((10, 4))
+    nan_x, huge_y = x.copy(), y.copy()
+    nan_x[7] = np.nan
+    huge_y[8] = 1e200
+
+    def run(comm, batch):
+        state = dlfs.TrainState.create(net, _dp_optimizer(comm), key=7)
+        with pytest.raises(dlfs.NonFiniteError) as err, np.errstate(over="ignore"):
+            dlfs.data_parallel_step(state, batch, comm)
+        return err.value
+
+    for batch in ((nan_x, y), (x, huge_y)):
+        errors, _ = _run_ranks(2, functools.partial(run, batch=batch))
+        assert [e.step for e in errors] == [0, 0] and all(e.network is net for e in errors)
+        assert "the loss on rank 1 became NaN/inf at step 0" in str(errors[1])
+        assert "a gradient or parameter became NaN/inf at step 0" in str(errors[0])
+
+
+def test_data_parallel_step_rejects_bad_input():
+    net, x, y = _dp_problem("mlp", n=10)
+    comm = _ThreadComm(_comm_group(1), 0)
+    plain = dlfs.TrainState.create(net, dlfs.SGD(), key=0)
+    with pytest.raises(ValueError, match=r"optimizer must be dlfs.chain\(dlfs.AllReduce\(comm\)"):
+        dlfs.data_parallel_step(plain, (x, y), comm)
+    other = dlfs.TrainState.create(net, _dp_optimizer(_ThreadComm(_comm_group(1), 0)))
+    with pytest.raises(ValueError, match="with the comm given here"):
+        dlfs.data_parallel_step(other, (x, y), comm)
+    state = dlfs.TrainState.create(net, _dp_optimizer(comm))
+    with pytest.raises(TypeError, match="comm must be an MPI communicator"):
+        dlfs.data_parallel_step(state, (x, y), None)
+    with pytest.raises(TypeError, match="batch must be a pair"):
+        dlfs.data_parallel_step(state, x, comm)
+    with pytest.raises(TypeError, match=r"state must be a dlfs\.TrainState"):
+        dlfs.data_parallel_step(net, (x, y), comm)
+    with pytest.raises(ValueError, match="same length"):
+        dlfs.data_parallel_step(state, (x, y[:5]), comm)
+    with pytest.raises(TypeError, match=r"net must be a dlfs\.Network"):
+        dlfs.sync_state(state, comm)
+    with pytest.raises(TypeError, match=r"state must be a dlfs\.TrainState"):
+        dlfs.global_mean_loss(net, comm)
+    assert comm.group["sent"] == [[]]  # every check came before any Allreduce
+    assert math.isnan(dlfs.global_mean_loss(state, comm))
+    assert dlfs.sync_state(net, comm) is net  # no state to average: no Allreduce
+    assert [[b.dtype for b in bufs] for bufs in comm.group["sent"]] == [[np.float64]]
