@@ -4213,3 +4213,42 @@ def test_data_parallel_step_rejects_bad_input():
     assert math.isnan(dlfs.global_mean_loss(state, comm))
     assert dlfs.sync_state(net, comm) is net  # no state to average: no Allreduce
     assert [[b.dtype for b in bufs] for bufs in comm.group["sent"]] == [[np.float64]]
+
+
+# ------------------------------------------------- sweeps over Dask (issue 16)
+
+
+def _boston_without_sklearn(boston) -> tuple[np.ndarray, ...]:
+    """The shipped Boston file, standardized, first 350 rows to train (numpy only)."""
+    raw = np.genfromtxt(boston.DATA, delimiter=",", skip_header=2)
+    x = (raw[:, :13] - raw[:, :13].mean(axis=0)) / raw[:, :13].std(axis=0)
+    y = dlfs.to_2d(raw[:, 13])
+    return x[:350], x[350:], y[:350], y[350:]
+
+
+def test_boston_seeds_on_dask_equal_the_sequential_run(monkeypatch, tmp_path):
+    """Three seeds as tasks on a LocalCluster of 2 worker processes: every MAE, RMSE,
+    network and history is bit-identical to the sequential run's, and so is the CSV."""
+    pytest.importorskip("dask.distributed", reason="needs Dask: pip install -e '.[distributed]'")
+    pytest.importorskip("tqdm", reason="needs tqdm: pip install -e '.[distributed]'")
+    boston = _example("boston", monkeypatch)
+    data = _boston_without_sklearn(boston)
+    seeds = range(5, 8)
+    sequential = boston.run_seeds(data, seeds, 4)
+    parallel = boston.run_seeds(data, seeds, 4, workers=2)
+    assert len(parallel) == len(sequential) == 3
+    for one, other in zip(sequential, parallel):
+        assert list(one) == list(other) == list(boston.BOOK)
+        for name in boston.BOOK:
+            assert one[name][:2] == other[name][:2]  # MAE, RMSE: the same floats
+            # the same bits (pickle, Dask's transport, does not keep numpy's read-only flag)
+            assert repr(one[name][2]) == repr(other[name][2])
+            same = [a.tobytes() for a in _net_arrays(one[name][2])]
+            assert same == [a.tobytes() for a in _net_arrays(other[name][2])]
+            assert one[name][3] == other[name][3]
+    for name, runs in (("seq.csv", sequential), ("dask.csv", parallel)):
+        boston.write_runs(tmp_path / name, seeds, runs)
+    assert (tmp_path / "seq.csv").read_bytes() == (tmp_path / "dask.csv").read_bytes()
+    rows = (tmp_path / "seq.csv").read_text().splitlines()
+    assert rows[0] == "seed,model,mae,rmse,best_epoch" and len(rows) == 1 + 3 * 3
+    assert rows[1].startswith(f"5,linear,{sequential[0]['linear'][0]!r},")
