@@ -4252,3 +4252,53 @@ def test_boston_seeds_on_dask_equal_the_sequential_run(monkeypatch, tmp_path):
     rows = (tmp_path / "seq.csv").read_text().splitlines()
     assert rows[0] == "seed,model,mae,rmse,best_epoch" and len(rows) == 1 + 3 * 3
     assert rows[1].startswith(f"5,linear,{sequential[0]['linear'][0]!r},")
+
+
+def test_data_parallel_example_under_mpiexec(tmp_path):
+    """mpiexec -n 2 on a tiny npz: rank 0 alone prints, and the key=value lines are there."""
+    npz = _tiny_mnist_npz(tmp_path)
+    args = ["examples/data_parallel.py", "--data", str(npz), "--epochs", "2", "--batch-size", "16"]
+    out = _run_mpi(2, args).stdout
+    kv = _key_values(out)
+    assert kv["ranks"] == "2" and 0.0 <= float(kv["test_acc"]) <= 1.0
+    assert float(kv["samples_per_s"]) > 0 and float(kv["allreduce_ms"]) > 0
+    assert kv["allreduce_bytes"] == str(4 * (784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10))
+    assert out.count("test_acc=") == 1 and len(re.findall(r"^epoch \d", out, re.M)) == 2
+
+
+def test_data_parallel_example_with_one_rank_is_fit(tmp_path, monkeypatch):
+    """The example's loop derives its keys as fit does: with one rank it trains the very
+    network fit trains (bit for bit), and its loss is fit's last train_loss."""
+    data_parallel = _example("data_parallel", monkeypatch)
+    net, x, y = _dp_problem("dropout", np.float32, n=30)
+    comm = _ThreadComm(_comm_group(1), 0)
+    lines = []
+    state = data_parallel.train(
+        comm, net, dlfs.Adam(0.01), (x, y), epochs=2, batch_size=8, seed=4, say=lines.append
+    )
+    fitted, history = dlfs.fit(net, dlfs.Adam(0.01), x, y, epochs=2, batch_size=8, seed=4)
+    _assert_same_net(state.net, fitted)
+    assert lines[-1] == f"epoch 2: train_loss={history.train_loss[-1]:.4f}"
+    assert state.mean_loss == history.train_loss[-1]
+
+
+def test_sweep_example_runs_the_grid_and_writes_every_run(tmp_path, monkeypatch, capsys):
+    """A 2 x 2 grid on a tiny npz, in this process: one table line and one CSV row per run,
+    and the best run (by validation accuracy, the first of equals) in the key=value lines."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))  # sweep.py's setdefault: undone after
+    sweep = _example("sweep", monkeypatch)
+    csv_path = tmp_path / "runs.csv"
+    args = ["--data", str(_tiny_mnist_npz(tmp_path)), "--val-size", "8", "--csv", str(csv_path)]
+    result = sweep.main([*args, "--lrs", "0.01,0.001", "--batch-sizes", "8,16"])
+    kv = _key_values(capsys.readouterr().out)
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "lr,batch_size,val_acc,test_acc,train_loss" and len(rows) == 5
+    grid = [tuple(row.split(",")[:2]) for row in rows[1:]]
+    assert grid == [("0.01", "8"), ("0.01", "16"), ("0.001", "8"), ("0.001", "16")]
+    val_accs = [float(row.split(",")[2]) for row in rows[1:]]
+    best = rows[1 + val_accs.index(max(val_accs))].split(",")
+    assert (kv["runs"], kv["best_lr"], kv["best_batch_size"]) == ("4", best[0], best[1])
+    assert kv["best_val_acc"] == f"{float(best[2]):.4f}" and result["best_test_acc"] == float(
+        best[3]
+    )
