@@ -2428,7 +2428,7 @@ def _unflatten(leaves: Sequence[np.ndarray], like: NetParams) -> NetParams:
     return tuple(tuple(next(it) for _ in layer) for layer in like)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)  # communicators need not be hashable: compare by identity
 class AllReduce:
     """Gradient transform for data-parallel training: g <- (1/R) sum_r g_r, the
     mean of the gradients of the R ranks of ``comm`` (the convention of

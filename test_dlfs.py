@@ -4022,6 +4022,11 @@ def test_all_reduce_validates_comm_and_its_place_in_chain():
         dlfs.AllReduce(_ThreadComm({"size": 0}, 0))
     comm = _ThreadComm(_comm_group(1), 0)
     dlfs.chain(dlfs.AllReduce(comm), dlfs.ClipByGlobalNorm(1.0), dlfs.SGD())
+
+    class Unhashable(_ThreadComm):  # like mpi4py's communicators
+        __hash__ = None
+
+    hash(dlfs.chain(dlfs.AllReduce(Unhashable(_comm_group(1), 0)), dlfs.SGD()))
     with pytest.raises(ValueError, match="AllReduce must be the first element of chain"):
         dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.AllReduce(comm), dlfs.SGD())
     net = _dp_problem("mlp")[0]
