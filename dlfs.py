@@ -3399,7 +3399,8 @@ def fit(
 
 
 def shard(n: int, rank: int, size: int) -> slice:
-    """The rows of a global batch of ``n`` that ``rank`` of ``size`` ranks trains on.
+    """The rows of a global batch of ``n`` that ``rank`` of ``size`` ranks trains on:
+    ``slice(start, stop)`` with start = rank q + min(rank, n mod size), q = n // size.
 
     Contiguous and in rank order; the first ``n % size`` ranks take
     ``n // size + 1`` rows, the others ``n // size`` (``np.array_split``'s
@@ -3447,10 +3448,10 @@ def data_parallel_step(
     """One synchronous data-parallel step: this rank's shard of the global batch.
 
     Every rank calls it with the SAME global batch ``(x, y)`` (e.g. from
-    ``batches`` with the same key) and trains on rows
-    ``shard(len(x), rank, size)``; ``state.optimizer`` must be
-    ``chain(AllReduce(comm), ...)``.  Fold it like ``train_step``:
-    ``reduce(partial(data_parallel_step, comm=comm), batches(...), state)``.
+    ``batches`` with the same key; x: (N, *input_shape), y: (N, ...) as for
+    ``train_step``) and trains on rows ``shard(N, rank, R)``;
+    ``state.optimizer`` must be ``chain(AllReduce(comm), ...)``.  Fold it like
+    ``train_step``: ``reduce(partial(data_parallel_step, comm=comm), batches(...), state)``.
 
     Weighting: the shard's mean gradient g_r (over its n_r of the N rows) is
     scaled by w_r = R n_r / N before AllReduce averages the ranks, so the
@@ -3539,7 +3540,7 @@ def sync_state(net: Network, comm: Any) -> Network:
     ``data_parallel_step`` leaves running statistics per rank (parameters are
     always identical); call this on every rank before evaluating, saving or
     comparing networks.  The running mean update is affine, so averaging at the
-    end equals averaging every step; with equal shards it is the running mean
+    end equals averaging every step (in exact arithmetic); with equal shards it is the running mean
     of the global batches' means, as in one process (for the same
     parameters).  The running var becomes the average of the shards' unbiased
     variances, which misses the spread between shard means: it differs from a
