@@ -3962,9 +3962,9 @@ def _run_mpi(n: int, args: list[str], timeout: float = 120) -> subprocess.Comple
 
 
 def test_mpi_two_ranks_equal_single_process(tmp_path):
-    """mpiexec -n 2: an MLP and a CNN trained 20 steps data-parallel (shards of 5 and
-    3 + 2 rows included) match train_step in one process to float64 rounding, with
-    bit-identical parameters on both ranks and the same mean training loss."""
+    """mpiexec -n 2: an MLP and a CNN trained 20 steps data-parallel (shards of 5 + 5 rows,
+    and 3 + 2 in each epoch's last batch) match train_step in one process to float64
+    rounding, with bit-identical parameters on both ranks and the same mean training loss."""
     code = f"import test_dlfs; test_dlfs._mpi_worker({str(tmp_path)!r})"
     _run_mpi(2, ["-c", code])
     for kind in ("mlp", "cnn"):
