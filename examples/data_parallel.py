@@ -33,9 +33,8 @@ import attrs
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # mnist_data and mnist_mlp, next to this file
+sys.path.insert(0, str(HERE))  # mnist_mlp, next to this file
 sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
-from mnist_data import load_mnist, prepare  # noqa: E402
 from mnist_mlp import build  # noqa: E402
 
 import dlfs  # noqa: E402
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
         if rank == 0:
             print(text, flush=True)
 
-    x_train, y_train, x_test, y_test = prepare(load_mnist(args.data))
+    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
     steps = args.epochs * -(-len(x_train) // args.batch_size)
     net, optimizer = build("default", args.seed, steps)

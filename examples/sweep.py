@@ -37,10 +37,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # mnist_data, mnist_mlp and dask_runs, next to this file
+sys.path.insert(0, str(HERE))  # mnist_mlp and dask_runs, next to this file
 sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
 from dask_runs import map_tasks, write_csv  # noqa: E402  (Dask itself: only in map_tasks)
-from mnist_data import load_mnist, prepare  # noqa: E402
 from mnist_mlp import build  # noqa: E402
 
 import dlfs  # noqa: E402
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.workers is not None and (args.workers < 1 or args.scheduler is not None):
         parser.error("--workers must be >= 1, and not given with --scheduler")
 
-    x_train, y_train, x_test, y_test = prepare(load_mnist(args.data))
+    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
     if not 0 < args.val_size < len(x_train):
         parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
     n_fit = len(x_train) - args.val_size
