@@ -2601,6 +2601,116 @@ def _all_finite(grads: NetParams) -> bool:
     return all(np.isfinite(g).all() for layer in grads for g in layer)
 
 
+# Synchronous data parallelism over MPI (the Horovod / DistributedDataParallel
+# pattern): every rank holds the same network, walks the same global batches
+# (same key, same permutation), trains on its own shard of each, and an
+# ``AllReduce`` first in the optimizer's chain averages the gradients, so every
+# rank applies the same update.  One process is the case of one rank: train_step
+# and data_parallel_step share one body, ``_step``.
+
+
+def shard(n: int, rank: int, size: int) -> slice:
+    """The rows of a global batch of ``n`` that ``rank`` of ``size`` ranks trains on:
+    ``slice(start, stop)`` with start = rank q + min(rank, n mod size), q = n // size.
+
+    Contiguous and in rank order; the first ``n % size`` ranks take
+    ``n // size + 1`` rows, the others ``n // size`` (``np.array_split``'s
+    split), so shards are empty when ``n < size``.
+    """
+    n = _check_int("n", n, low=0)
+    size = _check_int("size", size)
+    rank = _check_int("rank", rank, low=0)
+    if rank >= size:
+        raise ValueError(f"rank must be < size = {size}, got {rank}")
+    q, r = divmod(n, size)
+    start = rank * q + min(rank, r)
+    return slice(start, start + q + (rank < r))
+
+
+def _check_all_reduce_first(optimizer: Any, comm: Any) -> None:
+    before = optimizer.before if isinstance(optimizer, Chain) else ()
+    if not (before and isinstance(before[0], AllReduce) and before[0].comm is comm):
+        raise ValueError(
+            "state.optimizer must be dlfs.chain(dlfs.AllReduce(comm), ...) with the comm "
+            f"given here, so the ranks average their gradients; got {optimizer!r:.120}"
+        )
+
+
+def _rank_key(state: TrainState, rank: int, size: int) -> Key:
+    """The forward key of ``rank``: train_step's ``(key, step)`` with one rank,
+    ``(key, step, rank)`` with more, so the ranks draw independent dropout masks."""
+    return state.key + ((state.step,) if size == 1 else (state.step, rank))
+
+
+def _shard_loss_and_grads(
+    net: Network, x: np.ndarray, y: np.ndarray, key: Key
+) -> tuple[float, NetParams, Network]:
+    """(mean loss, mean grads, network with new state) on this rank's shard;
+    an empty shard contributes zero gradients and leaves the network as it is."""
+    if len(x) == 0:
+        return 0.0, _tree_map(np.zeros_like, net.params()), net
+    loss, grads, new_net = net._loss_and_grads(x, y, _sub_context(True, key))
+    return float(loss), grads, new_net
+
+
+def _check_step(state: Any, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A step's (x, y), checked against ``state.net``."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
+    x, y = batch
+    state.net._check_x(x)
+    _check_xy(x, y)
+    return x, y
+
+
+def _non_finite(what: str, state: TrainState) -> NonFiniteError:
+    return NonFiniteError(
+        f"{what} became NaN/inf at step {state.step}", network=state.net, step=state.step
+    )
+
+
+def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) -> TrainState:
+    """train_step (``comm`` None: one rank, the whole batch) or data_parallel_step
+    (this rank's shard; ``comm`` and the optimizer's AllReduce checked by the caller)."""
+    x, y = _check_step(state, batch)
+    rank, size = (0, 1) if comm is None else _check_comm(comm)
+    if comm is not None:
+        _check_all_reduce_first(state.optimizer, comm)
+    rows = shard(len(x), rank, size)
+    n = rows.stop - rows.start
+    loss, grads, new_net = _shard_loss_and_grads(
+        state.net, x[rows], y[rows], _rank_key(state, rank, size)
+    )
+    weight = size * n / len(x)
+    if not math.isfinite(loss):
+        if comm is None:
+            raise _non_finite("loss", state)
+        grads = _tree_map(lambda g: np.full_like(g, np.nan), grads)  # all ranks stop here
+    elif weight != 1.0:
+        grads = _tree_map(lambda g: g * g.dtype.type(weight), grads)
+    params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    # One finiteness pass per step, over the new parameters: a NaN/inf gradient
+    # makes them non-finite in every dlfs optimizer; the gradients are only
+    # looked at to name the culprit.
+    if not _all_finite(params):  # e.g. an overflowing step: keep the last finite network
+        if not math.isfinite(loss):
+            raise _non_finite(f"the loss on rank {rank}", state)
+        if comm is not None:  # the culprit may sit on another rank
+            raise _non_finite("a gradient or parameter", state)
+        raise _non_finite("a gradient" if not _all_finite(grads) else "the parameters", state)
+    return TrainState(
+        new_net.with_params(params),
+        state.optimizer,
+        opt_state,
+        state.key,
+        state.step + 1,
+        state.loss_sum + loss * n,
+        state.seen + n,
+    )
+
+
 def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> TrainState:
     """One pure SGD step: forward, loss, backward, optimizer update.
 
@@ -2610,44 +2720,104 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     parameters it poisons, so an optimizer that maps it to finite values
     goes on).  Fold it over batches with functools.reduce.
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
-    x, y = batch
-    net = state.net
-    net._check_x(x)
-    _check_xy(x, y)
-    ctx = _sub_context(True, state.key + (state.step,))
-    loss, grads, new_net = net._loss_and_grads(x, y, ctx)
-    if not np.isfinite(loss):
-        raise NonFiniteError(
-            f"loss became NaN/inf at step {state.step}", network=net, step=state.step
-        )
-    params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
-    # One finiteness pass per step, over the new parameters: a NaN/inf gradient
-    # makes them non-finite in every dlfs optimizer; the gradients are only
-    # looked at to name the culprit.
-    if not _all_finite(params):  # e.g. an overflowing step: keep the last finite network
-        what = "a gradient" if not _all_finite(grads) else "the parameters"
-        raise NonFiniteError(
-            f"{what} became NaN/inf at step {state.step}", network=net, step=state.step
-        )
-    return TrainState(
-        new_net.with_params(params),
-        state.optimizer,
-        opt_state,
-        state.key,
-        state.step + 1,
-        state.loss_sum + float(loss) * len(x),
-        state.seen + len(x),
-    )
+    return _step(state, batch, None)
 
 
 def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> TrainState:
     """``functools.reduce(train_step, batches, state)`` with the epoch's loss reset."""
     start = attrs.evolve(state, loss_sum=0.0, seen=0)
     return functools.reduce(train_step, batches, start)
+
+
+def data_parallel_step(
+    state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any
+) -> TrainState:
+    """One synchronous data-parallel step: this rank's shard of the global batch.
+
+    Every rank calls it with the SAME global batch ``(x, y)`` (e.g. from
+    ``batches`` with the same key; x: (N, *input_shape), y: (N, ...) as for
+    ``train_step``) and trains on rows ``shard(N, rank, R)``;
+    ``state.optimizer`` must be ``chain(AllReduce(comm), ...)``.  Fold it like
+    ``train_step``: ``reduce(partial(data_parallel_step, comm=comm), batches(...), state)``,
+    or let ``fit(..., comm=comm)`` do it all.
+
+    Weighting: the shard's mean gradient g_r (over its n_r of the N rows) is
+    scaled by w_r = R n_r / N before AllReduce averages the ranks, so the
+    optimizer sees (1/R) sum_r w_r g_r = sum_r (n_r / N) g_r, the global
+    batch's mean gradient, for shards of any size (w_r = 1 when they are
+    equal, and then nothing is scaled).  The weight lives here, not in the
+    transform, because only the step knows the shard sizes; the transform
+    stays a plain average that needs no per-step state.
+
+    Result: ``train_step`` on the global batch, to float rounding, for
+    networks without Dropout or BatchNorm (with one rank: exactly, bit for
+    bit, Dropout and BatchNorm included).  With more ranks, by design:
+    Dropout on rank r draws from the key ``state.key + (step, r)``, so its
+    masks differ from a single process's; BatchNorm normalizes with its
+    shard's batch statistics, and its running statistics stay per rank until
+    ``sync_state`` averages them.  ``loss_sum``/``seen`` count this rank's
+    shard; ``global_mean_loss`` combines the ranks.  A NaN/inf loss on one
+    rank is sent as NaN gradients, so every rank raises NonFiniteError at the
+    same step instead of the others waiting in the next all-reduce.
+    Data cost: each rank indexes the whole global batch, compute is 1/R.
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    _check_comm(comm)  # None too: that is train_step
+    return _step(state, batch, comm)
+
+
+def global_mean_loss(state: TrainState, comm: Any) -> float:
+    """The mean training loss per sample over all ranks' shards:
+    sum_r loss_sum_r / sum_r seen_r (one Allreduce); NaN before any step.
+    Every rank gets the same value (call it on every rank)."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    _check_comm(comm)
+    totals = np.array([state.loss_sum, state.seen], dtype=np.float64)
+    loss_sum, seen = _all_reduce(comm, [totals])[0]
+    return float(loss_sum / seen) if seen else math.nan
+
+
+def _state_fields(layer: Any) -> list[str]:
+    """Names of a layer's state arrays: attrs array fields that are not parameters
+    (BatchNorm's running ``mean`` and ``var``)."""
+    if not attrs.has(type(layer)):
+        return []
+    params = layer.params()
+    values = ((f.name, getattr(layer, f.name)) for f in attrs.fields(type(layer)))
+    return [
+        name for name, v in values if isinstance(v, np.ndarray) and not any(v is p for p in params)
+    ]
+
+
+def sync_state(net: Network, comm: Any) -> Network:
+    """``net`` with each layer's state (BatchNorm's running mean and var) averaged
+    over the ranks in one Allreduce: state_l <- (1/R) sum_r state_l,r.
+
+    ``data_parallel_step`` leaves running statistics per rank (parameters are
+    always identical); call this on every rank before evaluating, saving or
+    comparing networks (``fit(..., comm=comm)`` does after every epoch).  The
+    running mean update is affine, so averaging at the end equals averaging
+    every step (in exact arithmetic); with equal shards it is the running mean
+    of the global batches' means, as in one process (for the same
+    parameters).  The running var becomes the average of the shards' unbiased
+    variances, which misses the spread between shard means: it differs from a
+    single process's.  Returns ``net`` itself when no layer has state.
+    """
+    if not isinstance(net, Network):
+        raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    _, size = _check_comm(comm)
+    names = [_state_fields(layer) for layer in net.layers]
+    arrays = [getattr(layer, n) for layer, ns in zip(net.layers, names) for n in ns]
+    if not arrays:
+        return net
+    it = iter(_all_reduce(comm, arrays, divide_by=size))
+    layers = tuple(
+        attrs.evolve(layer, **{n: next(it) for n in ns}) if ns else layer
+        for layer, ns in zip(net.layers, names)
+    )
+    return net._evolve_layers(layers)
 
 
 class StopTraining(Exception):  # noqa: N818 (Keras/Lightning-style name: it is a signal, not an error)
@@ -3387,178 +3557,6 @@ def fit(
         if bar is not None:
             bar.close()
     return _fit_result(run, plan)
-
-
-# ---------------------------------------------------- data-parallel training
-#
-# Synchronous data parallelism over MPI (the Horovod / DistributedDataParallel
-# pattern): every rank holds the same network, walks the same global batches
-# (same key, same permutation), trains on its own shard of each, and an
-# ``AllReduce`` first in the optimizer's chain averages the gradients, so every
-# rank applies the same update.
-
-
-def shard(n: int, rank: int, size: int) -> slice:
-    """The rows of a global batch of ``n`` that ``rank`` of ``size`` ranks trains on:
-    ``slice(start, stop)`` with start = rank q + min(rank, n mod size), q = n // size.
-
-    Contiguous and in rank order; the first ``n % size`` ranks take
-    ``n // size + 1`` rows, the others ``n // size`` (``np.array_split``'s
-    split), so shards are empty when ``n < size``.
-    """
-    n = _check_int("n", n, low=0)
-    size = _check_int("size", size)
-    rank = _check_int("rank", rank, low=0)
-    if rank >= size:
-        raise ValueError(f"rank must be < size = {size}, got {rank}")
-    q, r = divmod(n, size)
-    start = rank * q + min(rank, r)
-    return slice(start, start + q + (rank < r))
-
-
-def _check_all_reduce_first(optimizer: Any, comm: Any) -> None:
-    before = optimizer.before if isinstance(optimizer, Chain) else ()
-    if not (before and isinstance(before[0], AllReduce) and before[0].comm is comm):
-        raise ValueError(
-            "state.optimizer must be dlfs.chain(dlfs.AllReduce(comm), ...) with the comm "
-            f"given here, so the ranks average their gradients; got {optimizer!r:.120}"
-        )
-
-
-def _rank_key(state: TrainState, rank: int, size: int) -> Key:
-    """The forward key of ``rank``: train_step's ``(key, step)`` with one rank,
-    ``(key, step, rank)`` with more, so the ranks draw independent dropout masks."""
-    return state.key + ((state.step,) if size == 1 else (state.step, rank))
-
-
-def _shard_loss_and_grads(
-    net: Network, x: np.ndarray, y: np.ndarray, key: Key
-) -> tuple[float, NetParams, Network]:
-    """(mean loss, mean grads, network with new state) on this rank's shard;
-    an empty shard contributes zero gradients and leaves the network as it is."""
-    if len(x) == 0:
-        return 0.0, _tree_map(np.zeros_like, net.params()), net
-    loss, grads, new_net = net._loss_and_grads(x, y, _sub_context(True, key))
-    return float(loss), grads, new_net
-
-
-def data_parallel_step(
-    state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any
-) -> TrainState:
-    """One synchronous data-parallel step: this rank's shard of the global batch.
-
-    Every rank calls it with the SAME global batch ``(x, y)`` (e.g. from
-    ``batches`` with the same key; x: (N, *input_shape), y: (N, ...) as for
-    ``train_step``) and trains on rows ``shard(N, rank, R)``;
-    ``state.optimizer`` must be ``chain(AllReduce(comm), ...)``.  Fold it like
-    ``train_step``: ``reduce(partial(data_parallel_step, comm=comm), batches(...), state)``.
-
-    Weighting: the shard's mean gradient g_r (over its n_r of the N rows) is
-    scaled by w_r = R n_r / N before AllReduce averages the ranks, so the
-    optimizer sees (1/R) sum_r w_r g_r = sum_r (n_r / N) g_r, the global
-    batch's mean gradient, for shards of any size (w_r = 1 when they are
-    equal, and then nothing is scaled).  The weight lives here, not in the
-    transform, because only the step knows the shard sizes; the transform
-    stays a plain average that needs no per-step state.
-
-    Result: ``train_step`` on the global batch, to float rounding, for
-    networks without Dropout or BatchNorm.  Otherwise, by design:
-    Dropout on rank r draws from the key ``state.key + (step, r)`` (with one
-    rank ``state.key + (step,)``, exactly train_step's), so its masks differ
-    from a single process's; BatchNorm normalizes with its shard's batch
-    statistics, and its running statistics stay per rank until ``sync_state``
-    averages them.  ``loss_sum``/``seen`` count this rank's shard;
-    ``global_mean_loss`` combines the ranks.  A NaN/inf loss on one rank is
-    sent as NaN gradients, so every rank raises NonFiniteError at the same
-    step instead of the others waiting in the next all-reduce.
-    Data cost: each rank indexes the whole global batch, compute is 1/R.
-    """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
-    rank, size = _check_comm(comm)
-    _check_all_reduce_first(state.optimizer, comm)
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
-    x, y = batch
-    net = state.net
-    net._check_x(x)
-    _check_xy(x, y)
-    rows = shard(len(x), rank, size)
-    n_r = rows.stop - rows.start
-    loss, grads, new_net = _shard_loss_and_grads(
-        net, x[rows], y[rows], _rank_key(state, rank, size)
-    )
-    weight = size * n_r / len(x)
-    if not math.isfinite(loss):
-        grads = _tree_map(lambda g: np.full_like(g, np.nan), grads)
-    elif weight != 1.0:
-        grads = _tree_map(lambda g: g * g.dtype.type(weight), grads)
-    params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
-    if not _all_finite(params):
-        where = f"the loss on rank {rank}" if not math.isfinite(loss) else "a gradient or parameter"
-        raise NonFiniteError(
-            f"{where} became NaN/inf at step {state.step}", network=net, step=state.step
-        )
-    return attrs.evolve(
-        state,
-        net=new_net.with_params(params),
-        opt_state=opt_state,
-        step=state.step + 1,
-        loss_sum=state.loss_sum + loss * n_r,
-        seen=state.seen + n_r,
-    )
-
-
-def global_mean_loss(state: TrainState, comm: Any) -> float:
-    """The mean training loss per sample over all ranks' shards:
-    sum_r loss_sum_r / sum_r seen_r (one Allreduce); NaN before any step.
-    Every rank gets the same value (call it on every rank)."""
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
-    _check_comm(comm)
-    totals = np.array([state.loss_sum, state.seen], dtype=np.float64)
-    loss_sum, seen = _all_reduce(comm, [totals])[0]
-    return float(loss_sum / seen) if seen else math.nan
-
-
-def _state_fields(layer: Any) -> list[str]:
-    """Names of a layer's state arrays: attrs array fields that are not parameters
-    (BatchNorm's running ``mean`` and ``var``)."""
-    if not attrs.has(type(layer)):
-        return []
-    params = layer.params()
-    values = ((f.name, getattr(layer, f.name)) for f in attrs.fields(type(layer)))
-    return [
-        name for name, v in values if isinstance(v, np.ndarray) and not any(v is p for p in params)
-    ]
-
-
-def sync_state(net: Network, comm: Any) -> Network:
-    """``net`` with each layer's state (BatchNorm's running mean and var) averaged
-    over the ranks in one Allreduce: state_l <- (1/R) sum_r state_l,r.
-
-    ``data_parallel_step`` leaves running statistics per rank (parameters are
-    always identical); call this on every rank before evaluating, saving or
-    comparing networks.  The running mean update is affine, so averaging at the
-    end equals averaging every step (in exact arithmetic); with equal shards it is the running mean
-    of the global batches' means, as in one process (for the same
-    parameters).  The running var becomes the average of the shards' unbiased
-    variances, which misses the spread between shard means: it differs from a
-    single process's.  Returns ``net`` itself when no layer has state.
-    """
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
-    _, size = _check_comm(comm)
-    names = [_state_fields(layer) for layer in net.layers]
-    arrays = [getattr(layer, n) for layer, ns in zip(net.layers, names) for n in ns]
-    if not arrays:
-        return net
-    it = iter(_all_reduce(comm, arrays, divide_by=size))
-    layers = tuple(
-        attrs.evolve(layer, **{n: next(it) for n in ns}) if ns else layer
-        for layer, ns in zip(net.layers, names)
-    )
-    return net._evolve_layers(layers)
 
 
 # ------------------------------------------------------------------- metrics
