@@ -20,7 +20,9 @@ import html
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -2627,11 +2629,11 @@ def shard(n: int, rank: int, size: int) -> slice:
     return slice(start, start + q + (rank < r))
 
 
-def _check_all_reduce_first(optimizer: Any, comm: Any) -> None:
+def _check_all_reduce_first(optimizer: Any, comm: Any, name: str = "state.optimizer") -> None:
     before = optimizer.before if isinstance(optimizer, Chain) else ()
     if not (before and isinstance(before[0], AllReduce) and before[0].comm is comm):
         raise ValueError(
-            "state.optimizer must be dlfs.chain(dlfs.AllReduce(comm), ...) with the comm "
+            f"{name} must be dlfs.chain(dlfs.AllReduce(comm), ...) with the comm "
             f"given here, so the ranks average their gradients; got {optimizer!r:.120}"
         )
 
@@ -3181,6 +3183,102 @@ def _check_fit_options(**options: Any) -> None:
 
 
 @attrs.frozen(eq=False)
+class _Ranks:
+    """The processes one fit call trains on: this one alone (``comm`` None) or the
+    ranks of an MPI communicator, each calling fit with the same arguments.
+
+    Rank 0 leads: only it prints, shows progress, evaluates, writes checkpoints
+    and calls the callback.  Whatever ends training is decided by all ranks
+    together at a step or epoch boundary (``from_lead``, ``any``: one small
+    Allreduce each), so no rank leaves while the others wait in an all-reduce.
+    ``interrupt`` records a Ctrl-C (or a KeyboardInterrupt in rank 0's side
+    work) until that boundary."""
+
+    comm: Any = None
+    rank: int = 0
+    size: int = 1
+    interrupt: threading.Event = attrs.field(factory=threading.Event)
+
+    @classmethod
+    def of(cls, comm: Any) -> _Ranks:
+        if comm is None:
+            return cls()
+        rank, size = _check_comm(comm)
+        return cls(comm, rank, size)
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def step(self, state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> TrainState:
+        if self.comm is None:
+            return train_step(state, batch)
+        return data_parallel_step(state, batch, self.comm)
+
+    def mean_loss(self, state: TrainState) -> float:
+        return state.mean_loss if self.comm is None else global_mean_loss(state, self.comm)
+
+    def sync(self, net: Network) -> Network:
+        return net if self.comm is None else sync_state(net, self.comm)
+
+    def _sum(self, values: np.ndarray) -> np.ndarray:
+        """float64 ``values`` summed over the ranks (exact where one rank sends non-zeros)."""
+        return values if self.comm is None else _all_reduce(self.comm, [values])[0]
+
+    def from_lead(self, values: Sequence[float]) -> list[float]:
+        """Rank 0's ``values`` on every rank (the others' are ignored)."""
+        sent = np.array(values if self.lead else [0.0] * len(values), dtype=np.float64)
+        return [float(v) for v in self._sum(sent)]
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, True on every rank when it is True on any."""
+        return [v > 0 for v in self._sum(np.array(flags, dtype=np.float64))]
+
+    def gather(self, values: Sequence[float]) -> np.ndarray:
+        """(size, len(values)) float64: row r holds rank r's ``values``, on every rank."""
+        table = np.zeros((self.size, len(values)))
+        table[self.rank] = values
+        return self._sum(table.ravel()).reshape(table.shape)
+
+
+def _noting(ranks: _Ranks, work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args)`` for rank 0's side work (bar, lines, checkpoint file, callback):
+    a KeyboardInterrupt there is recorded in ``ranks.interrupt`` (None is returned),
+    and every rank stops at the next boundary."""
+    try:
+        return work(*args)
+    except KeyboardInterrupt:
+        ranks.interrupt.set()
+        return None
+
+
+@contextlib.contextmanager
+def _sigint_recorded(ranks: _Ranks) -> Iterator[None]:
+    """Under MPI, while fit runs: SIGINT (Ctrl-C; mpiexec forwards it once to every
+    rank, which may be at different steps) sets ``ranks.interrupt`` instead of
+    raising KeyboardInterrupt mid-step, so every rank stops after the same step; a
+    second SIGINT on a rank raises as before (it aborts).  Signals reach the main
+    thread only, so elsewhere, or with a handler not installed from Python, nothing
+    changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    main = threading.current_thread() is threading.main_thread()
+    if ranks.comm is None or not main or not callable(previous):
+        yield
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        if ranks.interrupt.is_set():
+            previous(signum, frame)
+        ranks.interrupt.set()
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@attrs.frozen(eq=False)
 class _FitPlan:
     """One fit call's checked settings: what the epoch loop reads."""
 
@@ -3200,6 +3298,7 @@ class _FitPlan:
     checkpoint: str | None
     checkpoint_every: int
     setup: dict[str, Any]  # what a checkpoint records and a resume checks
+    ranks: _Ranks
 
     @property
     def steps_per_epoch(self) -> int:
@@ -3274,20 +3373,25 @@ def _bar_show(bar: Any, epoch: str, loss: float, figures: dict[str, str]) -> Non
 
 
 def _fit_steps(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
-    """The fold of ``train_step`` over the rest of epoch ``run.epoch + 1``, written
-    out so that a KeyboardInterrupt (in a step, the data or the bar) ends it at the
-    last completed step.  NaN/inf raises NonFiniteError with the epoch and history."""
-    epoch = run.epoch + 1
+    """The fold of ``train_step`` (``data_parallel_step`` under MPI) over the rest of
+    epoch ``run.epoch + 1``, written out so that an interrupt ends it at the last
+    completed step: in one process a KeyboardInterrupt in a step, the data or the
+    bar; under MPI a Ctrl-C on any rank, agreed on after every step.  NaN/inf
+    raises NonFiniteError with the epoch and history."""
+    epoch, ranks = run.epoch + 1, plan.ranks
     state = run.state if run.batch else attrs.evolve(run.state, loss_sum=0.0, seen=0)
     first = state.step - run.batch  # the global step at the start of the epoch
     label, figures = f"{epoch}/{plan.epochs}", (_bar_figures(run) if bar is not None else {})
     try:
         for batch in plan.batches(epoch, run.batch):
-            state = train_step(state, batch)
+            state = ranks.step(state, batch)
             if bar is not None:
-                _bar_show(bar, label, state.mean_loss, figures)
-                bar.update(1)
+                _noting(ranks, _bar_step, bar, label, state.mean_loss, figures)
+            if ranks.any(ranks.interrupt.is_set())[0]:
+                return attrs.evolve(run, state=state, batch=state.step - first, stop="interrupted")
     except KeyboardInterrupt:
+        if ranks.comm is not None:
+            raise  # inside a step, where the ranks cannot agree to stop: fit ends with it
         return attrs.evolve(run, state=state, batch=state.step - first, stop="interrupted")
     except NonFiniteError as err:
         raise NonFiniteError(
@@ -3300,19 +3404,48 @@ def _fit_steps(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
     return attrs.evolve(run, state=state, batch=state.step - first)
 
 
-def _fit_epoch_end(run: _FitRun, plan: _FitPlan) -> _FitRun:
-    """Evaluate when due, append the epoch's record, keep the best evaluated
-    network, count the evaluations without improvement and flag an early stop."""
-    epoch = run.epoch + 1
+def _bar_step(bar: Any, label: str, loss: float, figures: dict[str, str]) -> None:
+    _bar_show(bar, label, loss, figures)
+    bar.update(1)
+
+
+def _lead_evaluation(net: Network, plan: _FitPlan) -> tuple[float, float | None] | None:
+    """(val_loss, metric) of ``net`` on the whole validation set, computed by rank 0
+    and shared with every rank (so all keep the same best network and stop alike);
+    None on every rank when a KeyboardInterrupt cut rank 0's evaluation short."""
+    sent = [0.0, 0.0, 0.0]  # (cut short, loss, metric)
+    if plan.ranks.lead:
+        x_val, y_val = plan.validation
+        try:
+            loss, score = _evaluate(net, x_val, y_val, plan.metric, max(plan.batch_size, 1024))
+            sent = [0.0, loss, math.nan if score is None else score]
+        except KeyboardInterrupt:
+            sent = [1.0, 0.0, 0.0]
+    cut, loss, score = plan.ranks.from_lead(sent)
+    if cut:
+        return None
+    return loss, (None if plan.metric is None else score)
+
+
+def _fit_epoch_end(run: _FitRun, plan: _FitPlan) -> _FitRun | None:
+    """Average the ranks' BatchNorm statistics and training loss, evaluate when due,
+    append the epoch's record, keep the best evaluated network, count the
+    evaluations without improvement and flag an early stop.  None when the
+    evaluation was interrupted (then there is no record)."""
+    epoch, ranks = run.epoch + 1, plan.ranks
+    state = attrs.evolve(run.state, net=ranks.sync(run.state.net))
+    train_loss = ranks.mean_loss(state)
+    run = attrs.evolve(run, state=state)
     due = epoch % plan.eval_every == 0 or epoch == plan.epochs
     if plan.validation is None or not due:
-        record = EpochRecord(epoch, run.state.mean_loss)
+        record = EpochRecord(epoch, train_loss)
         history = attrs.evolve(run.history, records=run.history.records + (record,))
         return attrs.evolve(run, epoch=epoch, batch=0, history=history)
-    x_val, y_val = plan.validation
-    size = max(plan.batch_size, 1024)
-    val_loss, score = _evaluate(run.state.net, x_val, y_val, plan.metric, size)
-    record = EpochRecord(epoch, run.state.mean_loss, val_loss, score)
+    evaluation = _lead_evaluation(state.net, plan)
+    if evaluation is None:
+        return None
+    val_loss, score = evaluation
+    record = EpochRecord(epoch, train_loss, val_loss, score)
     history = attrs.evolve(run.history, records=run.history.records + (record,))
     run = attrs.evolve(run, epoch=epoch, batch=0, history=history)
     if val_loss < run.best_loss:
@@ -3348,37 +3481,54 @@ def _report(run: _FitRun, plan: _FitPlan, bar: Any) -> None:
         )
 
 
-def _ask_callback(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
-    """``callback(record)``; ``False`` itself (or numpy's) or StopTraining ends training."""
+def _callback_says_stop(run: _FitRun, plan: _FitPlan) -> bool:
+    """``callback(record)`` (rank 0's; None elsewhere): ``False`` itself (or numpy's)
+    or StopTraining asks to end training."""
     if plan.callback is None:
-        return run
+        return False
     try:
         answer = plan.callback(run.history.records[-1])
     except StopTraining:
-        answer = False
-    if not (answer is False or answer is np.False_) or run.stop is not None:
+        return True
+    return answer is False or answer is np.False_
+
+
+def _fit_epoch(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
+    """An epoch's end: its record, the report, the checkpoint (before the callback:
+    nothing is lost), the callback, and then every rank's interrupt and the
+    callback's answer, agreed on by all ranks."""
+    ended = _fit_epoch_end(run, plan)
+    if ended is None:  # the evaluation was interrupted: stop before the record
+        return attrs.evolve(run, stop="interrupted")
+    run, ranks = ended, plan.ranks
+    _noting(ranks, _report, run, plan, bar)
+    due = run.epoch % plan.checkpoint_every == 0 or run.epoch == plan.epochs
+    if plan.checkpoint is not None and (due or run.stop is not None):
+        _noting(ranks, _fit_checkpoint, run, plan)
+    asked = bool(_noting(ranks, _callback_says_stop, run, plan))
+    interrupted, callback = ranks.any(ranks.interrupt.is_set(), asked)
+    if interrupted:
+        return attrs.evolve(run, stop="interrupted")
+    if not callback or run.stop is not None:
         return run
     if plan.talk:
-        _say(bar, f"training stopped by the callback after epoch {run.epoch}")
+        _noting(ranks, _say, bar, f"training stopped by the callback after epoch {run.epoch}")
     return attrs.evolve(run, stop="callback")
 
 
 def _fit_loop(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
-    """Epoch after epoch until done or stopped.  A KeyboardInterrupt anywhere (a
-    step, an evaluation, the checkpoint, the callback, the bar) ends training at
-    the last completed stage: ``run`` is rebound only when a stage is done."""
+    """Epoch after epoch until done or stopped.  A KeyboardInterrupt ends training
+    at the last completed stage (``run`` is rebound only when a stage is done): in
+    one process wherever it comes from; under MPI where all ranks agree (see
+    _Ranks), while one that escapes a collective stage ends fit with it."""
     try:
         while run.stop is None and run.epoch < plan.epochs:
             run = _fit_steps(run, plan, bar)
-            if run.stop is not None:
-                break
-            run = _fit_epoch_end(run, plan)
-            _report(run, plan, bar)
-            due = run.epoch % plan.checkpoint_every == 0 or run.epoch == plan.epochs
-            if plan.checkpoint is not None and (due or run.stop is not None):
-                _save_fit(plan.checkpoint, run, plan)  # before the callback: nothing is lost
-            run = _ask_callback(run, plan, bar)
+            if run.stop is None:
+                run = _fit_epoch(run, plan, bar)
     except KeyboardInterrupt:
+        if plan.ranks.comm is not None:
+            raise
         run = attrs.evolve(run, stop="interrupted")
     return run
 
@@ -3399,11 +3549,14 @@ def _interrupt_message(run: _FitRun, plan: _FitPlan) -> str:
 
 
 def _fit_result(run: _FitRun, plan: _FitPlan) -> tuple[Network, History]:
-    """Checkpoint a stop the last save does not know of, warn after an interrupt, and
-    pick the network: the best evaluated one with early stopping, else the last."""
+    """Average BatchNorm statistics after a mid-epoch stop, checkpoint a stop the last
+    save does not know of, warn (rank 0) after an interrupt, and pick the network:
+    the best evaluated one with early stopping, else the last; the same on every rank."""
+    if run.batch:
+        run = attrs.evolve(run, state=attrs.evolve(run.state, net=plan.ranks.sync(run.state.net)))
     if plan.checkpoint is not None and run.stop in ("callback", "interrupted"):
-        _save_fit(plan.checkpoint, run, plan)  # a second Ctrl-C here aborts
-    if run.stop == "interrupted":
+        _fit_checkpoint(run, plan)  # a second Ctrl-C here aborts
+    if run.stop == "interrupted" and plan.ranks.lead:
         warnings.warn(_interrupt_message(run, plan), UserWarning, stacklevel=3)
     history = attrs.evolve(run.history, stop_reason=run.stop or "completed", steps=run.state.step)
     keep_best = plan.patience is not None and run.stop != "interrupted"
@@ -3421,6 +3574,25 @@ def _start_run(net: Network, optimizer: Any, step_key: Key, plan: _FitPlan, resu
             f"epochs={plan.epochs} (epochs counts the total, not the epochs to add)"
         )
     return run
+
+
+def _fit_optimizer(optimizer: Any, comm: Any) -> Any:
+    """fit's optimizer: with ``comm``, ``AllReduce(comm)`` first in its chain (put
+    there when it is not); without, it must not all-reduce."""
+    before = optimizer.before if isinstance(optimizer, Chain) else ()
+    if not any(isinstance(p, AllReduce) for p in before):
+        if comm is None or not _is_optimizer(optimizer):  # TrainState.create names the latter
+            return optimizer
+        if isinstance(optimizer, Chain):
+            return chain(AllReduce(comm), *before, optimizer.optimizer, *optimizer.after)
+        return chain(AllReduce(comm), optimizer)
+    if comm is None:
+        raise ValueError(
+            "optimizer averages gradients over MPI ranks (AllReduce) but fit got no comm: "
+            "pass fit(..., comm=comm) so that each rank trains on its shard of every batch"
+        )
+    _check_all_reduce_first(optimizer, comm, "optimizer")
+    return optimizer
 
 
 def fit(
@@ -3445,6 +3617,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
+    comm: Any = None,
 ) -> tuple[Network, History]:
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
@@ -3487,9 +3660,32 @@ def fit(
     ``eval_every`` divides that epoch).  A NaN/inf loss or gradient raises
     NonFiniteError with ``.network`` (the last finite one), ``.history``,
     ``.epoch``, ``.step``.
+
+    ``comm=`` an MPI communicator (mpi4py's ``MPI.COMM_WORLD``, duck-typed as for
+    ``AllReduce``) trains data-parallel: every rank calls fit with the same
+    arguments and the whole data set, each epoch folds ``data_parallel_step``
+    (rank r trains on its ``shard`` of every global batch of ``batch_size``),
+    and fit puts ``AllReduce(comm)`` first in the optimizer's chain when it is
+    not there (an optimizer that all-reduces without ``comm`` is refused).  The
+    record's ``train_loss`` is ``global_mean_loss``; after every epoch
+    ``sync_state`` averages BatchNorm's running statistics, so every rank holds
+    and returns the same network and history.  Rank 0 alone evaluates (its
+    figures are sent to all), prints, shows progress, calls ``callback`` and
+    writes ``checkpoint`` (whose folder every rank must see); every rank reads
+    ``resume``, which must come from a run with as many ranks (the checkpoint
+    keeps each rank's running loss, so the resumed run is bit-identical to an
+    uninterrupted one).  Stops are agreed by all ranks, so none waits alone in
+    an all-reduce: early stopping from rank 0's figures, the callback's answer
+    after each epoch, and Ctrl-C after the step in progress (mpiexec forwards
+    SIGINT to every rank; fit, in the main thread, records it instead of
+    raising, so all ranks stop after the same step and rank 0 saves; a second
+    SIGINT raises KeyboardInterrupt on that rank, which aborts).  Dropout masks
+    and BatchNorm batch statistics are per rank: see ``data_parallel_step``.
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    ranks = _Ranks.of(comm)
+    optimizer = _fit_optimizer(optimizer, comm)
     epochs = _check_int("epochs", epochs)
     batch_size = _check_int("batch_size", batch_size)
     eval_every = _check_int("eval_every", eval_every)
@@ -3517,7 +3713,7 @@ def fit(
     _check_batch_rows(net, len(x), batch_size, bool(drop_last))
     metric = _resolve_metric(metric, net.loss)
     shuffle_key, step_key = split(key, 2)
-    factory = _bar_factory(progress)
+    factory = _bar_factory(progress) if ranks.lead else None
     plan = _FitPlan(
         x=x,
         y=y,
@@ -3529,9 +3725,9 @@ def fit(
         eval_every=eval_every,
         patience=patience,
         metric=metric,
-        lines=bool(verbose) or (progress is True and factory is None),
-        talk=bool(verbose) or progress not in (None, False),
-        callback=callback,
+        lines=ranks.lead and (bool(verbose) or (progress is True and factory is None)),
+        talk=ranks.lead and (bool(verbose) or progress not in (None, False)),
+        callback=callback if ranks.lead else None,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         setup={
@@ -3544,19 +3740,22 @@ def fit(
             "eval_every": eval_every,
             "early_stopping": patience is not None,
             "patience": patience,
+            "ranks": ranks.size,
         },
+        ranks=ranks,
     )
     run = _start_run(net, optimizer, step_key, plan, resume)
     done = run.epoch * plan.steps_per_epoch + run.batch
     bar = (
         None if factory is None else factory(total=epochs * plan.steps_per_epoch - done, desc="fit")
     )
-    try:
-        run = _fit_loop(run, plan, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return _fit_result(run, plan)
+    with _sigint_recorded(ranks):
+        try:
+            run = _fit_loop(run, plan, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return _fit_result(run, plan)
 
 
 # ------------------------------------------------------------------- metrics
@@ -4488,18 +4687,28 @@ def load(path: str | os.PathLike) -> Checkpoint:
 _FIT_META = "dlfs.fit"  # the meta key under which fit keeps its bookkeeping
 
 
-def _save_fit(path: str, run: _FitRun, plan: _FitPlan) -> None:
+def _fit_checkpoint(run: _FitRun, plan: _FitPlan) -> None:
+    """fit's checkpoint, written by rank 0 alone; every rank sends it its running
+    loss (one Allreduce under MPI), so that a resume restores each rank's."""
+    running = plan.ranks.gather([run.state.loss_sum, run.state.seen])
+    if plan.ranks.lead:
+        _save_fit(plan.checkpoint, run, plan, running)
+
+
+def _save_fit(path: str, run: _FitRun, plan: _FitPlan, running: np.ndarray) -> None:
     """fit's checkpoint: network, optimizer state, best network, and in ``meta``
-    the setup, position (epoch, steps into the next, running loss), history,
+    the setup, position (epoch, steps into the next, running loss: ``loss_sum``
+    and ``seen``, lists by rank under MPI, from ``running`` (ranks, 2)), history,
     early-stopping counters and stop reason."""
     h, state = run.history, run.state
+    loss_sums, seen = [float(v) for v in running[:, 0]], [int(v) for v in running[:, 1]]
     record = {
         **plan.setup,
         "epoch": run.epoch,
         "batch": run.batch,
         "step": state.step,
-        "loss_sum": state.loss_sum,
-        "seen": state.seen,
+        "loss_sum": loss_sums if len(running) > 1 else loss_sums[0],
+        "seen": seen if len(running) > 1 else seen[0],
         "records": [[r.epoch, r.train_loss, r.val_loss, r.val_metric] for r in h.records],
         "best_epoch": h.best_epoch,
         "stop_reason": run.stop,
@@ -4525,7 +4734,7 @@ def _same_architecture(a: Network, b: Network) -> bool:
 
 
 # Settings older fit checkpoints did not record, at the value they always had.
-_FIT_SETUP_BEFORE = {"drop_last": False}
+_FIT_SETUP_BEFORE = {"drop_last": False, "ranks": 1}
 
 
 def _saved_stop(saved: dict[str, Any]) -> str | None:
@@ -4563,11 +4772,14 @@ def _resume_fit(path: Any, net: Network, optimizer: Any, step_key: Key, plan: _F
         batch = _check_int("batch", saved.get("batch", 0), low=0)
         if batch > plan.steps_per_epoch:
             raise ValueError(f"batch {batch} is past the {plan.steps_per_epoch} steps of an epoch")
-        seen = _check_int("seen", saved.get("seen", 0), low=0)
-        loss_sum = _check_number("loss_sum", saved.get("loss_sum", 0.0))
+        loss_sum, seen = saved.get("loss_sum", 0.0), saved.get("seen", 0)
+        if plan.ranks.size > 1:  # each rank's own running loss
+            loss_sum, seen = loss_sum[plan.ranks.rank], seen[plan.ranks.rank]
+        seen = _check_int("seen", seen, low=0)
+        loss_sum = _check_number("loss_sum", loss_sum)
         state = TrainState(ckpt.net, optimizer, opt_state, step_key, step, loss_sum, seen)
         best = ckpt.net if ckpt.best is None else ckpt.best
         best_loss = float(saved["best_loss"])
         return _FitRun(state, epoch, history, best, best_loss, bad, batch, _saved_stop(saved))
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None
