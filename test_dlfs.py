@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -4218,6 +4219,253 @@ def test_data_parallel_step_rejects_bad_input():
     assert math.isnan(dlfs.global_mean_loss(state, comm))
     assert dlfs.sync_state(net, comm) is net  # no state to average: no Allreduce
     assert [[b.dtype for b in bufs] for bufs in comm.group["sent"]] == [[np.float64]]
+
+
+def _fit_on_ranks(size: int, net, x, y, optimizer=None, **kw) -> tuple[list, dict]:
+    """``fit(..., comm=)`` on ``size`` thread ranks (Adam(0.01) unless given):
+    ([(network, history)] by rank, the group)."""
+
+    def rank(comm):
+        return dlfs.fit(net, optimizer or dlfs.Adam(0.01), x, y, comm=comm, **kw)
+
+    return _run_ranks(size, rank)
+
+
+def _assert_ranks_agree(results) -> None:
+    for got, history in results:
+        _assert_same_net(got, results[0][0])
+        assert history == results[0][1]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_fit_with_comm_equals_fit_on_every_rank(size):
+    """fit(..., comm=) on 1-3 ranks: every rank returns the same network and history,
+    equal to one process's to float64 rounding (bit for bit with one rank, Dropout
+    included), early stopping at the same epoch.  Collectives: per step the gradients and
+    the stop flag; per epoch the training loss, rank 0's validation figures and the stops."""
+    net, x, y = _dp_problem("dropout" if size == 1 else "mlp", n=45)
+    validation = (x[:9], (y[:9] + 3) % 4)  # labels the network does not learn: it stops early
+    kw = dict(epochs=6, batch_size=8, seed=3, validation=validation, patience=2)
+    single, h_single = dlfs.fit(net, dlfs.Adam(0.01), x, y, **kw)
+    assert h_single.stopped_early and h_single.epochs == [1, 2, 3]
+    results, group = _fit_on_ranks(size, net, x, y, **kw)
+    _assert_ranks_agree(results)
+    got, h = results[0]
+    assert (h.epochs, h.best_epoch, h.stop_reason) == ([1, 2, 3], 1, "early_stopping")
+    if size == 1:
+        _assert_same_net(got, single)
+        assert h == h_single
+    else:
+        _assert_close_params(got, single, 1e-12)
+        for name in ("train_loss", "val_loss"):
+            np.testing.assert_allclose(getattr(h, name), getattr(h_single, name), rtol=1e-12)
+    steps, epochs = h.steps, len(h.epochs)
+    assert steps == 18 and [len(sent) for sent in group["sent"]] == [2 * steps + 3 * epochs] * size
+
+
+def test_fit_with_comm_rank_0_alone_talks_writes_and_calls_back(tmp_path, monkeypatch, capsys):
+    """Three ranks: one progress bar, one line per epoch, the callback once per epoch and
+    each checkpoint written once, by one thread; the checkpoint keeps every rank's running
+    loss of the epoch (40 rows in batches of 8: shards of 3, 3 and 2 rows)."""
+    net, x, y = _dp_problem("mlp", n=40)
+    bars, records, writers = [], [], []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    real_write = dlfs._write_npz
+
+    def write(file, arrays):
+        writers.append(threading.current_thread())
+        real_write(file, arrays)
+
+    monkeypatch.setattr(dlfs, "_write_npz", write)
+    path = tmp_path / "run.npz"
+    kw = dict(epochs=2, batch_size=8, seed=3, verbose=True, progress=Bar, checkpoint=path)
+    results, _ = _fit_on_ranks(3, net, x, y, dlfs.SGD(0.1), callback=records.append, **kw)
+    _assert_ranks_agree(results)
+    out = capsys.readouterr().out
+    assert re.findall(r"^epoch (\d):", out, re.M) == ["1", "2"]
+    assert [(b.total, b.n) for b in bars] == [(10, 10)]
+    assert records == list(results[0][1].records)
+    assert len(writers) == 2 and writers[0] is writers[1]
+    saved = dlfs.load(path).meta["dlfs.fit"]
+    assert (saved["ranks"], saved["seen"], len(saved["loss_sum"])) == (3, [15, 15, 10], 3)
+    assert os.listdir(tmp_path) == ["run.npz"]
+
+
+def _bar_breaking_at(step: int) -> type:
+    """A progress bar that raises KeyboardInterrupt once ``step`` steps are done."""
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+            if self.n == step:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    return Bar
+
+
+def test_fit_with_comm_interrupt_stops_every_rank_and_resumes_bit_identically(tmp_path):
+    """A KeyboardInterrupt in rank 0's bar after step 7 (mid-epoch 2): both ranks stop
+    after that same step, rank 0 saves, and a two-rank resume equals an uninterrupted
+    two-rank run bit for bit (Dropout keys per rank and step; each rank's running loss)."""
+    net, x, y = _dp_problem("dropout", n=40)
+    kw = dict(epochs=3, batch_size=8, seed=3, validation=(x[:8], y[:8]))
+    straight, _ = _fit_on_ranks(2, net, x, y, **kw)
+    path = tmp_path / "run.npz"
+    with pytest.warns(UserWarning, match="in epoch 2 after step 2 of 5") as caught:
+        parts, _ = _fit_on_ranks(2, net, x, y, progress=_bar_breaking_at(7), checkpoint=path, **kw)
+    assert len(caught) == 1  # rank 0's
+    _assert_ranks_agree(parts)
+    assert parts[0][1].interrupted and parts[0][1].steps == 7 and parts[0][1].epochs == [1]
+    saved = dlfs.load(path)
+    assert (saved.meta["dlfs.fit"]["step"], saved.meta["dlfs.fit"]["seen"]) == (7, [8, 8])
+    _assert_same_net(saved.net, parts[0][0])
+    resumed, _ = _fit_on_ranks(2, net, x, y, resume=path, **kw)
+    for (got, h), (want, h_want) in zip(resumed, straight):
+        _assert_same_net(got, want)
+        assert h == h_want
+
+
+def test_fit_with_comm_stops_from_rank_0_reach_every_rank():
+    """Rank 0's callback (False, StopTraining, KeyboardInterrupt) and an interrupted
+    evaluation (its metric runs on rank 0 only) end training on both ranks alike."""
+    net, x, y = _dp_problem("mlp", n=40)
+    kw = dict(epochs=4, batch_size=8, seed=3)
+
+    def stop_at_2(record):
+        return record.epoch != 2
+
+    def raise_at_2(record):
+        if record.epoch == 2:
+            raise dlfs.StopTraining
+
+    for callback in (stop_at_2, raise_at_2):
+        results, _ = _fit_on_ranks(2, net, x, y, callback=callback, **kw)
+        _assert_ranks_agree(results)
+        assert results[0][1].stop_reason == "callback" and results[0][1].epochs == [1, 2]
+
+    def interrupt_at_2(record):
+        if record.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning, match="interrupted after epoch 2"):
+        results, _ = _fit_on_ranks(2, net, x, y, callback=interrupt_at_2, **kw)
+    _assert_ranks_agree(results)
+    assert results[0][1].interrupted and results[0][1].epochs == [1, 2]
+    calls = []
+
+    def metric(pred, target):
+        calls.append(threading.current_thread())
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return dlfs.accuracy(pred, target)
+
+    validation = (x[:8], y[:8])
+    with pytest.warns(UserWarning, match="after the last step of epoch 2, before its record"):
+        results, _ = _fit_on_ranks(2, net, x, y, validation=validation, metric=metric, **kw)
+    _assert_ranks_agree(results)
+    assert results[0][1].epochs == [1] and results[0][1].steps == 10
+    assert calls[0] is calls[1]  # one rank evaluates
+
+
+def test_fit_with_comm_averages_batch_norm_statistics_every_epoch():
+    """BatchNorm: fit averages the ranks' running statistics after each epoch (sync_state),
+    so both ranks return the same network: the one the public pieces give."""
+    net, x, y = _dp_problem("bn", n=40)
+    results, _ = _fit_on_ranks(2, net, x, y, epochs=2, batch_size=8, seed=3)
+    _assert_ranks_agree(results)
+
+    def by_hand(comm):
+        shuffle_key, step_key = dlfs.split(3, 2)  # as fit derives its keys
+        optimizer = dlfs.chain(dlfs.AllReduce(comm), dlfs.Adam(0.01))
+        state = dlfs.TrainState.create(net, optimizer, step_key)
+        step = functools.partial(dlfs.data_parallel_step, comm=comm)
+        for epoch in (1, 2):
+            state = functools.reduce(step, dlfs.batches(x, y, 8, key=shuffle_key + (epoch,)), state)
+            state = attrs.evolve(state, net=dlfs.sync_state(state.net, comm))
+        return state.net
+
+    want, _ = _run_ranks(2, by_hand)
+    _assert_same_net(results[0][0], want[0])
+    assert not np.array_equal(want[0].layers[2].mean, net.layers[2].mean)  # it trained
+
+
+def test_fit_with_comm_checks_its_optimizer_comm_and_rank_count(tmp_path):
+    """fit puts AllReduce(comm) first (a plain optimizer or a chain without it give the
+    same run as with it), refuses an AllReduce of another comm or without comm, a bad
+    comm, and a resume with another rank count."""
+    net, x, y = _dp_problem("mlp", n=24)
+    kw = dict(epochs=1, batch_size=8, seed=3)
+    clip_adam = (dlfs.ClipByGlobalNorm(2.0), dlfs.Adam(0.02))
+    runs = [
+        _run_ranks(2, lambda comm, make=make: dlfs.fit(net, make(comm), x, y, comm=comm, **kw))[0]
+        for make in (
+            lambda comm: dlfs.chain(*clip_adam),
+            lambda comm: dlfs.chain(dlfs.AllReduce(comm), *clip_adam),
+        )
+    ]
+    _assert_same_net(runs[0][0][0], runs[1][0][0])
+    comm, other = (_ThreadComm(_comm_group(1), 0) for _ in range(2))
+    with pytest.raises(ValueError, match=r"optimizer must be dlfs.chain\(dlfs.AllReduce\(comm\)"):
+        dlfs.fit(net, dlfs.chain(dlfs.AllReduce(other), dlfs.SGD()), x, y, comm=comm, **kw)
+    with pytest.raises(ValueError, match=r"AllReduce.*but fit got no comm"):
+        dlfs.fit(net, dlfs.chain(dlfs.AllReduce(comm), dlfs.SGD()), x, y, **kw)
+    with pytest.raises(TypeError, match="comm must be an MPI communicator"):
+        dlfs.fit(net, dlfs.SGD(), x, y, comm=object(), **kw)
+    with pytest.raises(TypeError, match="optimizer must have init/update"):
+        dlfs.fit(net, dlfs.SGD, x, y, comm=comm, **kw)
+    path = tmp_path / "run.npz"
+    _fit_on_ranks(2, net, x, y, checkpoint=path, **kw)
+    with pytest.raises(ValueError, match="trained with ranks=2, this call has ranks=1"):
+        dlfs.fit(net, dlfs.Adam(0.01), x, y, resume=path, epochs=2, batch_size=8, seed=3)
+    with pytest.raises(ValueError, match="trained with ranks=2, this call has ranks=3"):
+        _fit_on_ranks(3, net, x, y, resume=path, epochs=2, batch_size=8, seed=3)
+
+
+def test_fit_with_comm_records_sigint_and_stops_after_the_step(monkeypatch):
+    """In the main thread under a comm, SIGINT (what mpiexec forwards on Ctrl-C) raises
+    nothing mid-step: fit records it and stops after the step, then restores the
+    handler; a second SIGINT raises KeyboardInterrupt, which ends fit (it aborts)."""
+    net, x, y = _dp_problem("mlp", n=40)
+    comm = _ThreadComm(_comm_group(1), 0)
+    kw = dict(epochs=3, batch_size=8, seed=3, comm=comm)
+    real_step, signals = dlfs.data_parallel_step, []
+
+    def step(state, batch, comm):
+        for _ in range(signals[0] if state.step == 6 else 0):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the step runs
+        return real_step(state, batch, comm)
+
+    monkeypatch.setattr(dlfs, "data_parallel_step", step)
+    before = signal.getsignal(signal.SIGINT)
+    signals.append(1)
+    with pytest.warns(UserWarning, match="in epoch 2 after step 2 of 5"):
+        got, history = dlfs.fit(net, dlfs.Adam(0.01), x, y, **kw)
+    assert history.interrupted and history.steps == 7
+    assert signal.getsignal(signal.SIGINT) is before
+    signals[0] = 2
+    with pytest.raises(KeyboardInterrupt):
+        dlfs.fit(net, dlfs.Adam(0.01), x, y, **kw)
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.undo()
+    short, _ = dlfs.fit(net, dlfs.Adam(0.01), x, y, epochs=3, batch_size=8, seed=3)
+    assert not np.array_equal(got.layers[0].w, short.layers[0].w)  # it did stop early
 
 
 # ------------------------------------------------- sweeps over Dask (issue 16)
