@@ -3189,7 +3189,7 @@ class _Ranks:
 
     Rank 0 leads: only it prints, shows progress, evaluates, writes checkpoints
     and calls the callback.  Whatever ends training is decided by all ranks
-    together at a step or epoch boundary (``from_lead``, ``any``: one small
+    together at a step or epoch boundary (``on_lead``, ``any``: one small
     Allreduce each), so no rank leaves while the others wait in an all-reduce.
     ``interrupt`` records a Ctrl-C (or a KeyboardInterrupt in rank 0's side
     work) until that boundary."""
@@ -3225,10 +3225,25 @@ class _Ranks:
         """float64 ``values`` summed over the ranks (exact where one rank sends non-zeros)."""
         return values if self.comm is None else _all_reduce(self.comm, [values])[0]
 
-    def from_lead(self, values: Sequence[float]) -> list[float]:
-        """Rank 0's ``values`` on every rank (the others' are ignored)."""
-        sent = np.array(values if self.lead else [0.0] * len(values), dtype=np.float64)
-        return [float(v) for v in self._sum(sent)]
+    def on_lead(self, work: Callable[[], Sequence[float]], n: int, what: str) -> list[float] | None:
+        """The ``n`` floats ``work()`` returns, computed on rank 0 alone and sent to every
+        rank; None on every rank when a KeyboardInterrupt cut ``work`` short.  Any other
+        error raises on every rank (rank 0's own there, a RuntimeError naming ``what``
+        elsewhere), so that no rank waits alone in the next all-reduce."""
+        sent, error = [0.0] * (n + 1), None  # (0 done, 1 interrupted, 2 failed, *values)
+        if self.lead:
+            try:
+                sent = [0.0, *work()]
+            except KeyboardInterrupt:
+                sent[0] = 1.0
+            except Exception as err:
+                sent[0], error = 2.0, err
+        status, *values = self._sum(np.array(sent, dtype=np.float64)).tolist()
+        if error is not None:
+            raise error
+        if status == 2.0:
+            raise RuntimeError(f"{what} failed on rank 0 (its traceback is there)")
+        return None if status == 1.0 else values
 
     def any(self, *flags: bool) -> list[bool]:
         """Each flag, True on every rank when it is True on any."""
@@ -3242,9 +3257,9 @@ class _Ranks:
 
 
 def _noting(ranks: _Ranks, work: Callable[..., Any], *args: Any) -> Any:
-    """``work(*args)`` for rank 0's side work (bar, lines, checkpoint file, callback):
-    a KeyboardInterrupt there is recorded in ``ranks.interrupt`` (None is returned),
-    and every rank stops at the next boundary."""
+    """``work(*args)`` for rank 0's bar and lines: a KeyboardInterrupt there is
+    recorded in ``ranks.interrupt`` (None is returned), and every rank stops at the
+    next boundary."""
     try:
         return work(*args)
     except KeyboardInterrupt:
@@ -3412,18 +3427,17 @@ def _bar_step(bar: Any, label: str, loss: float, figures: dict[str, str]) -> Non
 def _lead_evaluation(net: Network, plan: _FitPlan) -> tuple[float, float | None] | None:
     """(val_loss, metric) of ``net`` on the whole validation set, computed by rank 0
     and shared with every rank (so all keep the same best network and stop alike);
-    None on every rank when a KeyboardInterrupt cut rank 0's evaluation short."""
-    sent = [0.0, 0.0, 0.0]  # (cut short, loss, metric)
-    if plan.ranks.lead:
+    None when a KeyboardInterrupt cut the evaluation short."""
+
+    def evaluate() -> list[float]:
         x_val, y_val = plan.validation
-        try:
-            loss, score = _evaluate(net, x_val, y_val, plan.metric, max(plan.batch_size, 1024))
-            sent = [0.0, loss, math.nan if score is None else score]
-        except KeyboardInterrupt:
-            sent = [1.0, 0.0, 0.0]
-    cut, loss, score = plan.ranks.from_lead(sent)
-    if cut:
+        loss, score = _evaluate(net, x_val, y_val, plan.metric, max(plan.batch_size, 1024))
+        return [loss, math.nan if score is None else score]
+
+    shared = plan.ranks.on_lead(evaluate, 2, "the evaluation")
+    if shared is None:
         return None
+    loss, score = shared
     return loss, (None if plan.metric is None else score)
 
 
@@ -3482,15 +3496,23 @@ def _report(run: _FitRun, plan: _FitPlan, bar: Any) -> None:
 
 
 def _callback_says_stop(run: _FitRun, plan: _FitPlan) -> bool:
-    """``callback(record)`` (rank 0's; None elsewhere): ``False`` itself (or numpy's)
-    or StopTraining asks to end training."""
+    """``callback(record)`` on rank 0: ``False`` itself (or numpy's) or StopTraining asks
+    to end training; a KeyboardInterrupt in it is recorded as an interrupt."""
     if plan.callback is None:
         return False
-    try:
-        answer = plan.callback(run.history.records[-1])
-    except StopTraining:
-        return True
-    return answer is False or answer is np.False_
+
+    def ask() -> list[float]:
+        try:
+            answer = plan.callback(run.history.records[-1])
+        except StopTraining:
+            return [1.0]
+        return [float(answer is False or answer is np.False_)]
+
+    shared = plan.ranks.on_lead(ask, 1, "the callback")
+    if shared is None:
+        plan.ranks.interrupt.set()
+        return False
+    return shared[0] > 0
 
 
 def _fit_epoch(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
@@ -3503,9 +3525,10 @@ def _fit_epoch(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
     run, ranks = ended, plan.ranks
     _noting(ranks, _report, run, plan, bar)
     due = run.epoch % plan.checkpoint_every == 0 or run.epoch == plan.epochs
-    if plan.checkpoint is not None and (due or run.stop is not None):
-        _noting(ranks, _fit_checkpoint, run, plan)
-    asked = bool(_noting(ranks, _callback_says_stop, run, plan))
+    saving = plan.checkpoint is not None and (due or run.stop is not None)
+    if saving and not _fit_checkpoint(run, plan):
+        ranks.interrupt.set()  # the old file stays; the stop saves again
+    asked = _callback_says_stop(run, plan)
     interrupted, callback = ranks.any(ranks.interrupt.is_set(), asked)
     if interrupted:
         return attrs.evolve(run, stop="interrupted")
@@ -3554,8 +3577,9 @@ def _fit_result(run: _FitRun, plan: _FitPlan) -> tuple[Network, History]:
     the best evaluated one with early stopping, else the last; the same on every rank."""
     if run.batch:
         run = attrs.evolve(run, state=attrs.evolve(run.state, net=plan.ranks.sync(run.state.net)))
-    if plan.checkpoint is not None and run.stop in ("callback", "interrupted"):
-        _fit_checkpoint(run, plan)  # a second Ctrl-C here aborts
+    saving = plan.checkpoint is not None and run.stop in ("callback", "interrupted")
+    if saving and not _fit_checkpoint(run, plan):
+        raise KeyboardInterrupt  # a second Ctrl-C, while fit saves what it has, aborts
     if run.stop == "interrupted" and plan.ranks.lead:
         warnings.warn(_interrupt_message(run, plan), UserWarning, stacklevel=3)
     history = attrs.evolve(run.history, stop_reason=run.stop or "completed", steps=run.state.step)
@@ -3727,7 +3751,7 @@ def fit(
         metric=metric,
         lines=ranks.lead and (bool(verbose) or (progress is True and factory is None)),
         talk=ranks.lead and (bool(verbose) or progress not in (None, False)),
-        callback=callback if ranks.lead else None,
+        callback=callback,  # called on rank 0 only
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         setup={
@@ -4687,12 +4711,18 @@ def load(path: str | os.PathLike) -> Checkpoint:
 _FIT_META = "dlfs.fit"  # the meta key under which fit keeps its bookkeeping
 
 
-def _fit_checkpoint(run: _FitRun, plan: _FitPlan) -> None:
-    """fit's checkpoint, written by rank 0 alone; every rank sends it its running
-    loss (one Allreduce under MPI), so that a resume restores each rank's."""
+def _fit_checkpoint(run: _FitRun, plan: _FitPlan) -> bool:
+    """fit's checkpoint, written by rank 0 alone.  Every rank sends it its running loss
+    (so that a resume restores each rank's) and waits for the write (so that the file
+    is there when fit returns, and a failed write raises on every rank).  False when
+    a KeyboardInterrupt cut the write short (the old file stays)."""
     running = plan.ranks.gather([run.state.loss_sum, run.state.seen])
-    if plan.ranks.lead:
+
+    def write() -> list[float]:
         _save_fit(plan.checkpoint, run, plan, running)
+        return []
+
+    return plan.ranks.on_lead(write, 0, f"writing the checkpoint {plan.checkpoint!r}") is not None
 
 
 def _save_fit(path: str, run: _FitRun, plan: _FitPlan, running: np.ndarray) -> None:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import attrs
@@ -3956,7 +3957,7 @@ def _mpiexec() -> Path:
 
 def _run_mpi(n: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [str(_mpiexec()), "-n", str(n), sys.executable, *args]
+    cmd = [str(_mpiexec()), "-n", str(n), sys.executable, "-m", "mpi4py", *args]  # errors abort
     result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -3979,6 +3980,133 @@ def test_mpi_two_ranks_equal_single_process(tmp_path):
         got = net.with_params(tuple(tuple(next(flat) for _ in ps) for ps in net.params()))
         _assert_close_params(got, single.net, 1e-12)
         assert abs(float(ranks[0]["loss"]) - single.mean_loss) <= 1e-12 * single.mean_loss
+
+
+def _mpi_save_fit(out: Path, name: str, rank: int, result) -> None:
+    """A fit result of one rank: its parameters (npz) and its history (json)."""
+    net, history = result
+    np.savez(out / f"{name}_rank{rank}.npz", *net._flat_params())
+    record = {"records": [list(attrs.astuple(r)) for r in history.records]}
+    record.update(stop=history.stop_reason, steps=history.steps, best=history.best_epoch)
+    (out / f"{name}_rank{rank}.json").write_text(json.dumps(record))
+
+
+def _mpi_load_fit(out: Path, name: str, rank: int) -> tuple[list[bytes], dict]:
+    with np.load(out / f"{name}_rank{rank}.npz") as saved:
+        arrays = [saved[k].tobytes() for k in saved.files]
+    return arrays, json.loads((out / f"{name}_rank{rank}.json").read_text())
+
+
+def _mpi_fit_worker(out_dir: str) -> None:
+    """Run under ``mpiexec -n 2``: fit(comm=) 4 epochs straight; 2 epochs with a
+    checkpoint then resumed to 4; a Ctrl-C on rank 1 alone while its step 6 runs, with a
+    checkpoint, then resumed to 4.  Each rank saves each result."""
+    import warnings
+
+    from mpi4py import MPI
+
+    comm, out = MPI.COMM_WORLD, Path(out_dir)
+    rank = comm.Get_rank()
+    net, x, y = _dp_problem("dropout", n=40)
+    kw = dict(batch_size=8, seed=3, validation=(x[:8], y[:8]), comm=comm)
+
+    def fit(epochs: int, **extra):
+        return dlfs.fit(net, dlfs.Adam(0.01), x, y, epochs=epochs, **kw, **extra)
+
+    _mpi_save_fit(out, "straight", rank, fit(4))
+    fit(2, checkpoint=out / "two.npz")
+    _mpi_save_fit(out, "resumed", rank, fit(4, resume=out / "two.npz"))
+    real_step = dlfs.data_parallel_step
+
+    def step(state, batch, comm):
+        if rank == 1 and state.step == 6:
+            signal.raise_signal(signal.SIGINT)  # as mpiexec forwards Ctrl-C, on one rank
+        return real_step(state, batch, comm)
+
+    dlfs.data_parallel_step = step
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        _mpi_save_fit(out, "interrupted", rank, fit(4, checkpoint=out / "int.npz"))
+    dlfs.data_parallel_step = real_step
+    _mpi_save_fit(out, "after", rank, fit(4, resume=out / "int.npz"))
+
+
+def test_mpi_fit_resumes_bit_identically_and_stops_together(tmp_path):
+    """mpiexec -n 2, fit(comm=) with Dropout and Adam: 2 epochs + a resume to 4 equal 4
+    straight bit for bit on both ranks (history too); a SIGINT on rank 1 alone while its
+    step 6 runs stops both ranks after step 7, rank 0 saves, and the resume equals the
+    straight run again."""
+    code = f"import test_dlfs; test_dlfs._mpi_fit_worker({str(tmp_path)!r})"
+    _run_mpi(2, ["-c", code])
+    straight = _mpi_load_fit(tmp_path, "straight", 0)
+    assert straight[1]["steps"] == 20 and straight[1]["stop"] == "completed"
+    for name in ("straight", "resumed", "after"):
+        for rank in (0, 1):
+            assert _mpi_load_fit(tmp_path, name, rank) == straight, (name, rank)
+    for rank in (0, 1):
+        arrays, history = _mpi_load_fit(tmp_path, "interrupted", rank)
+        assert (history["stop"], history["steps"], len(history["records"])) == ("interrupted", 7, 1)
+        assert arrays == _mpi_load_fit(tmp_path, "interrupted", 0)[0]
+    saved = dlfs.load(tmp_path / "int.npz").meta["dlfs.fit"]
+    assert (saved["step"], saved["ranks"], saved["stop_reason"]) == (7, 2, "interrupted")
+    assert sorted(p.name for p in tmp_path.glob("*.npz.*")) == []  # no temporary files left
+
+
+def _mpi_sigint_worker(out_dir: str) -> None:
+    """Run under ``mpiexec -n 2``: fit(comm=) for far too many epochs; rank 0's progress
+    bar writes ``started`` after step 3 so that the test can send Ctrl-C to mpiexec."""
+    import warnings
+
+    from mpi4py import MPI
+
+    comm, out = MPI.COMM_WORLD, Path(out_dir)
+    net, x, y = _dp_problem("mlp", n=16)
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+            if self.n == 3:
+                (out / "started").write_text("")
+
+        def close(self):
+            pass
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        result = dlfs.fit(
+            net, dlfs.SGD(0.01), x, y, epochs=10**6, batch_size=8, progress=Bar, comm=comm,
+            checkpoint=out / "run.npz",
+        )  # fmt: skip
+    _mpi_save_fit(out, "run", comm.Get_rank(), result)
+
+
+def test_mpi_ctrl_c_to_mpiexec_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGINT to mpiexec, as Ctrl-C in its terminal: mpiexec forwards it to both ranks,
+    which may be at different steps; they stop after the same step, exit cleanly, and
+    rank 0's checkpoint holds that step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    code = f"import test_dlfs; test_dlfs._mpi_sigint_worker({str(tmp_path)!r})"
+    cmd = [str(_mpiexec()), "-n", "2", sys.executable, "-m", "mpi4py", "-c", code]
+    with subprocess.Popen(
+        cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        try:
+            for _ in range(600):
+                if (tmp_path / "started").exists() or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out.decode()
+    histories = [_mpi_load_fit(tmp_path, "run", rank)[1] for rank in (0, 1)]
+    assert histories[0] == histories[1] and histories[0]["stop"] == "interrupted"
+    assert histories[0]["steps"] >= 3
+    assert dlfs.load(tmp_path / "run.npz").meta["dlfs.fit"]["step"] == histories[0]["steps"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -4436,6 +4564,39 @@ def test_fit_with_comm_checks_its_optimizer_comm_and_rank_count(tmp_path):
         dlfs.fit(net, dlfs.Adam(0.01), x, y, resume=path, epochs=2, batch_size=8, seed=3)
     with pytest.raises(ValueError, match="trained with ranks=2, this call has ranks=3"):
         _fit_on_ranks(3, net, x, y, resume=path, epochs=2, batch_size=8, seed=3)
+
+
+def test_fit_with_comm_an_error_in_rank_0s_work_raises_on_every_rank(tmp_path, monkeypatch):
+    """A failing checkpoint write, metric or callback on rank 0 raises there and, as a
+    RuntimeError naming it, on the other ranks, instead of leaving them in an all-reduce."""
+    net, x, y = _dp_problem("mlp", n=16)
+
+    def no_disk(file, arrays):
+        raise OSError("disk full")
+
+    def bad_metric(pred, target):
+        raise ValueError("bad metric")
+
+    def bad_callback(record):
+        raise ValueError("bad callback")
+
+    cases = [
+        ({"checkpoint": tmp_path / "run.npz"}, OSError, "writing the checkpoint"),
+        ({"validation": (x, y), "metric": bad_metric}, ValueError, "the evaluation"),
+        ({"callback": bad_callback}, ValueError, "the callback"),
+    ]
+    monkeypatch.setattr(dlfs, "_write_npz", no_disk)
+    for extra, error, what in cases:
+
+        def rank(comm, extra=extra):
+            with pytest.raises(Exception) as err:
+                dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=2, batch_size=8, comm=comm, **extra)
+            return err.value
+
+        errors, _ = _run_ranks(2, rank)
+        assert type(errors[0]) is error
+        assert isinstance(errors[1], RuntimeError) and f"{what}" in str(errors[1])
+        assert "failed on rank 0" in str(errors[1])
 
 
 def test_fit_with_comm_records_sigint_and_stops_after_the_step(monkeypatch):
