@@ -3173,19 +3173,9 @@ def test_interrupted_checkpoint_resumes_bit_identically_mid_epoch(tmp_path, monk
     _assert_same_net(saved.net, part)
     assert "epoch 1 + 2 steps, interrupted" in repr(saved)
     bars = []
-
-    class Bar:
-        def __init__(self, total, desc):
-            self.total, self.n = total, 0
-            bars.append(self)
-
-        def update(self, k):
-            self.n += k
-
-        def close(self):
-            pass
-
-    resumed, h_resumed = dlfs.fit(net, opt, x, y, epochs=4, resume=path, progress=Bar, **kw)
+    resumed, h_resumed = dlfs.fit(
+        net, opt, x, y, epochs=4, resume=path, progress=_bar_factory(bars), **kw
+    )
     _assert_same_net(straight, resumed)
     assert h_resumed == h_straight and h_resumed.stop_reason == "completed"
     assert [(b.total, b.n) for b in bars] == [(13, 13)]  # the 20 - 7 steps left
@@ -4061,23 +4051,11 @@ def _mpi_sigint_worker(out_dir: str) -> None:
 
     comm, out = MPI.COMM_WORLD, Path(out_dir)
     net, x, y = _dp_problem("mlp", n=16)
-
-    class Bar:
-        def __init__(self, total, desc):
-            self.n = 0
-
-        def update(self, k):
-            self.n += k
-            if self.n == 3:
-                (out / "started").write_text("")
-
-        def close(self):
-            pass
-
+    bar = _bar_factory(at=3, then=lambda: (out / "started").write_text(""))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         result = dlfs.fit(
-            net, dlfs.SGD(0.01), x, y, epochs=10**6, batch_size=8, progress=Bar, comm=comm,
+            net, dlfs.SGD(0.01), x, y, epochs=10**6, batch_size=8, progress=bar, comm=comm,
             checkpoint=out / "run.npz",
         )  # fmt: skip
     _mpi_save_fit(out, "run", comm.Get_rank(), result)
@@ -4397,18 +4375,6 @@ def test_fit_with_comm_rank_0_alone_talks_writes_and_calls_back(tmp_path, monkey
     loss of the epoch (40 rows in batches of 8: shards of 3, 3 and 2 rows)."""
     net, x, y = _dp_problem("mlp", n=40)
     bars, records, writers = [], [], []
-
-    class Bar:
-        def __init__(self, total, desc):
-            self.total, self.n = total, 0
-            bars.append(self)
-
-        def update(self, k):
-            self.n += k
-
-        def close(self):
-            pass
-
     real_write = dlfs._write_npz
 
     def write(file, arrays):
@@ -4417,8 +4383,10 @@ def test_fit_with_comm_rank_0_alone_talks_writes_and_calls_back(tmp_path, monkey
 
     monkeypatch.setattr(dlfs, "_write_npz", write)
     path = tmp_path / "run.npz"
-    kw = dict(epochs=2, batch_size=8, seed=3, verbose=True, progress=Bar, checkpoint=path)
-    results, _ = _fit_on_ranks(3, net, x, y, dlfs.SGD(0.1), callback=records.append, **kw)
+    kw = dict(epochs=2, batch_size=8, seed=3, verbose=True, progress=_bar_factory(bars))
+    results, _ = _fit_on_ranks(
+        3, net, x, y, dlfs.SGD(0.1), checkpoint=path, callback=records.append, **kw
+    )
     _assert_ranks_agree(results)
     out = capsys.readouterr().out
     assert re.findall(r"^epoch (\d):", out, re.M) == ["1", "2"]
@@ -4430,20 +4398,28 @@ def test_fit_with_comm_rank_0_alone_talks_writes_and_calls_back(tmp_path, monkey
     assert os.listdir(tmp_path) == ["run.npz"]
 
 
-def _bar_breaking_at(step: int) -> type:
-    """A progress bar that raises KeyboardInterrupt once ``step`` steps are done."""
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _bar_factory(made: list | None = None, at: int | None = None, then=_interrupt) -> type:
+    """A tqdm-like progress factory (update, close): each bar it makes goes in ``made``,
+    and once ``at`` steps are done the bar calls ``then()`` (by default it raises
+    KeyboardInterrupt)."""
 
     class Bar:
         def __init__(self, total, desc):
-            self.n = 0
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            if made is not None:
+                made.append(self)
 
         def update(self, k):
             self.n += k
-            if self.n == step:
-                raise KeyboardInterrupt
+            if self.n == at:
+                then()
 
         def close(self):
-            pass
+            self.closed = True
 
     return Bar
 
@@ -4457,7 +4433,7 @@ def test_fit_with_comm_interrupt_stops_every_rank_and_resumes_bit_identically(tm
     straight, _ = _fit_on_ranks(2, net, x, y, **kw)
     path = tmp_path / "run.npz"
     with pytest.warns(UserWarning, match="in epoch 2 after step 2 of 5") as caught:
-        parts, _ = _fit_on_ranks(2, net, x, y, progress=_bar_breaking_at(7), checkpoint=path, **kw)
+        parts, _ = _fit_on_ranks(2, net, x, y, progress=_bar_factory(at=7), checkpoint=path, **kw)
     assert len(caught) == 1  # rank 0's
     _assert_ranks_agree(parts)
     assert parts[0][1].interrupted and parts[0][1].steps == 7 and parts[0][1].epochs == [1]
