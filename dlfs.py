@@ -283,6 +283,36 @@ def _freeze_new(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _freeze_tree(value: Any) -> None:
+    """Mark every array in ``value`` (an array or nested tuples of them) read-only."""
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif isinstance(value, tuple):
+        for v in value:
+            _freeze_tree(v)
+
+
+class _ArrayRecord:
+    """Base of the records that hold arrays in their fields (layers with parameters
+    or state, OptState).  pickle and copy.deepcopy (Dask, multiprocessing) hand
+    arrays back writeable; these records come back with them read-only again."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore_record, (type(self), self.__getstate__())  # attrs' field dict
+
+
+def _restore_record(cls: type, state: dict[str, Any]) -> Any:
+    """An ``_ArrayRecord`` from its pickled fields: attrs' own ``__setstate__`` (no
+    __init__, as pickle does it), then its arrays made read-only."""
+    record = cls.__new__(cls)
+    record.__setstate__(state)
+    for value in state.values():
+        _freeze_tree(value)
+    return record
+
+
 # ------------------------------------------------------------------ randomness
 
 
@@ -546,7 +576,7 @@ def _dense_bias(b: Any) -> np.ndarray:
 
 
 @attrs.frozen(eq=False, repr=False)
-class Dense:
+class Dense(_ArrayRecord):
     """Fully connected layer (the book's WeightMultiply + BiasAdd): y = x @ w + b.
 
     x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).
@@ -847,7 +877,7 @@ class Flatten(_NoParams):
 
 
 @attrs.frozen(eq=False, repr=False)
-class BatchNorm:
+class BatchNorm(_ArrayRecord):
     """Batch normalization over features (N, D) or channels (N, C, H, W).
 
     Training: y = gamma * (x - mean_B) / sqrt(var_B + eps) + beta with the
@@ -1115,7 +1145,7 @@ def _frozen_kernel(w: Any) -> np.ndarray:
 
 
 @attrs.frozen(eq=False, repr=False)
-class Conv2D:
+class Conv2D(_ArrayRecord):
     """2-D convolution (cross-correlation, as in PyTorch) on NCHW images:
     y[n, o, p, q] = b[o] + sum_{c,i,j} w[o, c, i, j] * xp[n, c, p*sh + i, q*sw + j],
     xp = x zero-padded by ``padding``.
@@ -2097,7 +2127,7 @@ class CosineDecay:
 
 
 @attrs.frozen(eq=False)
-class OptState:
+class OptState(_ArrayRecord):
     """Optimizer state: update count, the learning rate of the last update,
     and per-optimizer moment trees (``slots``, each shaped like the params)."""
 

@@ -8,6 +8,7 @@ Gradients are checked against central differences in float64.
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import gzip
 import hashlib
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import struct
@@ -3814,6 +3816,71 @@ def test_fit_checks_targets_of_a_custom_loss_by_the_loss_and_labels_on_all_rows(
         dlfs.fit(net, dlfs.SGD(0.1), x, labels[:, None], epochs=1)
 
 
+# ------------------------------------------- pickle and copies (issue 16: Dask sends pickles)
+
+
+def _pickle_copies(obj) -> list:
+    """``obj`` through pickle (protocol 2, and 5 as Dask uses) and copy.deepcopy."""
+    protocols = (2, pickle.HIGHEST_PROTOCOL)
+    return [pickle.loads(pickle.dumps(obj, protocol=p)) for p in protocols] + [copy.deepcopy(obj)]
+
+
+def _any_layer(name: str, seed: int, n: int, d: int, dtype):
+    """A layer of every kind: LAYER_CASES' and the convolution and pools."""
+    if name == "Conv2D":
+        return dlfs.Conv2D.init(
+            seed, d, n, (2, 3), stride=(1, 2), padding=(1, 0), bias_init=dlfs.normal, dtype=dtype
+        )
+    if name in ("MaxPool2D", "AvgPool2D"):
+        return getattr(dlfs, name)((n % 3 + 1, 2), stride=(1, d % 2 + 1))
+    return _make_case(name, seed, n, d, dtype)[0]
+
+
+@pytest.mark.parametrize("name", [*LAYER_CASES, "Conv2D", "MaxPool2D", "AvgPool2D"])
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
+def test_pickled_and_deep_copied_layers_keep_read_only_arrays(name, seed, n, d, dtype):
+    layer = _any_layer(name, seed, n, d, dtype)
+    for got in _pickle_copies(layer):
+        assert type(got) is type(layer) and _record_config(got) == _record_config(layer)
+        arrays = _arrays(got)
+        assert len(arrays) == len(_arrays(layer))
+        for a, b in zip(arrays, _arrays(layer)):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+            assert not a.flags.writeable
+        assert not hasattr(got, "__dict__")  # still a slotted record
+
+
+def test_pickled_records_keep_read_only_arrays(tmp_path):
+    """A trained TrainState (BatchNorm, Dropout, Adam moments), a CNN, a fit checkpoint
+    with its best network, and a History come back equal, every array read-only."""
+    net, opt, opt_state = _trust_trained()
+    state = dlfs.TrainState(net, opt, opt_state, (3,), 2, 1.5, 12)
+    for got in _pickle_copies(state):
+        _assert_same_net(got.net, state.net)
+        _trust_assert_same_opt_state(got.opt_state, state.opt_state)
+        leaves = [a for tree in got.opt_state.slots for layer in tree for a in layer]
+        assert leaves and not any(a.flags.writeable for a in leaves)
+        assert (got.key, got.step, got.loss_sum, got.seen) == ((3,), 2, 1.5, 12)
+    cnn = _dp_problem("cnn", np.float32)[0]
+    for got in _pickle_copies(cnn):
+        _assert_same_net(got, cnn)
+    x, y = _trust_fit_data()
+    path = tmp_path / "run.npz"
+    validation = (x, (y + 1) % 3)  # the best network is epoch 1's, saved beside the last
+    _, history = dlfs.fit(
+        _i11_net(), opt, x, y, epochs=2, validation=validation, checkpoint=path, **_I11_KW
+    )
+    ckpt = dlfs.load(path)
+    assert history.best_epoch == 1 and ckpt.best is not None
+    for got in _pickle_copies(ckpt):
+        _assert_same_net(got.net, ckpt.net)
+        _assert_same_net(got.best, ckpt.best)
+        _trust_assert_same_opt_state(got.opt_state, ckpt.opt_state)
+        assert got.meta == ckpt.meta
+    assert all(got == history for got in _pickle_copies(history))
+
+
 # ------------------------------------------------ data-parallel training (issue 16)
 
 
@@ -4631,10 +4698,7 @@ def test_boston_seeds_on_dask_equal_the_sequential_run(monkeypatch, tmp_path):
         assert list(one) == list(other) == list(boston.BOOK)
         for name in boston.BOOK:
             assert one[name][:2] == other[name][:2]  # MAE, RMSE: the same floats
-            # the same bits (pickle, Dask's transport, does not keep numpy's read-only flag)
-            assert repr(one[name][2]) == repr(other[name][2])
-            same = [a.tobytes() for a in _net_arrays(one[name][2])]
-            assert same == [a.tobytes() for a in _net_arrays(other[name][2])]
+            _assert_same_net(other[name][2], one[name][2])  # read-only after Dask's pickle too
             assert one[name][3] == other[name][3]
     for name, runs in (("seq.csv", sequential), ("dask.csv", parallel)):
         boston.write_runs(tmp_path / name, seeds, runs)
