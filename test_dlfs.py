@@ -3851,6 +3851,15 @@ def test_pickled_and_deep_copied_layers_keep_read_only_arrays(name, seed, n, d, 
         assert not hasattr(got, "__dict__")  # still a slotted record
 
 
+def test_records_with_array_fields_are_array_records():
+    """A guard for new layers: every savable layer (and OptState) whose fields hold arrays
+    derives from dlfs._ArrayRecord, which keeps them read-only through pickle."""
+    for cls in (*dlfs._SAVABLE_LAYERS, dlfs.OptState):
+        types = [str(f.type) for f in attrs.fields(cls)]
+        holds_arrays = any("ndarray" in t or "NetParams" in t for t in types)
+        assert holds_arrays == issubclass(cls, dlfs._ArrayRecord), cls.__name__
+
+
 def test_pickled_records_keep_read_only_arrays(tmp_path):
     """A trained TrainState (BatchNorm, Dropout, Adam moments), a CNN, a fit checkpoint
     with its best network, and a History come back equal, every array read-only."""
