@@ -1,35 +1,37 @@
-"""Data-parallel training of the MNIST MLP over MPI with dlfs.
+"""Data-parallel training of the MNIST MLP over MPI with ``dlfs.fit(..., comm=...)``.
 
-    mpiexec -n 2 python examples/data_parallel.py --data mnist.npz
+    mpiexec -n 2 python -m mpi4py examples/data_parallel.py --data mnist.npz
     python examples/data_parallel.py --data mnist.npz          # one rank
 
-Every rank builds the same network (same seed) and walks the same shuffled
-global batches (same key, same permutation); ``dlfs.data_parallel_step``
-trains each rank on its shard of every batch and the optimizer's first
-element, ``dlfs.AllReduce(comm)``, averages the gradients in one Allreduce
-per step, so all ranks apply the same update.  The network and optimizer are
+Every rank runs this same script: the same network (same seed), the whole
+data set and ``dlfs.fit(..., comm=MPI.COMM_WORLD)``.  fit walks the same
+shuffled global batches on every rank, trains each rank on its shard of every
+batch (``dlfs.data_parallel_step``) and puts ``dlfs.AllReduce(comm)`` first in
+the optimizer's chain, which averages the gradients in one Allreduce per step,
+so all ranks apply the same update.  The network and optimizer are
 ``mnist_mlp.py``'s default (784-256-128-10 ReLU, dropout 0.2, Adam with a
-cosine schedule); keys are derived from ``--seed`` as ``dlfs.fit`` derives
-them, so one rank gives fit's weights (without validation).  Dropout masks
-differ per rank (see ``data_parallel_step``).
+cosine schedule); with one rank the run is exactly ``fit`` without ``comm``.
+Dropout masks differ per rank (see ``dlfs.data_parallel_step``).
+``python -m mpi4py`` makes an error on any rank end the whole job (MPI_Abort)
+instead of leaving the other ranks waiting; Ctrl-C stops every rank after the
+same step (fit records the SIGINT that mpiexec forwards).
 
 Only rank 0 prints.  It ends with ``key=value`` lines: ``ranks``,
 ``samples_per_s`` (training samples per second over all ranks), ``test_acc``,
-and the time and size of one all-reduce of the model's gradients
-(``allreduce_ms``, ``allreduce_bytes``).  On a small machine give each rank
-one BLAS thread: ``OPENBLAS_NUM_THREADS=1 mpiexec -n 2 ...``.
+``train_s``, the time and size of one all-reduce of the model's gradients
+(``allreduce_ms``, ``allreduce_bytes``) and of the one-number all-reduce fit
+adds after every step to agree on stops (``stop_flag_us``).  On a small
+machine give each rank one BLAS thread: ``OPENBLAS_NUM_THREADS=1 mpiexec ...``.
 Needs mpi4py and an MPI (``pip install -e ".[distributed]"``: the mpich wheel).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
 
-import attrs
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -40,33 +42,17 @@ from mnist_mlp import build  # noqa: E402
 import dlfs  # noqa: E402
 
 
-def train(comm, net, optimizer, data, *, epochs: int, batch_size: int, seed: int, say):
-    """``epochs`` of data_parallel_step folded over the global batches (the epoch's
-    loss reset first, as in train_epoch); returns the final TrainState."""
-    x, y = data
-    shuffle_key, step_key = dlfs.split(seed, 2)  # as dlfs.fit derives its keys
-    state = dlfs.TrainState.create(net, dlfs.chain(dlfs.AllReduce(comm), optimizer), step_key)
-    step = functools.partial(dlfs.data_parallel_step, comm=comm)
-    for epoch in range(1, epochs + 1):
-        order = dlfs.batches(x, y, batch_size, key=shuffle_key + (epoch,))
-        state = functools.reduce(step, order, attrs.evolve(state, loss_sum=0.0, seen=0))
-        say(f"epoch {epoch}: train_loss={dlfs.global_mean_loss(state, comm):.4f}")
-    return state
-
-
-def time_all_reduce(comm, net: dlfs.Network, repeats: int = 20) -> tuple[float, int]:
-    """(seconds, bytes) of one AllReduce of gradients shaped like ``net``'s parameters:
-    the median over ``repeats`` calls, each started together after a barrier."""
-    params = net.params()
-    grads = tuple(tuple(np.ones_like(p) for p in layer) for layer in params)
+def time_all_reduce(comm, grads: tuple, repeats: int = 20) -> float:
+    """Seconds of one ``dlfs.AllReduce`` of ``grads`` (per-layer tuples of arrays): the
+    median over ``repeats`` calls, each started together after a barrier."""
     reduce = dlfs.AllReduce(comm)
     times = []
     for _ in range(repeats + 3):  # the first calls set up connections: not timed
         comm.Barrier()
         start = time.perf_counter()
-        reduce(grads, params)
+        reduce(grads, grads)
         times.append(time.perf_counter() - start)
-    return float(np.median(times[3:])), sum(p.nbytes for layer in params for p in layer)
+    return float(np.median(times[3:]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float] | None:
@@ -84,32 +70,31 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
 
     comm = MPI.COMM_WORLD
     rank, ranks = comm.Get_rank(), comm.Get_size()
-
-    def say(text: str) -> None:
-        if rank == 0:
-            print(text, flush=True)
-
     (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
     steps = args.epochs * -(-len(x_train) // args.batch_size)
     net, optimizer = build("default", args.seed, steps)
-    say(f"ranks={ranks} train={len(x_train)} batch_size={args.batch_size} (global)")
+    if rank == 0:
+        print(f"ranks={ranks} train={len(x_train)} batch_size={args.batch_size} (global)")
 
     comm.Barrier()
     start = time.perf_counter()
-    state = train(
-        comm,
+    net, _ = dlfs.fit(
         net,
         optimizer,
-        (x_train, y_train),
+        x_train,
+        y_train,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
-        say=say,
+        verbose=True,  # rank 0's lines; the other ranks stay quiet
+        progress=sys.stderr.isatty(),
+        comm=comm,
     )
-    train_s = time.perf_counter() - start  # global_mean_loss synchronized the ranks
-    net = dlfs.sync_state(state.net, comm)  # no BatchNorm here: the same network
-    seconds, nbytes = time_all_reduce(comm, net)
+    train_s = time.perf_counter() - start  # fit ends in an all-reduce: the ranks finish together
+    grads = tuple(tuple(np.ones_like(p) for p in layer) for layer in net.params())
+    allreduce_s = time_all_reduce(comm, grads)
+    flag_s = time_all_reduce(comm, ((np.zeros(1),),))
     if rank != 0:
         return None
     result = {
@@ -117,15 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
         "samples_per_s": args.epochs * len(x_train) / train_s,
         "test_acc": dlfs.accuracy(net.predict(x_test), y_test),
         "train_s": train_s,
-        "allreduce_ms": seconds * 1e3,
-        "allreduce_bytes": nbytes,
+        "allreduce_ms": allreduce_s * 1e3,
+        "allreduce_bytes": sum(g.nbytes for layer in grads for g in layer),
+        "stop_flag_us": flag_s * 1e6,
     }
-    print(f"ranks={ranks}")
-    print(f"samples_per_s={result['samples_per_s']:.0f}")
-    print(f"test_acc={result['test_acc']:.4f}")
-    print(f"train_s={train_s:.2f}")
-    print(f"allreduce_ms={result['allreduce_ms']:.3f}")
-    print(f"allreduce_bytes={nbytes}")
+    shown = {"samples_per_s": ".0f", "test_acc": ".4f", "train_s": ".2f", "allreduce_ms": ".3f"}
+    for key, value in result.items():
+        print(f"{key}={value:{shown.get(key, '.1f' if isinstance(value, float) else 'd')}}")
     return result
 
 
