@@ -306,7 +306,7 @@ class _ArrayRecord:
 def _restore_record(cls: type, state: dict[str, Any]) -> Any:
     """An ``_ArrayRecord`` from its pickled fields: attrs' own ``__setstate__`` (no
     __init__, as pickle does it), then its arrays made read-only."""
-    record = cls.__new__(cls)
+    record = object.__new__(cls)
     record.__setstate__(state)
     for value in state.values():
         _freeze_tree(value)
@@ -3454,13 +3454,15 @@ def _bar_step(bar: Any, label: str, loss: float, figures: dict[str, str]) -> Non
     bar.update(1)
 
 
-def _lead_evaluation(net: Network, plan: _FitPlan) -> tuple[float, float | None] | None:
+def _lead_evaluation(
+    net: Network, validation: tuple[np.ndarray, np.ndarray], plan: _FitPlan
+) -> tuple[float, float | None] | None:
     """(val_loss, metric) of ``net`` on the whole validation set, computed by rank 0
     and shared with every rank (so all keep the same best network and stop alike);
     None when a KeyboardInterrupt cut the evaluation short."""
 
     def evaluate() -> list[float]:
-        x_val, y_val = plan.validation
+        x_val, y_val = validation
         loss, score = _evaluate(net, x_val, y_val, plan.metric, max(plan.batch_size, 1024))
         return [loss, math.nan if score is None else score]
 
@@ -3485,7 +3487,7 @@ def _fit_epoch_end(run: _FitRun, plan: _FitPlan) -> _FitRun | None:
         record = EpochRecord(epoch, train_loss)
         history = attrs.evolve(run.history, records=run.history.records + (record,))
         return attrs.evolve(run, epoch=epoch, batch=0, history=history)
-    evaluation = _lead_evaluation(state.net, plan)
+    evaluation = _lead_evaluation(state.net, plan.validation, plan)
     if evaluation is None:
         return None
     val_loss, score = evaluation
@@ -3555,8 +3557,8 @@ def _fit_epoch(run: _FitRun, plan: _FitPlan, bar: Any) -> _FitRun:
     run, ranks = ended, plan.ranks
     _noting(ranks, _report, run, plan, bar)
     due = run.epoch % plan.checkpoint_every == 0 or run.epoch == plan.epochs
-    saving = plan.checkpoint is not None and (due or run.stop is not None)
-    if saving and not _fit_checkpoint(run, plan):
+    saving = due or run.stop is not None
+    if plan.checkpoint is not None and saving and not _fit_checkpoint(plan.checkpoint, run, plan):
         ranks.interrupt.set()  # the old file stays; the stop saves again
     asked = _callback_says_stop(run, plan)
     interrupted, callback = ranks.any(ranks.interrupt.is_set(), asked)
@@ -3607,8 +3609,8 @@ def _fit_result(run: _FitRun, plan: _FitPlan) -> tuple[Network, History]:
     the best evaluated one with early stopping, else the last; the same on every rank."""
     if run.batch:
         run = attrs.evolve(run, state=attrs.evolve(run.state, net=plan.ranks.sync(run.state.net)))
-    saving = plan.checkpoint is not None and run.stop in ("callback", "interrupted")
-    if saving and not _fit_checkpoint(run, plan):
+    saving = run.stop in ("callback", "interrupted")
+    if plan.checkpoint is not None and saving and not _fit_checkpoint(plan.checkpoint, run, plan):
         raise KeyboardInterrupt  # a second Ctrl-C, while fit saves what it has, aborts
     if run.stop == "interrupted" and plan.ranks.lead:
         warnings.warn(_interrupt_message(run, plan), UserWarning, stacklevel=3)
@@ -4741,18 +4743,18 @@ def load(path: str | os.PathLike) -> Checkpoint:
 _FIT_META = "dlfs.fit"  # the meta key under which fit keeps its bookkeeping
 
 
-def _fit_checkpoint(run: _FitRun, plan: _FitPlan) -> bool:
-    """fit's checkpoint, written by rank 0 alone.  Every rank sends it its running loss
+def _fit_checkpoint(path: str, run: _FitRun, plan: _FitPlan) -> bool:
+    """fit's checkpoint at ``path``, written by rank 0 alone.  Every rank sends it its running loss
     (so that a resume restores each rank's) and waits for the write (so that the file
     is there when fit returns, and a failed write raises on every rank).  False when
     a KeyboardInterrupt cut the write short (the old file stays)."""
     running = plan.ranks.gather([run.state.loss_sum, run.state.seen])
 
     def write() -> list[float]:
-        _save_fit(plan.checkpoint, run, plan, running)
+        _save_fit(path, run, plan, running)
         return []
 
-    return plan.ranks.on_lead(write, 0, f"writing the checkpoint {plan.checkpoint!r}") is not None
+    return plan.ranks.on_lead(write, 0, f"writing the checkpoint {path!r}") is not None
 
 
 def _save_fit(path: str, run: _FitRun, plan: _FitPlan, running: np.ndarray) -> None:
