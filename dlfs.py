@@ -14,6 +14,7 @@ PyTorch's documented numbers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import html
@@ -102,6 +103,7 @@ __all__ = [
     "data_parallel_step",
     "dense",
     "fit",
+    "get_num_threads",
     "global_mean_loss",
     "glorot_normal",
     "glorot_uniform",
@@ -117,6 +119,7 @@ __all__ = [
     "permute",
     "rmse",
     "save",
+    "set_num_threads",
     "shard",
     "split",
     "sync_state",
@@ -1068,15 +1071,88 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return x
 
 
-def _pad2d(x: np.ndarray, pads: Pads) -> np.ndarray:
-    """Zero-pad the last two axes of (N, C, H, W); ``x`` itself when pads are 0."""
-    (top, bottom), (left, right) = pads
-    if not (top or bottom or left or right):
-        return x
-    n, c, h, w = x.shape
-    out = np.zeros((n, c, h + top + bottom, w + left + right), dtype=x.dtype)
-    out[:, :, top : top + h, left : left + w] = x
-    return out
+# Threads.  Convolutions and pools split the batch over a few threads: numpy's
+# loops and OpenBLAS release the GIL, so a second core helps where numpy alone
+# would stay on one.  Work is cut along N only, in pieces fixed by the shapes
+# (never by the thread count), and every sum over the batch adds the same
+# pieces in the same order: results are bit-identical for any thread count.
+
+
+def _threads_from_env() -> int:
+    """DLFS_NUM_THREADS if set, else the number of CPUs this process may use."""
+    value = os.environ.get("DLFS_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"DLFS_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_num_threads = _threads_from_env()
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _forget_executor() -> None:
+    """After fork the child has no pool threads: start a new pool on demand."""
+    global _executor
+    _executor = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
+
+
+def set_num_threads(n: int) -> None:
+    """Let convolutions and pools use ``n`` threads (1: no threading).
+
+    The default is the environment variable ``DLFS_NUM_THREADS``, else the
+    CPUs this process may run on.  Results do not depend on ``n`` (bit for
+    bit).  BLAS threads are separate: set ``OPENBLAS_NUM_THREADS`` (or use
+    threadpoolctl) for those.  The pool's threads are idle between calls and
+    end with the interpreter.
+    """
+    global _num_threads, _executor
+    n = _check_int("n", n)
+    if _executor is not None:
+        _executor.shutdown(wait=True)
+        _executor = None
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The number of threads convolutions and pools use (see ``set_num_threads``)."""
+    return _num_threads
+
+
+def _in_parallel(run: Callable[[list[slice]], Any], chunks: list[slice]) -> list[Any]:
+    """``[run(group) for group in groups]``: the chunks cut into at most
+    get_num_threads() runs of neighbours, the first run on this thread and
+    the others on the pool's; results in order."""
+    k = min(_num_threads, len(chunks))
+    if k <= 1:
+        return [run(chunks)]
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(_num_threads - 1, "dlfs")
+    groups = [chunks[i * len(chunks) // k : (i + 1) * len(chunks) // k] for i in range(k)]
+    futures = [_executor.submit(run, group) for group in groups[1:]]
+    try:
+        first = run(groups[0])
+    finally:
+        concurrent.futures.wait(futures)  # no thread may still be writing after we return
+    return [first, *(future.result() for future in futures)]
+
+
+def _samples(n: int) -> list[slice]:
+    """One chunk per sample, for elementwise work that threads share by runs."""
+    return [slice(i, i + 1) for i in range(n)]
+
+
+def _span(chunks: list[slice]) -> slice:
+    """The samples a run of neighbouring chunks covers."""
+    return slice(chunks[0].start, chunks[-1].stop)
 
 
 def _window(
@@ -1092,49 +1168,190 @@ def _offsets(kernel: tuple[int, int]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
 
 
-def _im2col(xp: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
-    """Patches of a padded (N, C, Hp, Wp) input as a (C*kh*kw, N*Ho*Wo) matrix,
-    rows ordered (c, i, j) like ``w.reshape(C_out, -1)``, columns (n, ho, wo)."""
-    view = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=(2, 3))
-    view = view[:, :, :: stride[0], :: stride[1]]  # (N, C, Ho, Wo, kh, kw)
-    n, c, ho, wo = view.shape[:4]
-    return view.transpose(1, 4, 5, 0, 2, 3).reshape(c * kernel[0] * kernel[1], n * ho * wo)
+def _overlap(size: int, out: int, k: int, stride: int, pad: int) -> tuple[slice, slice]:
+    """For kernel offset ``k`` along an axis: (output slice, input slice) of the
+    output positions o whose input position o*stride + k - pad lies inside
+    [0, size); the other outputs read zero padding."""
+    lo = max(0, -((k - pad) // stride))  # ceil((pad - k) / stride), at least 0
+    hi = max(lo, min(out, (size - 1 + pad - k) // stride + 1))
+    start = lo * stride + k - pad
+    return slice(lo, hi), slice(start, start + (hi - lo - 1) * stride + 1, stride)
 
 
-def _conv_input_grad(
-    w: np.ndarray,
-    dy_mat: np.ndarray,
-    x_shape: tuple[int, ...],
-    pads: Pads,
+def _offset_overlaps(
+    x_hw: tuple[int, ...],
+    out_hw: tuple[int, ...],
+    kernel: tuple[int, ...],
     stride: tuple[int, int],
-) -> np.ndarray:
-    """dx of a convolution (col2im of w.T @ dY), one kernel offset at a time.
+    pads: Pads,
+) -> Iterator[tuple[int, int, tuple[slice, slice], tuple[slice, slice]]]:
+    """(i, j, output slices, input slices) for every kernel offset, row-major."""
+    for i, j in _offsets((kernel[0], kernel[1])):
+        oh, ih = _overlap(x_hw[0], out_hw[0], i, stride[0], pads[0][0])
+        ow, iw = _overlap(x_hw[1], out_hw[1], j, stride[1], pads[1][0])
+        yield i, j, (oh, ow), (ih, iw)
 
-    For each offset (i, j), ``w[:, :, i, j].T @ dY`` (C_in, N*Ho*Wo) is added
-    onto the strided slice of the padded input it came from (no np.add.at);
-    working per offset keeps the temporaries kh*kw times smaller than the full
-    column matrix.  w: (C_out, C_in, kh, kw), dY: (C_out, N*Ho*Wo) -> (N, C, H, W).
+
+def _zero_outside(a: np.ndarray, rows: slice, cols: slice) -> None:
+    """Zero a (..., H, W) array outside ``a[..., rows, cols]`` (the padding's share)."""
+    if rows.start:
+        a[..., : rows.start, :] = 0
+    if rows.stop < a.shape[-2]:
+        a[..., rows.stop :, :] = 0
+    if cols.start:
+        a[..., rows, : cols.start] = 0
+    if cols.stop < a.shape[-1]:
+        a[..., rows, cols.stop :] = 0
+
+
+# A convolution is im2col + GEMM, in channel-major layout: the patches of a
+# (N, C, H, W) input form a (C*kh*kw, N*Ho*Wo) matrix whose rows are ordered
+# (c, i, j) like w.reshape(C_out, -1) and columns (n, ho, wo), so that
+# y = w @ patches + b is (C_out, N*Ho*Wo) and (N, C_out, Ho, Wo) is a free
+# transposed view of it: no copies between layers.
+
+_GEMM_SMALL = 1_000_000  # multiply-adds: OpenBLAS's small-matrix kernels go up to here
+_GEMM_LARGE = 32_000_000  # a large layer's GEMMs in pieces of about this size
+
+
+def _gemm_chunks(n: int, per_sample: int) -> list[slice]:
+    """Batch slices for a convolution's GEMMs, fixed by the shapes alone.
+
+    ``per_sample`` is one sample's multiply-adds.  OpenBLAS (numpy's wheels)
+    runs GEMMs of up to about a million multiply-adds through small-matrix
+    kernels, 2-4x faster on the long, thin products of a convolution with few
+    channels, so a small layer goes in pieces of at most that size; a large
+    one in equal pieces of about _GEMM_LARGE, which the threads share.
     """
-    n, c, h, wd = x_shape
-    kernel = (w.shape[2], w.shape[3])
-    (top, bottom), (left, right) = pads
-    hp, wp = h + top + bottom, wd + left + right
-    out_hw = (_out_size(hp, kernel[0], stride[0]), _out_size(wp, kernel[1], stride[1]))
-    dxp = np.zeros((c, n, hp, wp), dtype=dy_mat.dtype)  # channel-major, like dY
-    for i, j in _offsets(kernel):
-        part = w[:, :, i, j].T @ dy_mat
-        _window(dxp, i, j, stride, out_hw)[...] += part.reshape(c, n, *out_hw)
-    return dxp[:, :, top : top + h, left : left + wd].transpose(1, 0, 2, 3)
+    if per_sample <= _GEMM_SMALL:
+        rows = _GEMM_SMALL // per_sample
+    else:
+        pieces = -(-n * per_sample // _GEMM_LARGE)
+        rows = -(-n // pieces)
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def _conv_dy_matrix(dy: np.ndarray) -> np.ndarray:
-    """dy (N, C_out, Ho, Wo) as the (C_out, N Ho Wo) matrix the GEMMs use."""
-    return dy.transpose(1, 0, 2, 3).reshape(dy.shape[1], -1)
+def _same_grid(x_hw: tuple[int, ...], out_hw: tuple[int, ...], stride: tuple[int, int]) -> bool:
+    """Stride 1 and output size == input size ("same" padding): kernel offset
+    (i, j) then moves every entry by one flat shift, (i - top)*W + (j - left)."""
+    return stride == (1, 1) and tuple(out_hw) == tuple(x_hw)
 
 
-def _conv_param_grads(cols: np.ndarray, dy_mat: np.ndarray, w_shape: tuple) -> Params:
-    """dw = dY @ patches.T (computed as (patches @ dY.T).T, faster in OpenBLAS), db = sum dY."""
-    return (cols @ dy_mat.T).T.reshape(w_shape), dy_mat.sum(axis=1)
+def _shifted(hw: int, shift: int) -> tuple[slice, slice]:
+    """(a, b): flat positions q in a and q + shift in b, for every q with both in [0, hw)."""
+    return slice(max(0, -shift), hw - max(0, shift)), slice(max(0, shift), hw + min(0, shift))
+
+
+def _im2col_into(
+    cols: np.ndarray, x: np.ndarray, batch: slice, stride: tuple[int, int], pads: Pads
+) -> None:
+    """Write the patches of samples ``batch`` of x (N, C, H, W), zero-padded by
+    ``pads``, into cols (C, kh, kw, N, Ho, Wo): one copy per kernel offset
+    straight from x (no padded copy of x), then the entries that fall on the
+    padding are zeroed.  On a "same" grid each copy is a flat shift of whole
+    planes (long contiguous runs); otherwise a strided copy of the overlap."""
+    kernel, out_hw, (h, w) = cols.shape[1:3], cols.shape[4:], x.shape[2:]
+    xc = x[batch].transpose(1, 0, 2, 3)  # channel-major view
+    same = _same_grid((h, w), out_hw, stride)
+    flat_x = xc.reshape(*xc.shape[:2], h * w) if same else None
+    flat_cols = cols.reshape(*cols.shape[:4], -1)  # a view: cols is contiguous
+    for i, j, (oh, ow), (ih, iw) in _offset_overlaps((h, w), out_hw, kernel, stride, pads):
+        rows = cols[:, i, j, batch]
+        if flat_x is not None:
+            a, b = _shifted(h * w, (i - pads[0][0]) * w + (j - pads[1][0]))
+            flat_cols[:, i, j, batch, a] = flat_x[..., b]
+        else:
+            rows[:, :, oh, ow] = xc[:, :, ih, iw]
+        _zero_outside(rows, oh, ow)
+
+
+def _col2im_add(
+    dx: np.ndarray, dcols: np.ndarray, batch: slice, stride: tuple[int, int], pads: Pads
+) -> None:
+    """Add patch gradients dcols (C, kh, kw, n, Ho, Wo) of samples ``batch``
+    onto the input positions they came from in dx (C, N, H, W), dropping the
+    padding's share: one add per kernel offset (no np.add.at), a flat shift of
+    whole planes on a "same" grid (the padding's share zeroed in dcols first)."""
+    kernel, out_hw, (h, w) = dcols.shape[1:3], dcols.shape[4:], dx.shape[2:]
+    same = _same_grid((h, w), out_hw, stride)
+    flat_dx = dx.reshape(*dx.shape[:2], h * w)[:, batch] if same else None
+    for i, j, (oh, ow), (ih, iw) in _offset_overlaps((h, w), out_hw, kernel, stride, pads):
+        part = dcols[:, i, j]
+        if flat_dx is not None:
+            _zero_outside(part, oh, ow)
+            a, b = _shifted(h * w, (i - pads[0][0]) * w + (j - pads[1][0]))
+            flat_dx[..., b] += part.reshape(*part.shape[:2], h * w)[..., a]
+        else:
+            dx[:, batch, ih, iw] += part[:, :, oh, ow]
+
+
+def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> tuple:
+    """(y (C_out, N*Ho*Wo), patches (C_in*kh*kw, N*Ho*Wo)) of ``conv`` on x.
+
+    The batch goes in _gemm_chunks; each thread takes a run of chunks, writes
+    its samples' patches, then w @ patches + b chunk by chunk into y.
+    """
+    (n, c), f, p = x.shape[:2], conv.out_channels, out_hw[0] * out_hw[1]
+    w2, bias = conv.w.reshape(f, -1), conv.b[:, None]
+    cols = np.empty((c, *conv.kernel_size, n, *out_hw), dtype=x.dtype)
+    cols2 = cols.reshape(w2.shape[1], n * p)
+    y = np.empty((f, n * p), dtype=x.dtype)
+
+    def run(chunks: list[slice]) -> None:
+        _im2col_into(cols, x, _span(chunks), conv.stride, conv.padding)
+        for s in chunks:
+            part = slice(s.start * p, s.stop * p)
+            np.matmul(w2, cols2[:, part], out=y[:, part])
+            y[:, part] += bias
+
+    _in_parallel(run, _gemm_chunks(n, w2.size * p))
+    return y, cols2
+
+
+def _conv_backward(
+    conv: Any,
+    cols: np.ndarray,
+    x_shape: tuple[int, ...],
+    out_hw: tuple[int, int],
+    dy: np.ndarray,
+    *,
+    with_dx: bool,
+) -> tuple:
+    """(dx or None, dw, db) of ``conv``, with dY = dy as (C_out, N*Ho*Wo):
+    dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY).
+
+    GEMMs chunk by chunk as in the forward: each chunk's share of dw is
+    computed apart and the shares are added in chunk order; each thread adds
+    the patch gradients of its run of samples onto their own dx.
+    """
+    (n, c), f, p = x_shape[:2], conv.out_channels, out_hw[0] * out_hw[1]
+    w2 = conv.w.reshape(f, -1)
+    dy_mat = dy.transpose(1, 0, 2, 3).reshape(f, n * p)  # a view if dy is channel-major
+    dx = np.zeros((c, n, *x_shape[2:]), dtype=dy.dtype) if with_dx else None
+
+    def run(chunks: list[slice]) -> list[np.ndarray]:
+        span = _span(chunks)
+        width = (span.stop - span.start) * p
+        dcols = None if dx is None else np.empty((w2.shape[1], width), dtype=dy.dtype)
+        shares = []
+        for s in chunks:
+            dy_part = dy_mat[:, s.start * p : s.stop * p]
+            shares.append(cols[:, s.start * p : s.stop * p] @ dy_part.T)  # (C_in kh kw, C_out)
+            if dcols is not None:
+                local = slice((s.start - span.start) * p, (s.stop - span.start) * p)
+                np.matmul(w2.T, dy_part, out=dcols[:, local])
+        if dcols is not None:
+            dcols6 = dcols.reshape(c, *conv.kernel_size, -1, *out_hw)
+            _col2im_add(dx, dcols6, span, conv.stride, conv.padding)
+        return shares
+
+    runs = _in_parallel(run, _gemm_chunks(n, w2.size * p))
+    shares = [share for shares_of_run in runs for share in shares_of_run]
+    dw = shares[0]
+    for share in shares[1:]:  # in chunk order, whatever the threads
+        dw += share
+    dx_out = None if dx is None else dx.transpose(1, 0, 2, 3)
+    return dx_out, dw.T.reshape(conv.w.shape), dy_mat.sum(axis=1)
 
 
 def _frozen_kernel(w: Any) -> np.ndarray:
@@ -1231,25 +1448,25 @@ class Conv2D(_ArrayRecord):
         """y = w (C_out, C_in kh kw) @ patches + b; the cache is (patches, x.shape)."""
         _check_images(x, self.w.dtype)
         _, ho, wo = self.output_shape(x.shape[1:])
-        n = x.shape[0]
-        cols = _im2col(_pad2d(x, self.padding), self.kernel_size, self.stride)
-        y = self.w.reshape(self.out_channels, -1) @ cols  # (C_out, N*Ho*Wo)
-        y += self.b[:, None]
-        return y.reshape(self.out_channels, n, ho, wo).transpose(1, 0, 2, 3), (cols, x.shape), self
+        y, cols = _conv_forward(self, x, (ho, wo))
+        y = y.reshape(self.out_channels, x.shape[0], ho, wo).transpose(1, 0, 2, 3)
+        return y, (cols, x.shape), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY) with dY = dy as (C_out, N Ho Wo)."""
         cols, x_shape = cache
         _, ho, wo = self.output_shape(x_shape[1:])
         _check_input("dy", dy, (x_shape[0], self.out_channels, ho, wo), self.w.dtype)
-        dy_mat = _conv_dy_matrix(dy)
-        dx = _conv_input_grad(self.w, dy_mat, x_shape, self.padding, self.stride)
-        return dx, _conv_param_grads(cols, dy_mat, self.w.shape)
+        dx, dw, db = _conv_backward(self, cols, x_shape, (ho, wo), dy, with_dx=True)
+        return dx, (dw, db)
 
     def _param_grads(self, cache: tuple, dy: np.ndarray) -> Params:
         """(dw, db) as in ``backward``, without dx: a network skips the input
         gradient of its first layer."""
-        return _conv_param_grads(cache[0], _conv_dy_matrix(dy), self.w.shape)
+        cols, x_shape = cache
+        out_hw = self.output_shape(x_shape[1:])[1:]
+        _, dw, db = _conv_backward(self, cols, x_shape, out_hw, dy, with_dx=False)
+        return dw, db
 
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
@@ -1288,6 +1505,26 @@ def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dtype: np.dtype, dy: Any
     return _check_input("dy", dy, out_shape, dtype)
 
 
+def _first_argmax(pool: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The window offset (row-major index) of each window's first maximum.
+
+    Offsets are scanned from the last to the first and each match overwrites,
+    so the first one wins; ``arg + (k - arg) * match`` is that overwrite in
+    uint8 arithmetic (wrapping is harmless: it lands on k or on arg).
+    """
+    n_offsets = pool.size[0] * pool.size[1]
+    dtype = np.uint8 if n_offsets <= 256 else np.intp
+    arg = np.zeros_like(y, dtype=dtype)  # y's memory layout, for fast loops
+    match = np.empty_like(y, dtype=bool)
+    step = np.empty_like(arg)
+    for k, view in reversed(list(_pool_windows(pool, x))):
+        np.equal(view, y, out=match)
+        np.subtract(dtype(k), arg, out=step)
+        step *= match
+        arg += step
+    return arg
+
+
 @attrs.frozen(eq=False, repr=False)
 class MaxPool2D(_NoParams):
     """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
@@ -1308,35 +1545,41 @@ class MaxPool2D(_NoParams):
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, MaxPool2D]:
         """The cache is (x, y); backward finds each window's first maximum from them."""
         _check_images(x)
-        y: np.ndarray | None = None
-        for _, view in _pool_windows(self, x):
-            y = view.copy(order="K") if y is None else np.maximum(y, view, out=y)
+        windows = [view for _, view in _pool_windows(self, x)]
+        y = np.empty_like(windows[0])  # x's memory layout, for fast loops
+
+        def run(chunks: list[slice]) -> None:
+            s = _span(chunks)
+            np.copyto(y[s], windows[0][s])
+            for view in windows[1:]:
+                np.maximum(y[s], view[s], out=y[s])
+
+        _in_parallel(run, _samples(x.shape[0]))
         return y, (x, y), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx[first argmax of each window] = dy[window]; zero elsewhere.
-
-        Visits the window offsets in row-major order; ``rest`` is the gradient
-        not yet routed, so on ties only the first maximum receives it.
-        """
+        """dx[first argmax of each window] = dy[window]; zero elsewhere."""
         x, y = cache
         _pool_check_dy(self, x.shape, x.dtype, dy)
         tiled = self.stride == self.size and all(
             d % s == 0 for d, s in zip(x.shape[2:], self.size)
         )  # every input in exactly one window: each dx entry is written once
         dx = (np.empty_like if tiled else np.zeros_like)(x, dtype=dy.dtype)
-        rest = np.empty_like(y, dtype=dy.dtype)  # y's memory layout, for fast loops
-        rest[...] = dy
-        hit = np.empty_like(y, dtype=bool)
-        n_offsets = self.size[0] * self.size[1]
-        for (k, view), (_, dview) in zip(_pool_windows(self, x), _pool_windows(self, dx)):
-            np.equal(view, y, out=hit)
-            if tiled:
-                np.multiply(hit, rest, out=dview)
-            else:
-                dview += hit * rest
-            if k < n_offsets - 1:  # rest = 0 where routed (bool masks: fast loops)
-                np.multiply(rest, np.logical_not(hit, out=hit), out=rest)
+
+        def run(chunks: list[slice]) -> None:
+            s = _span(chunks)
+            arg = _first_argmax(self, x[s], y[s])
+            hit = np.empty_like(arg, dtype=bool)
+            g = np.empty_like(arg, dtype=dy.dtype)  # dy in y's layout: fast loops
+            g[...] = dy[s]
+            for k, dview in _pool_windows(self, dx[s]):
+                np.equal(arg, k, out=hit)
+                if tiled:
+                    np.multiply(g, hit, out=dview)
+                else:
+                    dview += g * hit
+
+        _in_parallel(run, _samples(x.shape[0]))
         return dx, ()
 
 

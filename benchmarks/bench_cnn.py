@@ -18,7 +18,7 @@ reused buffers (``contender_numpy.py``).
 
 Prints one line per run (with the load average before and after), then per
 network the median samples/s of each contender and
-``cnn_ratio_dlfs_over_torch`` / ``..._over_numpy`` (median within-round
+``cnn_b64_speed_ratio_dlfs_over_torch`` / ``..._over_numpy`` (median within-round
 ratios; above 1 means dlfs is faster).
 
     python benchmarks/bench_cnn.py --threads 1

@@ -13,7 +13,7 @@ float32 rounding).
 
 Prints ``key=value`` lines: one per run (with the load average before and
 after it), then per batch size the median samples/s of each contender,
-``mlp_b128_ratio_dlfs_over_torch`` and ``..._over_numpy`` (the median over
+``mlp_b128_speed_ratio_dlfs_over_torch`` and ``..._over_numpy`` (the median over
 rounds of the within-round ratio: above 1 means dlfs is faster), the
 spread of the final losses, and with ``--predict`` the same for inference
 (10 000 rows in chunks of 1024).
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.predict and "dlfs" in runs:
             for ref in (i for i in impls if i != "dlfs"):
                 ratio = h.paired_ratio(runs["dlfs"], runs[ref], "predict_samples_per_s")
-                h.emit(f"mlp_b{batch}_predict_ratio_dlfs_over_{ref}", ratio)
+                h.emit(f"mlp_b{batch}_predict_speed_ratio_dlfs_over_{ref}", ratio)
     h.emit("load_end", h.load_avg())
     return 0 if ok else 1
 

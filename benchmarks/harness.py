@@ -400,8 +400,10 @@ def compare(
     runs = interleave(cmds, args.rounds, show=(key, "train_loss"))
     for impl in impls:
         emit(f"{prefix}_{impl}_{key}", median_of(runs[impl], key))
+    kind = "speed" if key.endswith("per_s") else "time"  # above 1: dlfs faster / slower
     for ref in impls:
         if "dlfs" in runs and ref != "dlfs":
-            emit(f"{prefix}_ratio_dlfs_over_{ref}", paired_ratio(runs["dlfs"], runs[ref], key))
+            ratio = paired_ratio(runs["dlfs"], runs[ref], key)
+            emit(f"{prefix}_{kind}_ratio_dlfs_over_{ref}", ratio)
     emit(f"{prefix}_loss_rel_spread", loss_spread(runs))
     return runs
