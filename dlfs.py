@@ -1092,6 +1092,7 @@ def _threads_from_env() -> int:
 
 _num_threads = _threads_from_env()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
 
 
 def _forget_executor() -> None:
@@ -1115,10 +1116,11 @@ def set_num_threads(n: int) -> None:
     """
     global _num_threads, _executor
     n = _check_int("n", n)
-    if _executor is not None:
-        _executor.shutdown(wait=True)
-        _executor = None
-    _num_threads = n
+    with _executor_lock:
+        if _executor is not None:
+            _executor.shutdown(wait=True)
+            _executor = None
+        _num_threads = n
 
 
 def get_num_threads() -> int:
@@ -1134,10 +1136,12 @@ def _in_parallel(run: Callable[[list[slice]], Any], chunks: list[slice]) -> list
     if k <= 1:
         return [run(chunks)]
     global _executor
-    if _executor is None:
-        _executor = concurrent.futures.ThreadPoolExecutor(_num_threads - 1, "dlfs")
+    with _executor_lock:  # callers may be threads themselves
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(_num_threads - 1, "dlfs")
+        executor = _executor
     groups = [chunks[i * len(chunks) // k : (i + 1) * len(chunks) // k] for i in range(k)]
-    futures = [_executor.submit(run, group) for group in groups[1:]]
+    futures = [executor.submit(run, group) for group in groups[1:]]
     try:
         first = run(groups[0])
     finally:

@@ -2789,6 +2789,118 @@ def test_cnn_checkpoint_round_trip(tmp_path):
     assert np.array_equal(net.predict(x), loaded.predict(x))
 
 
+# -------------------------------------------- threads and GEMM chunks (issue 13)
+
+
+@pytest.fixture
+def restore_threads():
+    before = dlfs.get_num_threads()
+    yield
+    dlfs.set_num_threads(before)
+
+
+def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
+    """Output, input gradient and every parameter gradient of one forward/backward."""
+    out, caches, _ = net.forward(x)
+    dy = np.random.default_rng(1).standard_normal(out.shape).astype(out.dtype)
+    dx, grads = net.backward(caches, dy)
+    return [out, dx, *(g for layer in grads for g in layer)]
+
+
+def _threads_cnn() -> dlfs.Network:
+    specs = [
+        dlfs.conv2d(4, 3, padding="same", activation=dlfs.ReLU()),
+        dlfs.MaxPool2D(2),
+        dlfs.conv2d(5, 3, padding=1),  # a "same" grid too, no activation
+        dlfs.MaxPool2D(2, stride=1),  # overlapping windows
+        dlfs.conv2d(3, 2, stride=(1, 2), padding="valid"),  # the strided path
+        dlfs.Flatten(),
+        dlfs.dense(3),
+    ]
+    return dlfs.network(0, (2, 8, 8), specs, dlfs.SoftmaxCrossEntropy(), dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    ("gemm_small", "gemm_large"),
+    [(None, None), (5000, None), (100, 20000)],  # default; a chunk per sample; "large" pieces
+)
+def test_threads_give_bit_identical_results(monkeypatch, restore_threads, gemm_small, gemm_large):
+    """Convolutions and pools split the batch over threads in pieces fixed by the
+    shapes: the thread count never changes a bit of the results."""
+    if gemm_small:
+        monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
+    if gemm_large:
+        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
+    net = _threads_cnn()
+    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
+    runs = []
+    for n in (1, 2, 3):
+        dlfs.set_num_threads(n)
+        assert dlfs.get_num_threads() == n
+        runs.append(_cnn_pass(net, x))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, restore_threads):
+    dlfs.set_num_threads(2)
+    net = _threads_cnn()
+    x = np.random.default_rng(3).standard_normal((12, 2, 8, 8))
+    whole = _cnn_pass(net, x)
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 5000)  # one chunk per sample
+    for a, b in zip(whole, _cnn_pass(net, x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("padding", ["same", 1, "valid"])
+def test_conv_gradients_in_chunks_and_threads(monkeypatch, restore_threads, padding):
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample, shared by threads
+    dlfs.set_num_threads(3)
+    conv = dlfs.Conv2D.init(1, 2, 3, 3, padding=padding, bias_init=dlfs.normal, dtype=np.float64)
+    x = np.random.default_rng(4).standard_normal((5, 2, 6, 7))
+    dlfs.check_layer(conv, x)
+    pool = dlfs.MaxPool2D(2)
+    dlfs.check_layer(pool, _conv_distinct((5, 2, 6, 7), 4))
+
+
+def test_conv_accepts_non_contiguous_input():
+    conv = dlfs.Conv2D.init(0, 2, 3, 3, padding="same", dtype=np.float64)
+    base = np.random.default_rng(5).standard_normal((3, 2, 12, 9))
+    view = base[:, :, ::2, :]  # planes with gaps between rows
+    y, _, _ = conv.forward(view)
+    ref = _conv_reference(view, conv.w, conv.b, conv.stride, conv.padding)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_set_num_threads_bad_input(restore_threads):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="n must be >= 1"):
+            dlfs.set_num_threads(bad)
+    for bad in (1.5, "2", True, None):
+        with pytest.raises(TypeError, match="n must be an int"):
+            dlfs.set_num_threads(bad)
+    assert dlfs.get_num_threads() >= 1
+
+
+def test_threads_from_environment_and_clean_exit():
+    """DLFS_NUM_THREADS sets the default; a bad value is a clear error; a process
+    that used the pool exits at once (its threads never keep it alive)."""
+    script = (
+        "import numpy as np, dlfs\n"
+        "print(dlfs.get_num_threads())\n"
+        "x = np.ones((8, 1, 6, 6))\n"
+        "dlfs.MaxPool2D(2).forward(x)\n"
+    )
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=HERE)
+    done = run([sys.executable, "-c", script], env={**os.environ, "DLFS_NUM_THREADS": "3"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3"]
+    bad = run([sys.executable, "-c", "import dlfs"], env={**os.environ, "DLFS_NUM_THREADS": "two"})
+    assert bad.returncode != 0
+    assert "DLFS_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
+
+
 # ------------------------------------------------------- fast path (issue 6)
 
 
