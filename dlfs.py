@@ -1246,24 +1246,22 @@ def _shifted(hw: int, shift: int) -> tuple[slice, slice]:
     return slice(max(0, -shift), hw - max(0, shift)), slice(max(0, shift), hw + min(0, shift))
 
 
-def _im2col_into(
-    cols: np.ndarray, x: np.ndarray, batch: slice, stride: tuple[int, int], pads: Pads
-) -> None:
-    """Write the patches of samples ``batch`` of x (N, C, H, W), zero-padded by
-    ``pads``, into cols (C, kh, kw, N, Ho, Wo): one copy per kernel offset
-    straight from x (no padded copy of x), then the entries that fall on the
-    padding are zeroed.  On a "same" grid each copy is a flat shift of whole
-    planes (long contiguous runs); otherwise a strided copy of the overlap."""
+def _im2col_into(cols: np.ndarray, x: np.ndarray, stride: tuple[int, int], pads: Pads) -> None:
+    """Write the patches of x (n, C, H, W), zero-padded by ``pads``, into cols
+    (C, kh, kw, n, Ho, Wo): one copy per kernel offset straight from x (no
+    padded copy of x), then the entries that fall on the padding are zeroed.
+    On a "same" grid each copy is a flat shift of whole planes (long
+    contiguous runs); otherwise a strided copy of the overlap."""
     kernel, out_hw, (h, w) = cols.shape[1:3], cols.shape[4:], x.shape[2:]
-    xc = x[batch].transpose(1, 0, 2, 3)  # channel-major view
+    xc = x.transpose(1, 0, 2, 3)  # channel-major view
     same = _same_grid((h, w), out_hw, stride)
     flat_x = xc.reshape(*xc.shape[:2], h * w) if same else None
     flat_cols = cols.reshape(*cols.shape[:4], -1)  # a view: cols is contiguous
     for i, j, (oh, ow), (ih, iw) in _offset_overlaps((h, w), out_hw, kernel, stride, pads):
-        rows = cols[:, i, j, batch]
+        rows = cols[:, i, j]
         if flat_x is not None:
             a, b = _shifted(h * w, (i - pads[0][0]) * w + (j - pads[1][0]))
-            flat_cols[:, i, j, batch, a] = flat_x[..., b]
+            flat_cols[:, i, j, :, a] = flat_x[..., b]
         else:
             rows[:, :, oh, ow] = xc[:, :, ih, iw]
         _zero_outside(rows, oh, ow)
@@ -1289,64 +1287,120 @@ def _col2im_add(
             dx[:, batch, ih, iw] += part[:, :, oh, ow]
 
 
-def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> tuple:
-    """(y (C_out, N*Ho*Wo), patches (C_in*kh*kw, N*Ho*Wo)) of ``conv`` on x.
+_BLOCK = 1 << 18  # entries of a thread's patch buffer (1 MiB in float32): it stays in cache
 
-    The batch goes in _gemm_chunks; each thread takes a run of chunks, writes
-    its samples' patches, then w @ patches + b chunk by chunk into y.
+
+def _blocks(chunks: list[slice], per_sample: int) -> list[list[slice]]:
+    """The chunks in runs of neighbours whose patches take at most _BLOCK
+    entries (``per_sample`` each), one chunk at least."""
+    blocks: list[list[slice]] = []
+    size = 0
+    for s in chunks:
+        rows = (s.stop - s.start) * per_sample
+        if blocks and size + rows <= _BLOCK:
+            blocks[-1].append(s)
+            size += rows
+        else:
+            blocks.append([s])
+            size = rows
+    return blocks
+
+
+class _Patches:
+    """One thread's patch matrices, block by block, in a buffer of its own.
+
+    The patches are not kept between forward and backward: backward builds
+    them again from x (one more copy pass), block by block in a buffer that
+    stays in cache.  Storing them would hold C_in*kh*kw values per output
+    position for the whole batch (the largest arrays of a CNN's step).
     """
-    (n, c), f, p = x.shape[:2], conv.out_channels, out_hw[0] * out_hw[1]
+
+    def __init__(self, conv: Any, x: np.ndarray, out_hw: tuple, blocks: list) -> None:
+        self.conv, self.x, self.out_hw = conv, x, out_hw
+        self.k = conv.w[0].size
+        self.p = out_hw[0] * out_hw[1]
+        most = max(_span(b).stop - _span(b).start for b in blocks)
+        self.buffer = np.empty(self.k * most * self.p, dtype=x.dtype)
+
+    def of(self, span: slice) -> np.ndarray:
+        """The patches of samples ``span`` as a (C_in*kh*kw, n*Ho*Wo) matrix."""
+        n = span.stop - span.start
+        c, kernel = self.x.shape[1], self.conv.kernel_size
+        cols = self.buffer[: self.k * n * self.p].reshape(c, *kernel, n, *self.out_hw)
+        _im2col_into(cols, self.x[span], self.conv.stride, self.conv.padding)
+        return cols.reshape(self.k, n * self.p)
+
+
+def _local(s: slice, span: slice, p: int) -> slice:
+    """Columns of chunk ``s`` within a block matrix of samples ``span`` (p per sample)."""
+    return slice((s.start - span.start) * p, (s.stop - span.start) * p)
+
+
+def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """y = w @ patches + b as (C_out, N*Ho*Wo) for ``conv`` on x.
+
+    The batch goes in _gemm_chunks; each thread takes a run of chunks and,
+    block by block, builds their patches and multiplies them chunk by chunk.
+    """
+    n, f, p = x.shape[0], conv.out_channels, out_hw[0] * out_hw[1]
     w2, bias = conv.w.reshape(f, -1), conv.b[:, None]
-    cols = np.empty((c, *conv.kernel_size, n, *out_hw), dtype=x.dtype)
-    cols2 = cols.reshape(w2.shape[1], n * p)
     y = np.empty((f, n * p), dtype=x.dtype)
 
     def run(chunks: list[slice]) -> None:
-        _im2col_into(cols, x, _span(chunks), conv.stride, conv.padding)
-        for s in chunks:
-            part = slice(s.start * p, s.stop * p)
-            np.matmul(w2, cols2[:, part], out=y[:, part])
-            y[:, part] += bias
+        blocks = _blocks(chunks, w2.shape[1] * p)
+        patches = _Patches(conv, x, out_hw, blocks)
+        for block in blocks:
+            span = _span(block)
+            cols = patches.of(span)
+            for s in block:
+                out = y[:, s.start * p : s.stop * p]
+                np.matmul(w2, cols[:, _local(s, span, p)], out=out)
+                out += bias
 
     _in_parallel(run, _gemm_chunks(n, w2.size * p))
-    return y, cols2
+    return y
 
 
 def _conv_backward(
-    conv: Any,
-    cols: np.ndarray,
-    x_shape: tuple[int, ...],
-    out_hw: tuple[int, int],
-    dy: np.ndarray,
-    *,
-    with_dx: bool,
+    conv: Any, x: np.ndarray, out_hw: tuple[int, int], dy: np.ndarray, *, with_dx: bool
 ) -> tuple:
     """(dx or None, dw, db) of ``conv``, with dY = dy as (C_out, N*Ho*Wo):
     dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY).
 
-    GEMMs chunk by chunk as in the forward: each chunk's share of dw is
-    computed apart and the shares are added in chunk order; each thread adds
-    the patch gradients of its run of samples onto their own dx.
+    Chunks, runs and blocks as in the forward: each chunk's share of dw is
+    computed apart and the shares are added in chunk order (the same sums
+    whatever the threads); each block's patch gradients go onto its own
+    samples of dx.
     """
-    (n, c), f, p = x_shape[:2], conv.out_channels, out_hw[0] * out_hw[1]
+    (n, c), f, p = x.shape[:2], conv.out_channels, out_hw[0] * out_hw[1]
     w2 = conv.w.reshape(f, -1)
     dy_mat = dy.transpose(1, 0, 2, 3).reshape(f, n * p)  # a view if dy is channel-major
-    dx = np.zeros((c, n, *x_shape[2:]), dtype=dy.dtype) if with_dx else None
+    dx = np.zeros((c, n, *x.shape[2:]), dtype=dy.dtype) if with_dx else None
 
     def run(chunks: list[slice]) -> list[np.ndarray]:
-        span = _span(chunks)
-        width = (span.stop - span.start) * p
-        dcols = None if dx is None else np.empty((w2.shape[1], width), dtype=dy.dtype)
+        blocks = _blocks(chunks, w2.shape[1] * p)
+        patches = _Patches(conv, x, out_hw, blocks)
+        dcols = None if dx is None else np.empty_like(patches.buffer)
         shares = []
-        for s in chunks:
-            dy_part = dy_mat[:, s.start * p : s.stop * p]
-            shares.append(cols[:, s.start * p : s.stop * p] @ dy_part.T)  # (C_in kh kw, C_out)
+        for block in blocks:
+            span = _span(block)
+            cols = patches.of(span)
+            for s in block:
+                dy_part = dy_mat[:, s.start * p : s.stop * p]
+                shares.append(cols[:, _local(s, span, p)] @ dy_part.T)  # (C_in kh kw, C_out)
             if dcols is not None:
-                local = slice((s.start - span.start) * p, (s.stop - span.start) * p)
-                np.matmul(w2.T, dy_part, out=dcols[:, local])
-        if dcols is not None:
-            dcols6 = dcols.reshape(c, *conv.kernel_size, -1, *out_hw)
-            _col2im_add(dx, dcols6, span, conv.stride, conv.padding)
+                dc = dcols[: cols.size].reshape(cols.shape)
+                for s in block:
+                    np.matmul(
+                        w2.T, dy_mat[:, s.start * p : s.stop * p], out=dc[:, _local(s, span, p)]
+                    )
+                _col2im_add(
+                    dx,
+                    dc.reshape(c, *conv.kernel_size, -1, *out_hw),
+                    span,
+                    conv.stride,
+                    conv.padding,
+                )
         return shares
 
     runs = _in_parallel(run, _gemm_chunks(n, w2.size * p))
@@ -1376,7 +1430,10 @@ class Conv2D(_ArrayRecord):
     ``padding`` is "valid", "same" (stride 1; an even kernel's extra row/column
     goes to the bottom/right, as in PyTorch), an int, (ph, pw), or
     ((top, bottom), (left, right)); it is stored resolved to the last form.
-    Forward is im2col + one GEMM; the patches are kept for backward.
+    Forward is im2col + GEMM, in batch chunks that threads share (see
+    ``set_num_threads``); y is a transposed view of a channel-major array.
+    The cache is x: backward builds the patches again, block by block, which
+    is cheaper than holding C_in*kh*kw values per output position.
     """
 
     w: np.ndarray = attrs.field(converter=_frozen_kernel)
@@ -1448,28 +1505,26 @@ class Conv2D(_ArrayRecord):
         ho, wo = _pool_out_hw("Conv2D", in_shape, self.kernel_size, self.stride, self.padding)
         return (self.out_channels, ho, wo)
 
-    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Conv2D]:
-        """y = w (C_out, C_in kh kw) @ patches + b; the cache is (patches, x.shape)."""
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Conv2D]:
+        """y = w (C_out, C_in kh kw) @ patches + b; the cache is x (backward
+        builds the patches again: cheaper than holding them)."""
         _check_images(x, self.w.dtype)
         _, ho, wo = self.output_shape(x.shape[1:])
-        y, cols = _conv_forward(self, x, (ho, wo))
-        y = y.reshape(self.out_channels, x.shape[0], ho, wo).transpose(1, 0, 2, 3)
-        return y, (cols, x.shape), self
+        y = _conv_forward(self, x, (ho, wo))
+        return y.reshape(self.out_channels, x.shape[0], ho, wo).transpose(1, 0, 2, 3), x, self
 
-    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY) with dY = dy as (C_out, N Ho Wo)."""
-        cols, x_shape = cache
-        _, ho, wo = self.output_shape(x_shape[1:])
-        _check_input("dy", dy, (x_shape[0], self.out_channels, ho, wo), self.w.dtype)
-        dx, dw, db = _conv_backward(self, cols, x_shape, (ho, wo), dy, with_dx=True)
+        _, ho, wo = self.output_shape(cache.shape[1:])
+        _check_input("dy", dy, (cache.shape[0], self.out_channels, ho, wo), self.w.dtype)
+        dx, dw, db = _conv_backward(self, cache, (ho, wo), dy, with_dx=True)
         return dx, (dw, db)
 
-    def _param_grads(self, cache: tuple, dy: np.ndarray) -> Params:
+    def _param_grads(self, cache: np.ndarray, dy: np.ndarray) -> Params:
         """(dw, db) as in ``backward``, without dx: a network skips the input
         gradient of its first layer."""
-        cols, x_shape = cache
-        out_hw = self.output_shape(x_shape[1:])[1:]
-        _, dw, db = _conv_backward(self, cols, x_shape, out_hw, dy, with_dx=False)
+        out_hw = self.output_shape(cache.shape[1:])[1:]
+        _, dw, db = _conv_backward(self, cache, out_hw, dy, with_dx=False)
         return dw, db
 
     def __repr__(self) -> str:
