@@ -1134,7 +1134,7 @@ def _in_parallel(run: Callable[[list[slice]], Any], chunks: list[slice]) -> list
     the others on the pool's; results in order."""
     k = min(_num_threads, len(chunks))
     if k <= 1:
-        return [run(chunks)]
+        return [run(chunks)] if chunks else []
     global _executor
     with _executor_lock:  # callers may be threads themselves
         if _executor is None:
@@ -1177,8 +1177,10 @@ def _overlap(size: int, out: int, k: int, stride: int, pad: int) -> tuple[slice,
     output positions o whose input position o*stride + k - pad lies inside
     [0, size); the other outputs read zero padding."""
     lo = max(0, -((k - pad) // stride))  # ceil((pad - k) / stride), at least 0
-    hi = max(lo, min(out, (size - 1 + pad - k) // stride + 1))
-    start = lo * stride + k - pad
+    hi = min(out, (size - 1 + pad - k) // stride + 1)
+    if hi <= lo:  # every output of this offset reads padding
+        return slice(lo, lo), slice(0, 0)
+    start = lo * stride + k - pad  # >= 0
     return slice(lo, hi), slice(start, start + (hi - lo - 1) * stride + 1, stride)
 
 
@@ -1404,10 +1406,9 @@ def _conv_backward(
         return shares
 
     runs = _in_parallel(run, _gemm_chunks(n, w2.size * p))
-    shares = [share for shares_of_run in runs for share in shares_of_run]
-    dw = shares[0]
-    for share in shares[1:]:  # in chunk order, whatever the threads
-        dw += share
+    dw = np.zeros((w2.shape[1], f), dtype=dy.dtype)
+    for share in (share for shares_of_run in runs for share in shares_of_run):
+        dw += share  # in chunk order, whatever the threads
     dx_out = None if dx is None else dx.transpose(1, 0, 2, 3)
     return dx_out, dw.T.reshape(conv.w.shape), dy_mat.sum(axis=1)
 

@@ -2512,6 +2512,7 @@ def test_conv_gradients(case):
         (4, 1, "same", (6, 5)),  # even kernel: extra row/column bottom/right
         (2, 1, "same", (5, 5)),
         ((3, 2), (2, 1), ((1, 0), (0, 2)), (7, 6)),
+        ((1, 4), 3, ((0, 1), (2, 0)), (4, 4)),  # an offset whose every output reads padding
     ],
 )
 def test_conv_matches_nested_loop_reference(kernel, stride, padding, hw):
@@ -2871,6 +2872,16 @@ def test_conv_accepts_non_contiguous_input():
     y, _, _ = conv.forward(view)
     ref = _conv_reference(view, conv.w, conv.b, conv.stride, conv.padding)
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_and_pool_empty_batch():
+    x = np.zeros((0, 2, 5, 5))
+    for layer in (dlfs.Conv2D.init(0, 2, 3, 3, padding=1, dtype=np.float64), dlfs.MaxPool2D(2)):
+        y, cache, _ = layer.forward(x)
+        assert y.shape == (0, *layer.output_shape(x.shape[1:]))
+        dx, grads = layer.backward(cache, np.zeros_like(y))
+        assert dx.shape == x.shape
+        assert all(g.shape == p.shape and not g.any() for g, p in zip(grads, layer.params()))
 
 
 def test_set_num_threads_bad_input(restore_threads):
