@@ -1128,11 +1128,13 @@ def get_num_threads() -> int:
     return _num_threads
 
 
-def _in_parallel(run: Callable[[list[slice]], Any], chunks: list[slice]) -> list[Any]:
+def _in_parallel(
+    run: Callable[[list[slice]], Any], chunks: list[slice], threads: bool = True
+) -> list[Any]:
     """``[run(group) for group in groups]``: the chunks cut into at most
-    get_num_threads() runs of neighbours, the first run on this thread and
-    the others on the pool's; results in order."""
-    k = min(_num_threads, len(chunks))
+    get_num_threads() runs of neighbours (one run if not ``threads``), the
+    first run on this thread and the others on the pool's; results in order."""
+    k = min(_num_threads if threads else 1, len(chunks))
     if k <= 1:
         return [run(chunks)] if chunks else []
     global _executor
@@ -1227,7 +1229,7 @@ def _gemm_chunks(n: int, per_sample: int) -> list[slice]:
     runs GEMMs of up to about a million multiply-adds through small-matrix
     kernels, 2-4x faster on the long, thin products of a convolution with few
     channels, so a small layer goes in pieces of at most that size; a large
-    one in equal pieces of about _GEMM_LARGE, which the threads share.
+    one in equal pieces of about _GEMM_LARGE.
     """
     if per_sample <= _GEMM_SMALL:
         rows = _GEMM_SMALL // per_sample
@@ -1246,6 +1248,14 @@ def _same_grid(x_hw: tuple[int, ...], out_hw: tuple[int, ...], stride: tuple[int
 def _shifted(hw: int, shift: int) -> tuple[slice, slice]:
     """(a, b): flat positions q in a and q + shift in b, for every q with both in [0, hw)."""
     return slice(max(0, -shift), hw - max(0, shift)), slice(max(0, shift), hw + min(0, shift))
+
+
+def _small_gemms(per_sample: int) -> bool:
+    """Whether a layer's GEMMs are small ones, which OpenBLAS runs on the calling
+    thread: dlfs's threads share those layers.  Larger GEMMs use OpenBLAS's own
+    threads (OPENBLAS_NUM_THREADS), so their layers run on one dlfs thread:
+    both pools at once would ask for more cores than there are."""
+    return per_sample <= _GEMM_SMALL
 
 
 def _im2col_into(cols: np.ndarray, x: np.ndarray, stride: tuple[int, int], pads: Pads) -> None:
@@ -1359,7 +1369,7 @@ def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarr
                 np.matmul(w2, cols[:, _local(s, span, p)], out=out)
                 out += bias
 
-    _in_parallel(run, _gemm_chunks(n, w2.size * p))
+    _in_parallel(run, _gemm_chunks(n, w2.size * p), _small_gemms(w2.size * p))
     return y
 
 
@@ -1405,7 +1415,7 @@ def _conv_backward(
                 )
         return shares
 
-    runs = _in_parallel(run, _gemm_chunks(n, w2.size * p))
+    runs = _in_parallel(run, _gemm_chunks(n, w2.size * p), _small_gemms(w2.size * p))
     dw = np.zeros((w2.shape[1], f), dtype=dy.dtype)
     for share in (share for shares_of_run in runs for share in shares_of_run):
         dw += share  # in chunk order, whatever the threads
