@@ -1318,6 +1318,19 @@ def _blocks(chunks: list[slice], per_sample: int) -> list[list[slice]]:
     return blocks
 
 
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: np.dtype) -> np.ndarray:
+    """A 1-D work buffer of at least ``size`` entries, kept by this thread for the
+    next call: it never leaves the function that asks for it."""
+    key = (name, np.dtype(dtype))
+    buffers = _scratch_buffers.__dict__
+    if key not in buffers or buffers[key].size < size:
+        buffers[key] = np.empty(size, dtype=dtype)
+    return buffers[key][:size]
+
+
 class _Patches:
     """One thread's patch matrices, block by block, in a buffer of its own.
 
@@ -1332,7 +1345,7 @@ class _Patches:
         self.k = conv.w[0].size
         self.p = out_hw[0] * out_hw[1]
         most = max(_span(b).stop - _span(b).start for b in blocks)
-        self.buffer = np.empty(self.k * most * self.p, dtype=x.dtype)
+        self.buffer = _scratch("patches", self.k * most * self.p, x.dtype)
 
     def of(self, span: slice) -> np.ndarray:
         """The patches of samples ``span`` as a (C_in*kh*kw, n*Ho*Wo) matrix."""
@@ -1392,7 +1405,7 @@ def _conv_backward(
     def run(chunks: list[slice]) -> list[np.ndarray]:
         blocks = _blocks(chunks, w2.shape[1] * p)
         patches = _Patches(conv, x, out_hw, blocks)
-        dcols = None if dx is None else np.empty_like(patches.buffer)
+        dcols = None if dx is None else _scratch("dcols", patches.buffer.size, dy.dtype)
         shares = []
         for block in blocks:
             span = _span(block)
