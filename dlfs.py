@@ -1588,15 +1588,37 @@ def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dtype: np.dtype, dy: Any
     return _check_input("dy", dy, out_shape, dtype)
 
 
+def _arg_dtype(pool: Any) -> type:
+    """The dtype of window-offset indices: uint8 unless a window has more than 256 entries."""
+    return np.uint8 if pool.size[0] * pool.size[1] <= 256 else np.intp
+
+
+def _max_into(windows: list[np.ndarray], y: np.ndarray, arg: np.ndarray | None) -> None:
+    """y = the elementwise max of the windows' views; with ``arg``, also the
+    offset of each window's first maximum: a later offset k takes over only
+    where it is strictly greater, and as k only grows, max(arg, k * above)
+    writes it."""
+    np.copyto(y, windows[0])
+    if arg is not None:
+        arg.fill(0)
+        above, step = np.empty_like(y, dtype=bool), np.empty_like(arg)
+    for k, view in enumerate(windows[1:], 1):
+        if arg is not None:
+            np.greater(view, y, out=above)
+            np.multiply(above, arg.dtype.type(k), out=step)
+            np.maximum(arg, step, out=arg)
+        np.maximum(y, view, out=y)
+
+
 def _first_argmax(pool: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The window offset (row-major index) of each window's first maximum.
+    """The offset of each window's first maximum, found from x and y (for a
+    cache from evaluation mode, where the forward does not track it).
 
     Offsets are scanned from the last to the first and each match overwrites,
     so the first one wins; ``arg + (k - arg) * match`` is that overwrite in
-    uint8 arithmetic (wrapping is harmless: it lands on k or on arg).
+    unsigned arithmetic (wrapping is harmless: it lands on k or on arg).
     """
-    n_offsets = pool.size[0] * pool.size[1]
-    dtype = np.uint8 if n_offsets <= 256 else np.intp
+    dtype = _arg_dtype(pool)
     arg = np.zeros_like(y, dtype=dtype)  # y's memory layout, for fast loops
     match = np.empty_like(y, dtype=bool)
     step = np.empty_like(arg)
@@ -1626,23 +1648,24 @@ class MaxPool2D(_NoParams):
         return _pool_output_shape(self, in_shape)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, MaxPool2D]:
-        """The cache is (x, y); backward finds each window's first maximum from them."""
+        """The cache is (x, y, arg): in training, arg holds the offset of each
+        window's first maximum, noted while taking the max; in evaluation mode
+        it is None and backward finds it from x and y."""
         _check_images(x)
         windows = [view for _, view in _pool_windows(self, x)]
         y = np.empty_like(windows[0])  # x's memory layout, for fast loops
+        arg = np.empty_like(y, dtype=_arg_dtype(self)) if ctx.train else None
 
         def run(chunks: list[slice]) -> None:
             s = _span(chunks)
-            np.copyto(y[s], windows[0][s])
-            for view in windows[1:]:
-                np.maximum(y[s], view[s], out=y[s])
+            _max_into([view[s] for view in windows], y[s], None if arg is None else arg[s])
 
         _in_parallel(run, _samples(x.shape[0]))
-        return y, (x, y), self
+        return y, (x, y, arg), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx[first argmax of each window] = dy[window]; zero elsewhere."""
-        x, y = cache
+        x, y, arg = cache
         _pool_check_dy(self, x.shape, x.dtype, dy)
         tiled = self.stride == self.size and all(
             d % s == 0 for d, s in zip(x.shape[2:], self.size)
@@ -1651,12 +1674,12 @@ class MaxPool2D(_NoParams):
 
         def run(chunks: list[slice]) -> None:
             s = _span(chunks)
-            arg = _first_argmax(self, x[s], y[s])
-            hit = np.empty_like(arg, dtype=bool)
-            g = np.empty_like(arg, dtype=dy.dtype)  # dy in y's layout: fast loops
+            first = _first_argmax(self, x[s], y[s]) if arg is None else arg[s]
+            hit = np.empty_like(first, dtype=bool)
+            g = np.empty_like(first, dtype=dy.dtype)  # dy in y's layout: fast loops
             g[...] = dy[s]
             for k, dview in _pool_windows(self, dx[s]):
-                np.equal(arg, k, out=hit)
+                np.equal(first, k, out=hit)
                 if tiled:
                     np.multiply(g, hit, out=dview)
                 else:

@@ -2742,6 +2742,23 @@ def test_maxpool_tie_goes_to_first_maximum():
     np.testing.assert_array_equal(dx1[0, 0], [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
 
 
+@pytest.mark.parametrize("size", [2, 3, (2, 3)])
+@pytest.mark.parametrize("stride", [None, 1])
+def test_maxpool_train_and_eval_route_alike(size, stride):
+    """In training the forward notes each window's first maximum; in evaluation
+    mode backward finds it from x and y: the same routing, ties included."""
+    pool = dlfs.MaxPool2D(size, stride=stride)
+    x = np.random.default_rng(7).integers(0, 3, size=(3, 2, 7, 8)).astype(np.float64)  # ties
+    y_eval, cache_eval, _ = pool.forward(x)
+    y_train, cache_train, _ = pool.forward(x, dlfs.train_context(0))
+    assert cache_eval[2] is None and cache_train[2] is not None
+    np.testing.assert_array_equal(y_eval, y_train)
+    dy = np.random.default_rng(8).standard_normal(y_eval.shape)
+    np.testing.assert_array_equal(
+        pool.backward(cache_eval, dy)[0], pool.backward(cache_train, dy)[0]
+    )
+
+
 def test_pool_drops_incomplete_windows():
     x = np.arange(2.0 * 7 * 5).reshape(1, 2, 7, 5)
     for pool in (dlfs.MaxPool2D(2), dlfs.AvgPool2D(2)):
