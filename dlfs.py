@@ -1151,9 +1151,14 @@ def _in_parallel(
     return [first, *(future.result() for future in futures)]
 
 
-def _samples(n: int) -> list[slice]:
-    """One chunk per sample, for elementwise work that threads share by runs."""
-    return [slice(i, i + 1) for i in range(n)]
+_MIN_CHUNK = 1 << 17  # entries: a thread's share of elementwise work is worth a handoff
+
+
+def _samples(n: int, per_sample: int) -> list[slice]:
+    """Chunks of whole samples of at least _MIN_CHUNK entries (``per_sample``
+    each), for elementwise work that threads share by runs of chunks."""
+    rows = max(1, _MIN_CHUNK // max(per_sample, 1))
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
 def _span(chunks: list[slice]) -> slice:
@@ -1660,7 +1665,7 @@ class MaxPool2D(_NoParams):
             s = _span(chunks)
             _max_into([view[s] for view in windows], y[s], None if arg is None else arg[s])
 
-        _in_parallel(run, _samples(x.shape[0]))
+        _in_parallel(run, _samples(x.shape[0], math.prod(x.shape[1:])))
         return y, (x, y, arg), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
@@ -1685,7 +1690,7 @@ class MaxPool2D(_NoParams):
                 else:
                     dview += g * hit
 
-        _in_parallel(run, _samples(x.shape[0]))
+        _in_parallel(run, _samples(x.shape[0], math.prod(x.shape[1:])))
         return dx, ()
 
 
