@@ -2855,6 +2855,7 @@ def _threads_cnn() -> dlfs.Network:
 def test_threads_give_bit_identical_results(monkeypatch, restore_threads, gemm_small, gemm_large):
     """Convolutions and pools split the batch over threads in pieces fixed by the
     shapes: the thread count never changes a bit of the results."""
+    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)  # pools: a chunk per sample, shared by threads
     if gemm_small:
         monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
     if gemm_large:
@@ -2884,6 +2885,7 @@ def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, restore_threads)
 @pytest.mark.parametrize("padding", ["same", 1, "valid"])
 def test_conv_gradients_in_chunks_and_threads(monkeypatch, restore_threads, padding):
     monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample, shared by threads
+    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)
     dlfs.set_num_threads(3)
     conv = dlfs.Conv2D.init(1, 2, 3, 3, padding=padding, bias_init=dlfs.normal, dtype=np.float64)
     x = np.random.default_rng(4).standard_normal((5, 2, 6, 7))
