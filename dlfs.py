@@ -116,6 +116,7 @@ __all__ = [
     "network",
     "normal",
     "one_hot",
+    "orthogonal",
     "permute",
     "rmse",
     "save",
@@ -491,6 +492,20 @@ def he_uniform(
     fan_in, _ = _fans(shape)
     a = math.sqrt(6.0 / fan_in)
     return (rng.random(shape, dtype=np.dtype(dtype)) * 2 - 1) * a
+
+
+def orthogonal(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+) -> np.ndarray:
+    """Orthogonal (Saxe et al. 2014; PyTorch's ``nn.init.orthogonal_``): w = Q of
+    the QR of a standard normal matrix, signs fixed by diag(R); shape (rows, cols),
+    orthonormal columns if rows >= cols, else orthonormal rows."""
+    if len(shape) != 2:
+        raise ValueError(f"shape must be 2-D for an orthogonal matrix, got {shape}")
+    rows, cols = shape
+    q, r = np.linalg.qr(rng.standard_normal((max(rows, cols), min(rows, cols))))
+    q *= np.sign(np.diag(r))  # a uniformly random orthogonal matrix, not one QR's choice
+    return (q if rows >= cols else q.T).astype(dtype)
 
 
 # -------------------------------------------------------------------- layers
@@ -985,6 +1000,594 @@ class BatchNorm(_ArrayRecord):
 
     def __repr__(self) -> str:
         return f"BatchNorm({self.gamma.shape[0]}, momentum={self.momentum}, eps={self.eps}, {self.gamma.dtype})"
+
+
+# ------------------------------------------ sequences: embedding and recurrent layers
+
+# Largest -z whose exp still fits the dtype (exp(88.7) overflows float32).
+_EXP_LIMIT = {np.dtype(np.float32): 88.0, np.dtype(np.float64): 709.0}
+
+
+def _sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """sigmoid(z) = 1 / (1 + exp(-z)) with -z clipped just below exp's overflow.
+
+    No subtraction, so no cancellation: accurate to a few ulps in both tails
+    down to the subnormal range, like the two-branch exp(-|z|) form, without
+    that form's masks (np.where/copyto cost numpy several passes).  ``out``
+    may be ``z`` itself.
+    """
+    out = np.negative(z, out=out)
+    np.minimum(out, _EXP_LIMIT[out.dtype], out=out)
+    np.exp(out, out=out)
+    out += 1
+    return np.reciprocal(out, out=out)
+
+
+def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarray:
+    """``x`` must be an integer ndarray (token ids) of shape ``spec``."""
+    _check_ndarray(name, x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(
+            f"{name} must be an integer array of token ids, got dtype {x.dtype}; "
+            "dlfs never casts silently: convert with .astype(np.int64)"
+        )
+    _check_shape(name, x, spec)
+    return x
+
+
+def _scatter_add_rows(n_rows: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """out[k] = sum of values[j] over the j with idx[j] == k (repeats accumulate).
+
+    idx: (M,) ints in [0, n_rows), values: (M, D) -> out: (n_rows, D).
+    """
+    out = np.zeros((n_rows, values.shape[1]), values.dtype)
+    np.add.at(out, idx, values)
+    return out
+
+
+@attrs.frozen(eq=False, repr=False)
+class Embedding:
+    """Lookup table of token vectors: y[n, t] = w[x[n, t]] (PyTorch's
+    ``nn.Embedding``, whose ``weight`` is ``w``).
+
+    x: integer ids (N, T) (or any (N, ...)) in [0, n_vocab) -> y: (N, T, dim);
+    w: (n_vocab, dim).  The gradient is a scatter-add, dw[k] = sum of dy over
+    the positions holding id k; ids have no gradient (backward's dx is None).
+    A network that starts with an Embedding takes integer ids as its input.
+    """
+
+    w: np.ndarray = attrs.field(converter=_frozen)
+
+    def __attrs_post_init__(self) -> None:
+        if self.w.ndim != 2:
+            raise ValueError(f"w must be 2-D (n_vocab, dim), got shape {self.w.shape}")
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        n_vocab: int,
+        dim: int,
+        *,
+        init: Callable[..., np.ndarray] = normal,
+        dtype: Any = np.float32,
+    ) -> Embedding:
+        """Draw w (n_vocab, dim) with ``init`` (N(0, 1), PyTorch's default) from ``key``."""
+        n_vocab, dim = _check_int("n_vocab", n_vocab), _check_int("dim", dim)
+        return cls(init(make_rng(key), (n_vocab, dim), _check_dtype(dtype)))
+
+    @property
+    def n_vocab(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.w.shape[1]
+
+    def params(self) -> Params:
+        """(w,)."""
+        return (self.w,)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Embedding:
+        """A new Embedding with ``params = (w,)``."""
+        (w,) = _check_new_params(self, params)
+        return Embedding(w)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(T,) -> (T, dim): one vector per id."""
+        return (*in_shape, self.dim)
+
+    def forward(
+        self, x: np.ndarray, ctx: Context = EVAL
+    ) -> tuple[np.ndarray, np.ndarray, Embedding]:
+        """y = w[x]; the cache is x.  Ids out of [0, n_vocab) are a ValueError."""
+        _check_ids(
+            "x", x, (None, *x.shape[1:]) if isinstance(x, np.ndarray) and x.ndim else (None,)
+        )
+        _check_nonempty("x", x)
+        lo, hi = x.min(), x.max()
+        if lo < 0 or hi >= self.n_vocab:
+            raise ValueError(f"x must hold ids in [0, {self.n_vocab}), got values in [{lo}, {hi}]")
+        return np.take(self.w, x, axis=0), x, self
+
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[None, Params]:
+        """dx = None (ids have no gradient); dw = scatter-add of dy by id."""
+        return None, self._param_grads(cache, dy)
+
+    def _param_grads(self, cache: np.ndarray, dy: np.ndarray) -> Params:
+        _check_input("dy", dy, (*cache.shape, self.dim), self.w.dtype)
+        return (_scatter_add_rows(self.n_vocab, cache.reshape(-1), dy.reshape(-1, self.dim)),)
+
+    def __repr__(self) -> str:
+        return f"Embedding({self.n_vocab} -> {self.dim}, {self.w.dtype})"
+
+
+def _swap_nt(a: np.ndarray) -> np.ndarray:
+    """(N, T, ...) <-> (T, N, ...) as a contiguous copy (time-major: a step's rows
+    side by side)."""
+    return np.ascontiguousarray(a.swapaxes(0, 1))
+
+
+def _recurrent_weights(
+    key: int | Key, n_in: int, n_hidden: int, gates: int, dtype: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(w_ih, w_hh, b): Glorot uniform (D, G*H), one orthogonal (H, H) block per
+    gate, zeros (G*H,)."""
+    n_in, n_hidden = _check_int("n_in", n_in), _check_int("n_hidden", n_hidden)
+    dtype = _check_dtype(dtype)
+    rng = make_rng(key)
+    w_ih = glorot_uniform(rng, (n_in, gates * n_hidden), dtype)
+    w_hh = np.concatenate([orthogonal(rng, (n_hidden, n_hidden), dtype) for _ in range(gates)], 1)
+    return w_ih, w_hh, np.zeros(gates * n_hidden, dtype)
+
+
+@attrs.frozen(eq=False, repr=False)
+class _Recurrent:
+    """What RNN, LSTM and GRU share: shapes, validation, the input projection
+    of all steps in one GEMM, batch-first <-> time-major, and backward's
+    closing GEMMs.  A subclass gives ``_GATES``, ``_STATES`` (1: state h,
+    2: state (h, c)), ``_steps`` (the forward loop) and ``_back_steps``.
+
+    Internally time runs along axis 0 ((T, N, ...)), so a step's rows are
+    contiguous; the caller sees batch-first (N, T, ...) arrays.
+    """
+
+    _GATES = 1
+    _STATES = 1
+
+    w_ih: np.ndarray = attrs.field(converter=_frozen)
+    w_hh: np.ndarray = attrs.field(converter=_frozen)
+    b: np.ndarray = attrs.field(converter=_frozen)
+    return_sequences: bool = attrs.field(
+        default=False, kw_only=True, validator=attrs.validators.instance_of(bool)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        name, g = type(self).__name__, self._GATES
+        if self.w_hh.ndim != 2 or self.w_hh.shape[1] != g * self.w_hh.shape[0]:
+            raise ValueError(f"w_hh of {name} must have shape (H, {g}*H), got {self.w_hh.shape}")
+        gh = self.w_hh.shape[1]
+        _check_input("w_ih", self.w_ih, ("D", gh), self.w_hh.dtype)
+        _check_input("b", self.b, (gh,), self.w_hh.dtype)
+
+    @property
+    def n_in(self) -> int:
+        return self.w_ih.shape[0]
+
+    @property
+    def n_hidden(self) -> int:
+        return self.w_hh.shape[0]
+
+    def params(self) -> Params:
+        """(w_ih, w_hh, b)."""
+        return (self.w_ih, self.w_hh, self.b)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Any:
+        """A new layer of the same kind with ``params`` (shapes and dtypes checked)."""
+        new = _check_new_params(self, params)
+        return type(self)(*new, return_sequences=self.return_sequences)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(T, D) -> (T, H) with ``return_sequences``, else (H,)."""
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 2 or in_shape[1] != self.n_in:
+            raise ValueError(
+                f"{type(self).__name__} expects sequences of shape (N, T, {self.n_in}), "
+                f"the previous layer gives {_shape_str((None, *in_shape))}"
+            )
+        return (in_shape[0], self.n_hidden) if self.return_sequences else (self.n_hidden,)
+
+    def initial_state(self, n: int) -> Any:
+        """The zero state for a batch of ``n``: h (N, H), or (h, c) for an LSTM."""
+        zeros = self._zeros(_check_int("n", n))
+        return zeros[0] if self._STATES == 1 else zeros
+
+    def _zeros(self, n: int) -> tuple[np.ndarray, ...]:
+        return tuple(np.zeros((n, self.n_hidden), self.w_hh.dtype) for _ in range(self._STATES))
+
+    def _check_state(
+        self, name: str, state: Any, n: int, *, none_parts: bool = False
+    ) -> tuple[Any, ...]:
+        """A public state (h, or (h, c)) as a tuple of (N, H) arrays; None ->
+        zeros; with ``none_parts`` an LSTM pair may hold None (for zeros)."""
+        if state is None:
+            return self._zeros(n)
+        parts = (state,) if self._STATES == 1 else state
+        if self._STATES == 2 and (not isinstance(state, tuple) or len(state) != 2):
+            raise TypeError(f"{name} of an LSTM must be a pair (h, c), got {type(state).__name__}")
+        for i, part in enumerate(parts):
+            if not (none_parts and part is None and self._STATES == 2):
+                where = name if self._STATES == 1 else f"{name}[{i}]"
+                _check_input(where, part, (n, self.n_hidden), self.w_hh.dtype)
+        return parts
+
+    def scan(self, x: np.ndarray, state: Any = None) -> tuple[np.ndarray, Any, tuple]:
+        """Run over all T steps from ``state`` (None: zeros): returns (ys, last
+        state, cache).  x: (N, T, D) -> ys: (N, T, H); state h (N, H), or
+        (h, c) for an LSTM.  Pure: for truncated backpropagation through time
+        pass the last state of one segment as the next one's ``state``."""
+        self._check_x(x)
+        hs, last, cache = self._scan(x, self._check_state("state", state, x.shape[0]))
+        return _swap_nt(hs), (last[0] if self._STATES == 1 else last), cache
+
+    def backward_scan(
+        self, cache: tuple, dys: np.ndarray | None = None, dstate: Any = None
+    ) -> tuple[np.ndarray, Any, Params]:
+        """Backpropagation through time: from dL/dys (N, T, H) and dL/d(last
+        state) (either may be None, not both; so may one part of an LSTM's
+        (dh, dc)) to (dx (N, T, D), dL/d(initial state), grads aligned with
+        ``params()``)."""
+        t, n = cache[0].shape[:2]
+        if dys is None and dstate is None:
+            raise ValueError("backward_scan needs dys or dstate (got neither)")
+        dyt = None
+        if dys is not None:
+            dyt = _swap_nt(_check_input("dys", dys, (n, t, self.n_hidden), self.w_hh.dtype))
+        dlast = None if dstate is None else self._check_state("dstate", dstate, n, none_parts=True)
+        dx, d0, grads = self._backward(cache, dyt, dlast, need_dx=True)
+        return dx, (d0[0] if self._STATES == 1 else d0), grads
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Any]:
+        """``scan`` from the zero state: ys (N, T, H) with ``return_sequences``,
+        else the last step's h (N, H); the cache is the scan's."""
+        self._check_x(x)
+        hs, _, cache = self._scan(x, self._zeros(x.shape[0]))
+        return (_swap_nt(hs) if self.return_sequences else hs[-1]), cache, self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx (N, T, D) and grads from dy (N, T, H) or (N, H) (see ``forward``)."""
+        dx, _, grads = self._backward(cache, *self._dy_parts(cache, dy), need_dx=True)
+        return dx, grads
+
+    def _param_grads(self, cache: tuple, dy: np.ndarray) -> Params:
+        """The grads of ``backward`` without dx: a network skips the input
+        gradient of its first layer."""
+        return self._backward(cache, *self._dy_parts(cache, dy), need_dx=False)[2]
+
+    def _dy_parts(self, cache: tuple, dy: np.ndarray) -> tuple[Any, Any]:
+        """``forward``'s dy as (time-major dys, None) or (None, last state grads)."""
+        t, n = cache[0].shape[:2]
+        if self.return_sequences:
+            _check_input("dy", dy, (n, t, self.n_hidden), self.w_hh.dtype)
+            return _swap_nt(dy), None
+        _check_input("dy", dy, (n, self.n_hidden), self.w_hh.dtype)
+        return None, (dy,) + (None,) * (self._STATES - 1)
+
+    def _check_x(self, x: Any) -> None:
+        _check_input("x", x, (None, "T", self.n_in), self.w_hh.dtype)
+        if x.shape[1] == 0:
+            raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+
+    def _scan(self, x: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, tuple]:
+        """The input projection of all steps in one GEMM, then the step loop.
+        Returns time-major hs (T, N, H), the last state and the cache."""
+        xt = _swap_nt(x)  # (T, N, D)
+        t, n, d = xt.shape
+        a = (xt.reshape(t * n, d) @ self.w_ih).reshape(t, n, -1)
+        a += self.b
+        hs, last, core = self._steps(a, state)
+        return hs, last, (xt, state, hs, core)
+
+    def _grad_buffers(self, dlast: tuple | None, n: int) -> list[np.ndarray]:
+        """Fresh copies of the last state's gradients (zeros where None), which
+        the backward loop then updates in place."""
+        parts = dlast if dlast is not None else (None,) * self._STATES
+        zero = functools.partial(np.zeros, (n, self.n_hidden), self.w_hh.dtype)
+        return [zero() if p is None else p.copy() for p in parts]
+
+    def _backward(
+        self, cache: tuple, dyt: np.ndarray | None, dlast: tuple | None, *, need_dx: bool
+    ) -> tuple[Any, tuple, Params]:
+        """The step loop, then one GEMM each for dw_ih, dw_hh and dx (if needed)
+        over all steps at once (the h's stacked), not T small products."""
+        xt, state, hs, core = cache
+        t, n, d = xt.shape
+        dax, dah, d0, extra = self._back_steps(core, state, hs, dyt, self._grad_buffers(dlast, n))
+        # dw_hh = sum_t h_{t-1}.T @ dah_t; h_0 .. h_{T-2} are contiguous in hs
+        dw_hh = state[0].T @ dah[0]
+        if t > 1:
+            dw_hh += hs[:-1].reshape((t - 1) * n, -1).T @ dah[1:].reshape((t - 1) * n, -1)
+        dax = dax.reshape(t * n, -1)
+        grads = (xt.reshape(t * n, d).T @ dax, dw_hh, dax.sum(axis=0), *extra)
+        dx = _swap_nt((dax @ self.w_ih.T).reshape(t, n, d)) if need_dx else None
+        return dx, d0, grads
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.n_in} -> {self.n_hidden}, "
+            f"return_sequences={self.return_sequences}, {self.w_hh.dtype})"
+        )
+
+
+@attrs.frozen(eq=False, repr=False)
+class RNN(_Recurrent):
+    """Elman RNN with tanh (PyTorch's ``nn.RNN``, batch_first=True):
+    h_t = tanh(x_t @ w_ih + h_{t-1} @ w_hh + b).
+
+    x: (N, T, D) -> (N, T, H) with ``return_sequences``, else (N, H), the last
+    h; w_ih: (D, H), w_hh: (H, H), b: (H,).  ``forward`` starts from h_0 = 0;
+    ``scan(x, h0)`` starts from any h0 (N, H) and returns the last h too.
+
+    PyTorch: w_ih = weight_ih_l0.T, w_hh = weight_hh_l0.T, b = bias_ih_l0 +
+    bias_hh_l0; back: weight_ih_l0 = w_ih.T, weight_hh_l0 = w_hh.T,
+    bias_ih_l0 = b, bias_hh_l0 = 0.
+
+        rnn = dlfs.RNN.init(0, n_in=3, n_hidden=8, return_sequences=True)
+        ys, h_last, cache = rnn.scan(x)  # x: (N, T, 3) -> ys: (N, T, 8)
+    """
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        n_in: int,
+        n_hidden: int,
+        *,
+        return_sequences: bool = False,
+        dtype: Any = np.float32,
+    ) -> RNN:
+        """Glorot-uniform w_ih, orthogonal w_hh, zero b, drawn from ``key``."""
+        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 1, dtype)
+        return cls(w_ih, w_hh, b, return_sequences=return_sequences)
+
+    def _steps(self, a: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, Any]:
+        """a[t] (N, H) holds x_t w_ih + b and becomes h_t in place."""
+        (h,) = state
+        for t in range(len(a)):
+            h = np.tanh(np.add(a[t], h @ self.w_hh, out=a[t]), out=a[t])
+        return a, (h,), None
+
+    def _back_steps(
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list
+    ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+        """da_t = (dh_t + dys_t) (1 - h_t^2); dh_{t-1} = da_t @ w_hh.T."""
+        (dh,) = d
+        da = np.empty_like(hs)
+        w_hh_t = self.w_hh.T
+        for t in range(len(hs) - 1, -1, -1):
+            if dyt is not None:
+                dh += dyt[t]
+            slope = np.multiply(hs[t], hs[t], out=da[t])
+            np.subtract(1, slope, out=slope)
+            slope *= dh
+            dh = slope @ w_hh_t
+        return da, da, (dh,), ()
+
+
+@attrs.frozen(eq=False, repr=False)
+class LSTM(_Recurrent):
+    """Long short-term memory (PyTorch's ``nn.LSTM``, batch_first=True), gates
+    in PyTorch's order i, f, g, o along the columns of w_ih, w_hh and b:
+    [i f g o] = x_t @ w_ih + h_{t-1} @ w_hh + b, then i, f, o = sigmoid(.),
+    g = tanh(.), c_t = f * c_{t-1} + i * g, h_t = o * tanh(c_t).
+
+    x: (N, T, D) -> (N, T, H) with ``return_sequences``, else (N, H), the last
+    h; w_ih: (D, 4H), w_hh: (H, 4H), b: (4H,); the state is (h, c), each (N, H).
+    ``forward`` starts from zeros; ``scan(x, (h0, c0))`` from any state and
+    returns the last (h, c) too.
+
+    PyTorch: w_ih = weight_ih_l0.T, w_hh = weight_hh_l0.T, b = bias_ih_l0 +
+    bias_hh_l0; back: weight_ih_l0 = w_ih.T, weight_hh_l0 = w_hh.T,
+    bias_ih_l0 = b, bias_hh_l0 = 0.
+
+        lstm = dlfs.LSTM.init(0, n_in=28, n_hidden=128)  # (N, 28, 28) -> (N, 128)
+    """
+
+    _GATES = 4
+    _STATES = 2
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        n_in: int,
+        n_hidden: int,
+        *,
+        return_sequences: bool = False,
+        forget_bias: float = 1.0,
+        dtype: Any = np.float32,
+    ) -> LSTM:
+        """Glorot-uniform w_ih, one orthogonal block per gate in w_hh, b = 0
+        except the forget gate's, ``forget_bias``.  The default 1.0 (Gers et
+        al. 2000, Jozefowicz et al. 2015; Keras's ``unit_forget_bias``) starts
+        f near 0.73, so the cell keeps its memory and gradients reach far back
+        early in training; pass 0.0 for all-zero biases."""
+        forget_bias = _check_number("forget_bias", forget_bias)
+        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 4, dtype)
+        b[n_hidden : 2 * n_hidden] = forget_bias
+        return cls(w_ih, w_hh, b, return_sequences=return_sequences)
+
+    def _steps(self, a: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, Any]:
+        """a[t] (N, 4H) holds x_t w_ih + b and becomes the gates [i f g o] in place."""
+        n_t, _, gh = a.shape
+        hs, cs, tcs = (np.empty((n_t, a.shape[1], gh // 4), a.dtype) for _ in range(3))
+        h, c = state
+        for t in range(n_t):
+            i, f, g, o = _lstm_gates(np.add(a[t], h @ self.w_hh, out=a[t]))
+            c = np.multiply(f, c, out=cs[t])
+            c += i * g
+            h = np.multiply(o, np.tanh(c, out=tcs[t]), out=hs[t])
+        return hs, (h, c), (a, cs, tcs)
+
+    def _back_steps(
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list
+    ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+        """Gate gradients da_t = [di df dg do] * activation slopes, with
+        dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c_t)^2)."""
+        a, cs, tcs = core
+        dh, dc = d
+        da = np.empty_like(a)
+        w_hh_t = self.w_hh.T
+        for t in range(len(a) - 1, -1, -1):
+            if dyt is not None:
+                dh += dyt[t]
+            gates, tc = a[t], tcs[t]
+            i, f, g, o = _split4(gates)
+            di, df, dg, do = _split4(da[t])
+            np.multiply(dh, tc, out=do)
+            dc_here = np.multiply(tc, tc)
+            np.subtract(1, dc_here, out=dc_here)
+            dc_here *= o
+            dc_here *= dh
+            dc += dc_here
+            np.multiply(dc, g, out=di)
+            np.multiply(dc, cs[t - 1] if t else state[1], out=df)
+            np.multiply(dc, i, out=dg)
+            dc *= f
+            da[t] *= _lstm_slopes(gates, g)
+            dh = da[t] @ w_hh_t
+        return da, da, (dh, dc), ()
+
+
+def _split4(a: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The four (N, H) column blocks of an (N, 4H) array (views)."""
+    h = a.shape[1] // 4
+    return a[:, :h], a[:, h : 2 * h], a[:, 2 * h : 3 * h], a[:, 3 * h :]
+
+
+def _lstm_gates(z: np.ndarray) -> tuple[np.ndarray, ...]:
+    """In place: pre-activations [i f g o] (N, 4H) -> sigmoid(i, f, o), tanh(g).
+    One sigmoid pass over the contiguous block serves all four gates:
+    tanh(z) = 2 sigmoid(2 z) - 1 (two small passes over g instead of a
+    sigmoid over three strided blocks)."""
+    i, f, g, o = _split4(z)
+    g *= 2
+    _sigmoid(z, out=z)
+    g *= 2
+    g -= 1
+    return i, f, g, o
+
+
+def _lstm_slopes(gates: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """d(activation)/d(pre-activation) of [i f g o]: s (1 - s) for the sigmoid
+    gates, 1 - g^2 for the tanh gate g."""
+    slope = np.subtract(1, gates)
+    slope *= gates
+    _, _, slope_g, _ = _split4(slope)
+    np.multiply(g, g, out=slope_g)
+    np.subtract(1, slope_g, out=slope_g)
+    return slope
+
+
+@attrs.frozen(eq=False, repr=False)
+class GRU(_Recurrent):
+    """Gated recurrent unit (PyTorch's ``nn.GRU``, batch_first=True), gates in
+    PyTorch's order r, z, n along the columns of w_ih, w_hh and b:
+    r, z = sigmoid(x_t @ w_ih[:, :2H] + h_{t-1} @ w_hh[:, :2H] + b[:2H]),
+    n = tanh(x_t @ w_ih[:, 2H:] + b[2H:] + r * (h_{t-1} @ w_hh[:, 2H:] + b_hn)),
+    h_t = (1 - z) * n + z * h_{t-1}.  The reset gate multiplies the recurrent
+    term after its bias, so n keeps its own b_hn (as Equinox's ``GRUCell``).
+
+    x: (N, T, D) -> (N, T, H) with ``return_sequences``, else (N, H), the last
+    h; w_ih: (D, 3H), w_hh: (H, 3H), b: (3H,), b_hn: (H,).  ``forward``
+    starts from h_0 = 0; ``scan(x, h0)`` from any h0 and returns the last h too.
+
+    PyTorch: w_ih = weight_ih_l0.T, w_hh = weight_hh_l0.T, b = bias_ih_l0 +
+    [bias_hh_l0[:2H], 0], b_hn = bias_hh_l0[2H:]; back: weight_ih_l0 = w_ih.T,
+    weight_hh_l0 = w_hh.T, bias_ih_l0 = b, bias_hh_l0 = [0, 0, b_hn].
+    """
+
+    _GATES = 3
+
+    b_hn: np.ndarray = attrs.field(converter=_frozen)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        _check_input("b_hn", self.b_hn, (self.n_hidden,), self.w_hh.dtype)
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        n_in: int,
+        n_hidden: int,
+        *,
+        return_sequences: bool = False,
+        dtype: Any = np.float32,
+    ) -> GRU:
+        """Glorot-uniform w_ih, one orthogonal block per gate in w_hh, zero biases."""
+        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 3, dtype)
+        b_hn = np.zeros(n_hidden, b.dtype)
+        return cls(w_ih, w_hh, b, b_hn, return_sequences=return_sequences)
+
+    def params(self) -> Params:
+        """(w_ih, w_hh, b, b_hn)."""
+        return (self.w_ih, self.w_hh, self.b, self.b_hn)
+
+    def _steps(self, a: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, Any]:
+        """a[t] (N, 3H) holds x_t w_ih + b and becomes [r z n] in place; hns[t]
+        keeps h_{t-1} w_hn + b_hn for backward."""
+        n_t, n, gh = a.shape
+        h2 = 2 * (gh // 3)
+        hs, hns = (np.empty((n_t, n, gh // 3), a.dtype) for _ in range(2))
+        (h,) = state
+        for t in range(n_t):
+            hw = h @ self.w_hh
+            rz, new = a[t, :, :h2], a[t, :, h2:]
+            rz += hw[:, :h2]
+            _sigmoid(rz, out=rz)
+            r, z = rz[:, : h2 // 2], rz[:, h2 // 2 :]
+            hn = np.add(hw[:, h2:], self.b_hn, out=hns[t])
+            new += r * hn
+            np.tanh(new, out=new)
+            h_new = np.subtract(h, new, out=hs[t])  # h_t = n + z (h_{t-1} - n)
+            h_new *= z
+            h = np.add(h_new, new, out=h_new)
+        return hs, (h,), (a, hns)
+
+    def _back_steps(
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list
+    ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+        """dax_t: gradients of the input-side pre-activations [r z n];
+        dah_t: of h_{t-1} @ w_hh, i.e. [dr dz dn * r]."""
+        a, hns = core
+        (dh,) = d
+        dax, dah = np.empty_like(a), np.empty_like(a)
+        h2 = 2 * (a.shape[2] // 3)
+        w_hh_t = self.w_hh.T
+        for t in range(len(a) - 1, -1, -1):
+            if dyt is not None:
+                dh += dyt[t]
+            rz, new = a[t, :, :h2], a[t, :, h2:]
+            r, z = rz[:, : h2 // 2], rz[:, h2 // 2 :]
+            d_rz, d_new = dax[t, :, :h2], dax[t, :, h2:]
+            d_r, d_z = d_rz[:, : h2 // 2], d_rz[:, h2 // 2 :]
+            np.subtract(hs[t - 1] if t else state[0], new, out=d_z)
+            d_z *= dh  # dL/dz = dh (h_{t-1} - n)
+            np.subtract(1, z, out=d_new)
+            d_new *= dh
+            d_new *= 1 - new * new  # dL/d(n's pre-activation) = dh (1 - z) (1 - n^2)
+            np.multiply(d_new, hns[t], out=d_r)  # dL/dr = that * (h w_hn + b_hn)
+            slope = np.subtract(1, rz)
+            slope *= rz
+            d_rz *= slope
+            dah[t, :, :h2] = d_rz
+            np.multiply(d_new, r, out=dah[t, :, h2:])
+            dh_prev = dah[t] @ w_hh_t
+            dh *= z
+            dh_prev += dh
+            dh = dh_prev
+        return dax, dah, (dh,), (dah[:, :, h2:].sum(axis=(0, 1)),)
 
 
 # ------------------------------------------------------ convolutions and pools
