@@ -59,12 +59,15 @@ __all__ = [
     "DenseSpec",
     "Dropout",
     "ELU",
+    "Embedding",
     "EpochRecord",
     "ExponentialDecay",
     "Flatten",
     "GELU",
+    "GRU",
     "GradientCheckError",
     "History",
+    "LSTM",
     "Layer",
     "LeakyReLU",
     "Linear",
@@ -78,6 +81,7 @@ __all__ = [
     "NonFiniteError",
     "OptState",
     "RMSProp",
+    "RNN",
     "ReLU",
     "SiLU",
     "Sigmoid",
@@ -102,15 +106,18 @@ __all__ = [
     "conv2d",
     "data_parallel_step",
     "dense",
+    "embedding",
     "fit",
     "get_num_threads",
     "global_mean_loss",
     "glorot_normal",
     "glorot_uniform",
+    "gru",
     "he_normal",
     "he_uniform",
     "load",
     "load_mnist",
+    "lstm",
     "mae",
     "make_rng",
     "network",
@@ -119,6 +126,7 @@ __all__ = [
     "orthogonal",
     "permute",
     "rmse",
+    "rnn",
     "save",
     "set_num_threads",
     "shard",
@@ -597,7 +605,8 @@ def _dense_bias(b: Any) -> np.ndarray:
 class Dense(_ArrayRecord):
     """Fully connected layer (the book's WeightMultiply + BiasAdd): y = x @ w + b.
 
-    x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).
+    x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).  Sequences
+    x: (N, T, D_in) -> y: (N, T, D_out) apply it at every step (as ``nn.Linear``).
     """
 
     w: np.ndarray = attrs.field(converter=_dense_weights)
@@ -645,28 +654,47 @@ class Dense(_ArrayRecord):
         return Dense(w, b)
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(D_in,) -> (D_out,)."""
-        if tuple(in_shape) != (self.in_features,):
+        """(D_in,) -> (D_out,); (T, D_in) -> (T, D_out)."""
+        in_shape = tuple(in_shape)
+        if len(in_shape) not in (1, 2) or in_shape[-1] != self.in_features:
             raise ValueError(
-                f"Dense expects inputs of shape (N, {self.in_features}), "
-                f"the previous layer gives {_shape_str((None, *in_shape))}"
+                f"Dense expects inputs of shape (N, {self.in_features}) or (N, T, "
+                f"{self.in_features}), the previous layer gives {_shape_str((None, *in_shape))}"
             )
-        return (self.out_features,)
+        return (*in_shape[:-1], self.out_features)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Dense]:
         """y = x @ w + b; the cache is x."""
+        if type(x) is np.ndarray and x.ndim == 3:
+            return self._forward_seq(x), x, self
         _check_input("x", x, (None, self.in_features), self.w.dtype)
         y = x @ self.w
         y += self.b  # y is a fresh array of ours; adding in place saves a copy
         return y, x, self
 
+    def _forward_seq(self, x: np.ndarray) -> np.ndarray:
+        """(N, T, D_in) -> (N, T, D_out): all N*T rows in one GEMM."""
+        _check_input("x", x, (None, "T", self.in_features), self.w.dtype)
+        y = x.reshape(-1, self.in_features) @ self.w
+        y += self.b
+        return y.reshape(*x.shape[:2], self.out_features)
+
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy."""
+        """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy (over N and T for sequences)."""
+        if cache.ndim == 3:
+            return self._backward_seq(cache, dy)
         _check_input("dy", dy, (cache.shape[0], self.out_features), self.w.dtype)
         return dy @ self.w.T, self._param_grads(cache, dy)
 
+    def _backward_seq(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        _check_input("dy", dy, (*cache.shape[:2], self.out_features), self.w.dtype)
+        dx = dy.reshape(-1, self.out_features) @ self.w.T
+        return dx.reshape(cache.shape), self._param_grads(cache, dy)
+
     def _param_grads(self, cache: np.ndarray, dy: np.ndarray) -> Params:
         """(dw, db) without dx: a network skips the input gradient of its first layer."""
+        if cache.ndim == 3:  # sequences: every step is a row
+            cache, dy = cache.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
         return (cache.T @ dy, dy.sum(axis=0))
 
     def __repr__(self) -> str:
@@ -2392,6 +2420,8 @@ class SoftmaxCrossEntropy:
     logits: (N, K); target: integer labels (N,) in [0, K) or float
     probabilities/one-hot (N, K).  ``label_smoothing`` e gives
     q = (1 - e) q + e / K (PyTorch's convention); dL/dz = (softmax(z) - q) / N.
+    Sequences: logits (N, T, K) with labels (N, T) or one-hot (N, T, K) are
+    N*T rows, and the mean is over all N*T positions.
     """
 
     label_smoothing: float = attrs.field(
@@ -2402,6 +2432,8 @@ class SoftmaxCrossEntropy:
     def forward(self, logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
         """The cache is (softmax(z), target)."""
         _check_pred("logits", logits)
+        if logits.ndim == 3:
+            return self._forward_seq(logits, target)
         _check_shape("logits", logits, (None, "K"))
         n, k = logits.shape
         _check_ndarray("target", target)
@@ -2419,9 +2451,23 @@ class SoftmaxCrossEntropy:
             loss = -(q * logp).sum() / n
         return logits.dtype.type(loss), (np.exp(logp), target)
 
+    def _forward_seq(self, logits: np.ndarray, target: Any) -> tuple[Any, tuple]:
+        """(N, T, K) logits as N*T rows; the cache keeps softmax(z) as (N, T, K)."""
+        n, t, k = logits.shape
+        _check_ndarray("target", target)
+        if target.dtype.kind in "iu":
+            _check_shape("target", target, (n, t))
+        else:
+            _check_same_shape(logits, target)
+        rows = target.reshape(n * t, *target.shape[2:])  # labels (N*T,) or one-hot (N*T, K)
+        loss, (p, rows) = self.forward(logits.reshape(n * t, k), rows)
+        return loss, (p.reshape(n, t, k), rows)
+
     def backward(self, cache: tuple) -> np.ndarray:
         """dL/dz = (softmax(z) - q) / N, q smoothed if label_smoothing > 0."""
         p, target = cache
+        if p.ndim == 3:  # sequences: the rows' gradient, back in (N, T, K)
+            return self.backward((p.reshape(-1, p.shape[2]), target)).reshape(p.shape)
         n, k = p.shape
         eps = self.label_smoothing
         if target.dtype.kind in "iu":
@@ -2503,16 +2549,17 @@ class DenseSpec:
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
     ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
-        """Draw the weights for inputs of per-sample shape ``in_shape``."""
-        if len(in_shape) != 1:
+        """Draw the weights for inputs of per-sample shape ``in_shape``: (D,), or
+        (T, D) for sequences."""
+        if len(in_shape) not in (1, 2):
             raise ValueError(
-                f"dense expects flat inputs (N, D), got {_shape_str((None, *in_shape))}; "
-                "put dlfs.Flatten() before it"
+                f"dense expects flat inputs (N, D) or sequences (N, T, D), got "
+                f"{_shape_str((None, *in_shape))}; put dlfs.Flatten() before it"
             )
         layer = Dense.init(
-            key, in_shape[0], self.n_out, init=self.init, bias_init=self.bias_init, dtype=dtype
+            key, in_shape[-1], self.n_out, init=self.init, bias_init=self.bias_init, dtype=dtype
         )
-        return _then_activation(layer, (self.n_out,), self.activation)
+        return _then_activation(layer, layer.output_shape(in_shape), self.activation)
 
 
 def dense(
@@ -2600,6 +2647,74 @@ def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> _BatchNormSpec:
     _check_number("momentum", momentum, low=0.0, high=1.0)
     _check_number("eps", eps, low=0.0, low_open=True)
     return _BatchNormSpec(momentum, eps)
+
+
+@attrs.frozen
+class _EmbeddingSpec:
+    n_vocab: int = attrs.field(converter=lambda n: _check_int("n_vocab", n))
+    dim: int = attrs.field(converter=lambda n: _check_int("dim", n))
+    init: Callable[..., np.ndarray] = normal
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        layer = Embedding.init(key, self.n_vocab, self.dim, init=self.init, dtype=dtype)
+        return (layer,), layer.output_shape(in_shape)
+
+
+def embedding(
+    n_vocab: int, dim: int, *, init: Callable[..., np.ndarray] = normal
+) -> _EmbeddingSpec:
+    """An Embedding of ``n_vocab`` token ids into ``dim``-vectors, first in a
+    network whose input is integer ids: (N, T) -> (N, T, dim)."""
+    return _EmbeddingSpec(n_vocab, dim, init)
+
+
+@attrs.frozen
+class _RecurrentSpec:
+    layer: type
+    n_hidden: int = attrs.field(converter=lambda n: _check_int("n_hidden", n))
+    return_sequences: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+        if len(in_shape) != 2:
+            raise ValueError(
+                f"{self.layer.__name__} expects sequences (N, T, D), got "
+                f"{_shape_str((None, *in_shape))}"
+            )
+        layer = self.layer.init(
+            key,
+            in_shape[1],
+            self.n_hidden,
+            return_sequences=self.return_sequences,
+            dtype=dtype,
+            **dict(self.options),
+        )
+        return (layer,), layer.output_shape(in_shape)
+
+
+def rnn(n_hidden: int, *, return_sequences: bool = False) -> _RecurrentSpec:
+    """An RNN (tanh) of ``n_hidden`` units sized by the builder: (N, T, D) ->
+    (N, T, H) with ``return_sequences``, else (N, H), the last step."""
+    return _RecurrentSpec(RNN, n_hidden, return_sequences)
+
+
+def lstm(
+    n_hidden: int, *, return_sequences: bool = False, forget_bias: float = 1.0
+) -> _RecurrentSpec:
+    """An LSTM of ``n_hidden`` units sized by the builder: (N, T, D) -> (N, T, H)
+    with ``return_sequences``, else (N, H); ``forget_bias`` as in ``LSTM.init``."""
+    forget_bias = _check_number("forget_bias", forget_bias)
+    return _RecurrentSpec(LSTM, n_hidden, return_sequences, (("forget_bias", forget_bias),))
+
+
+def gru(n_hidden: int, *, return_sequences: bool = False) -> _RecurrentSpec:
+    """A GRU of ``n_hidden`` units sized by the builder: (N, T, D) -> (N, T, H)
+    with ``return_sequences``, else (N, H), the last step."""
+    return _RecurrentSpec(GRU, n_hidden, return_sequences)
 
 
 def _is_layer(obj: Any) -> bool:
@@ -2690,7 +2805,9 @@ class Network:
     """An ordered tuple of layers plus a loss (the book's NeuralNetwork).
 
     ``input_shape`` is the per-sample input shape, e.g. ``(13,)`` or
-    ``(1, 28, 28)``.  x: (N, *input_shape) -> (N, *output_shape).
+    ``(1, 28, 28)``.  x: (N, *input_shape) -> (N, *output_shape); x is a float
+    array of the network's dtype, or integer token ids when the first layer
+    is an Embedding.
     """
 
     layers: tuple[Any, ...] = attrs.field(converter=tuple)
@@ -2758,7 +2875,10 @@ class Network:
 
     def _check_x(self, x: Any, name: str = "x") -> np.ndarray:
         try:
-            _check_input(name, x, (None, *self.input_shape), self.dtype)
+            if self.layers and isinstance(self.layers[0], Embedding):  # token ids, not floats
+                _check_ids(name, x, (None, *self.input_shape))
+            else:
+                _check_input(name, x, (None, *self.input_shape), self.dtype)
         except (TypeError, ValueError) as err:
             raise _input_error(self, name, x, err) from None
         _check_nonempty(name, x)
@@ -4797,9 +4917,19 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     pred: (N, K) scores, K > 1; target: integer labels (N,) or one-hot (N, K).
     A single binary logit per row, pred (N,) or (N, 1), is scored as
     ``binary_accuracy`` (z > 0 against t > 0.5); for multi-label BCE outputs
-    (N, K) call ``binary_accuracy`` directly.
+    (N, K) call ``binary_accuracy`` directly.  Sequences, pred (N, T, K) with
+    labels (N, T) or one-hot (N, T, K), count every position.
     """
     _check_pred("pred", pred)
+    if pred.ndim == 3:
+        n, t, k = pred.shape
+        _check_ndarray("target", target)
+        if target.shape not in ((n, t), (n, t, k)):
+            raise ValueError(
+                f"target must have shape (N, T) = {(n, t)} or (N, T, K) = {pred.shape} "
+                f"for sequence predictions, got {target.shape}"
+            )
+        return accuracy(pred.reshape(n * t, k), target.reshape(n * t, *target.shape[2:]))
     if pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1):
         return binary_accuracy(pred, target)
     _check_shape("pred", pred, (None, "K"))
@@ -5308,6 +5438,10 @@ _SAVABLE_LAYERS: tuple[type, ...] = (
     Conv2D,
     MaxPool2D,
     AvgPool2D,
+    Embedding,
+    RNN,
+    LSTM,
+    GRU,
 )
 _SAVABLE_LOSSES: tuple[type, ...] = (MeanSquaredError, SoftmaxCrossEntropy, BinaryCrossEntropy)
 
