@@ -1032,23 +1032,20 @@ class BatchNorm(_ArrayRecord):
 
 # ------------------------------------------ sequences: embedding and recurrent layers
 
-# Largest -z whose exp still fits the dtype (exp(88.7) overflows float32).
-_EXP_LIMIT = {np.dtype(np.float32): 88.0, np.dtype(np.float64): 709.0}
-
 
 def _sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """sigmoid(z) = 1 / (1 + exp(-z)) with -z clipped just below exp's overflow.
+    """sigmoid(z) = 1 / (1 + exp(-z)); ``out`` may be ``z`` itself.
 
-    No subtraction, so no cancellation: accurate to a few ulps in both tails
-    down to the subnormal range, like the two-branch exp(-|z|) form, without
-    that form's masks (np.where/copyto cost numpy several passes).  ``out``
-    may be ``z`` itself.
+    No subtraction, so no cancellation: accurate to a few ulps in both tails,
+    as the two-branch exp(-|z|) form is, without that form's masks (np.where
+    costs numpy several passes).  Below z = -88 (float32) exp(-z) overflows to
+    inf and gives the limit 0 exactly; that overflow is expected and silenced.
     """
     out = np.negative(z, out=out)
-    np.minimum(out, _EXP_LIMIT[out.dtype], out=out)
-    np.exp(out, out=out)
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
     out += 1
-    return np.reciprocal(out, out=out)
+    return np.divide(out.dtype.type(1), out, out=out)
 
 
 def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarray:
@@ -1156,6 +1153,29 @@ def _swap_nt(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.swapaxes(0, 1))
 
 
+def _by_gate(w: np.ndarray, gates: int) -> np.ndarray:
+    """(R, G*H) -> (G, R, H) view: gate k's columns w[:, k*H:(k+1)*H] as block k."""
+    return w.reshape(w.shape[0], gates, -1).swapaxes(0, 1)
+
+
+def _from_gates(w: np.ndarray) -> np.ndarray:
+    """(G, R, H) -> (R, G*H), the inverse of ``_by_gate`` (a new array)."""
+    return w.swapaxes(0, 1).reshape(w.shape[1], -1)
+
+
+def _sigmoid_slope(s: np.ndarray) -> np.ndarray:
+    """sigmoid' from s = sigmoid(z): s (1 - s)."""
+    slope = np.subtract(s.dtype.type(1), s)
+    slope *= s
+    return slope
+
+
+def _tanh_slope(y: np.ndarray) -> np.ndarray:
+    """tanh' from y = tanh(z): 1 - y^2."""
+    slope = np.multiply(y, y)
+    return np.subtract(y.dtype.type(1), slope, out=slope)
+
+
 def _recurrent_weights(
     key: int | Key, n_in: int, n_hidden: int, gates: int, dtype: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1172,12 +1192,15 @@ def _recurrent_weights(
 @attrs.frozen(eq=False, repr=False)
 class _Recurrent:
     """What RNN, LSTM and GRU share: shapes, validation, the input projection
-    of all steps in one GEMM, batch-first <-> time-major, and backward's
-    closing GEMMs.  A subclass gives ``_GATES``, ``_STATES`` (1: state h,
-    2: state (h, c)), ``_steps`` (the forward loop) and ``_back_steps``.
+    of all steps at once, batch-first <-> time-major, and backward's closing
+    GEMMs.  A subclass gives ``_GATES``, ``_STATES`` (1: state h, 2: state
+    (h, c)), ``_steps`` (the forward loop) and ``_back_steps``.
 
-    Internally time runs along axis 0 ((T, N, ...)), so a step's rows are
-    contiguous; the caller sees batch-first (N, T, ...) arrays.
+    Inside, arrays are gate-major and time-major: the pre-activations are
+    a[k, t] (G, T, N, H), gate k's (N, H) block at step t, so every per-step
+    operation runs over contiguous memory; the recurrent GEMM of a step is
+    h (N, H) @ w_hh as G blocks (G, H, H).  The caller sees batch-first
+    (N, T, ...) arrays and PyTorch's (D, G*H) / (H, G*H) weight layout.
     """
 
     _GATES = 1
@@ -1307,13 +1330,15 @@ class _Recurrent:
             raise ValueError(f"x must have at least one time step, got shape {x.shape}")
 
     def _scan(self, x: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, tuple]:
-        """The input projection of all steps in one GEMM, then the step loop.
-        Returns time-major hs (T, N, H), the last state and the cache."""
+        """The input projection of all steps at once (one GEMM per gate), then the
+        step loop.  Returns time-major hs (T, N, H), the last state and the cache."""
         xt = _swap_nt(x)  # (T, N, D)
         t, n, d = xt.shape
-        a = (xt.reshape(t * n, d) @ self.w_ih).reshape(t, n, -1)
-        a += self.b
-        hs, last, core = self._steps(a, state)
+        g = self._GATES
+        a = np.matmul(xt.reshape(t * n, d), _by_gate(self.w_ih, g))  # (G, T*N, H)
+        a += self.b.reshape(g, 1, -1)
+        w_hh = np.ascontiguousarray(_by_gate(self.w_hh, g))  # (G, H, H)
+        hs, last, core = self._steps(a.reshape(g, t, n, -1), state, w_hh)
         return hs, last, (xt, state, hs, core)
 
     def _grad_buffers(self, dlast: tuple | None, n: int) -> list[np.ndarray]:
@@ -1326,19 +1351,27 @@ class _Recurrent:
     def _backward(
         self, cache: tuple, dyt: np.ndarray | None, dlast: tuple | None, *, need_dx: bool
     ) -> tuple[Any, tuple, Params]:
-        """The step loop, then one GEMM each for dw_ih, dw_hh and dx (if needed)
-        over all steps at once (the h's stacked), not T small products."""
+        """The step loop, then per gate one GEMM each for dw_ih, dw_hh and dx (if
+        needed) over all steps at once (the h's stacked), not T small products."""
         xt, state, hs, core = cache
         t, n, d = xt.shape
-        dax, dah, d0, extra = self._back_steps(core, state, hs, dyt, self._grad_buffers(dlast, n))
-        # dw_hh = sum_t h_{t-1}.T @ dah_t; h_0 .. h_{T-2} are contiguous in hs
-        dw_hh = state[0].T @ dah[0]
+        g = self._GATES
+        w_hh_t = np.ascontiguousarray(_by_gate(self.w_hh, g).swapaxes(1, 2))  # (G, H, H)
+        dax, dah, d0, extra = self._back_steps(
+            core, state, hs, dyt, self._grad_buffers(dlast, n), w_hh_t
+        )
+        # dax[k, t]: dL/d(gate k's input-side pre-activation); dah[k, t]: dL/d(h_{t-1} @ w_hh_k)
+        h = self.n_hidden
+        dw_hh = np.matmul(state[0].T, dah[:, 0])  # (G, H, H); h_1 .. h_{T-1} are hs[:-1]
         if t > 1:
-            dw_hh += hs[:-1].reshape((t - 1) * n, -1).T @ dah[1:].reshape((t - 1) * n, -1)
-        dax = dax.reshape(t * n, -1)
-        grads = (xt.reshape(t * n, d).T @ dax, dw_hh, dax.sum(axis=0), *extra)
-        dx = _swap_nt((dax @ self.w_ih.T).reshape(t, n, d)) if need_dx else None
-        return dx, d0, grads
+            dw_hh += np.matmul(hs[:-1].reshape(-1, h).T, dah[:, 1:].reshape(g, -1, h))
+        dax = dax.reshape(g, t * n, -1)
+        dw_ih = np.matmul(xt.reshape(t * n, d).T, dax)  # (G, D, H)
+        grads = (_from_gates(dw_ih), _from_gates(dw_hh), dax.sum(axis=1).reshape(-1), *extra)
+        if not need_dx:
+            return None, d0, grads
+        dx = np.matmul(dax, _by_gate(self.w_ih, g).swapaxes(1, 2)).sum(axis=0)  # (T*N, D)
+        return _swap_nt(dx.reshape(t, n, d)), d0, grads
 
     def __repr__(self) -> str:
         return (
@@ -1378,27 +1411,27 @@ class RNN(_Recurrent):
         w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 1, dtype)
         return cls(w_ih, w_hh, b, return_sequences=return_sequences)
 
-    def _steps(self, a: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, Any]:
-        """a[t] (N, H) holds x_t w_ih + b and becomes h_t in place."""
+    def _steps(
+        self, a: np.ndarray, state: tuple, w_hh: np.ndarray
+    ) -> tuple[np.ndarray, tuple, Any]:
+        """a[0, t] (N, H) holds x_t w_ih + b and becomes h_t in place."""
         (h,) = state
-        for t in range(len(a)):
-            h = np.tanh(np.add(a[t], h @ self.w_hh, out=a[t]), out=a[t])
-        return a, (h,), None
+        hs = a[0]
+        for t in range(len(hs)):
+            h = np.tanh(np.add(hs[t], h @ w_hh[0], out=hs[t]), out=hs[t])
+        return hs, (h,), None
 
     def _back_steps(
-        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, w_hh_t: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
         """da_t = (dh_t + dys_t) (1 - h_t^2); dh_{t-1} = da_t @ w_hh.T."""
         (dh,) = d
-        da = np.empty_like(hs)
-        w_hh_t = self.w_hh.T
+        da = np.empty((1, *hs.shape), hs.dtype)
         for t in range(len(hs) - 1, -1, -1):
             if dyt is not None:
                 dh += dyt[t]
-            slope = np.multiply(hs[t], hs[t], out=da[t])
-            np.subtract(1, slope, out=slope)
-            slope *= dh
-            dh = slope @ w_hh_t
+            da_t = np.multiply(_tanh_slope(hs[t]), dh, out=da[0, t])
+            dh = da_t @ w_hh_t[0]
         return da, da, (dh,), ()
 
 
@@ -1445,36 +1478,40 @@ class LSTM(_Recurrent):
         b[n_hidden : 2 * n_hidden] = forget_bias
         return cls(w_ih, w_hh, b, return_sequences=return_sequences)
 
-    def _steps(self, a: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, Any]:
-        """a[t] (N, 4H) holds x_t w_ih + b and becomes the gates [i f g o] in place."""
-        n_t, _, gh = a.shape
-        hs, cs, tcs = (np.empty((n_t, a.shape[1], gh // 4), a.dtype) for _ in range(3))
+    def _steps(
+        self, a: np.ndarray, state: tuple, w_hh: np.ndarray
+    ) -> tuple[np.ndarray, tuple, Any]:
+        """a[:, t] (4, N, H) holds x_t w_ih + b and becomes the gates i, f, g, o."""
+        _, n_t, n, n_h = a.shape
+        hs, cs, tcs = (np.empty((n_t, n, n_h), a.dtype) for _ in range(3))
         h, c = state
         for t in range(n_t):
-            i, f, g, o = _lstm_gates(np.add(a[t], h @ self.w_hh, out=a[t]))
+            z = a[:, t]
+            z += np.matmul(h, w_hh)  # (4, N, H)
+            i, f, g, o = z
+            _sigmoid(z[:2], out=z[:2])
+            np.tanh(g, out=g)
+            _sigmoid(o, out=o)
             c = np.multiply(f, c, out=cs[t])
             c += i * g
             h = np.multiply(o, np.tanh(c, out=tcs[t]), out=hs[t])
         return hs, (h, c), (a, cs, tcs)
 
     def _back_steps(
-        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, w_hh_t: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
-        """Gate gradients da_t = [di df dg do] * activation slopes, with
-        dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tanh(c_t)^2)."""
+        """da_t = [di df dg do] times the activations' slopes, where
+        dc_t = dc_{t+1} f_{t+1} + dh_t o_t (1 - tanh(c_t)^2)."""
         a, cs, tcs = core
         dh, dc = d
         da = np.empty_like(a)
-        w_hh_t = self.w_hh.T
-        for t in range(len(a) - 1, -1, -1):
+        for t in range(a.shape[1] - 1, -1, -1):
             if dyt is not None:
                 dh += dyt[t]
-            gates, tc = a[t], tcs[t]
-            i, f, g, o = _split4(gates)
-            di, df, dg, do = _split4(da[t])
-            np.multiply(dh, tc, out=do)
-            dc_here = np.multiply(tc, tc)
-            np.subtract(1, dc_here, out=dc_here)
+            i, f, g, o = a[:, t]
+            di, df, dg, do = da[:, t]
+            np.multiply(dh, tcs[t], out=do)
+            dc_here = _tanh_slope(tcs[t])
             dc_here *= o
             dc_here *= dh
             dc += dc_here
@@ -1482,39 +1519,11 @@ class LSTM(_Recurrent):
             np.multiply(dc, cs[t - 1] if t else state[1], out=df)
             np.multiply(dc, i, out=dg)
             dc *= f
-            da[t] *= _lstm_slopes(gates, g)
-            dh = da[t] @ w_hh_t
+            da[:2, t] *= _sigmoid_slope(a[:2, t])
+            dg *= _tanh_slope(g)
+            do *= _sigmoid_slope(o)
+            dh = np.matmul(da[:, t], w_hh_t).sum(axis=0)
         return da, da, (dh, dc), ()
-
-
-def _split4(a: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The four (N, H) column blocks of an (N, 4H) array (views)."""
-    h = a.shape[1] // 4
-    return a[:, :h], a[:, h : 2 * h], a[:, 2 * h : 3 * h], a[:, 3 * h :]
-
-
-def _lstm_gates(z: np.ndarray) -> tuple[np.ndarray, ...]:
-    """In place: pre-activations [i f g o] (N, 4H) -> sigmoid(i, f, o), tanh(g).
-    One sigmoid pass over the contiguous block serves all four gates:
-    tanh(z) = 2 sigmoid(2 z) - 1 (two small passes over g instead of a
-    sigmoid over three strided blocks)."""
-    i, f, g, o = _split4(z)
-    g *= 2
-    _sigmoid(z, out=z)
-    g *= 2
-    g -= 1
-    return i, f, g, o
-
-
-def _lstm_slopes(gates: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """d(activation)/d(pre-activation) of [i f g o]: s (1 - s) for the sigmoid
-    gates, 1 - g^2 for the tanh gate g."""
-    slope = np.subtract(1, gates)
-    slope *= gates
-    _, _, slope_g, _ = _split4(slope)
-    np.multiply(g, g, out=slope_g)
-    np.subtract(1, slope_g, out=slope_g)
-    return slope
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1562,20 +1571,21 @@ class GRU(_Recurrent):
         """(w_ih, w_hh, b, b_hn)."""
         return (self.w_ih, self.w_hh, self.b, self.b_hn)
 
-    def _steps(self, a: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, Any]:
-        """a[t] (N, 3H) holds x_t w_ih + b and becomes [r z n] in place; hns[t]
-        keeps h_{t-1} w_hn + b_hn for backward."""
-        n_t, n, gh = a.shape
-        h2 = 2 * (gh // 3)
-        hs, hns = (np.empty((n_t, n, gh // 3), a.dtype) for _ in range(2))
+    def _steps(
+        self, a: np.ndarray, state: tuple, w_hh: np.ndarray
+    ) -> tuple[np.ndarray, tuple, Any]:
+        """a[:, t] (3, N, H) holds x_t w_ih + b and becomes r, z, n; hns[t] keeps
+        h_{t-1} w_hn + b_hn for backward."""
+        _, n_t, n, n_h = a.shape
+        hs, hns = (np.empty((n_t, n, n_h), a.dtype) for _ in range(2))
         (h,) = state
         for t in range(n_t):
-            hw = h @ self.w_hh
-            rz, new = a[t, :, :h2], a[t, :, h2:]
-            rz += hw[:, :h2]
+            hw = np.matmul(h, w_hh)  # (3, N, H)
+            rz = a[:2, t]
+            rz += hw[:2]
             _sigmoid(rz, out=rz)
-            r, z = rz[:, : h2 // 2], rz[:, h2 // 2 :]
-            hn = np.add(hw[:, h2:], self.b_hn, out=hns[t])
+            r, z, new = a[:, t]
+            hn = np.add(hw[2], self.b_hn, out=hns[t])
             new += r * hn
             np.tanh(new, out=new)
             h_new = np.subtract(h, new, out=hs[t])  # h_t = n + z (h_{t-1} - n)
@@ -1584,38 +1594,32 @@ class GRU(_Recurrent):
         return hs, (h,), (a, hns)
 
     def _back_steps(
-        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, w_hh_t: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
-        """dax_t: gradients of the input-side pre-activations [r z n];
-        dah_t: of h_{t-1} @ w_hh, i.e. [dr dz dn * r]."""
+        """dax_t: gradients of the input-side pre-activations of r, z, n;
+        dah_t: of h_{t-1} @ w_hh's blocks, i.e. [dr, dz, dn * r]."""
         a, hns = core
         (dh,) = d
         dax, dah = np.empty_like(a), np.empty_like(a)
-        h2 = 2 * (a.shape[2] // 3)
-        w_hh_t = self.w_hh.T
-        for t in range(len(a) - 1, -1, -1):
+        one = a.dtype.type(1)
+        for t in range(a.shape[1] - 1, -1, -1):
             if dyt is not None:
                 dh += dyt[t]
-            rz, new = a[t, :, :h2], a[t, :, h2:]
-            r, z = rz[:, : h2 // 2], rz[:, h2 // 2 :]
-            d_rz, d_new = dax[t, :, :h2], dax[t, :, h2:]
-            d_r, d_z = d_rz[:, : h2 // 2], d_rz[:, h2 // 2 :]
-            np.subtract(hs[t - 1] if t else state[0], new, out=d_z)
-            d_z *= dh  # dL/dz = dh (h_{t-1} - n)
-            np.subtract(1, z, out=d_new)
-            d_new *= dh
-            d_new *= 1 - new * new  # dL/d(n's pre-activation) = dh (1 - z) (1 - n^2)
-            np.multiply(d_new, hns[t], out=d_r)  # dL/dr = that * (h w_hn + b_hn)
-            slope = np.subtract(1, rz)
-            slope *= rz
-            d_rz *= slope
-            dah[t, :, :h2] = d_rz
-            np.multiply(d_new, r, out=dah[t, :, h2:])
-            dh_prev = dah[t] @ w_hh_t
+            r, z, new = a[:, t]
+            dr, dz, dn = dax[:, t]
+            np.subtract(hs[t - 1] if t else state[0], new, out=dz)
+            dz *= dh  # dL/dz = dh (h_{t-1} - n)
+            np.subtract(one, z, out=dn)
+            dn *= dh
+            dn *= _tanh_slope(new)  # dL/d(n's pre-activation) = dh (1 - z) (1 - n^2)
+            np.multiply(dn, hns[t], out=dr)  # dL/dr = that * (h_{t-1} w_hn + b_hn)
+            dax[:2, t] *= _sigmoid_slope(a[:2, t])
+            dah[:2, t] = dax[:2, t]
+            np.multiply(dn, r, out=dah[2, t])
+            dh_prev = np.matmul(dah[:, t], w_hh_t).sum(axis=0)
             dh *= z
-            dh_prev += dh
-            dh = dh_prev
-        return dax, dah, (dh,), (dah[:, :, h2:].sum(axis=(0, 1)),)
+            dh += dh_prev
+        return dax, dah, (dh,), (dah[2].sum(axis=(0, 1)),)
 
 
 # ------------------------------------------------------ convolutions and pools
