@@ -1039,10 +1039,11 @@ def _sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     No subtraction, so no cancellation: accurate to a few ulps in both tails,
     as the two-branch exp(-|z|) form is, without that form's masks (np.where
     costs numpy several passes).  Below z = -88 (float32) exp(-z) overflows to
-    inf and gives the limit 0 exactly; that overflow is expected and silenced.
+    inf and gives the limit 0 exactly; that overflow (and the underflow to 0
+    far above z = 0, which gives 1) is expected and silenced.
     """
     out = np.negative(z, out=out)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         np.exp(out, out=out)
     out += 1
     return np.divide(out.dtype.type(1), out, out=out)

@@ -121,7 +121,25 @@ def _make_case(name: str, seed: int, n: int, d: int, dtype):
         x = _spread(rng, shape).astype(dt)
         ctx = dlfs.EVAL if name.startswith("BatchNorm-eval") else ctx_train
         return layer, x, ctx, shape
+    if name in ("RNN", "LSTM", "GRU"):
+        t, h, seqs = int(rng.integers(1, 6)), int(rng.integers(1, 9)), bool(rng.integers(2))
+        layer = _recurrent(name, seed, d, h, dt, return_sequences=seqs)
+        x = rng.standard_normal((n, t, d)).astype(dt)
+        return layer, x, dlfs.EVAL, (n, t, h) if seqs else (n, h)
+    if name == "Dense-seq":
+        t, d_out = int(rng.integers(1, 6)), int(rng.integers(1, 9))
+        layer = dlfs.Dense.init(seed, d, d_out, bias_init=dlfs.normal, dtype=dt)
+        return layer, rng.standard_normal((n, t, d)).astype(dt), dlfs.EVAL, (n, t, d_out)
     raise AssertionError(name)
+
+
+def _recurrent(kind: str, seed: int, d: int, h: int, dtype, return_sequences: bool = False):
+    """An RNN/LSTM/GRU (D -> H) with every weight and bias drawn N(0, 0.7^2) from ``seed``."""
+    layer = getattr(dlfs, kind).init(seed, d, h, return_sequences=return_sequences, dtype=dtype)
+    rng = np.random.default_rng(seed + 1)
+    return layer.with_params(
+        [(0.7 * rng.standard_normal(p.shape)).astype(dtype) for p in layer.params()]
+    )
 
 
 LAYER_CASES = [
@@ -142,6 +160,10 @@ LAYER_CASES = [
     "BatchNorm-train-4d",
     "BatchNorm-eval-2d",
     "BatchNorm-eval-4d",
+    "RNN",
+    "LSTM",
+    "GRU",
+    "Dense-seq",
 ]
 
 
@@ -4903,3 +4925,463 @@ def test_sweep_example_runs_the_grid_and_writes_every_run(tmp_path, monkeypatch,
     assert kv["best_val_acc"] == f"{float(best[2]):.4f}" and result["best_test_acc"] == float(
         best[3]
     )
+
+
+# ------------------------------- sequences: Embedding, RNN, LSTM, GRU (issue 12)
+
+_KINDS = ["RNN", "LSTM", "GRU"]
+
+
+def _state(kind: str, rng: np.random.Generator, n: int, h: int, dtype=np.float64):
+    """A random initial state: h, or (h, c) for an LSTM."""
+    parts = tuple(
+        rng.standard_normal((n, h)).astype(dtype) for _ in range(2 if kind == "LSTM" else 1)
+    )
+    return parts if kind == "LSTM" else parts[0]
+
+
+def _parts(kind: str, state) -> tuple:
+    """A state (or state gradient) as a tuple: (h,) or (h, c)."""
+    return tuple(state) if kind == "LSTM" else (state,)
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=SEEDS, n=st.integers(1, 4), t=st.integers(1, 5), d=st.integers(1, 4), h=st.integers(1, 4)
+)
+def test_scan_gradients_for_input_initial_state_and_weights(kind, seed, n, t, d, h):
+    """Finite differences (float64) through ``scan``/``backward_scan``: the loss reads
+    every output step and the last state, and moves x, the initial state and every weight."""
+    layer = _recurrent(kind, seed, d, h, np.float64)
+    rng = np.random.default_rng(seed)
+    x, state = rng.standard_normal((n, t, d)), _parts(kind, _state(kind, rng, n, h))
+
+    def f(x, *rest):
+        lay = layer.with_params(rest[len(state) :])
+        ys, last, cache = lay.scan(x, rest[: len(state)] if kind == "LSTM" else rest[0])
+        out = np.concatenate([ys.ravel(), *(p.ravel() for p in _parts(kind, last))])
+
+        def vjp(dy):
+            dlast = tuple(p.reshape(n, h) for p in np.split(dy[ys.size :], len(state)))
+            dx, d0, grads = lay.backward_scan(
+                cache, dy[: ys.size].reshape(ys.shape), dlast if kind == "LSTM" else dlast[0]
+            )
+            return (dx, *_parts(kind, d0), *grads)
+
+        return out, vjp
+
+    assert dlfs.check_grads(f, [x, *state, *layer.params()], key=seed % 997) < 1e-6
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scan_state_and_forward_agree(kind, dtype):
+    """forward == scan from zeros; the last state is ys[:, -1]; the state and the input
+    are untouched; a state carried across two segments gives the whole sequence's
+    outputs, and backward through the segments (the second's d(initial state) fed to the
+    first as d(last state)) gives the whole sequence's gradients (truncated BPTT, exact)."""
+    rng = np.random.default_rng(3)
+    n, t, d, h = 3, 6, 4, 5
+    layer = _recurrent(kind, 3, d, h, dtype, return_sequences=True)
+    x = rng.standard_normal((n, t, d)).astype(dtype)
+    state = _state(kind, rng, n, h, dtype)
+    snap = [_snapshot(a) for a in (x, *_parts(kind, state))]
+    y, _, same = layer.forward(x)
+    ys, last, cache = layer.scan(x, None)
+    assert same is layer and y.dtype == np.dtype(dtype) and ys.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(y, ys)
+    np.testing.assert_array_equal(_parts(kind, last)[0], ys[:, -1])
+    last_only = attrs.evolve(layer, return_sequences=False).forward(x)[0]
+    np.testing.assert_array_equal(last_only, ys[:, -1])
+
+    ys, last, cache = layer.scan(x, state)
+    ys1, mid, c1 = layer.scan(x[:, :2], state)
+    ys2, last2, c2 = layer.scan(x[:, 2:], mid)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12}
+    np.testing.assert_allclose(np.concatenate([ys1, ys2], axis=1), ys, **tol)
+    for a, b in zip(_parts(kind, last2), _parts(kind, last)):
+        np.testing.assert_allclose(a, b, **tol)
+    assert [_snapshot(a) for a in (x, *_parts(kind, state))] == snap
+
+    dys = rng.standard_normal(ys.shape).astype(dtype)
+    dx, d0, grads = layer.backward_scan(cache, dys)
+    dx2, dmid, g2 = layer.backward_scan(c2, dys[:, 2:])
+    dx1, d0_seg, g1 = layer.backward_scan(c1, dys[:, :2], dmid)
+    np.testing.assert_allclose(np.concatenate([dx1, dx2], axis=1), dx, **tol)
+    for a, b in zip(_parts(kind, d0_seg), _parts(kind, d0)):
+        np.testing.assert_allclose(a, b, **tol)
+    for a, b1, b2 in zip(grads, g1, g2):
+        assert a.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(a, b1 + b2, **tol)
+    again = layer.backward_scan(cache, dys)
+    for a, b in zip(
+        (dx, *_parts(kind, d0), *grads), (again[0], *_parts(kind, again[1]), *again[2])
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def _torch_layer(torch, kind: str, d: int, h: int):
+    """A torch nn.RNN/LSTM/GRU (batch_first, float64) with every weight drawn N(0, 0.5^2)."""
+    module = getattr(torch.nn, kind)(d, h, batch_first=True).double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return module
+
+
+def _from_torch(kind: str, module, h: int):
+    """The docstrings' mapping PyTorch -> dlfs."""
+    w_ih, w_hh, b_ih, b_hh = (
+        getattr(module, n).detach().numpy()
+        for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    )
+    if kind == "GRU":
+        b = b_ih + np.concatenate([b_hh[: 2 * h], np.zeros(h)])
+        return dlfs.GRU(w_ih.T, w_hh.T, b, b_hh[2 * h :], return_sequences=True)
+    return getattr(dlfs, kind)(w_ih.T, w_hh.T, b_ih + b_hh, return_sequences=True)
+
+
+def _to_torch(torch, layer, module) -> None:
+    """The docstrings' mapping dlfs -> PyTorch, written into ``module``."""
+    h = layer.n_hidden
+    b_hh = np.zeros_like(layer.b)
+    if isinstance(layer, dlfs.GRU):
+        b_hh[2 * h :] = layer.b_hn
+    with torch.no_grad():
+        for name, value in [
+            ("weight_ih_l0", layer.w_ih.T),
+            ("weight_hh_l0", layer.w_hh.T),
+            ("bias_ih_l0", layer.b),
+            ("bias_hh_l0", b_hh),
+        ]:
+            getattr(module, name).copy_(torch.from_numpy(np.array(value)))  # a writeable copy
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_recurrent_layers_match_pytorch(kind):
+    """Outputs, last state and every gradient (x, initial state, weights) agree with
+    torch.nn.RNN/LSTM/GRU through the weight mapping the docstrings give, both ways."""
+    torch = pytest.importorskip("torch")
+    n, t, d, h = 3, 7, 4, 5
+    rng = np.random.default_rng(1)
+    module = _torch_layer(torch, kind, d, h)
+    layer = _from_torch(kind, module, h)
+    x, state = rng.standard_normal((n, t, d)), _state(kind, rng, n, h)
+    xt = torch.tensor(x, requires_grad=True)
+    st_t = [torch.tensor(p[None], requires_grad=True) for p in _parts(kind, state)]
+    out, last_t = module(xt, tuple(st_t) if kind == "LSTM" else st_t[0])
+    ys, last, cache = layer.scan(x, state)
+    np.testing.assert_allclose(ys, out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    last_t = _parts(kind, last_t)
+    for a, b in zip(_parts(kind, last), last_t):
+        np.testing.assert_allclose(a, b.detach().numpy()[0], rtol=1e-12, atol=1e-12)
+
+    dys, dlast = rng.standard_normal(ys.shape), rng.standard_normal((n, h))
+    loss = (out * torch.from_numpy(dys)).sum() + (last_t[0][0] * torch.from_numpy(dlast)).sum()
+    loss.backward()
+    dx, d0, (dw_ih, dw_hh, db, *db_hn) = layer.backward_scan(
+        cache, dys, (dlast, None) if kind == "LSTM" else dlast
+    )
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12)
+    close(dx, xt.grad.numpy())
+    for a, b in zip(_parts(kind, d0), st_t):
+        close(a, b.grad.numpy()[0])
+    close(dw_ih, module.weight_ih_l0.grad.numpy().T)
+    close(dw_hh, module.weight_hh_l0.grad.numpy().T)
+    close(db, module.bias_ih_l0.grad.numpy())  # b enters where bias_ih does
+    if kind == "GRU":
+        close(db_hn[0], module.bias_hh_l0.grad.numpy()[2 * h :])
+
+    # dlfs -> torch, in float32 this time: a freshly drawn dlfs layer
+    ours = getattr(dlfs, kind).init(5, d, h, return_sequences=True, dtype=np.float32)
+    if kind == "GRU":
+        ours = ours.with_params([*ours.params()[:3], np.full(h, 0.3, np.float32)])
+    theirs = getattr(torch.nn, kind)(d, h, batch_first=True)
+    _to_torch(torch, ours, theirs)
+    x32 = x.astype(np.float32)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x32))[0].numpy()
+    np.testing.assert_allclose(ours.forward(x32)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_init_conventions():
+    """Glorot-uniform w_ih, orthogonal w_hh blocks, zero biases but the LSTM's forget gate
+    (forget_bias, default 1.0); same key, same weights."""
+    h, d = 6, 4
+    for kind, gates in (("RNN", 1), ("LSTM", 4), ("GRU", 3)):
+        layer = getattr(dlfs, kind).init(7, d, h, dtype=np.float64)
+        assert layer.w_ih.shape == (d, gates * h) and layer.w_hh.shape == (h, gates * h)
+        assert np.abs(layer.w_ih).max() <= math.sqrt(6 / (d + gates * h))
+        for k in range(gates):
+            block = layer.w_hh[:, k * h : (k + 1) * h]
+            np.testing.assert_allclose(block.T @ block, np.eye(h), atol=1e-12)
+        again = getattr(dlfs, kind).init(7, d, h, dtype=np.float64)
+        for a, b in zip(layer.params(), again.params()):
+            np.testing.assert_array_equal(a, b)
+        expected_b = np.zeros(gates * h)
+        if kind == "LSTM":
+            expected_b[h : 2 * h] = 1.0
+        np.testing.assert_array_equal(layer.b, expected_b)
+        assert not layer.return_sequences and layer.w_hh.flags.writeable is False
+    assert np.all(dlfs.LSTM.init(0, 2, 3, forget_bias=0.0).b == 0)
+    lstm = dlfs.network(0, (5, 2), [dlfs.lstm(3, forget_bias=2.5)], dlfs.MeanSquaredError())
+    np.testing.assert_array_equal(lstm.layers[0].b[3:6], 2.5)
+    wide = dlfs.orthogonal(dlfs.make_rng(0), (3, 5), np.float32)
+    assert wide.dtype == np.float32
+    np.testing.assert_allclose(wide @ wide.T, np.eye(3), atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        dlfs.orthogonal(dlfs.make_rng(0), (2, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gate_sigmoid_is_accurate_in_both_tails(dtype):
+    z = np.linspace(-80 if dtype == np.float32 else -700, 30, 2001).astype(dtype)
+    exact = np.array([1 / (1 + math.exp(-float(v))) for v in z])
+    got = dlfs._sigmoid(z)
+    assert got.dtype == np.dtype(dtype)
+    eps = np.finfo(dtype).eps
+    assert np.all(np.abs(got - exact) <= 4 * eps * exact)  # relative, even near 0
+    with np.errstate(all="raise"):  # the overflow of exp(-z) far in the tail is silenced
+        assert dlfs._sigmoid(np.array([-1e4, 1e4], dtype)).tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_long_sequence_gradient_with_clipping_stays_finite(kind):
+    """50 steps, weights three times larger than at init (float32): the network's
+    gradients stay finite, and global-norm clipping bounds them."""
+    rng = np.random.default_rng(0)
+    spec = {"RNN": dlfs.rnn, "LSTM": dlfs.lstm, "GRU": dlfs.gru}[kind]
+    net = dlfs.network(0, (50, 2), [spec(16), dlfs.dense(1)], dlfs.MeanSquaredError())
+    net = net.with_params([tuple(3 * p for p in layer) for layer in net.params()])
+    x = rng.standard_normal((8, 50, 2)).astype(np.float32)
+    y = rng.standard_normal((8, 1)).astype(np.float32)
+    loss, grads, _ = net.loss_and_grads(x, y)
+    assert np.isfinite(loss) and all(np.isfinite(g).all() for layer in grads for g in layer)
+
+    def norm(tree):
+        return math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for lay in tree for g in lay))
+
+    clipped = dlfs.ClipByGlobalNorm(1.0)(grads, net.params())
+    assert norm(grads) > 1.0 and norm(clipped) <= 1.0 + 1e-5
+    assert all(g.dtype == np.float32 for lay in clipped for g in lay)
+    opt = dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.SGD(0.5))
+    state = functools.reduce(dlfs.train_step, [(x, y)] * 3, dlfs.TrainState.create(net, opt))
+    assert all(np.isfinite(p).all() for layer in state.net.params() for p in layer)
+
+
+def test_recurrent_bad_input():
+    lstm = dlfs.LSTM.init(0, 3, 4)
+    x = np.zeros((2, 5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, T, 3\)"):
+        lstm.forward(np.zeros((2, 5, 4), np.float32))
+    with pytest.raises(ValueError, match="x must have shape"):
+        lstm.forward(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        lstm.forward(x.astype(np.float64))
+    with pytest.raises(TypeError, match="x must be a float32 or float64"):
+        lstm.forward(x.astype(np.int64))
+    with pytest.raises(ValueError, match="x must have at least one time step"):
+        lstm.forward(np.zeros((2, 0, 3), np.float32))
+    with pytest.raises(TypeError, match=r"state of an LSTM must be a pair \(h, c\)"):
+        lstm.scan(x, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"state\[1\] must have shape \(2, 4\)"):
+        lstm.scan(x, (np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32)))
+    gru = dlfs.GRU.init(0, 3, 4)
+    with pytest.raises(ValueError, match=r"state must have shape \(2, 4\)"):
+        gru.scan(x, np.zeros((2, 5), np.float32))
+    _, _, cache = gru.scan(x)
+    with pytest.raises(ValueError, match="needs dys or dstate"):
+        gru.backward_scan(cache)
+    with pytest.raises(ValueError, match=r"dys must have shape \(2, 5, 4\)"):
+        gru.backward_scan(cache, np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 4\)"):
+        gru.backward(cache, np.zeros((2, 5, 4), np.float32))
+    with pytest.raises(TypeError, match="return_sequences"):
+        dlfs.RNN.init(0, 3, 4, return_sequences=1)
+    with pytest.raises(TypeError, match="return_sequences"):
+        dlfs.lstm(4, return_sequences="yes")
+    with pytest.raises(ValueError, match="n_hidden"):
+        dlfs.GRU.init(0, 3, 0)
+    with pytest.raises(ValueError, match="n_hidden"):
+        dlfs.gru(0)
+    with pytest.raises(ValueError, match="forget_bias"):
+        dlfs.lstm(3, forget_bias=math.inf)
+    with pytest.raises(ValueError, match=r"w_hh of LSTM must have shape \(H, 4\*H\)"):
+        dlfs.LSTM(np.zeros((3, 12)), np.zeros((3, 9)), np.zeros(12))
+    with pytest.raises(ValueError, match=r"b must have shape \(9,\)"):
+        dlfs.GRU(np.zeros((2, 9)), np.zeros((3, 9)), np.zeros(8), np.zeros(3))
+    with pytest.raises(ValueError, match=r"b_hn must have shape \(3,\)"):
+        dlfs.GRU(np.zeros((2, 9)), np.zeros((3, 9)), np.zeros(9), np.zeros(2))
+    with pytest.raises(ValueError, match="expects sequences"):
+        dlfs.network(0, 4, [dlfs.lstm(3)], dlfs.MeanSquaredError())
+    with pytest.raises(ValueError, match=r"LSTM expects sequences of shape \(N, T, 3\)"):
+        dlfs.Network([lstm], dlfs.MeanSquaredError(), (5, 2))
+
+
+def test_embedding_lookup_scatter_add_and_bad_ids():
+    rng = np.random.default_rng(0)
+    emb = dlfs.Embedding.init(0, 5, 3, dtype=np.float64)
+    ids = np.array([[0, 4, 4, 1], [4, 2, 0, 0]])
+    y, cache, same = emb.forward(ids)
+    assert same is emb and y.shape == (2, 4, 3)
+    np.testing.assert_array_equal(y, emb.w[ids])
+    dy = rng.standard_normal(y.shape)
+    dx, (dw,) = emb.backward(cache, dy)
+    expected = np.zeros((5, 3))
+    for (i, j), k in np.ndenumerate(ids):
+        expected[k] += dy[i, j]  # repeated ids accumulate
+    assert dx is None
+    np.testing.assert_allclose(dw, expected, rtol=1e-14)
+    assert not dw[3].any()  # id 3 never appears
+
+    def f(w):
+        lay = emb.with_params([w])
+        out, c, _ = lay.forward(ids)
+        return out, lambda g: lay.backward(c, g)[1]
+
+    assert dlfs.check_grads(f, [emb.w]) < 1e-8
+    e32 = dlfs.Embedding.init(1, 7, 2)
+    assert e32.forward(ids[:, :2].astype(np.uint8))[0].dtype == np.float32
+    assert e32.output_shape((9,)) == (9, 2) and repr(e32) == "Embedding(7 -> 2, float32)"
+    with pytest.raises(TypeError, match="x must be an integer array of token ids"):
+        emb.forward(ids.astype(np.float64))
+    with pytest.raises(TypeError, match="x must be an integer array"):
+        emb.forward(ids > 1)
+    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 5\), got values in \[0, 5\]"):
+        emb.forward(np.array([[0, 5]]))
+    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 5\)"):
+        emb.forward(np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match="x must not be empty"):
+        emb.forward(np.zeros((0, 3), int))
+    with pytest.raises(ValueError, match="n_vocab"):
+        dlfs.embedding(0, 3)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        dlfs.Embedding(np.zeros(3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=SEEDS,
+    n=SIZES,
+    t=st.integers(1, 5),
+    k=st.integers(2, 6),
+    smoothing=st.sampled_from([0, 0.1]),
+)
+def test_sequence_softmax_cross_entropy_is_the_mean_over_positions(seed, n, t, k, smoothing):
+    """(N, T, K) logits = N*T rows: same value and gradient as the flattened rows,
+    with labels (N, T) or one-hot (N, T, K); gradient checked by finite differences."""
+    rng = np.random.default_rng(seed)
+    loss = dlfs.SoftmaxCrossEntropy(smoothing)
+    z = 2 * rng.standard_normal((n, t, k))
+    labels = rng.integers(0, k, (n, t))
+    onehot = np.eye(k)[labels]
+    flat, flat_cache = loss.forward(z.reshape(-1, k), labels.reshape(-1))
+    for target in (labels, onehot):
+        value, cache = loss.forward(z, target)
+        assert value == pytest.approx(flat, rel=1e-12)
+        g = loss.backward(cache)
+        assert g.shape == z.shape
+        np.testing.assert_allclose(g.reshape(-1, k), loss.backward(flat_cache), rtol=1e-12)
+        assert dlfs.check_loss(loss, z, target, key=seed % 997) < 1e-6
+    z32 = z.astype(np.float32)
+    value32, cache32 = loss.forward(z32, labels)
+    assert value32.dtype == np.float32 and loss.backward(cache32).dtype == np.float32
+    acc = dlfs.accuracy(z, labels)
+    assert acc == pytest.approx(np.mean(z.argmax(axis=2) == labels))
+    assert dlfs.accuracy(z, onehot) == acc
+
+
+def test_sequence_losses_and_dense_bad_input():
+    sce = dlfs.SoftmaxCrossEntropy()
+    z = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match=r"target must have shape \(2, 3\)"):
+        sce.forward(z, np.zeros((2, 4), int))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        sce.forward(z, np.full((2, 3), 4))
+    with pytest.raises(ValueError, match="target must have the same shape"):
+        sce.forward(z, np.zeros((2, 3, 3)))
+    with pytest.raises(ValueError, match=r"target must have shape \(N, T\)"):
+        dlfs.accuracy(z, np.zeros((2, 4), int))
+    dense = dlfs.Dense.init(0, 4, 2, dtype=np.float64)
+    y, cache, _ = dense.forward(np.ones((2, 3, 4)))
+    np.testing.assert_allclose(y, np.ones((2, 3, 4)) @ dense.w + dense.b, rtol=1e-14)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, T, 4\)"):
+        dense.forward(np.ones((2, 3, 5)))
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 2\)"):
+        dense.backward(cache, np.ones((2, 2)))
+    with pytest.raises(ValueError, match="Flatten"):
+        dlfs.network(0, (2, 3, 4), [dlfs.dense(2)], dlfs.MeanSquaredError())
+
+
+def _char_lm(dtype=np.float64, cell=dlfs.gru):
+    """ids (N, 6) -> Embedding(7, 4) -> cell(5, sequences) -> Dense(7) per step."""
+    return dlfs.network(
+        2,
+        (6,),
+        [dlfs.embedding(7, 4), cell(5, return_sequences=True), dlfs.dense(7)],
+        dlfs.SoftmaxCrossEntropy(),
+        dtype=dtype,
+    )
+
+
+def test_builder_infers_sequence_shapes_and_network_gradients():
+    net = dlfs.network(0, (28, 28), [dlfs.lstm(128), dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    assert [type(layer).__name__ for layer in net.layers] == ["LSTM", "Dense"]
+    assert net.layers[0].w_ih.shape == (28, 512) and net.output_shape == (10,)
+    stacked = dlfs.network(
+        1,
+        (9, 3),
+        [dlfs.rnn(4, return_sequences=True), dlfs.gru(5, return_sequences=True), dlfs.lstm(2)],
+        dlfs.MeanSquaredError(),
+    )
+    assert [layer.n_in for layer in stacked.layers] == [3, 4, 5] and stacked.output_shape == (2,)
+    lm = _char_lm()
+    assert lm.output_shape == (6, 7)
+    assert [s for s in re.findall(r"\(N, [\d, ]+\)", lm.summary())] == [
+        "(N, 6)",
+        "(N, 6, 4)",
+        "(N, 6, 5)",
+        "(N, 6, 7)",
+    ]
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 7, (3, 6)), rng.integers(0, 7, (3, 6))
+    assert lm.predict(x).shape == (3, 6, 7)
+    with pytest.raises(TypeError, match="x must be an integer array of token ids"):
+        lm.predict(x.astype(np.float64))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 6\)"):
+        lm.predict(x[:, :5])
+    sizes = [len(p) for p in lm.params()]
+    flat = [p for layer in lm.params() for p in layer]
+
+    def f(*ps):
+        it = iter(ps)
+        params = tuple(tuple(next(it) for _ in range(s)) for s in sizes)
+        loss, grads, _ = lm.with_params(params).loss_and_grads(x, y)
+        return np.asarray(loss), lambda dy: [g * dy for layer in grads for g in layer]
+
+    assert dlfs.check_grads(f, flat, key=1) < 1e-6
+
+
+def test_sequence_network_trains_and_round_trips(tmp_path):
+    """A float32 Embedding-LSTM-Dense language model: fit lowers the loss, float32 stays
+    float32, and save/load keeps every array bit-exact (and return_sequences)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 7, (32, 6))
+    y = np.roll(x, 1, axis=1)  # the previous id: needs one step of memory
+    net = _char_lm(np.float32, dlfs.lstm)
+    fitted, history = dlfs.fit(net, dlfs.Adam(0.03), x, y, epochs=15, batch_size=8, seed=0)
+    assert history.train_loss[-1] < 0.8 * history.train_loss[0]
+    assert all(p.dtype == np.float32 for layer in fitted.params() for p in layer)
+    mixed = dlfs.network(
+        3,
+        (5, 2),
+        [dlfs.rnn(3, return_sequences=True), dlfs.gru(4, return_sequences=True), dlfs.lstm(2)],
+        dlfs.MeanSquaredError(),
+    )
+    for model, data in ((fitted, x), (mixed, rng.standard_normal((4, 5, 2)).astype(np.float32))):
+        dlfs.save(tmp_path / "seq.npz", model)
+        loaded = dlfs.load(tmp_path / "seq.npz").net
+        _assert_same_net(model, loaded)
+        assert loaded.predict(data).tobytes() == model.predict(data).tobytes()
