@@ -5385,3 +5385,65 @@ def test_sequence_network_trains_and_round_trips(tmp_path):
         loaded = dlfs.load(tmp_path / "seq.npz").net
         _assert_same_net(model, loaded)
         assert loaded.predict(data).tobytes() == model.predict(data).tobytes()
+
+
+def test_adding_example_data_and_smoke(monkeypatch, capsys):
+    adding = _example("adding", monkeypatch)
+    x, y = adding.adding_data((3,), 20000, 10)
+    assert x.shape == (20000, 10, 2) and y.shape == (20000, 1) and x.dtype == np.float32
+    markers = x[:, :, 1]
+    assert np.all(markers.sum(axis=1) == 2)
+    assert np.all(markers[:, :5].sum(axis=1) == 1)  # one marker in each half
+    np.testing.assert_allclose(y[:, 0], (x[:, :, 0] * markers).sum(axis=1), rtol=1e-6)
+    assert np.mean((y - 1.0) ** 2) == pytest.approx(1 / 6, abs=0.01)  # the 0.167 baseline
+    args = ["--steps", "6", "--epochs", "1", "--train-size", "40", "--test-size", "10"]
+    results = adding.main([*args, "--hidden", "3", "--batch-size", "20"])
+    out = capsys.readouterr().out
+    kv = _key_values(out)
+    assert set(results) == {"rnn_mse", "lstm_mse", "gru_mse"}
+    for name, value in results.items():
+        assert kv[name] == f"{value:.5f}" and math.isfinite(value)
+    assert {"baseline_mse", "steps", "epochs", "seed"} <= set(kv)
+    assert re.search(r"^LSTM +\d+ +\d\.\d{5} +\d+$", out, re.M)
+
+
+def test_mnist_lstm_example_smoke(tmp_path, monkeypatch, capsys):
+    """Row-by-row MNIST on a tiny generated npz: 28 steps of 28 pixels, key=value lines."""
+    mnist_lstm = _example("mnist_lstm", monkeypatch)
+    args = ["--data", str(_tiny_mnist_npz(tmp_path)), "--epochs", "1", "--hidden", "4"]
+    result = mnist_lstm.main([*args, "--batch-size", "16", "--holdout", "8"])
+    out = capsys.readouterr().out
+    kv = _key_values(out)
+    assert {"test_acc", "epochs", "train_s", "batch_size", "hidden", "seed", "train_loss"} <= set(
+        kv
+    )
+    assert kv["test_acc"] == f"{result['test_acc']:.4f}" and 0.0 <= result["test_acc"] <= 1.0
+    assert (kv["epochs"], kv["hidden"]) == ("1", "4")
+    assert re.search(r"epoch 1: train_loss=\S+ val_loss=\S+ val_metric=", out)
+    shapes = re.findall(r"\(N, [\d, ]+\)", out)
+    assert shapes == ["(N, 28, 28)", "(N, 4)", "(N, 10)"]
+
+
+def test_char_rnn_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
+    """Truncated BPTT on a small generated text: segments tile the streams in order,
+    the loss falls from epoch to epoch, and sampling gives ids of the vocabulary."""
+    char_rnn = _example("char_rnn", monkeypatch)
+    rng = np.random.default_rng(0)
+    words = ["abc", "abd", "xyz", "hello", "world"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 400))
+    path = tmp_path / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    data = char_rnn.streams(np.arange(103), 4)
+    segs = char_rnn.segments(data, 7)
+    np.testing.assert_array_equal(np.concatenate([s[0] for s in segs], axis=1), data[:, :-1])
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in segs], axis=1), data[:, 1:])
+    args = ["--text", str(path), "--epochs", "4", "--hidden", "24", "--embed", "8"]
+    result = char_rnn.main([*args, "--seq-len", "20", "--batch-size", "8", "--sample-length", "30"])
+    out = capsys.readouterr().out
+    losses = result["losses"]
+    assert len(losses) == 4 and np.all(np.diff(losses) < 0)
+    assert losses[-1] < 0.7 * losses[0]
+    assert len(result["sample"]) == 30 and set(result["sample"]) <= set(range(result["vocab"]))
+    kv = _key_values(out)
+    assert kv["loss_last"] == f"{losses[-1]:.4f}" and kv["vocab"] == str(len(set(text)))
+    assert re.search(r"^epoch 4: loss=\S+ \(\S+ bits/char\)$", out, re.M)
