@@ -1206,6 +1206,7 @@ class _Recurrent:
 
     _GATES = 1
     _STATES = 1
+    _EXTRA_BIASES = 0  # (H,) biases after b (the GRU's b_hn)
 
     w_ih: np.ndarray = attrs.field(converter=_frozen)
     w_hh: np.ndarray = attrs.field(converter=_frozen)
@@ -1221,6 +1222,22 @@ class _Recurrent:
         gh = self.w_hh.shape[1]
         _check_input("w_ih", self.w_ih, ("D", gh), self.w_hh.dtype)
         _check_input("b", self.b, (gh,), self.w_hh.dtype)
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        n_in: int,
+        n_hidden: int,
+        *,
+        return_sequences: bool = False,
+        dtype: Any = np.float32,
+    ) -> Any:
+        """Draw from ``key``: w_ih Glorot uniform (D, G*H), w_hh one orthogonal
+        (H, H) block per gate, biases zero."""
+        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, cls._GATES, dtype)
+        extra = (np.zeros(n_hidden, b.dtype) for _ in range(cls._EXTRA_BIASES))
+        return cls(w_ih, w_hh, b, *extra, return_sequences=return_sequences)
 
     @property
     def n_in(self) -> int:
@@ -1398,20 +1415,6 @@ class RNN(_Recurrent):
         ys, h_last, cache = rnn.scan(x)  # x: (N, T, 3) -> ys: (N, T, 8)
     """
 
-    @classmethod
-    def init(
-        cls,
-        key: int | Key,
-        n_in: int,
-        n_hidden: int,
-        *,
-        return_sequences: bool = False,
-        dtype: Any = np.float32,
-    ) -> RNN:
-        """Glorot-uniform w_ih, orthogonal w_hh, zero b, drawn from ``key``."""
-        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 1, dtype)
-        return cls(w_ih, w_hh, b, return_sequences=return_sequences)
-
     def _steps(
         self, a: np.ndarray, state: tuple, w_hh: np.ndarray
     ) -> tuple[np.ndarray, tuple, Any]:
@@ -1475,9 +1478,10 @@ class LSTM(_Recurrent):
         f near 0.73, so the cell keeps its memory and gradients reach far back
         early in training; pass 0.0 for all-zero biases."""
         forget_bias = _check_number("forget_bias", forget_bias)
-        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 4, dtype)
+        layer = super().init(key, n_in, n_hidden, return_sequences=return_sequences, dtype=dtype)
+        b = layer.b.copy()
         b[n_hidden : 2 * n_hidden] = forget_bias
-        return cls(w_ih, w_hh, b, return_sequences=return_sequences)
+        return attrs.evolve(layer, b=b)
 
     def _steps(
         self, a: np.ndarray, state: tuple, w_hh: np.ndarray
@@ -1546,27 +1550,13 @@ class GRU(_Recurrent):
     """
 
     _GATES = 3
+    _EXTRA_BIASES = 1
 
     b_hn: np.ndarray = attrs.field(converter=_frozen)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         _check_input("b_hn", self.b_hn, (self.n_hidden,), self.w_hh.dtype)
-
-    @classmethod
-    def init(
-        cls,
-        key: int | Key,
-        n_in: int,
-        n_hidden: int,
-        *,
-        return_sequences: bool = False,
-        dtype: Any = np.float32,
-    ) -> GRU:
-        """Glorot-uniform w_ih, one orthogonal block per gate in w_hh, zero biases."""
-        w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, 3, dtype)
-        b_hn = np.zeros(n_hidden, b.dtype)
-        return cls(w_ih, w_hh, b, b_hn, return_sequences=return_sequences)
 
     def params(self) -> Params:
         """(w_ih, w_hh, b, b_hn)."""
