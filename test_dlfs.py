@@ -5261,6 +5261,31 @@ def test_embedding_lookup_scatter_add_and_bad_ids():
         dlfs.Embedding(np.zeros(3))
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=SEEDS,
+    n=SIZES,
+    t=SIZES,
+    vocab=SIZES,
+    dim=SIZES,
+    dtype=DTYPES,
+    ids=st.sampled_from(["uint8", "int32", "int64"]),
+)
+def test_embedding_gradient_is_a_scatter_add(seed, n, t, vocab, dim, dtype, ids):
+    """dw agrees with np.add.at (repeated ids accumulate) for any id dtype; float32 stays float32."""
+    rng = np.random.default_rng(seed)
+    emb = dlfs.Embedding.init(seed, vocab, dim, dtype=dtype)
+    x = rng.integers(0, vocab, (n, t)).astype(ids)
+    y, cache, _ = emb.forward(x)
+    assert y.shape == (n, t, dim) and y.dtype == np.dtype(dtype)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    (dw,) = emb.backward(cache, dy)[1]
+    expected = np.zeros((vocab, dim))
+    np.add.at(expected, x.ravel(), dy.reshape(-1, dim).astype(np.float64))
+    assert dw.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(dw, expected, rtol=1e-5, atol=1e-5)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     seed=SEEDS,
