@@ -2003,6 +2003,15 @@ def _trust_call(draw, target: str, args: list):
         "permute": lambda: dlfs.permute(0, a, b),
         "to_2d": lambda: dlfs.to_2d(a),
         "save": lambda: dlfs.save(os.devnull if n is None else n, a),
+        "recurrent": lambda: dlfs.LSTM.init(0, 3, 2, return_sequences=True).forward(a),
+        "scan": lambda: dlfs.GRU.init(0, 3, 2).scan(a, b),
+        "backward_scan": lambda: dlfs.RNN.init(0, 3, 2).backward_scan(
+            dlfs.RNN.init(0, 3, 2).scan(np.ones((2, 3, 3), np.float32))[2], a, b
+        ),
+        "embedding": lambda: dlfs.Embedding.init(0, 4, 2).forward(a),
+        "recurrent_spec": lambda: dlfs.network(
+            0, (3, 2), [dlfs.lstm(size)], dlfs.MeanSquaredError()
+        ),
     }
     return calls[target]
 
@@ -2080,6 +2089,11 @@ def test_public_api_fuzz(data):
                 "permute",
                 "to_2d",
                 "save",
+                "recurrent",
+                "scan",
+                "backward_scan",
+                "embedding",
+                "recurrent_spec",
             ]
         )
     )
