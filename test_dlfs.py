@@ -5120,6 +5120,28 @@ def test_recurrent_layers_match_pytorch(kind):
     np.testing.assert_allclose(ours.forward(x32)[0], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", _KINDS)
+def test_float32_gradients_match_float64(kind):
+    """The float32 scan and its gradients (x, initial state, weights) stay float32 and
+    agree with the finite-difference-checked float64 ones to float32 precision."""
+    rng = np.random.default_rng(2)
+    n, t, d, h = 4, 5, 3, 6
+    layer64 = _recurrent(kind, 2, d, h, np.float64)
+    layer32 = type(layer64)(*(p.astype(np.float32) for p in layer64.params()))
+    x, state = rng.standard_normal((n, t, d)), _state(kind, rng, n, h)
+    dys, dlast = rng.standard_normal((n, t, h)), rng.standard_normal((n, h))
+    runs = []
+    for lay, dt in ((layer64, np.float64), (layer32, np.float32)):
+        st32 = tuple(p.astype(dt) for p in _parts(kind, state))
+        ys, last, cache = lay.scan(x.astype(dt), st32 if kind == "LSTM" else st32[0])
+        dl = dlast.astype(dt)
+        dx, d0, grads = lay.backward_scan(cache, dys.astype(dt), (dl, dl) if kind == "LSTM" else dl)
+        runs.append([ys, *_parts(kind, last), dx, *_parts(kind, d0), *grads])
+    for a, b in zip(*runs):
+        assert b.dtype == np.float32 and a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(a).max()))
+
+
 def test_recurrent_init_conventions():
     """Glorot-uniform w_ih, orthogonal w_hh blocks, zero biases but the LSTM's forget gate
     (forget_bias, default 1.0); same key, same weights."""
