@@ -1169,6 +1169,12 @@ def _from_gates(w: np.ndarray) -> np.ndarray:
     return w.swapaxes(0, 1).reshape(w.shape[1], -1)
 
 
+def _recurrent_grad(da: np.ndarray, w_hh_t: np.ndarray) -> np.ndarray:
+    """dL/dh_{t-1} = da_t @ w_hh.T for gate-major da_t (G, N, H): one GEMM on
+    da_t's (N, G*H) rows, faster than G block products and their sum."""
+    return np.ascontiguousarray(da.swapaxes(0, 1)).reshape(da.shape[1], -1) @ w_hh_t
+
+
 def _sigmoid_slope(s: np.ndarray) -> np.ndarray:
     """sigmoid' from s = sigmoid(z): s (1 - s)."""
     slope = np.subtract(s.dtype.type(1), s)
@@ -1379,7 +1385,7 @@ class _Recurrent:
         xt, state, hs, core = cache
         t, n, d = xt.shape
         g = self._GATES
-        w_hh_t = np.ascontiguousarray(_by_gate(self.w_hh, g).swapaxes(1, 2))  # (G, H, H)
+        w_hh_t = np.ascontiguousarray(self.w_hh.T)  # (G*H, H)
         dax, dah, d0, extra = self._back_steps(
             core, state, hs, dyt, self._grad_buffers(dlast, n), w_hh_t
         )
@@ -1440,7 +1446,7 @@ class RNN(_Recurrent):
             if dyt is not None:
                 dh += dyt[t]
             da_t = np.multiply(_tanh_slope(hs[t]), dh, out=da[0, t])
-            dh = da_t @ w_hh_t[0]
+            dh = da_t @ w_hh_t
         return da, da, (dh,), ()
 
 
@@ -1532,7 +1538,7 @@ class LSTM(_Recurrent):
             da[:2, t] *= _sigmoid_slope(a[:2, t])
             dg *= _tanh_slope(g)
             do *= _sigmoid_slope(o)
-            dh = np.matmul(da[:, t], w_hh_t).sum(axis=0)
+            dh = _recurrent_grad(da[:, t], w_hh_t)
         return da, da, (dh, dc), ()
 
 
@@ -1612,7 +1618,7 @@ class GRU(_Recurrent):
             dax[:2, t] *= _sigmoid_slope(a[:2, t])
             dah[:2, t] = dax[:2, t]
             np.multiply(dn, r, out=dah[2, t])
-            dh_prev = np.matmul(dah[:, t], w_hh_t).sum(axis=0)
+            dh_prev = _recurrent_grad(dah[:, t], w_hh_t)
             dh *= z
             dh += dh_prev
         return dax, dah, (dh,), (dah[2].sum(axis=(0, 1)),)
