@@ -1169,10 +1169,45 @@ def _from_gates(w: np.ndarray) -> np.ndarray:
     return w.swapaxes(0, 1).reshape(w.shape[1], -1)
 
 
-def _recurrent_grad(da: np.ndarray, w_hh_t: np.ndarray) -> np.ndarray:
-    """dL/dh_{t-1} = da_t @ w_hh.T for gate-major da_t (G, N, H): one GEMM on
-    da_t's (N, G*H) rows, faster than G block products and their sum."""
-    return np.ascontiguousarray(da.swapaxes(0, 1)).reshape(da.shape[1], -1) @ w_hh_t
+class _BPTT:
+    """A recurrent layer's weight gradients, accumulated step by step while
+    backward walks back in time: with step t's gate gradients as (N, G*H)
+    rows (dax_t: of x_t @ w_ih + b, dah_t: of h_{t-1} @ w_hh),
+    dw_ih += x_t.T @ dax_t, dw_hh += h_{t-1}.T @ dah_t, db += sum_n dax_t,
+    dx_t = dax_t @ w_ih.T, and the recurrent gradient dah_t @ w_hh.T.
+
+    Per step, while the rows are in cache: measured faster than one GEMM
+    over all steps at the end, which needs the (G, T, N, H) gradients kept
+    (a fresh array every call: page faults, memory traffic).  Private and
+    local to one backward call.
+    """
+
+    def __init__(self, layer: Any, xt: np.ndarray, h0: np.ndarray, hs: np.ndarray, need_dx: bool):
+        self.xt, self.h0, self.hs = xt, h0, hs
+        self.w_ih_t = np.ascontiguousarray(layer.w_ih.T)  # (G*H, D)
+        self.w_hh_t = np.ascontiguousarray(layer.w_hh.T)  # (G*H, H)
+        gh = layer.w_hh.shape[1]
+        self.dw_ih = np.zeros_like(layer.w_ih)
+        self.dw_hh = np.zeros_like(layer.w_hh)
+        self.db = np.zeros(gh, layer.w_hh.dtype)
+        self.dx = np.empty_like(xt) if need_dx else None  # (T, N, D)
+
+    def step(self, t: int, dax: np.ndarray, dah: np.ndarray | None = None) -> np.ndarray:
+        """Add step t's gate gradients, gate-major (G, N, H) (``dah`` None: the
+        same as ``dax``); returns dL/dh_{t-1} through w_hh, (N, H)."""
+        x_rows = _rows(dax)
+        h_rows = x_rows if dah is None else _rows(dah)
+        self.dw_ih += self.xt[t].T @ x_rows
+        self.dw_hh += (self.hs[t - 1] if t else self.h0).T @ h_rows
+        self.db += x_rows.sum(axis=0)
+        if self.dx is not None:
+            np.matmul(x_rows, self.w_ih_t, out=self.dx[t])
+        return h_rows @ self.w_hh_t
+
+
+def _rows(d: np.ndarray) -> np.ndarray:
+    """Gate-major (G, N, H) -> (N, G*H) rows in w_ih's / w_hh's column order."""
+    return np.ascontiguousarray(d.swapaxes(0, 1)).reshape(d.shape[1], -1)
 
 
 def _sigmoid_slope(s: np.ndarray) -> np.ndarray:
@@ -1206,7 +1241,8 @@ class _Recurrent:
     """What RNN, LSTM and GRU share: shapes, validation, the input projection
     of all steps at once, batch-first <-> time-major, and backward's closing
     GEMMs.  A subclass gives ``_GATES``, ``_STATES`` (1: state h, 2: state
-    (h, c)), ``_steps`` (the forward loop) and ``_back_steps``.
+    (h, c)), ``_steps`` (the forward loop) and ``_back_steps`` (the backward
+    one, which hands each step's gate gradients to a ``_BPTT``).
 
     Inside, arrays are gate-major and time-major: the pre-activations are
     a[k, t] (G, T, N, H), gate k's (N, H) block at step t, so every per-step
@@ -1380,27 +1416,15 @@ class _Recurrent:
     def _backward(
         self, cache: tuple, dyt: np.ndarray | None, dlast: tuple | None, *, need_dx: bool
     ) -> tuple[Any, tuple, Params]:
-        """The step loop, then per gate one GEMM each for dw_ih, dw_hh and dx (if
-        needed) over all steps at once (the h's stacked), not T small products."""
+        """Backpropagation through time: the cell's step loop, backward, feeding
+        each step's gate gradients to a ``_BPTT`` accumulator."""
         xt, state, hs, core = cache
-        t, n, d = xt.shape
-        g = self._GATES
-        w_hh_t = np.ascontiguousarray(self.w_hh.T)  # (G*H, H)
-        dax, dah, d0, extra = self._back_steps(
-            core, state, hs, dyt, self._grad_buffers(dlast, n), w_hh_t
+        acc = _BPTT(self, xt, state[0], hs, need_dx)
+        d0, extra = self._back_steps(
+            core, state, hs, dyt, self._grad_buffers(dlast, xt.shape[1]), acc
         )
-        # dax[k, t]: dL/d(gate k's input-side pre-activation); dah[k, t]: dL/d(h_{t-1} @ w_hh_k)
-        h = self.n_hidden
-        dw_hh = np.matmul(state[0].T, dah[:, 0])  # (G, H, H); h_1 .. h_{T-1} are hs[:-1]
-        if t > 1:
-            dw_hh += np.matmul(hs[:-1].reshape(-1, h).T, dah[:, 1:].reshape(g, -1, h))
-        dax = dax.reshape(g, t * n, -1)
-        dw_ih = np.matmul(xt.reshape(t * n, d).T, dax)  # (G, D, H)
-        grads = (_from_gates(dw_ih), _from_gates(dw_hh), dax.sum(axis=1).reshape(-1), *extra)
-        if not need_dx:
-            return None, d0, grads
-        dx = np.matmul(dax, _by_gate(self.w_ih, g).swapaxes(1, 2)).sum(axis=0)  # (T*N, D)
-        return _swap_nt(dx.reshape(t, n, d)), d0, grads
+        grads = (acc.dw_ih, acc.dw_hh, acc.db, *extra)
+        return (None if acc.dx is None else _swap_nt(acc.dx)), d0, grads
 
     def __repr__(self) -> str:
         return (
@@ -1437,17 +1461,15 @@ class RNN(_Recurrent):
         return hs, (h,), None
 
     def _back_steps(
-        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, w_hh_t: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, acc: _BPTT
+    ) -> tuple[tuple, tuple]:
         """da_t = (dh_t + dys_t) (1 - h_t^2); dh_{t-1} = da_t @ w_hh.T."""
         (dh,) = d
-        da = np.empty((1, *hs.shape), hs.dtype)
         for t in range(len(hs) - 1, -1, -1):
             if dyt is not None:
                 dh += dyt[t]
-            da_t = np.multiply(_tanh_slope(hs[t]), dh, out=da[0, t])
-            dh = da_t @ w_hh_t
-        return da, da, (dh,), ()
+            dh = acc.step(t, np.multiply(_tanh_slope(hs[t]), dh)[None])
+        return (dh,), ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1514,18 +1536,18 @@ class LSTM(_Recurrent):
         return hs, (h, c), (a, cs, tcs)
 
     def _back_steps(
-        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, w_hh_t: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, acc: _BPTT
+    ) -> tuple[tuple, tuple]:
         """da_t = [di df dg do] times the activations' slopes, where
         dc_t = dc_{t+1} f_{t+1} + dh_t o_t (1 - tanh(c_t)^2)."""
         a, cs, tcs = core
         dh, dc = d
-        da = np.empty_like(a)
         for t in range(a.shape[1] - 1, -1, -1):
             if dyt is not None:
                 dh += dyt[t]
             i, f, g, o = a[:, t]
-            di, df, dg, do = da[:, t]
+            da = np.empty_like(a[:, t])
+            di, df, dg, do = da
             np.multiply(dh, tcs[t], out=do)
             dc_here = _tanh_slope(tcs[t])
             dc_here *= o
@@ -1535,11 +1557,11 @@ class LSTM(_Recurrent):
             np.multiply(dc, cs[t - 1] if t else state[1], out=df)
             np.multiply(dc, i, out=dg)
             dc *= f
-            da[:2, t] *= _sigmoid_slope(a[:2, t])
+            da[:2] *= _sigmoid_slope(a[:2, t])
             dg *= _tanh_slope(g)
             do *= _sigmoid_slope(o)
-            dh = _recurrent_grad(da[:, t], w_hh_t)
-        return da, da, (dh, dc), ()
+            dh = acc.step(t, da)
+        return (dh, dc), ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1596,32 +1618,33 @@ class GRU(_Recurrent):
         return hs, (h,), (a, hns)
 
     def _back_steps(
-        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, w_hh_t: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, acc: _BPTT
+    ) -> tuple[tuple, tuple]:
         """dax_t: gradients of the input-side pre-activations of r, z, n;
         dah_t: of h_{t-1} @ w_hh's blocks, i.e. [dr, dz, dn * r]."""
         a, hns = core
         (dh,) = d
-        dax, dah = np.empty_like(a), np.empty_like(a)
+        db_hn = np.zeros_like(self.b_hn)
         one = a.dtype.type(1)
         for t in range(a.shape[1] - 1, -1, -1):
             if dyt is not None:
                 dh += dyt[t]
             r, z, new = a[:, t]
-            dr, dz, dn = dax[:, t]
+            dax = np.empty_like(a[:, t])
+            dr, dz, dn = dax
             np.subtract(hs[t - 1] if t else state[0], new, out=dz)
             dz *= dh  # dL/dz = dh (h_{t-1} - n)
             np.subtract(one, z, out=dn)
             dn *= dh
             dn *= _tanh_slope(new)  # dL/d(n's pre-activation) = dh (1 - z) (1 - n^2)
             np.multiply(dn, hns[t], out=dr)  # dL/dr = that * (h_{t-1} w_hn + b_hn)
-            dax[:2, t] *= _sigmoid_slope(a[:2, t])
-            dah[:2, t] = dax[:2, t]
-            np.multiply(dn, r, out=dah[2, t])
-            dh_prev = _recurrent_grad(dah[:, t], w_hh_t)
+            dax[:2] *= _sigmoid_slope(a[:2, t])
+            dah = dax.copy()
+            dah[2] *= r  # dL/d(h_{t-1} w_hn + b_hn) = dn * r
+            db_hn += dah[2].sum(axis=0)
             dh *= z
-            dh += dh_prev
-        return dax, dah, (dh,), (dah[2].sum(axis=(0, 1)),)
+            dh += acc.step(t, dax, dah)
+        return (dh,), (db_hn,)
 
 
 # ------------------------------------------------------ convolutions and pools
