@@ -1239,8 +1239,8 @@ def _recurrent_weights(
 @attrs.frozen(eq=False, repr=False)
 class _Recurrent:
     """What RNN, LSTM and GRU share: shapes, validation, the input projection
-    of all steps at once, batch-first <-> time-major, and backward's closing
-    GEMMs.  A subclass gives ``_GATES``, ``_STATES`` (1: state h, 2: state
+    of all steps at once, batch-first <-> time-major, and the backward pass
+    around the cell's loop.  A subclass gives ``_GATES``, ``_STATES`` (1: state h, 2: state
     (h, c)), ``_steps`` (the forward loop) and ``_back_steps`` (the backward
     one, which hands each step's gate gradients to a ``_BPTT``).
 
