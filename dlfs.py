@@ -1240,15 +1240,17 @@ def _recurrent_weights(
 class _Recurrent:
     """What RNN, LSTM and GRU share: shapes, validation, the input projection
     of all steps at once, batch-first <-> time-major, and the backward pass
-    around the cell's loop.  A subclass gives ``_GATES``, ``_STATES`` (1: state h, 2: state
-    (h, c)), ``_steps`` (the forward loop) and ``_back_steps`` (the backward
-    one, which hands each step's gate gradients to a ``_BPTT``).
+    around the cell's loop.  A subclass gives ``_GATES``, ``_STATES`` (1:
+    state h, 2: state (h, c)), ``_steps`` (the forward loop) and
+    ``_back_steps`` (the backward one, which hands each step's gate
+    gradients to a ``_BPTT``).
 
     Inside, arrays are gate-major and time-major: the pre-activations are
     a[k, t] (G, T, N, H), gate k's (N, H) block at step t, so every per-step
-    operation runs over contiguous memory; the recurrent GEMM of a step is
-    h (N, H) @ w_hh as G blocks (G, H, H).  The caller sees batch-first
-    (N, T, ...) arrays and PyTorch's (D, G*H) / (H, G*H) weight layout.
+    elementwise operation runs over contiguous memory; the recurrent GEMM of
+    a step is h (N, H) @ w_hh as G blocks (G, H, H).  The caller sees
+    batch-first (N, T, ...) arrays and PyTorch's (D, G*H) / (H, G*H) weight
+    layout.
     """
 
     _GATES = 1
