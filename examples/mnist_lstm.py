@@ -4,14 +4,15 @@
 
 float32, batch 128, Adam with global-norm clipping (1.0) and a cosine-decayed
 learning rate (peak ``--lr`` 2e-3 after 200 warmup steps, down to 0 at the
-end), ``--epochs`` 10 over the 60000 training images.  The images go through
-``mnist_data.prepare`` (standardized with MNIST's mean and std) and are read
-as sequences (N, 28, 28): step t sees row t.  ``--data PATH`` takes a local
+end), ``--epochs`` 10 over the 60000 training images.  The images come from
+``dlfs.load_mnist``, standardized with MNIST's mean and std, and are read as
+sequences (N, 28, 28): step t sees row t.  ``--data PATH`` takes a local
 ``.npz`` or a folder of the four IDX files; without it the loader downloads
 the standard files once (checked, cached).  ``--holdout K`` keeps the last K
 training images aside and reports a validation accuracy after each epoch;
 the test set is used once, at the end.  Ends with ``key=value`` lines
-(``test_acc``, ``epochs``, ``train_s``, ...).  On a small shared machine
+(``test_acc``, ``epochs``, ``train_s``, ...); in a terminal a progress bar
+shows the running loss.  On a small shared machine
 ``OPENBLAS_NUM_THREADS=1`` avoids BLAS threads waiting for busy cores.
 
     python examples/mnist_lstm.py --epochs 10
@@ -24,12 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # mnist_data, next to this file
-sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
-from mnist_data import load_mnist, prepare  # noqa: E402
+import numpy as np
 
-import dlfs  # noqa: E402
+try:
+    import dlfs
+except ImportError:  # running from a checkout: dlfs.py sits one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import dlfs
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the training set, in [0, 1]
 
 
 def build(seed: int, hidden: int = 128) -> dlfs.Network:
@@ -59,8 +63,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if min(args.epochs, args.batch_size, args.hidden) < 1 or args.holdout < 0:
         ap.error("--epochs, --batch-size and --hidden must be >= 1, --holdout >= 0")
 
-    x_all, y_all, x_test, y_test = prepare(load_mnist(args.data), flatten=False, standardize=True)
-    x_all, x_test = x_all[:, 0], x_test[:, 0]  # (N, 28, 28): 28 steps of one row each
+    # float32 (N, 1, 28, 28) in [0, 1], int64 labels; standardized, then (N, 28, 28):
+    # 28 steps of one row each
+    (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    x_all = (x_all[:, 0] - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
+    x_test = (x_test[:, 0] - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     n_train = len(x_all) - args.holdout
     validation = (x_all[n_train:], y_all[n_train:]) if args.holdout > 0 else None
 
@@ -82,10 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         validation=validation,
-        early_stopping=False,
         seed=args.seed,
         verbose=True,
         callback=report,
+        progress=sys.stderr.isatty(),  # a bar in a terminal, not in logs
     )
     train_s = time.perf_counter() - start
     test_acc = dlfs.accuracy(net.predict(x_test, batch_size=1000), y_test)
