@@ -2980,7 +2980,8 @@ class Network:
 
         x must be a finite float array of the network's dtype: integer input
         (e.g. uint8 images) is rejected with a TypeError, never cast silently;
-        convert it yourself, e.g. ``(x / 255).astype(np.float32)``."""
+        convert it yourself, e.g. ``(x / 255).astype(np.float32)``.  A network
+        whose first layer is an Embedding takes integer token ids instead."""
         self._check_x(x)
         if batch_size is not None:
             batch_size = _check_int("batch_size", batch_size)
@@ -4786,7 +4787,8 @@ def fit(
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
     x: (N, *net.input_shape) float array of the network's dtype (ints are
-    rejected with a TypeError, never cast); y: (N, ...) targets for the loss
+    rejected with a TypeError, never cast), or integer token ids when the
+    first layer is an Embedding; y: (N, ...) targets for the loss
     (float, or integer labels in [0, K) for SoftmaxCrossEntropy).  Both are
     checked whole before the first step.  Each epoch shuffles with a key
     derived from ``seed`` and folds ``train_step`` over batches of
