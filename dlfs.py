@@ -1408,6 +1408,21 @@ class _Recurrent:
         hs, last, core = self._steps(a.reshape(g, t, n, -1), state, w_hh)
         return hs, last, (xt, state, hs, core)
 
+    def _steps(
+        self, a: np.ndarray, state: tuple, w_hh: np.ndarray
+    ) -> tuple[np.ndarray, tuple, Any]:
+        """The cell's forward loop over a (G, T, N, H) -> (hs (T, N, H), last
+        state, the cell's part of the cache); ``w_hh`` as (G, H, H) blocks."""
+        raise NotImplementedError
+
+    def _back_steps(
+        self, core: Any, state: tuple, hs: np.ndarray, dyt: Any, d: list, acc: _BPTT
+    ) -> tuple[tuple, tuple]:
+        """The cell's backward loop, last step first: feeds ``acc`` each step's
+        gate gradients; returns (d(initial state), the gradients of the
+        cell's own extra parameters)."""
+        raise NotImplementedError
+
     def _grad_buffers(self, dlast: tuple | None, n: int) -> list[np.ndarray]:
         """Fresh copies of the last state's gradients (zeros where None), which
         the backward loop then updates in place."""
