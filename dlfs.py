@@ -1051,7 +1051,11 @@ def _sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarray:
     """``x`` must be an integer ndarray (token ids) of shape ``spec``."""
-    _check_ndarray(name, x)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy array of integer token ids, got {type(x).__name__}; "
+            "convert with np.asarray(..., dtype=np.int64)"
+        )
     if x.dtype.kind not in "iu":
         raise TypeError(
             f"{name} must be an integer array of token ids, got dtype {x.dtype}; "
@@ -1132,9 +1136,7 @@ class Embedding:
         self, x: np.ndarray, ctx: Context = EVAL
     ) -> tuple[np.ndarray, np.ndarray, Embedding]:
         """y = w[x]; the cache is x.  Ids out of [0, n_vocab) are a ValueError."""
-        _check_ids(
-            "x", x, (None, *x.shape[1:]) if isinstance(x, np.ndarray) and x.ndim else (None,)
-        )
+        _check_ids("x", x, (None, *np.shape(x)[1:]))  # any (N, ...) of ints
         _check_nonempty("x", x)
         lo, hi = x.min(), x.max()
         if lo < 0 or hi >= self.n_vocab:
