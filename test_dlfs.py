@@ -5162,6 +5162,11 @@ def test_recurrent_init_conventions():
         np.testing.assert_array_equal(layer.b, expected_b)
         assert not layer.return_sequences and layer.w_hh.flags.writeable is False
     assert np.all(dlfs.LSTM.init(0, 2, 3, forget_bias=0.0).b == 0)
+    h0, c0 = dlfs.LSTM.init(0, 2, 3).initial_state(4)
+    assert h0.shape == c0.shape == (4, 3) and h0.dtype == np.float32 and not h0.any()
+    assert dlfs.GRU.init(0, 2, 3, dtype=np.float64).initial_state(2).shape == (2, 3)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        dlfs.RNN.init(0, 2, 3).initial_state(0)
     lstm = dlfs.network(0, (5, 2), [dlfs.lstm(3, forget_bias=2.5)], dlfs.MeanSquaredError())
     np.testing.assert_array_equal(lstm.layers[0].b[3:6], 2.5)
     wide = dlfs.orthogonal(dlfs.make_rng(0), (3, 5), np.float32)
