@@ -1081,7 +1081,7 @@ def _scatter_add_rows(n_rows: int, idx: np.ndarray, values: np.ndarray) -> np.nd
 
 
 @attrs.frozen(eq=False, repr=False)
-class Embedding:
+class Embedding(_ArrayRecord):
     """Lookup table of token vectors: y[n, t] = w[x[n, t]] (PyTorch's
     ``nn.Embedding``, whose ``weight`` is ``w``).
 
@@ -1239,7 +1239,7 @@ def _recurrent_weights(
 
 
 @attrs.frozen(eq=False, repr=False)
-class _Recurrent:
+class _Recurrent(_ArrayRecord):
     """What RNN, LSTM and GRU share: shapes, validation, the input projection
     of all steps at once, batch-first <-> time-major, and the backward pass
     around the cell's loop.  A subclass gives ``_GATES``, ``_STATES`` (1:
