@@ -1166,11 +1166,6 @@ def _by_gate(w: np.ndarray, gates: int) -> np.ndarray:
     return w.reshape(w.shape[0], gates, -1).swapaxes(0, 1)
 
 
-def _from_gates(w: np.ndarray) -> np.ndarray:
-    """(G, R, H) -> (R, G*H), the inverse of ``_by_gate`` (a new array)."""
-    return w.swapaxes(0, 1).reshape(w.shape[1], -1)
-
-
 class _BPTT:
     """A recurrent layer's weight gradients, accumulated step by step while
     backward walks back in time: with step t's gate gradients as (N, G*H)
