@@ -21,6 +21,7 @@ import html
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -156,7 +157,15 @@ def _shape_str(spec: Sequence[int | str | None]) -> str:
 
 
 def _check_ndarray(name: str, x: Any) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
+    """``x`` must be exactly an ``np.ndarray``: subclasses (``np.matrix``, masked
+    arrays) change what ``*``, ``sum`` or a mask mean, so they are refused too."""
+    if type(x) is not np.ndarray:
+        if isinstance(x, np.ndarray):
+            raise TypeError(
+                f"{name} must be a plain numpy array, got {type(x).__module__}."
+                f"{type(x).__name__} (an ndarray subclass); convert with np.asarray(...) "
+                "(a masked array: fill it first, e.g. .filled(0.0))"
+            )
         raise TypeError(
             f"{name} must be a numpy array, got {type(x).__name__}; "
             "convert with np.asarray(..., dtype=np.float32)"
@@ -194,7 +203,7 @@ def _check_shape(name: str, x: np.ndarray, spec: Sequence[int | str | None]) -> 
 
 
 def _check_nonempty(name: str, x: np.ndarray) -> None:
-    if x.size == 0 or (x.ndim > 0 and x.shape[0] == 0):
+    if x.size == 0:  # also covers a batch axis of length 0
         raise ValueError(f"{name} must not be empty, got shape {x.shape}")
 
 
@@ -279,14 +288,18 @@ def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
     return tuple(_check_int(f"{name}[{i}]", d) for i, d in enumerate(shape))
 
 
-def _frozen(a: Any) -> np.ndarray:
-    """attrs converter: a read-only float array.  It is copied unless it owns
-    its data and is already read-only, so no writeable base can change it."""
-    _check_float("array", a)
+def _frozen(a: Any, name: str = "array") -> np.ndarray:
+    """A read-only float array.  It is copied unless it owns its data and is
+    already read-only, so no writeable base can change it."""
+    _check_float(name, a)
     if a.flags.writeable or a.base is not None:
         a = a.copy()
         a.setflags(write=False)
     return a
+
+
+# attrs converter for array fields: ``_frozen`` with the field's name in messages.
+_frozen_field = attrs.Converter(lambda a, field: _frozen(a, field.name), takes_field=True)
 
 
 def _freeze_new(a: np.ndarray) -> np.ndarray:
@@ -516,6 +529,26 @@ def orthogonal(
     return (q if rows >= cols else q.T).astype(dtype)
 
 
+def _check_initializer(name: str, init: Any) -> None:
+    if not callable(init):
+        raise TypeError(
+            f"{name} must be an initializer f(rng, shape, dtype) such as dlfs.glorot_normal, "
+            f"got {type(init).__name__}"
+        )
+
+
+def _draw(
+    name: str, init: Any, rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """``init(rng, shape, dtype)``, checked: an array of exactly that shape and dtype."""
+    _check_initializer(name, init)
+    a = init(rng, shape, dtype)
+    _check_float(f"{name}(rng, shape, dtype)", a, dtype)
+    if a.shape != shape:
+        raise ValueError(f"{name}(rng, shape, dtype) must return shape {shape}, got {a.shape}")
+    return a
+
+
 # -------------------------------------------------------------------- layers
 
 
@@ -589,7 +622,7 @@ def _dense_weights(w: Any) -> np.ndarray:
             f"write dlfs.dense({w}) inside dlfs.network(...) (it infers the input size), "
             f"or dlfs.Dense.init(key, n_in, {w})"
         )
-    return _frozen(w)
+    return _frozen(w, "w")
 
 
 def _dense_bias(b: Any) -> np.ndarray:
@@ -598,7 +631,7 @@ def _dense_bias(b: Any) -> np.ndarray:
             "Dense must be given both w and b, Dense(w, b); "
             "dlfs.Dense.init(key, n_in, n_out) draws new ones"
         )
-    return _frozen(b)
+    return _frozen(b, "b")
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -632,8 +665,8 @@ class Dense(_ArrayRecord):
         n_in, n_out = _check_int("n_in", n_in), _check_int("n_out", n_out)
         dtype = _check_dtype(dtype)
         rng = make_rng(key)
-        w = init(rng, (n_in, n_out), dtype)
-        b = bias_init(rng, (n_out,), dtype)
+        w = _draw("init", init, rng, (n_in, n_out), dtype)
+        b = _draw("bias_init", bias_init, rng, (n_out,), dtype)
         return cls(w=w, b=b)  # the converter copies and freezes
 
     @property
@@ -714,20 +747,38 @@ class Linear(_NoParams):
         return dy, ()
 
 
+def _sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """sigmoid(z) = 1 / (1 + exp(-z)); ``out`` may be ``z`` itself.
+
+    No subtraction, so no cancellation: accurate to a few ulps in both tails,
+    as the two-branch exp(-|z|) form is, without that form's masks (np.where
+    costs numpy several passes).  Below z = -88 (float32) exp(-z) overflows to
+    inf and gives the limit 0 exactly; that overflow (and the underflow to 0
+    far above z = 0, which gives 1) is expected and silenced.
+    """
+    out = np.negative(z, out=out)
+    with np.errstate(over="ignore", under="ignore"):
+        np.exp(out, out=out)
+    out += 1
+    return np.divide(out.dtype.type(1), out, out=out)
+
+
+def _sigmoid_pair(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmoid(z), 1 - sigmoid(z)), the second as sigmoid(-z): both accurate in both tails."""
+    return _sigmoid(z), _sigmoid(-z)
+
+
 @attrs.frozen(eq=False, repr=False)
 class Sigmoid(_NoParams):
-    """Logistic activation: y = 1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2."""
+    """Logistic activation: y = 1 / (1 + exp(-x)), accurate to a few ulps in both tails."""
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Sigmoid]:
         """x: (N, ...) -> y: same shape; the cache is y."""
-        self._check(x)
-        y = np.tanh(x * 0.5)
-        y += 1
-        y *= 0.5
+        y = _sigmoid(self._check(x))
         return y, y, self
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy * y * (1 - y)."""
+        """dx = dy * y * (1 - y) (PyTorch's; where y rounds to 1 the slope is 0)."""
         y = cache
         return dy * y * (1 - y), ()
 
@@ -784,7 +835,8 @@ class LeakyReLU(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class ELU(_NoParams):
-    """y = x if x > 0 else alpha * (exp(x) - 1); slope alpha at 0 as in PyTorch."""
+    """y = x if x > 0 else alpha * (exp(x) - 1); slope alpha at 0 as in PyTorch.
+    exp(x) - 1 is computed with expm1, so y keeps its relative precision near 0."""
 
     alpha: float = attrs.field(default=1.0, converter=lambda a: _check_number("alpha", a, low=0.0))
 
@@ -792,8 +844,9 @@ class ELU(_NoParams):
         """x: (N, ...) -> y: same shape; the cache is (x > 0, exp(min(x, 0)))."""
         self._check(x)
         positive = x > 0
-        e = np.exp(np.minimum(x, 0))
-        return np.where(positive, x, (e - 1) * self.alpha), (positive, e), self
+        negative_part = np.minimum(x, 0)
+        y = np.where(positive, x, np.expm1(negative_part) * self.alpha)
+        return y, (positive, np.exp(negative_part)), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else dy * alpha * exp(x)."""
@@ -807,36 +860,38 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 @attrs.frozen(eq=False, repr=False)
 class GELU(_NoParams):
     """GELU, tanh form (PyTorch ``approximate='tanh'``):
-    y = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+    y = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3), computed as
+    x * sigmoid(2u) (the same function: (1 + tanh(u)) / 2 = sigmoid(2u)), which
+    keeps the left tail that 1 + tanh(u) rounds away.
     """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, GELU]:
-        """x: (N, ...) -> y: same shape; the cache is (x, tanh(u))."""
+        """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(2u), 1 - sigmoid(2u))."""
         self._check(x)
-        t = np.tanh((x + 0.044715 * x**3) * _SQRT_2_OVER_PI)
-        return 0.5 * x * (1 + t), (x, t), self
+        s, c = _sigmoid_pair((x + 0.044715 * x**3) * (2 * _SQRT_2_OVER_PI))
+        return x * s, (x, s, c), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
-        x, t = cache
-        du = (1 + 3 * 0.044715 * x * x) * _SQRT_2_OVER_PI
-        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du), ()
+        """dx = dy * (s + 2 x s (1 - s) u'), s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+        x, s, c = cache
+        du = (1 + 3 * 0.044715 * x * x) * (2 * _SQRT_2_OVER_PI)
+        return dy * (s + x * s * c * du), ()
 
 
 @attrs.frozen(eq=False, repr=False)
 class SiLU(_NoParams):
-    """SiLU / swish: y = x * sigmoid(x)."""
+    """SiLU / swish: y = x * sigmoid(x) (the sigmoid accurate in both tails)."""
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, SiLU]:
-        """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(x))."""
+        """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(x), 1 - sigmoid(x))."""
         self._check(x)
-        s = (np.tanh(x * 0.5) + 1) * 0.5
-        return x * s, (x, s), self
+        s, c = _sigmoid_pair(x)
+        return x * s, (x, s, c), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy * s * (1 + x (1 - s))."""
-        x, s = cache
-        return dy * s * (1 + x * (1 - s)), ()
+        """dx = dy * s * (1 + x (1 - s)), s = sigmoid(x)."""
+        x, s, c = cache
+        return dy * s * (1 + x * c), ()
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -934,10 +989,10 @@ class BatchNorm(_ArrayRecord):
     gamma, beta, mean, var: (C,).
     """
 
-    gamma: np.ndarray = attrs.field(converter=_frozen)
-    beta: np.ndarray = attrs.field(converter=_frozen)
-    mean: np.ndarray = attrs.field(converter=_frozen)
-    var: np.ndarray = attrs.field(converter=_frozen)
+    gamma: np.ndarray = attrs.field(converter=_frozen_field)
+    beta: np.ndarray = attrs.field(converter=_frozen_field)
+    mean: np.ndarray = attrs.field(converter=_frozen_field)
+    var: np.ndarray = attrs.field(converter=_frozen_field)
     momentum: float = attrs.field(
         default=0.1, converter=lambda m: _check_number("momentum", m, low=0.0, high=1.0)
     )
@@ -995,7 +1050,8 @@ class BatchNorm(_ArrayRecord):
             n = x.size // x.shape[1]
             if n < 2:
                 raise ValueError(
-                    f"BatchNorm in training needs more than one value per channel, got input shape {x.shape}"
+                    "x must hold more than one value per channel for BatchNorm in training "
+                    f"(a batch of 2 or more), got input shape {x.shape}"
                 )
             mean = x.mean(axis=axes)
             var = x.var(axis=axes)
@@ -1033,25 +1089,9 @@ class BatchNorm(_ArrayRecord):
 # ------------------------------------------ sequences: embedding and recurrent layers
 
 
-def _sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """sigmoid(z) = 1 / (1 + exp(-z)); ``out`` may be ``z`` itself.
-
-    No subtraction, so no cancellation: accurate to a few ulps in both tails,
-    as the two-branch exp(-|z|) form is, without that form's masks (np.where
-    costs numpy several passes).  Below z = -88 (float32) exp(-z) overflows to
-    inf and gives the limit 0 exactly; that overflow (and the underflow to 0
-    far above z = 0, which gives 1) is expected and silenced.
-    """
-    out = np.negative(z, out=out)
-    with np.errstate(over="ignore", under="ignore"):
-        np.exp(out, out=out)
-    out += 1
-    return np.divide(out.dtype.type(1), out, out=out)
-
-
 def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarray:
-    """``x`` must be an integer ndarray (token ids) of shape ``spec``."""
-    if not isinstance(x, np.ndarray):
+    """``x`` must be an integer ndarray (token ids) of shape ``spec`` (no subclass)."""
+    if type(x) is not np.ndarray:
         raise TypeError(
             f"{name} must be a numpy array of integer token ids, got {type(x).__name__}; "
             "convert with np.asarray(..., dtype=np.int64)"
@@ -1091,7 +1131,7 @@ class Embedding(_ArrayRecord):
     A network that starts with an Embedding takes integer ids as its input.
     """
 
-    w: np.ndarray = attrs.field(converter=_frozen)
+    w: np.ndarray = attrs.field(converter=_frozen_field)
 
     def __attrs_post_init__(self) -> None:
         if self.w.ndim != 2:
@@ -1109,7 +1149,7 @@ class Embedding(_ArrayRecord):
     ) -> Embedding:
         """Draw w (n_vocab, dim) with ``init`` (N(0, 1), PyTorch's default) from ``key``."""
         n_vocab, dim = _check_int("n_vocab", n_vocab), _check_int("dim", dim)
-        return cls(init(make_rng(key), (n_vocab, dim), _check_dtype(dtype)))
+        return cls(_draw("init", init, make_rng(key), (n_vocab, dim), _check_dtype(dtype)))
 
     @property
     def n_vocab(self) -> int:
@@ -1254,9 +1294,9 @@ class _Recurrent(_ArrayRecord):
     _STATES = 1
     _EXTRA_BIASES = 0  # (H,) biases after b (the GRU's b_hn)
 
-    w_ih: np.ndarray = attrs.field(converter=_frozen)
-    w_hh: np.ndarray = attrs.field(converter=_frozen)
-    b: np.ndarray = attrs.field(converter=_frozen)
+    w_ih: np.ndarray = attrs.field(converter=_frozen_field)
+    w_hh: np.ndarray = attrs.field(converter=_frozen_field)
+    b: np.ndarray = attrs.field(converter=_frozen_field)
     return_sequences: bool = attrs.field(
         default=False, kw_only=True, validator=attrs.validators.instance_of(bool)
     )
@@ -1599,7 +1639,7 @@ class GRU(_Recurrent):
     _GATES = 3
     _EXTRA_BIASES = 1
 
-    b_hn: np.ndarray = attrs.field(converter=_frozen)
+    b_hn: np.ndarray = attrs.field(converter=_frozen_field)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -2116,7 +2156,7 @@ def _conv_backward(
 
 
 def _frozen_kernel(w: Any) -> np.ndarray:
-    w = _frozen(w)
+    w = _frozen(w, "w")
     if w.ndim != 4:
         raise ValueError(f"w must be 4-D (C_out, C_in, kh, kw), got shape {w.shape}")
     return w
@@ -2140,7 +2180,7 @@ class Conv2D(_ArrayRecord):
     """
 
     w: np.ndarray = attrs.field(converter=_frozen_kernel)
-    b: np.ndarray = attrs.field(converter=_frozen)
+    b: np.ndarray = attrs.field(converter=_frozen_field)
     stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
     padding: Pads = attrs.field(
         default="valid",
@@ -2172,8 +2212,8 @@ class Conv2D(_ArrayRecord):
         kh, kw = _int_pair("kernel", kernel)
         dtype = _check_dtype(dtype)
         rng = make_rng(key)
-        w = init(rng, (c_out, c_in, kh, kw), dtype)
-        b = bias_init(rng, (c_out,), dtype)
+        w = _draw("init", init, rng, (c_out, c_in, kh, kw), dtype)
+        b = _draw("bias_init", bias_init, rng, (c_out,), dtype)
         return cls(w, b, stride=stride, padding=padding)  # the converter copies and freezes
 
     @property
@@ -2534,12 +2574,11 @@ class BinaryCrossEntropy:
         """The cache is (sigmoid(z), target)."""
         _check_pred("logits", logits)
         _check_same_shape(logits, target)
-        if target.min() < 0 or target.max() > 1:
-            raise ValueError(
-                f"target must be in [0, 1], got values in [{target.min()}, {target.max()}]"
-            )
+        low, high = target.min(), target.max()
+        if not (low >= 0 and high <= 1):  # written so that NaN (which compares False) fails
+            raise ValueError(f"target must be in [0, 1] (no NaN), got values in [{low}, {high}]")
         loss = np.maximum(logits, 0) - logits * target + np.log1p(np.exp(-np.abs(logits)))
-        s = (np.tanh(logits * 0.5) + 1) * 0.5
+        s = _sigmoid(logits)
         return loss.mean(), (s, target)
 
     def backward(self, cache: tuple) -> np.ndarray:
@@ -2615,6 +2654,8 @@ def dense(
     """The book's ``Dense(neurons, activation)``: a Dense layer of ``n_out`` units
     followed by ``activation``; its input size comes from the previous layer."""
     _check_activation(activation)
+    _check_initializer("init", init)
+    _check_initializer("bias_init", bias_init)
     return DenseSpec(n_out, activation, init, bias_init)
 
 
@@ -2670,6 +2711,8 @@ def conv2d(
     window, followed by ``activation``; its input channels come from the previous
     layer.  (N, C, H, W) -> (N, channels, Ho, Wo)."""
     _check_activation(activation)
+    _check_initializer("init", init)
+    _check_initializer("bias_init", bias_init)
     return Conv2DSpec(channels, kernel, stride, padding, activation, init, bias_init)
 
 
@@ -2947,8 +2990,12 @@ class Network:
 
     def backward(self, caches: Sequence[Any], dy: np.ndarray) -> tuple[np.ndarray, NetParams]:
         """Backpropagate ``dy`` through the layers; grads align with ``params()``."""
-        if len(caches) != len(self.layers):
-            raise ValueError(f"caches must have {len(self.layers)} entries, got {len(caches)}")
+        if not isinstance(caches, (tuple, list)) or len(caches) != len(self.layers):
+            raise ValueError(
+                f"caches must be the tuple of {len(self.layers)} caches from forward, "
+                f"got {type(caches).__name__} of length "
+                f"{len(caches) if isinstance(caches, (tuple, list)) else '?'}"
+            )
         _check_float("dy", dy, self.dtype)
         grads = []
         for layer, cache in zip(reversed(self.layers), reversed(caches)):
@@ -3052,7 +3099,7 @@ class Network:
         kind = self._classifier("predict_proba")
         z = self.predict(x, batch_size=batch_size)
         if kind == "sigmoid":
-            return (np.tanh(z * 0.5) + 1) * 0.5
+            return _sigmoid(z)
         e = np.exp(z - z.max(axis=-1, keepdims=True))
         e /= e.sum(axis=-1, keepdims=True)
         return e
@@ -3140,7 +3187,7 @@ def _check_grads_like(grads: Any, params: NetParams, name: str = "grads") -> Non
         if not isinstance(gs, tuple) or len(gs) != len(ps):
             raise ValueError(f"{name}[{i}] must be a tuple of {len(ps)} arrays, got {gs!r:.80}")
         for j, (g, p) in enumerate(zip(gs, ps)):
-            if not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype != p.dtype:
+            if type(g) is not np.ndarray or g.shape != p.shape or g.dtype != p.dtype:
                 raise ValueError(
                     f"{name}[{i}][{j}] must be an array of shape {p.shape} and dtype {p.dtype}, "
                     f"got {getattr(g, 'shape', type(g).__name__)} {getattr(g, 'dtype', '')}"
@@ -3360,7 +3407,7 @@ class Momentum:
         converter=lambda v: _check_number("momentum", v, low=0.0, high=1.0, high_open=True),
     )
     weight_decay: float = _wd_field()
-    nesterov: bool = False
+    nesterov: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def init(self, params: NetParams) -> OptState:
         """Velocity b = 0."""
@@ -4878,11 +4925,8 @@ def fit(
         progress=progress,
     )
     patience = _resolve_early_stopping(early_stopping, patience, validation)
-    if checkpoint is not None:
-        checkpoint = _check_path("checkpoint", checkpoint)
-        folder = os.path.dirname(os.path.abspath(checkpoint))
-        if not os.path.isdir(folder):  # fail now, not after the first epoch
-            raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    if checkpoint is not None:  # fail now, not after the first epoch
+        checkpoint = _check_checkpoint_path("checkpoint", checkpoint)
     _check_dataset(net, x, y)
     if validation is not None:
         if not isinstance(validation, tuple) or len(validation) != 2:
@@ -4980,6 +5024,10 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     _check_shape("pred", pred, (None, "K"))
     _check_ndarray("target", target)
     if target.ndim == 2:
+        if target.dtype.kind not in "biuf":
+            raise TypeError(
+                f"one-hot target must be a real numeric array, got dtype {target.dtype}"
+            )
         if target.shape != pred.shape:
             raise ValueError(f"one-hot target must have shape {pred.shape}, got {target.shape}")
         labels = target.argmax(axis=1)
@@ -5029,7 +5077,9 @@ def confusion_matrix(
             f"{pred.dtype} of shape {pred.shape}; for one binary logit per row pass "
             "net.predict_classes(x)"
         )
-    if labels.dtype.kind not in "iu" or labels.shape != pred.shape:
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer labels, got dtype {labels.dtype}")
+    if labels.shape != pred.shape:
         raise ValueError(
             f"labels must be integer labels of shape {pred.shape} (one per prediction), "
             f"got {labels.dtype} of shape {labels.shape}"
@@ -5061,6 +5111,8 @@ def to_2d(a: np.ndarray, kind: str = "col") -> np.ndarray:
     _check_ndarray("a", a)
     if a.ndim != 1:
         raise ValueError(f"a must be 1-D, got shape {a.shape}")
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be the string 'col' or 'row', got {type(kind).__name__}")
     if kind not in ("col", "row"):
         raise ValueError(f"kind must be 'col' or 'row', got {kind!r}")
     return a.reshape(-1, 1) if kind == "col" else a.reshape(1, -1)
@@ -5385,6 +5437,22 @@ class GradientCheckError(AssertionError):
     """An analytic gradient disagrees with central finite differences."""
 
 
+# Rounding error of one evaluation of L = sum(y * dy) in float64, per unit of
+# S = sum|y * dy|: a few ulps of the terms (forward pass and sum).  A central
+# difference divides the difference of two such errors by 2 eps.
+_FD_ROUNDING = 8 * float(np.finfo(np.float64).eps)
+
+
+def _float64_arg(name: str, a: Any) -> np.ndarray:
+    """A float64 ndarray; other sequences go through np.asarray, subclasses are refused."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    _check_ndarray(name, a)
+    if a.dtype != np.float64:
+        raise TypeError(f"{name} must be float64 for a finite-difference check, got {a.dtype}")
+    return a
+
+
 def check_grads(
     f: Callable[..., tuple[np.ndarray, Callable[[np.ndarray], Sequence[np.ndarray]]]],
     args: Sequence[np.ndarray],
@@ -5397,19 +5465,27 @@ def check_grads(
 ) -> float:
     """Compare analytic gradients with central differences, in float64.
 
-    ``f(*args) -> (y, vjp)`` where ``vjp(dy)`` returns one gradient per arg.
-    With a random upstream ``dy`` and L = sum(y * dy), for each arg and each
-    of ``directions`` random unit vectors v, checks
+    ``f(*args) -> (y, vjp)`` where ``vjp(dy)`` returns one gradient per arg;
+    ``args`` are float64 arrays (lists go through ``np.asarray``).  With a
+    random upstream ``dy`` and L = sum(y * dy), for each arg and each of
+    ``directions`` random unit vectors v, checks
     |<grad, v> - (L(a + eps v) - L(a - eps v)) / (2 eps)| <=
-    atol * max(1, |L|) + rtol * |<grad, v>|.  Returns the largest error;
-    raises GradientCheckError on a mismatch.
+    atol + rtol |<grad, v>| + 8 u S / eps, where S = sum|y * dy| and u the
+    float64 epsilon: the last term bounds the rounding error of the
+    difference, which scales with the terms of L, not with L (they can
+    cancel).  Returns the largest error; raises GradientCheckError on a mismatch.
     """
-    args = [np.asarray(a) for a in args]
-    for i, a in enumerate(args):
-        if a.dtype != np.float64:
-            raise TypeError(
-                f"args[{i}] must be float64 for a finite-difference check, got {a.dtype}"
-            )
+    if not callable(f):
+        raise TypeError(f"f must be callable(*args) -> (y, vjp), got {type(f).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"args must be a list or tuple of float64 arrays, got {type(args).__name__}"
+        )
+    args = [_float64_arg(f"args[{i}]", a) for i, a in enumerate(args)]
+    directions = _check_int("directions", directions)
+    eps = _check_number("eps", eps, low=0.0, low_open=True)
+    atol = _check_number("atol", atol, low=0.0)
+    rtol = _check_number("rtol", rtol, low=0.0)
     rng = make_rng(key)
     y, vjp = f(*args)
     dy = rng.standard_normal(np.shape(y))
@@ -5420,7 +5496,7 @@ def check_grads(
     def loss_at(i: int, a: np.ndarray) -> float:
         return float(np.sum(f(*args[:i], a, *args[i + 1 :])[0] * dy))
 
-    base = abs(float(np.sum(y * dy)))
+    rounding = _FD_ROUNDING * float(np.sum(np.abs(y * dy))) / eps
     worst = 0.0
     for i, (a, g) in enumerate(zip(args, grads)):
         if np.shape(g) != a.shape:
@@ -5428,13 +5504,17 @@ def check_grads(
         for d in range(directions):
             v = rng.standard_normal(a.shape)
             v /= np.linalg.norm(v) or 1.0
-            analytic = float(np.sum(g * v))
-            numeric = (loss_at(i, a + eps * v) - loss_at(i, a - eps * v)) / (2 * eps)
+            plus, minus = a + eps * v, a - eps * v
+            # The step as stored, not as meant: a + eps v rounds to a's ulps.
+            analytic = float(np.sum(g * (plus - minus))) / (2 * eps)
+            numeric = (loss_at(i, plus) - loss_at(i, minus)) / (2 * eps)
             err = abs(analytic - numeric)
             worst = max(worst, err)
-            if err > atol * max(1.0, base) + rtol * abs(analytic):
+            tol = atol + rtol * abs(analytic) + rounding
+            if not err <= tol:
                 raise GradientCheckError(
-                    f"gradient {i}, direction {d}: analytic {analytic!r} vs numeric {numeric!r} (error {err:.3g})"
+                    f"gradient {i}, direction {d}: analytic {analytic!r} vs numeric "
+                    f"{numeric!r} (error {err:.3g}, tolerance {tol:.3g})"
                 )
     return worst
 
@@ -5567,6 +5647,182 @@ def _check_path(name: str, path: Any) -> str:
     return path
 
 
+# Where a checkpoint file is written.
+
+_TEMP_TAIL = ".0123456789abcdef.tmp"  # the shape of a temporary name's end: 16 hex digits
+
+
+def _name_max(folder: str) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes (255 if unknown)."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
+        return 255
+    return limit if limit > 0 else 255
+
+
+def _temp_prefix(folder: str, name: str) -> str:
+    """Temporary files for ``name`` are ``prefix + 16 hex digits + '.tmp'``, hidden
+    (``prefix`` starts with a dot).  A long name is cut, and tagged with the
+    CRC-32 of the whole name, so the temporary name still fits NAME_MAX."""
+    room = _name_max(folder) - len(_TEMP_TAIL) - 1
+    if len(os.fsencode(name)) <= room:
+        return f".{name}"
+    tag = f"~{zlib.crc32(os.fsencode(name)):08x}"
+    short = name
+    while len(os.fsencode(short + tag)) > room:
+        short = short[:-1]
+    return f".{short}{tag}"
+
+
+def _check_save_path(name: str, path: Any) -> str:
+    """A path ``save`` can write: a file name (not a directory) that fits the file
+    system, in a folder that exists.  Checked before anything is computed or written."""
+    path = _check_path(name, path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{name} must be a file path, got the directory {path!r}; "
+            f"e.g. {os.path.join(path, 'checkpoint.npz')!r}"
+        )
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        raise ValueError(f"{name} must be a file path, got {path!r}, which ends in a separator")
+    folder, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{name} folder {folder!r} does not exist")
+    limit = _name_max(folder)
+    if len(os.fsencode(base)) > limit:
+        raise ValueError(
+            f"{name} file name must fit the file system's limit of {limit} bytes, "
+            f"got {len(os.fsencode(base))} bytes ({base[:40]!r}...)"
+        )
+    return path
+
+
+def _check_checkpoint_path(name: str, path: Any) -> str:
+    """``fit``'s up-front check of ``checkpoint=path``: ``_check_save_path``, and one
+    temporary file created and removed beside it, so a folder that cannot be
+    written fails now, not after the first epoch."""
+    path = _check_save_path(name, path)
+    try:
+        fd, tmp = _open_temp_beside(path)
+    except OSError as err:
+        folder = os.path.dirname(os.path.abspath(path))
+        raise OSError(
+            err.errno, f"{name}: cannot create files in {folder!r} ({err.strerror})"
+        ) from None
+    os.close(fd)
+    os.remove(tmp)
+    return path
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove the temporary files that killed saves of ``path`` left behind: only
+    names of exactly the shape ``_open_temp_beside`` gives for this path.  (Two
+    processes must not save to one path at the same time.)"""
+    folder, name = os.path.split(os.path.abspath(path))
+    ours = re.compile(re.escape(_temp_prefix(folder, name)) + r"\.[0-9a-f]{16}\.tmp")
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if ours.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+
+
+def _open_temp_beside(path: str) -> tuple[int, str]:
+    """A new, uniquely named hidden file next to ``path``, created with mode 0o666
+    so the kernel applies the umask exactly as ``open(path, "w")`` would."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = _temp_prefix(folder, name)
+    while True:
+        tmp = os.path.join(folder, f"{prefix}.{os.urandom(8).hex()}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+# The JSON description's rules, shared by save and load.
+
+_META_DEPTH = 64  # nesting levels a meta value may have (save and load alike)
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"))
+    for cls, words in kinds:
+        if isinstance(value, cls):
+            return words
+    if isinstance(value, float):
+        return "a number"
+    return "null" if value is None else type(value).__name__
+
+
+def _check_meta(where: str, value: Any, depth: int = 0) -> None:
+    """The one rule for ``meta``, applied by ``save`` before writing and by ``load``
+    after reading: dicts with str keys, lists (tuples on save; they come back as
+    lists), str, int, float (NaN/inf included), bool and None, at most
+    ``_META_DEPTH`` levels deep.  TypeError for a type, ValueError for the depth."""
+    if depth > _META_DEPTH:
+        root = where.split("[", 1)[0]
+        raise ValueError(
+            f"{root} must be nested at most {_META_DEPTH} levels deep (or it refers to "
+            f"itself), got deeper at {where[:60]}..."
+        )
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"{where} keys must be str (JSON turns others into strings), "
+                    f"got {type(k).__name__} {k!r:.40}"
+                )
+            _check_meta(f"{where}[{k!r:.40}]", v, depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_meta(f"{where}[{i}]", v, depth + 1)
+        return
+    raise TypeError(
+        f"{where} must hold only dicts, lists, str, int, float, bool and None "
+        f"(JSON), got {type(value).__name__}"
+    )
+
+
+def _check_structure_size(nbytes: int, what: str) -> None:
+    """The JSON description may take at most ``_STRUCTURE_MAX`` bytes (save and load)."""
+    if nbytes > _STRUCTURE_MAX:
+        raise ValueError(
+            f"{what} must take at most {_STRUCTURE_MAX} bytes in the checkpoint's JSON "
+            f"description, got {nbytes} bytes"
+        )
+
+
+def _expect(where: str, value: Any, kind: str) -> Any:
+    """``value`` read from a checkpoint must be of JSON ``kind`` ("an object",
+    "a list", "a string", "an integer", "a number"); ValueError naming ``where``."""
+    ok = _json_kind(value) == kind or (kind == "a number" and _json_kind(value) == "an integer")
+    if not ok:
+        raise ValueError(f"{where} must be {kind}, got {_json_kind(value)} ({value!r:.60})")
+    return value
+
+
+def _get(where: str, record: Any, key: str, kind: str) -> Any:
+    """``record[key]`` of JSON ``kind``; ``record`` must be an object holding ``key``."""
+    _expect(where, record, "an object")
+    if key not in record:
+        raise ValueError(f"{where} must have a {key!r} entry, got keys {sorted(record)}")
+    return _expect(f"{where}.{key}", record[key], kind)
+
+
+def _list_of(where: str, value: Any, kind: str) -> list[Any]:
+    """A JSON list whose items are all of ``kind``."""
+    _expect(where, value, "a list")
+    return [_expect(f"{where}[{i}]", v, kind) for i, v in enumerate(value)]
+
+
 def _json_value(where: str, value: Any) -> Any:
     """A plain config value as JSON: None, bool, int, float, str, tuples of them as lists."""
     if value is None or isinstance(value, (bool, str)):
@@ -5592,9 +5848,9 @@ def _crc(a: np.ndarray) -> int:
 
 
 def _add_array(arrays: dict[str, np.ndarray], name: str, a: Any) -> str:
-    if not isinstance(a, np.ndarray) or a.dtype not in _FLOAT_DTYPES:
+    if type(a) is not np.ndarray or a.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"cannot save {name}: only float32/float64 arrays are saved, got "
+            f"cannot save {name}: only plain float32/float64 arrays are saved, got "
             f"{getattr(a, 'dtype', type(a).__name__)}"
         )
     arrays[name] = a
@@ -5649,13 +5905,15 @@ def _opt_state_structure(state: Any, arrays: dict[str, np.ndarray]) -> dict[str,
 
 
 def _structure_array(structure: dict[str, Any]) -> np.ndarray:
+    """The description as JSON bytes in a uint8 array; its size is checked here,
+    before anything is written (meta is the only part that can grow large)."""
     try:
         text = json.dumps(structure, sort_keys=True)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"meta must be JSON-serializable (dicts, lists, numbers, str): {err}"
-        ) from None
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    except ValueError as err:  # e.g. an int too long for Python's int-to-str limit
+        raise ValueError(f"meta must be JSON-serializable: {err}") from None
+    data = text.encode("utf-8")
+    _check_structure_size(len(data), "meta")
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
@@ -5663,23 +5921,12 @@ def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
     np.savez(file, **arrays)
 
 
-def _open_temp_beside(path: str) -> tuple[int, str]:
-    """A new, uniquely named file next to ``path``, created with mode 0o666 so
-    the kernel applies the umask exactly as ``open(path, "w")`` would."""
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = f".{os.path.basename(path)}."
-    while True:
-        tmp = os.path.join(folder, f"{prefix}{os.urandom(8).hex()}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
 def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temporary file in the same folder, fsync, then ``os.replace``:
     a crash leaves either the old file or the new one, never a mix.  An existing
-    file keeps its permissions; a new one gets the umask's."""
+    file keeps its permissions; a new one gets the umask's.  Temporary files
+    that earlier, killed saves of ``path`` left are removed first."""
+    _remove_stale_temps(path)
     fd, tmp = _open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -5701,9 +5948,12 @@ def _save(
     opt_state: Any,
     meta: Any,
 ) -> None:
-    path = _check_path("path", path)
+    """Check everything (path, networks, optimizer state, meta and its size) before
+    the first byte is written, then write atomically."""
+    path = _check_save_path("path", path)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
+    _check_meta("meta", {} if meta is None else meta)
     arrays: dict[str, np.ndarray] = {}
     structure: dict[str, Any] = {
         "format": _FORMAT,
@@ -5728,27 +5978,73 @@ def save(path: str | os.PathLike, net: Network, opt_state: Any = None, *, meta: 
     description (format version, dlfs version, layer types and their config,
     the loss, input shape, array shapes, dtypes and CRC-32s).  It is written
     to a temporary file in the same folder and moved into place with
-    ``os.replace``, so a crash mid-write leaves the previous file intact.
+    ``os.replace``, so a crash mid-write leaves the previous file intact;
+    the next save of ``path`` removes the temporary file such a crash left.
     ``path`` is used as given (no suffix added).  Read it back with ``load``.
+
+    ``meta`` holds dicts with str keys, lists, tuples (read back as lists),
+    str, int, float and None, at most 64 levels deep, and its JSON may take
+    up to 64 MiB: exactly what ``load`` accepts.  Everything is checked before
+    the old file is touched (TypeError/ValueError naming ``meta``).
     """
     _save(path, {"net": net}, opt_state, meta)
 
 
+def _member_array(npz: Any, name: str) -> np.ndarray:
+    """The array stored as ``name``; a member that is not an .npy array is refused."""
+    a = npz[name]
+    if type(a) is not np.ndarray:
+        raise ValueError(f"member {name!r} must be an .npy array, got {type(a).__name__}")
+    return a
+
+
+def _check_members(npz: Any) -> None:
+    """Every zip member is a uniquely named ``.npy`` file: with two members of one
+    name, which one is read would depend on the reader."""
+    names = npz.zip.namelist()
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"the archive must name each member once, got duplicates {duplicates}")
+    odd = [n for n in names if not n.endswith(".npy")]
+    if odd:
+        raise ValueError(f"the archive must hold only .npy members, got {odd[:3]}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads hook: an object that names one key twice is refused."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise ValueError(
+            f"the structure record names a key twice: {sorted({k for k in keys if keys.count(k) > 1})}"
+        )
+    return out
+
+
 def _read_structure(npz: Any) -> dict[str, Any]:
+    _check_members(npz)
     if _STRUCTURE not in npz.files:
         raise ValueError("not a dlfs checkpoint (no structure record)")
     size = npz.zip.getinfo(f"{_STRUCTURE}.npy").file_size
-    if size > _STRUCTURE_MAX:
-        raise ValueError(f"the structure record is {size} bytes, over {_STRUCTURE_MAX}")
-    raw = npz[_STRUCTURE]
+    if size > _STRUCTURE_MAX + _NPY_HEADER_MAX:  # checked before inflating it
+        raise ValueError(
+            f"the structure record is {size} bytes, over {_STRUCTURE_MAX} plus a header"
+        )
+    raw = _member_array(npz, _STRUCTURE)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError("the structure record must be a 1-D uint8 array")
-    structure = json.loads(raw.tobytes().decode("utf-8"))
+    _check_structure_size(raw.size, "the structure record")
+    try:
+        structure = json.loads(raw.tobytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("the structure record must not be nested this deeply") from None
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"the structure record must be UTF-8 JSON: {err}") from None
     if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
         raise ValueError("not a dlfs checkpoint (unknown format tag)")
-    version = structure.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"invalid format version {version!r}")
+    version = _get("structure", structure, "version", "an integer")
+    if version < 1:
+        raise ValueError(f"structure.version must be >= 1, got {version}")
     if version > _FORMAT_VERSION:
         raise ValueError(
             f"the file has format version {version}, written by dlfs "
@@ -5756,6 +6052,17 @@ def _read_structure(npz: Any) -> dict[str, Any]:
             f"{_FORMAT_VERSION}: upgrade dlfs"
         )
     return structure
+
+
+def _described_array(where: str, entry: Any) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, crc32) of one entry of structure.arrays."""
+    dtype = _get(where, entry, "dtype", "a string")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"{where}.dtype must be 'float32' or 'float64', got {dtype!r}")
+    shape = _list_of(f"{where}.shape", _get(where, entry, "shape", "a list"), "an integer")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where}.shape must hold sizes >= 0, got {shape}")
+    return np.dtype(dtype), tuple(shape), _get(where, entry, "crc32", "an integer")
 
 
 def _read_arrays(npz: Any, described: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -5766,18 +6073,15 @@ def _read_arrays(npz: Any, described: dict[str, Any]) -> dict[str, np.ndarray]:
         raise ValueError(f"arrays do not match the description: missing {missing}, extra {extra}")
     arrays = {}
     for name, entry in described.items():
-        if entry["dtype"] not in ("float32", "float64"):
-            raise ValueError(f"array {name} has dtype {entry['dtype']!r}, expected float32/float64")
-        dtype = np.dtype(entry["dtype"])
-        shape = tuple(_check_int(f"{name} shape", d, low=0) for d in entry["shape"])
+        dtype, shape, crc = _described_array(f"structure.arrays[{name!r}]", entry)
         nbytes = math.prod(shape) * dtype.itemsize
         size = npz.zip.getinfo(f"{name}.npy").file_size
         if not nbytes <= size <= nbytes + _NPY_HEADER_MAX:
             raise ValueError(f"array {name} holds {size} bytes, expected {nbytes} plus a header")
-        a = npz[name]
+        a = _member_array(npz, name)
         if a.dtype != dtype or a.shape != shape:
             raise ValueError(f"array {name} is {a.dtype} {a.shape}, described as {dtype} {shape}")
-        if _crc(a) != entry["crc32"]:
+        if _crc(a) != crc:
             raise ValueError(f"array {name} fails its CRC-32 check (corrupt file)")
         a.setflags(write=False)
         arrays[name] = a
@@ -5785,39 +6089,90 @@ def _read_arrays(npz: Any, described: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _rebuild_record(
-    kind: str, entry: dict[str, Any], known: tuple[type, ...], arrays: dict[str, np.ndarray]
+    where: str,
+    kind: str,
+    entry: Any,
+    known: tuple[type, ...],
+    arrays: dict[str, np.ndarray],
 ) -> Any:
+    """The layer or loss that ``_record_structure`` described, through its own
+    constructor (so its own checks run); errors name ``where``."""
     by_name = {c.__name__: c for c in known}
-    cls = by_name.get(entry["type"])
+    type_name = _get(where, entry, "type", "a string")
+    cls = by_name.get(type_name)
     if cls is None:
-        raise ValueError(
-            f"unknown {kind} type {entry['type']!r}; this dlfs knows {sorted(by_name)}"
-        )
-    kwargs = {k: _from_json_value(v) for k, v in entry["config"].items()}
-    kwargs.update({k: arrays[name] for k, name in entry["arrays"].items()})
+        raise ValueError(f"unknown {kind} type {type_name!r}; this dlfs knows {sorted(by_name)}")
+    config = _get(where, entry, "config", "an object")
+    refs = _get(where, entry, "arrays", "an object")
+    kwargs = {k: _from_json_value(v) for k, v in config.items()}
+    for k, name in refs.items():
+        _expect(f"{where}.arrays[{k!r}]", name, "a string")
+        if name not in arrays:
+            raise ValueError(f"{where}.arrays[{k!r}] names {name!r}, which the file does not hold")
+        kwargs[k] = arrays[name]
     fields = {f.name for f in attrs.fields(cls) if f.init}
     if set(kwargs) - fields:
-        raise ValueError(f"{cls.__name__} has no fields {sorted(set(kwargs) - fields)}")
-    return cls(**kwargs)
+        raise ValueError(f"{where}: {cls.__name__} has no fields {sorted(set(kwargs) - fields)}")
+    required = {f.name for f in attrs.fields(cls) if f.init and f.default is attrs.NOTHING}
+    if required - set(kwargs):
+        raise ValueError(
+            f"{where} must give {cls.__name__}'s fields {sorted(required)}, got {sorted(kwargs)}"
+        )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where} ({cls.__name__}): {err}") from None
 
 
-def _rebuild_network(entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> Network:
-    layers = [_rebuild_record("layer", e, _SAVABLE_LAYERS, arrays) for e in entry["layers"]]
-    loss = _rebuild_record("loss", entry["loss"], _SAVABLE_LOSSES, arrays)
-    return Network(layers, loss, tuple(entry["input_shape"]))
+def _rebuild_network(where: str, entry: Any, arrays: dict[str, np.ndarray]) -> Network:
+    records = _get(where, entry, "layers", "a list")
+    layers = [
+        _rebuild_record(f"{where}.layers[{i}]", "layer", e, _SAVABLE_LAYERS, arrays)
+        for i, e in enumerate(records)
+    ]
+    loss_entry = _get(where, entry, "loss", "an object")
+    loss = _rebuild_record(f"{where}.loss", "loss", loss_entry, _SAVABLE_LOSSES, arrays)
+    shape = _list_of(
+        f"{where}.input_shape", _get(where, entry, "input_shape", "a list"), "an integer"
+    )
+    try:
+        return Network(layers, loss, tuple(shape))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
-def _rebuild_opt_state(entry: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> Any:
+def _rebuild_opt_state(entry: Any, arrays: dict[str, np.ndarray]) -> Any:
     if entry is None:
         return None
-    slots = tuple(
-        tuple(tuple(arrays[name] for name in layer) for layer in tree) for tree in entry["slots"]
-    )
-    count = _check_int("opt_state count", entry["count"], low=0)
-    return OptState(count, _check_number("opt_state lr", entry["lr"]), slots)
+    where = "structure.opt_state"
+    count = _get(where, entry, "count", "an integer")
+    lr = _get(where, entry, "lr", "a number")
+    if count < 0 or not math.isfinite(lr):
+        raise ValueError(f"{where} must have count >= 0 and a finite lr, got {count} and {lr}")
+    slots = []
+    for s, tree in enumerate(_get(where, entry, "slots", "a list")):
+        layers = _list_of(f"{where}.slots[{s}]", tree, "a list")
+        slots.append(
+            tuple(
+                tuple(_slot_array(f"{where}.slots[{s}][{i}]", names, arrays))
+                for i, names in enumerate(layers)
+            )
+        )
+    return OptState(count, float(lr), tuple(slots))
+
+
+def _slot_array(where: str, names: list[Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The arrays one layer's moment slot names."""
+    out = []
+    for j, name in enumerate(_list_of(where, names, "a string")):
+        if name not in arrays:
+            raise ValueError(f"{where}[{j}] names {name!r}, which the file does not hold")
+        out.append(arrays[name])
+    return out
 
 
 def _used_arrays(structure: dict[str, Any]) -> list[str]:
+    """Every array name the (already validated) description refers to."""
     names = []
     for net in structure["networks"].values():
         for record in [*net["layers"], net["loss"]]:
@@ -5829,23 +6184,30 @@ def _used_arrays(structure: dict[str, Any]) -> list[str]:
 
 def _checkpoint_from(npz: Any) -> Checkpoint:
     structure = _read_structure(npz)
-    arrays = _read_arrays(npz, structure["arrays"])
+    arrays = _read_arrays(npz, _get("structure", structure, "arrays", "an object"))
+    networks = _get("structure", structure, "networks", "an object")
+    if set(networks) - {"net", "best"} or "net" not in networks:
+        raise ValueError(
+            f"structure.networks must be 'net' and optionally 'best', got {sorted(networks)}"
+        )
+    nets = {k: _rebuild_network(f"structure.networks.{k}", v, arrays) for k, v in networks.items()}
+    if "opt_state" not in structure:
+        raise ValueError("structure must have an 'opt_state' entry (null when none was saved)")
+    opt_state = _rebuild_opt_state(structure["opt_state"], arrays)
     used = _used_arrays(structure)
     if sorted(used) != sorted(arrays):
         raise ValueError("the description refers to its arrays inconsistently")
-    nets = {k: _rebuild_network(v, arrays) for k, v in structure["networks"].items()}
-    if set(nets) - {"net", "best"} or "net" not in nets:
-        raise ValueError(f"unexpected networks {sorted(nets)}")
-    meta = structure["meta"]
-    if not isinstance(meta, dict):
-        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
-    opt_state = _rebuild_opt_state(structure["opt_state"], arrays)
+    meta = _get("structure", structure, "meta", "an object")
+    try:
+        _check_meta("structure.meta", meta)
+    except TypeError as err:  # cannot happen for JSON; kept so load only raises ValueError
+        raise ValueError(str(err)) from None
     return Checkpoint(
         nets["net"],
         opt_state,
         meta,
         structure["version"],
-        str(structure["dlfs_version"]),
+        _get("structure", structure, "dlfs_version", "a string"),
         nets.get("best"),
     )
 
@@ -5855,10 +6217,12 @@ def load(path: str | os.PathLike) -> Checkpoint:
 
     Uses ``np.load(allow_pickle=False)`` only, so no code in the file ever
     runs.  Every array is checked against the JSON description (names,
-    shape, dtype, CRC-32) and the exact network is rebuilt: arrays bit-exact,
-    same dtype, read-only.  Unknown layer types, missing or extra arrays,
-    mismatches, a newer format version, truncated or corrupt files and
-    object arrays raise ValueError; a missing file raises FileNotFoundError.
+    shape, dtype, CRC-32), every field of the description against its
+    expected JSON type, and the exact network is rebuilt through the layers'
+    own constructors: arrays bit-exact, same dtype, read-only.  Unknown layer
+    types, missing or extra arrays, duplicate archive members, mismatches, a
+    newer format version, truncated or corrupt files and object arrays raise
+    ValueError; a missing file raises FileNotFoundError.
     """
     path = _check_path("path", path)
     try:
