@@ -7029,3 +7029,35 @@ def test_sequence_layers_follow_the_same_rules():
     lstm = dlfs.LSTM.init(0, 2, 3)
     with pytest.raises(TypeError, match="w_hh must be a float32 or float64 array"):
         dlfs.LSTM(lstm.w_ih, lstm.w_hh.astype(np.int64), lstm.b)
+
+
+def test_read_only_views_of_writeable_arrays_are_copied():
+    base = np.ones((2, 3))
+    view = base[:]
+    view.setflags(write=False)  # read-only, but its base can still change
+    layer = dlfs.Dense(view, np.zeros(3))
+    base[0, 0] = 5.0
+    assert layer.w[0, 0] == 1.0
+    owned = np.ones(3)
+    owned.setflags(write=False)  # owns its data and is read-only: kept as it is
+    assert dlfs.Dense(np.ones((2, 3)), owned).b is owned
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_initializers_draw_their_documented_streams(dtype):
+    """Same key, same weights: each initializer is its formula over one documented draw."""
+    shape, (fan_in, fan_out) = (5, 7), (5, 7)
+    expected = {
+        dlfs.normal: lambda g: g.standard_normal(shape, dtype=dtype),
+        dlfs.glorot_normal: lambda g: (
+            g.standard_normal(shape, dtype=dtype) * math.sqrt(2 / (fan_in + fan_out))
+        ),
+        dlfs.he_normal: lambda g: g.standard_normal(shape, dtype=dtype) * math.sqrt(2 / fan_in),
+        dlfs.glorot_uniform: lambda g: (
+            (g.random(shape, dtype=dtype) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out))
+        ),
+        dlfs.he_uniform: lambda g: (g.random(shape, dtype=dtype) * 2 - 1) * math.sqrt(6 / fan_in),
+    }
+    for init, formula in expected.items():
+        got = init(np.random.default_rng(4), shape, dtype)
+        np.testing.assert_array_equal(got, formula(np.random.default_rng(4)))
