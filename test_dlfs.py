@@ -7061,3 +7061,10 @@ def test_initializers_draw_their_documented_streams(dtype):
     for init, formula in expected.items():
         got = init(np.random.default_rng(4), shape, dtype)
         np.testing.assert_array_equal(got, formula(np.random.default_rng(4)))
+
+
+def test_softmax_layer_checks_its_input():
+    with pytest.raises(ValueError, match=r"x must have shape \(N, K\), got \(3,\)"):
+        dlfs.Softmax().forward(np.zeros(3))
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array"):
+        dlfs.Softmax().forward(np.zeros((2, 3), np.int64))
