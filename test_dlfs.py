@@ -7068,3 +7068,20 @@ def test_softmax_layer_checks_its_input():
         dlfs.Softmax().forward(np.zeros(3))
     with pytest.raises(TypeError, match="x must be a float32 or float64 array"):
         dlfs.Softmax().forward(np.zeros((2, 3), np.int64))
+
+
+def test_lstm_spec_starts_with_forget_bias_one():
+    net = dlfs.network(0, (4, 2), [dlfs.lstm(3)], dlfs.MeanSquaredError())
+    b = net.layers[0].b  # gates i, f, g, o
+    np.testing.assert_array_equal(b[3:6], 1.0)
+    np.testing.assert_array_equal(np.delete(b, np.s_[3:6]), 0.0)
+
+
+def test_summary_table_is_aligned():
+    net = dlfs.network(
+        0, 13, [dlfs.dense(13, dlfs.Sigmoid()), dlfs.dense(1)], dlfs.MeanSquaredError()
+    )
+    lines = str(net.summary()).splitlines()
+    table = lines[1:-1]  # between the title and the total
+    assert len({len(line) for line in table}) == 1  # every row as wide as the rule
+    assert sum(line.startswith("Layer") for line in lines) == 1  # the header once
