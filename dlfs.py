@@ -202,6 +202,12 @@ def _check_shape(name: str, x: np.ndarray, spec: Sequence[int | str | None]) -> 
         raise ValueError(f"{name} must have shape {_shape_str(spec)}, got {x.shape}")
 
 
+def _is_rows(x: Any, d: int, dtype: np.dtype) -> bool:
+    """Whether ``x`` is a plain (N, d) array of ``dtype``: the per-call fast path of
+    the checks above (anything else goes through them, for their message)."""
+    return type(x) is np.ndarray and x.ndim == 2 and x.shape[1] == d and x.dtype == dtype
+
+
 def _check_nonempty(name: str, x: np.ndarray) -> None:
     if x.size == 0:  # also covers a batch axis of length 0
         raise ValueError(f"{name} must not be empty, got shape {x.shape}")
@@ -336,6 +342,25 @@ def _restore_record(cls: type, state: dict[str, Any]) -> Any:
     for value in state.values():
         _freeze_tree(value)
     return record
+
+
+def _replace(record: Any, changes: dict[str, Any]) -> Any:
+    """``attrs.evolve(record, **changes)`` without the converters and checks, for
+    values known to fit (e.g. read-only arrays a dlfs optimizer just made, of the
+    old ones' shapes and dtypes); the other fields are shared.  Per step, where
+    the checked constructor would cost more than the arithmetic of a small net."""
+    new = object.__new__(type(record))
+    for field in attrs.fields(type(record)):
+        name = field.name
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(record, name))
+    return new
+
+
+def _is_own(obj: Any) -> bool:
+    """Whether ``obj`` is an instance of a class defined in this file (not a
+    user's class or subclass): what it returns is known to fit, so a training
+    step may skip the checks that guard against user code."""
+    return type(obj).__module__ == __name__
 
 
 # ------------------------------------------------------------------ randomness
@@ -603,6 +628,8 @@ class _NoParams:
         return tuple(in_shape)
 
     def _check(self, x: Any) -> np.ndarray:
+        if type(x) is np.ndarray and x.ndim and x.dtype in _FLOAT_DTYPES:
+            return x  # the common case, decided in a few attribute reads
         _check_float("x", x)
         if x.ndim < 1:
             raise ValueError(f"x must have a batch axis, got shape {x.shape}")
@@ -696,19 +723,26 @@ class Dense(_ArrayRecord):
             )
         return (*in_shape[:-1], self.out_features)
 
+    # forward's y is a fresh array that its cache does not hold: the next layer
+    # may overwrite it (see Network._forward)
+    _FRESH_OUTPUT = True
+    _PARAMS = ("w", "b")  # the fields params() returns, in order
+
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Dense]:
         """y = x @ w + b; the cache is x."""
-        if type(x) is np.ndarray and x.ndim == 3:
-            return self._forward_seq(x), x, self
-        _check_input("x", x, (None, self.in_features), self.w.dtype)
-        y = x @ self.w
+        w = self.w
+        if not _is_rows(x, w.shape[0], w.dtype):
+            if type(x) is np.ndarray and x.ndim == 3:
+                return self._forward_seq(x), x, self
+            _check_input("x", x, (None, self.in_features), w.dtype)
+        y = np.dot(x, w)  # np.dot: numpy 2.4's @ is slower on small and outer products
         y += self.b  # y is a fresh array of ours; adding in place saves a copy
         return y, x, self
 
     def _forward_seq(self, x: np.ndarray) -> np.ndarray:
         """(N, T, D_in) -> (N, T, D_out): all N*T rows in one GEMM."""
         _check_input("x", x, (None, "T", self.in_features), self.w.dtype)
-        y = x.reshape(-1, self.in_features) @ self.w
+        y = np.dot(x.reshape(-1, self.in_features), self.w)
         y += self.b
         return y.reshape(*x.shape[:2], self.out_features)
 
@@ -716,19 +750,21 @@ class Dense(_ArrayRecord):
         """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy (over N and T for sequences)."""
         if cache.ndim == 3:
             return self._backward_seq(cache, dy)
-        _check_input("dy", dy, (cache.shape[0], self.out_features), self.w.dtype)
-        return dy @ self.w.T, self._param_grads(cache, dy)
+        w = self.w
+        if not (_is_rows(dy, w.shape[1], w.dtype) and len(dy) == len(cache)):
+            _check_input("dy", dy, (cache.shape[0], self.out_features), w.dtype)
+        return np.dot(dy, w.T), self._param_grads(cache, dy)
 
     def _backward_seq(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         _check_input("dy", dy, (*cache.shape[:2], self.out_features), self.w.dtype)
-        dx = dy.reshape(-1, self.out_features) @ self.w.T
+        dx = np.dot(dy.reshape(-1, self.out_features), self.w.T)
         return dx.reshape(cache.shape), self._param_grads(cache, dy)
 
     def _param_grads(self, cache: np.ndarray, dy: np.ndarray) -> Params:
         """(dw, db) without dx: a network skips the input gradient of its first layer."""
         if cache.ndim == 3:  # sequences: every step is a row
             cache, dy = cache.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
-        return (cache.T @ dy, dy.sum(axis=0))
+        return (np.dot(cache.T, dy), dy.sum(axis=0))
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features} -> {self.out_features}, {self.w.dtype})"
@@ -812,6 +848,17 @@ class ReLU(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0 (i.e. y > 0), else 0."""
         return dy * (cache > 0), ()
+
+    # In place, for a network's own arrays (see Network._forward / _param_backward):
+    # the same arithmetic as forward/backward, written over an input that no one
+    # else holds (a Dense's fresh output, a gradient just made), so no new array.
+
+    def _forward_owned(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, ReLU]:
+        y = np.maximum(x, np.zeros(x.shape[1:], x.dtype), out=x)
+        return y, y, self
+
+    def _backward_owned(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        return np.multiply(dy, cache > 0, out=dy), ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -989,6 +1036,8 @@ class BatchNorm(_ArrayRecord):
     gamma, beta, mean, var: (C,).
     """
 
+    _PARAMS = ("gamma", "beta")  # the fields params() returns, in order
+
     gamma: np.ndarray = attrs.field(converter=_frozen_field)
     beta: np.ndarray = attrs.field(converter=_frozen_field)
     mean: np.ndarray = attrs.field(converter=_frozen_field)
@@ -1130,6 +1179,8 @@ class Embedding(_ArrayRecord):
     the positions holding id k; ids have no gradient (backward's dx is None).
     A network that starts with an Embedding takes integer ids as its input.
     """
+
+    _PARAMS = ("w",)  # the fields params() returns, in order
 
     w: np.ndarray = attrs.field(converter=_frozen_field)
 
@@ -1293,6 +1344,7 @@ class _Recurrent(_ArrayRecord):
     _GATES = 1
     _STATES = 1
     _EXTRA_BIASES = 0  # (H,) biases after b (the GRU's b_hn)
+    _PARAMS = ("w_ih", "w_hh", "b")  # the fields params() returns, in order
 
     w_ih: np.ndarray = attrs.field(converter=_frozen_field)
     w_hh: np.ndarray = attrs.field(converter=_frozen_field)
@@ -1638,6 +1690,7 @@ class GRU(_Recurrent):
 
     _GATES = 3
     _EXTRA_BIASES = 1
+    _PARAMS = ("w_ih", "w_hh", "b", "b_hn")
 
     b_hn: np.ndarray = attrs.field(converter=_frozen_field)
 
@@ -2179,6 +2232,8 @@ class Conv2D(_ArrayRecord):
     is cheaper than holding C_in*kh*kw values per output position.
     """
 
+    _PARAMS = ("w", "b")  # the fields params() returns, in order
+
     w: np.ndarray = attrs.field(converter=_frozen_kernel)
     b: np.ndarray = attrs.field(converter=_frozen_field)
     stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
@@ -2480,16 +2535,31 @@ class MeanSquaredError:
         _check_pred("pred", pred)
         _check_same_shape(pred, target)
         diff = pred - target
-        return np.sum(diff * diff) / pred.shape[0], (diff, pred.shape[0])
+        return np.vdot(diff, diff) / pred.shape[0], (diff, pred.shape[0])
 
     def backward(self, cache: tuple) -> np.ndarray:
         """dL/dp = 2 (p - y) / N."""
         diff, n = cache
         return diff * (2 / n)
 
+    def _value_and_grad(self, pred: np.ndarray, target: Any, fresh: bool) -> tuple[Any, np.ndarray]:
+        """(loss, dL/dp) as forward + backward give them, for a network's output
+        ``pred`` (already known to fit); ``fresh``: pred is the network's own
+        array, which may be overwritten.  One array instead of three."""
+        if not (
+            type(target) is np.ndarray and target.shape == pred.shape and target.dtype == pred.dtype
+        ):
+            _check_same_shape(pred, target)
+        n = pred.shape[0]
+        diff = np.subtract(pred, target, out=pred if fresh else None)
+        loss = np.vdot(diff, diff) / n
+        diff *= 2 / n
+        return loss, diff
+
 
 def _check_labels(target: np.ndarray, n: int, k: int) -> None:
-    _check_shape("target", target, (n,))
+    if target.shape != (n,):
+        _check_shape("target", target, (n,))
     if n and (target.min() < 0 or target.max() >= k):
         raise ValueError(
             f"labels must be in [0, {k}), got values in [{target.min()}, {target.max()}]"
@@ -2520,19 +2590,36 @@ class SoftmaxCrossEntropy:
         _check_shape("logits", logits, (None, "K"))
         n, k = logits.shape
         _check_ndarray("target", target)
-        z = logits - logits.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
-        logp = z - log_norm
-        eps = self.label_smoothing
         if target.dtype.kind in "iu":
             _check_labels(target, n, k)
-            nll = -logp[np.arange(n), target].sum()
-            loss = ((1 - eps) * nll - (eps / k) * logp.sum()) / n
-        else:
-            _check_same_shape(logits, target)
-            q = (1 - eps) * target + eps / k if eps else target
-            loss = -(q * logp).sum() / n
+            return self._labels_loss(logits.copy(), target)
+        _check_same_shape(logits, target)
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        eps = self.label_smoothing
+        q = (1 - eps) * target + eps / k if eps else target
+        loss = -(q * logp).sum() / n
         return logits.dtype.type(loss), (np.exp(logp), target)
+
+    def _labels_loss(self, z: np.ndarray, labels: np.ndarray) -> tuple[Any, tuple]:
+        """forward for integer labels, computed in ``z`` (the logits or a copy, which
+        becomes softmax(z)): with m = max_k z_k and s = sum_k exp(z_k - m), the
+        loss per row is (1 - e) (log s - (z_y - m)) + e (log s - mean_k (z_k - m))."""
+        n, k = z.shape
+        eps = self.label_smoothing
+        z -= z.max(axis=1, keepdims=True)
+        rows = np.arange(n)
+        nll = -z[rows, labels]  # -(z_y - m), then + log s below
+        mean_z = z.sum(axis=1) / k if eps else None
+        np.exp(z, out=z)
+        s = z.sum(axis=1, keepdims=True)
+        z /= s
+        log_s = np.log(s[:, 0])
+        nll += log_s
+        loss = nll.sum() / n
+        if mean_z is not None:
+            loss = (1 - eps) * loss + eps * (log_s - mean_z).sum() / n
+        return z.dtype.type(loss), (z, labels)
 
     def _forward_seq(self, logits: np.ndarray, target: Any) -> tuple[Any, tuple]:
         """(N, T, K) logits as N*T rows; the cache keeps softmax(z) as (N, T, K)."""
@@ -2551,15 +2638,38 @@ class SoftmaxCrossEntropy:
         p, target = cache
         if p.ndim == 3:  # sequences: the rows' gradient, back in (N, T, K)
             return self.backward((p.reshape(-1, p.shape[2]), target)).reshape(p.shape)
+        if target.dtype.kind in "iu":
+            return self._labels_grad(p.copy(), target)
         n, k = p.shape
         eps = self.label_smoothing
-        if target.dtype.kind in "iu":
-            g = p - eps / k if eps else p.copy()
-            g[np.arange(n), target] -= 1 - eps
-        else:
-            g = p - ((1 - eps) * target + eps / k if eps else target)
+        g = p - ((1 - eps) * target + eps / k if eps else target)
         g /= n
         return g
+
+    def _labels_grad(self, p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """backward for integer labels, in ``p`` (softmax(z), overwritten)."""
+        n, k = p.shape
+        eps = self.label_smoothing
+        if eps:
+            p -= eps / k
+        p[np.arange(n), labels] -= 1 - eps
+        p /= n
+        return p
+
+    def _value_and_grad(
+        self, logits: np.ndarray, target: Any, fresh: bool
+    ) -> tuple[Any, np.ndarray]:
+        """(loss, dL/dz) as forward + backward give them, for a network's output
+        (already known to fit); ``fresh``: the logits are the network's own
+        array, which then becomes the gradient (one exp, no other array)."""
+        labels = type(target) is np.ndarray and target.dtype.kind in "iu" and logits.ndim == 2
+        if not labels:
+            loss, cache = self.forward(logits, target)
+            return loss, self.backward(cache)
+        n, k = logits.shape
+        _check_labels(target, n, k)
+        loss, (p, _) = self._labels_loss(logits if fresh else logits.copy(), target)
+        return loss, self._labels_grad(p, target)
 
 
 @attrs.frozen
@@ -2586,8 +2696,36 @@ class BinaryCrossEntropy:
         s, target = cache
         return (s - target) / s.size
 
+    def _value_and_grad(
+        self, logits: np.ndarray, target: Any, fresh: bool
+    ) -> tuple[Any, np.ndarray]:
+        """(loss, dL/dz): forward + backward."""
+        loss, cache = self.forward(logits, target)
+        return loss, self.backward(cache)
+
 
 # ------------------------------------------------------------------ networks
+
+
+def _uses_key(layer: Any) -> bool:
+    """Whether a layer's forward may draw random numbers (needs its own sub-key):
+    Dropout and any layer dlfs does not know."""
+    return type(layer) is Dropout or not _is_own(layer)
+
+
+def _fresh_output(layer: Any) -> bool:
+    """Whether a layer's forward output is a fresh array that its cache does not
+    hold (Dense, Conv2D), so the next layer may overwrite it."""
+    return type(layer) is Dense or type(layer) is Conv2D
+
+
+def _fresh_input_grad(layer: Any, fresh: bool) -> bool:
+    """Whether a layer's dx is an array no one else holds, given whether its dy
+    was: dlfs's layers return a new array, or dy itself or a view of it
+    (Linear, Flatten, Dropout); a user's layer may return anything."""
+    if not _is_own(layer):
+        return False
+    return fresh or not isinstance(layer, (Linear, Flatten, Dropout))
 
 
 def _not_called(obj: Any) -> str:
@@ -2924,11 +3062,17 @@ class Network:
         """This network with ``layers`` swapped in, skipping the constructor's
         checks: each new layer came from the old one's ``with_params`` or
         ``forward``, so types, shapes and dtypes are already known to fit."""
-        net = object.__new__(Network)
-        for field in attrs.fields(Network):
-            object.__setattr__(net, field.name, getattr(self, field.name))
-        object.__setattr__(net, "layers", layers)
-        return net
+        return _replace(self, {"layers": layers})
+
+    def _renew(self, params: NetParams) -> Network:
+        """``with_params`` for parameters known to fit: fresh read-only arrays that
+        a dlfs optimizer made from this network's own (same tree, shapes and
+        dtypes), for a network of dlfs's own layers.  No checks, no copies."""
+        layers = tuple(
+            _replace(layer, dict(zip(layer._PARAMS, ps))) if ps else layer
+            for layer, ps in zip(self.layers, params)
+        )
+        return self._evolve_layers(layers)
 
     @property
     def dtype(self) -> np.dtype | None:
@@ -2960,6 +3104,9 @@ class Network:
         )
 
     def _check_x(self, x: Any, name: str = "x") -> np.ndarray:
+        plain = type(x) is np.ndarray and x.shape[1:] == self.input_shape and len(x)
+        if plain and x.dtype == self.dtype:  # the common case, in a few attribute reads
+            return x
         try:
             if self.layers and isinstance(self.layers[0], Embedding):  # token ids, not floats
                 _check_ids(name, x, (None, *self.input_shape))
@@ -2978,15 +3125,29 @@ class Network:
         return self._forward(x, ctx)
 
     def _forward(self, x: np.ndarray, ctx: Context) -> tuple[np.ndarray, tuple, Network]:
+        out, caches, net, _ = self._run(x, ctx)
+        return out, tuple(caches), net
+
+    def _run(self, x: np.ndarray, ctx: Context) -> tuple[np.ndarray, list, Network, bool]:
+        """Every layer's forward: (output, caches, network with new layer state,
+        whether the output is a fresh array no one else holds).  A layer whose
+        input is such an array (a Dense's or Conv2D's output) may work in place."""
         caches, layers = [], []
+        fresh = False  # x is the caller's
         for i, layer in enumerate(self.layers):
-            sub = ctx if ctx.key is None else _sub_context(ctx.train, ctx.key + (i,))
-            x, cache, layer = layer.forward(x, sub)
+            if fresh and type(layer) is ReLU:
+                x, cache, layer = layer._forward_owned(x)
+            else:
+                keyed = ctx.key is not None and _uses_key(layer)
+                x, cache, layer = layer.forward(
+                    x, _sub_context(ctx.train, ctx.key + (i,)) if keyed else ctx
+                )
+            fresh = _fresh_output(layer)
             caches.append(cache)
             layers.append(layer)
         changed = any(new is not old for new, old in zip(layers, self.layers))
         net = self._evolve_layers(tuple(layers)) if changed else self
-        return x, tuple(caches), net
+        return x, caches, net, fresh
 
     def backward(self, caches: Sequence[Any], dy: np.ndarray) -> tuple[np.ndarray, NetParams]:
         """Backpropagate ``dy`` through the layers; grads align with ``params()``."""
@@ -3003,19 +3164,27 @@ class Network:
             grads.append(g)
         return dy, tuple(reversed(grads))
 
-    def _param_backward(self, caches: Sequence[Any], dy: np.ndarray) -> NetParams:
+    def _param_backward(self, caches: list, dy: np.ndarray, fresh: bool) -> NetParams:
         """Parameter gradients only: stops at the first layer with parameters
         and asks it for (dw, db) without dx when it can (``_param_grads``);
-        the layers before it have no parameters, so their grads are ``()``."""
+        the layers before it have no parameters, so their grads are ``()``.
+
+        ``caches`` is emptied as it goes (each layer's arrays can be freed as
+        soon as its backward is done); ``fresh``: dy is an array no one else
+        holds, which a ReLU then overwrites with its dx."""
         layers = self.layers
         first = next((i for i, layer in enumerate(layers) if layer.params()), len(layers))
         grads = [()] * len(layers)
         for i in range(len(layers) - 1, first - 1, -1):
-            layer = layers[i]
+            layer, cache = layers[i], caches[i]
+            caches[i] = None
             if i == first and hasattr(layer, "_param_grads"):
-                grads[i] = layer._param_grads(caches[i], dy)
+                grads[i] = layer._param_grads(cache, dy)
+            elif fresh and type(layer) is ReLU:
+                dy, grads[i] = layer._backward_owned(cache, dy)
             else:
-                dy, grads[i] = layer.backward(caches[i], dy)
+                dy, grads[i] = layer.backward(cache, dy)
+                fresh = _fresh_input_grad(layer, fresh)
         return tuple(grads)
 
     def loss_and_grads(
@@ -3029,9 +3198,14 @@ class Network:
     def _loss_and_grads(
         self, x: np.ndarray, y: np.ndarray, ctx: Context
     ) -> tuple[Any, NetParams, Network]:
-        out, caches, net = self._forward(x, ctx)
-        loss, loss_cache = self.loss.forward(out, y)
-        return loss, net._param_backward(caches, self.loss.backward(loss_cache)), net
+        out, caches, net, fresh = self._run(x, ctx)
+        if _is_own(self.loss):  # fused, in place on a fresh output
+            loss, dy = self.loss._value_and_grad(out, y, fresh)
+        else:
+            loss, loss_cache = self.loss.forward(out, y)
+            dy = self.loss.backward(loss_cache)
+        del out  # it may live on as dy; the caches go as backward uses them
+        return loss, net._param_backward(caches, dy, _is_own(self.loss)), net
 
     def predict(self, x: np.ndarray, *, batch_size: int | None = 1024) -> np.ndarray:
         """Evaluation-mode outputs, computed ``batch_size`` rows at a time
@@ -3348,20 +3522,26 @@ def _eps_field(default: float) -> Any:
     )
 
 
-def _start(
-    opt: Any,
-    grads: NetParams,
-    state: OptState,
-    params: NetParams,
-    n_slots: int = 0,
-    *,
-    l2: bool = True,
-) -> tuple[float, NetParams]:
-    """Validate an update's inputs; return the step's lr and the grads, with
-    L2 weight decay added (g + wd p) when ``l2``."""
+# Every dlfs optimizer's public ``update`` checks its inputs (``_check_update``)
+# and then runs ``_apply``, the arithmetic alone.  A training step whose state is
+# known to fit (see TrainState) calls ``_apply`` directly, with ``owned`` True:
+# the gradients are fresh arrays that the step made and no one else holds, so
+# SGD may write the new parameters into them.
+
+
+def _check_update(
+    opt: Any, grads: NetParams, state: OptState, params: NetParams, n_slots: int = 0
+) -> None:
+    """Validate an update's inputs: params, the state's moment trees, the grads."""
     _check_params(params)
     _check_state(opt, state, params, n_slots)
     _check_grads_like(grads, params)
+
+
+def _start(
+    opt: Any, grads: NetParams, state: OptState, params: NetParams, *, l2: bool = True
+) -> tuple[float, NetParams]:
+    """The step's lr and the grads, with L2 weight decay added (g + wd p) when ``l2``."""
     lr = _lr_at(opt.lr, state.count)
     return lr, (_decay(grads, params, opt.weight_decay) if l2 else grads)
 
@@ -3370,10 +3550,11 @@ def _finish(new_params: NetParams) -> NetParams:
     return _tree_map(_freeze_new, new_params)
 
 
-def _sgd_leaf(p: np.ndarray, g: np.ndarray, lr: float) -> np.ndarray:
-    """p - g * lr, written into the fresh array g * lr (one allocation, not two)."""
-    step = g * lr
-    return np.subtract(p, step, out=step)
+def _sgd_leaf(p: np.ndarray, g: np.ndarray, lr: float, owned: bool) -> np.ndarray:
+    """p - g * lr, read-only, written into g when ``owned`` (no new array), else
+    into the fresh array g * lr."""
+    step = np.multiply(g, lr, out=g if owned else None)
+    return _freeze_new(np.subtract(p, step, out=step))
 
 
 @attrs.frozen
@@ -3391,8 +3572,15 @@ class SGD:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params)
-        new = _tree_map(lambda p, g: _freeze_new(_sgd_leaf(p, g, lr)), params, grads)
+        _check_update(self, grads, state, params)
+        return self._apply(grads, state, params)
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        lr, decayed = _start(self, grads, state, params)
+        owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
+        new = _tree_map(lambda p, g: _sgd_leaf(p, g, lr, owned), params, decayed)
         return new, OptState(state.count + 1, lr)
 
 
@@ -3417,7 +3605,13 @@ class Momentum:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params, 1)
+        _check_update(self, grads, state, params, 1)
+        return self._apply(grads, state, params)
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        lr, grads = _start(self, grads, state, params)
         mu = self.momentum
         b = _tree_map(lambda b, g: b * mu + g, state.slots[0], grads)
         step = _tree_map(lambda g, b: g + b * mu, grads, b) if self.nesterov else b
@@ -3446,7 +3640,13 @@ class AdaGrad:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params, 1)
+        _check_update(self, grads, state, params, 1)
+        return self._apply(grads, state, params)
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        lr, grads = _start(self, grads, state, params)
         s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
         new = _finish(
             _tree_map(lambda p, g, s: p - g * lr / (np.sqrt(s) + self.eps), params, grads, s)
@@ -3474,7 +3674,13 @@ class RMSProp:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params, 1)
+        _check_update(self, grads, state, params, 1)
+        return self._apply(grads, state, params)
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        lr, grads = _start(self, grads, state, params)
         a = self.alpha
         v = _tree_map(lambda v, g: v * a + g * g * (1 - a), state.slots[0], grads)
         new = _finish(
@@ -3529,7 +3735,13 @@ class Adam:
         self, grads: NetParams, state: OptState, params: NetParams
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
-        lr, grads = _start(self, grads, state, params, 2, l2=not self.decoupled)
+        _check_update(self, grads, state, params, 2)
+        return self._apply(grads, state, params)
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        lr, grads = _start(self, grads, state, params, l2=not self.decoupled)
         if self.decoupled and self.weight_decay:
             shrink = 1 - lr * self.weight_decay
             params = _tree_map(lambda p: p * shrink, params)
@@ -3560,6 +3772,9 @@ class ClipByGlobalNorm:
         """Scaled grads (the same tree when the norm is within ``max_norm``)."""
         _check_params(params)
         _check_grads_like(grads, params)
+        return self._apply(grads, params)
+
+    def _apply(self, grads: NetParams, params: NetParams) -> NetParams:
         norm = math.sqrt(sum(float(np.vdot(g, g)) for layer in grads for g in layer))
         scale = min(1.0, self.max_norm / (norm + 1e-6))
         return grads if scale == 1.0 else _tree_map(lambda g: g * scale, grads)
@@ -3575,6 +3790,9 @@ class WeightDecay:
         """g + wd * p, leaf by leaf."""
         _check_params(params)
         _check_grads_like(grads, params)
+        return self._apply(grads, params)
+
+    def _apply(self, grads: NetParams, params: NetParams) -> NetParams:
         return _decay(grads, params, self.weight_decay)
 
 
@@ -3652,6 +3870,9 @@ class AllReduce:
         """The rank-averaged grads (read-only views of one buffer)."""
         _check_params(params)
         _check_grads_like(grads, params)
+        return self._apply(grads, params)
+
+    def _apply(self, grads: NetParams, params: NetParams) -> NetParams:
         _, size = _check_comm(self.comm)
         leaves = [g for layer in grads for g in layer]
         return _unflatten(_all_reduce(self.comm, leaves, divide_by=size), grads)
@@ -3678,6 +3899,9 @@ class MaxNorm:
     def __call__(self, params: NetParams) -> NetParams:
         """The constrained params (arrays within ``c`` are returned as they are)."""
         _check_params(params)
+        return self._apply(params)
+
+    def _apply(self, params: NetParams) -> NetParams:
         return _tree_map(lambda w: _freeze_new(_max_norm(w, self.c)) if w.ndim >= 2 else w, params)
 
 
@@ -3714,6 +3938,18 @@ class Chain:
         new, state = self.optimizer.update(grads, state, params)
         for constraint in self.after:
             new = constraint(new)
+        return new, state
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        """``update`` without the checks, for a chain of dlfs's own parts."""
+        for transform in self.before:
+            grads = transform._apply(grads, params)
+            owned = owned and type(transform) is not AllReduce  # it gives read-only views
+        new, state = self.optimizer._apply(grads, state, params, owned)
+        for constraint in self.after:
+            new = constraint._apply(new)
         return new, state
 
 
@@ -3767,7 +4003,13 @@ class NonFiniteError(FloatingPointError):
 @attrs.frozen(eq=False)
 class TrainState:
     """The carry of ``train_step``: network, optimizer and its state, the step
-    key, the global step count and the running loss of the current epoch."""
+    key, the global step count and the running loss of the current epoch.
+
+    A state that ``TrainState.create`` or a step made is known to fit (the
+    optimizer state matches the network's parameters; network and optimizer
+    are dlfs's own): its steps skip the optimizer's input checks.  Any other
+    (built by hand, ``attrs.evolve``) is checked in full at its first step.
+    """
 
     net: Network
     optimizer: Any
@@ -3776,6 +4018,7 @@ class TrainState:
     step: int = 0
     loss_sum: float = 0.0
     seen: int = 0
+    _fits: bool = attrs.field(default=False, init=False, repr=False)
 
     @classmethod
     def create(cls, net: Network, optimizer: Any, key: int | Key = 0) -> TrainState:
@@ -3787,7 +4030,9 @@ class TrainState:
                 f"optimizer must have init/update (e.g. dlfs.SGD(0.01)), got {optimizer!r}"
                 + _not_called(optimizer)
             )
-        return cls(net, optimizer, optimizer.init(net.params()), key)
+        state = cls(net, optimizer, optimizer.init(net.params()), key)
+        object.__setattr__(state, "_fits", _own_parts(net, optimizer))  # init's state fits
+        return state
 
     @property
     def mean_loss(self) -> float:
@@ -3797,8 +4042,21 @@ class TrainState:
         return self.loss_sum / self.seen if self.seen else math.nan
 
 
-def _all_finite(grads: NetParams) -> bool:
-    return all(np.isfinite(g).all() for layer in grads for g in layer)
+def _own_parts(net: Network, optimizer: Any) -> bool:
+    """Whether the network's layers and the optimizer (a chain's every part) are
+    dlfs's own, so their gradients and updates are known to fit the parameters."""
+    parts = [optimizer]
+    if type(optimizer) is Chain:
+        parts += [optimizer.optimizer, *optimizer.before, *optimizer.after]
+    return all(map(_is_own, parts)) and all(map(_is_own, net.layers))
+
+
+def _all_finite(tree: NetParams) -> bool:
+    """Whether every array in ``tree`` is finite: one dot product a <a, a> each
+    (NaN or inf in a makes it NaN or inf; only if it overflows is a read again)."""
+    return all(
+        math.isfinite(np.vdot(a, a)) or bool(np.isfinite(a).all()) for layer in tree for a in layer
+    )
 
 
 # Synchronous data parallelism over MPI (the Horovod / DistributedDataParallel
@@ -3890,25 +4148,36 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
         grads = _tree_map(lambda g: np.full_like(g, np.nan), grads)  # all ranks stop here
     elif weight != 1.0:
         grads = _tree_map(lambda g: g * g.dtype.type(weight), grads)
-    params, opt_state = state.optimizer.update(grads, state.opt_state, new_net.params())
+    fits = state._fits  # then skip the checks, and SGD writes into the fresh grads
+    opt, params = state.optimizer, new_net.params()
+    if fits:
+        params, opt_state = opt._apply(grads, state.opt_state, params, owned=True)
+    else:
+        params, opt_state = opt.update(grads, state.opt_state, params)
+    del grads  # they may hold the new parameters now
     # One finiteness pass per step, over the new parameters: a NaN/inf gradient
-    # makes them non-finite in every dlfs optimizer; the gradients are only
-    # looked at to name the culprit.
+    # makes them non-finite in every dlfs optimizer; only then are the gradients
+    # computed again, to name the culprit.
     if not _all_finite(params):  # e.g. an overflowing step: keep the last finite network
         if not math.isfinite(loss):
             raise _non_finite(f"the loss on rank {rank}", state)
         if comm is not None:  # the culprit may sit on another rank
             raise _non_finite("a gradient or parameter", state)
+        _, grads, _ = _shard_loss_and_grads(
+            state.net, x[rows], y[rows], _rank_key(state, rank, size)
+        )
         raise _non_finite("a gradient" if not _all_finite(grads) else "the parameters", state)
-    return TrainState(
-        new_net.with_params(params),
-        state.optimizer,
+    new = TrainState(
+        new_net._renew(params) if fits else new_net.with_params(params),
+        opt,
         opt_state,
         state.key,
         state.step + 1,
         state.loss_sum + loss * n,
         state.seen + n,
     )
+    object.__setattr__(new, "_fits", fits or _own_parts(new_net, opt))  # its state fits now
+    return new
 
 
 def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> TrainState:

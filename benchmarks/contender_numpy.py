@@ -303,9 +303,13 @@ class CNN:
 
 class PlainLoop:
     """dlfs's arithmetic, operation for operation, in a bare loop: Dense
-    ``y = x @ w; y += b``, dlfs's ReLU/Tanh forms, its log-softmax
-    cross-entropy (or MSE ``sum(d*d)/N``, gradient ``d * (2/N)``), SGD
-    ``p - g * lr``.  Bit-identical trajectories to dlfs; no checks, no records."""
+    ``y = np.dot(x, w); y += b``, ReLU ``max(y, 0)`` in place, Tanh, the
+    softmax cross-entropy of integer labels in place on the logits (one exp:
+    softmax = exp(z - max) / s, loss = mean(log s - (z_y - max)), gradient
+    ``(softmax - onehot) / N``) or MSE (``d = p - y`` in place, loss
+    ``vdot(d, d) / N``, gradient ``d * (2/N)`` in place), ReLU's gradient
+    ``dy * (y > 0)`` in place, SGD ``p - g * lr``.  Bit-identical
+    trajectories to dlfs; no checks, no records."""
 
     def __init__(self, w: Workload, init: list, seed: int) -> None:
         self.W, self.b, self.act = [], [], []
@@ -325,27 +329,36 @@ class PlainLoop:
     def _forward(self, x: np.ndarray) -> list[np.ndarray]:
         hs = [x]
         for w, b, act in zip(self.W, self.b, self.act):
-            h = hs[-1] @ w
+            h = np.dot(hs[-1], w)
             h += b
             if act == "relu":
-                h = np.maximum(h, 0)
+                np.maximum(h, np.zeros(h.shape[1:], h.dtype), out=h)
             elif act == "tanh":
                 h = np.tanh(h)
             hs.append(h)
         return hs
 
     def _loss_grad(self, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, gradient), in place in ``out`` unless an activation keeps it (as dlfs)."""
         n = out.shape[0]
+        fresh = self.act[-1] is None
         if self.loss == "mse":
-            diff = out - y
-            return float(np.sum(diff * diff) / n), diff * (2 / n)
-        z = out - out.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            diff = np.subtract(out, y, out=out if fresh else None)
+            loss = np.vdot(diff, diff) / n
+            diff *= 2 / n
+            return float(loss), diff
+        if not fresh:
+            out = out.copy()
+        out -= out.max(axis=1, keepdims=True)
         rows = np.arange(n)
-        g = np.exp(logp)
-        g[rows, y] -= 1.0
-        g /= n
-        return float(-logp[rows, y].sum() / n), g
+        nll = -out[rows, y]
+        np.exp(out, out=out)
+        s = out.sum(axis=1, keepdims=True)
+        out /= s
+        nll += np.log(s[:, 0])
+        out[rows, y] -= 1.0
+        out /= n
+        return float(nll.sum() / n), out
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         hs = self._forward(x)
@@ -353,12 +366,12 @@ class PlainLoop:
         grads = []
         for i in range(len(self.W) - 1, -1, -1):
             if self.act[i] == "relu":
-                g = g * (hs[i + 1] > 0)
+                np.multiply(g, hs[i + 1] > 0, out=g)
             elif self.act[i] == "tanh":
                 g = g * (1 - hs[i + 1] * hs[i + 1])
             grads.append((np.dot(hs[i].T, g), g.sum(axis=0)))
             if i:
-                g = g @ self.W[i].T
+                g = np.dot(g, self.W[i].T)
         for (dw, db), w, b in zip(reversed(grads), self.W, self.b):
             w -= dw * lr
             b -= db * lr

@@ -55,6 +55,15 @@ def contender(impl: str, w: h.Workload, init: list, seed: int):
     return importlib.import_module(f"contender_{impl}").Contender(w, init, seed)
 
 
+def _profiler():
+    """A started pyinstrument profiler (1 ms samples) for --profile."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.001)
+    profiler.start()
+    return profiler
+
+
 def check(w: h.Workload, x: np.ndarray, y: np.ndarray, init: list, args) -> int:
     """A few steps of every contender from the same start; compare the parameters."""
     w = w.without_dropout()
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
     p.add_argument("--predict", action="store_true", help="also time predict on 10 000 rows")
+    p.add_argument(
+        "--profile", action="store_true", help="profile the timed epochs (pyinstrument) and print"
+    )
     p.add_argument("--check-steps", type=int, default=5, help="steps of --impl check")
     p.add_argument("--tol", type=float, default=2e-4, help="relative tolerance of --impl check")
     args = p.parse_args(argv)
@@ -111,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     warm = min(n, args.warmup * args.batch)
     contender(args.impl, w, init, args.seed).train_epoch(x, y, np.arange(warm), args.batch)
     model = contender(args.impl, w, init, args.seed)
+    profiler = _profiler() if args.profile else None
     times, losses = [], []
     for epoch in range(args.epochs):
         order = h.epoch_order(args.seed, n, epoch)
         t0 = time.perf_counter()
         losses.append(model.train_epoch(x, y, order, args.batch))
         times.append(time.perf_counter() - t0)
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.output_text(unicode=False, color=False, show_all=False), file=sys.stderr)
     h.emit("impl", args.impl)
     h.print_machine()
     h.emit("n", n)
