@@ -764,7 +764,7 @@ class Dense(_ArrayRecord):
         """(dw, db) without dx: a network skips the input gradient of its first layer."""
         if cache.ndim == 3:  # sequences: every step is a row
             cache, dy = cache.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
-        return (np.dot(cache.T, dy), dy.sum(axis=0))
+        return (np.dot(cache.T, dy), np.add.reduce(dy, axis=0))
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features} -> {self.out_features}, {self.w.dtype})"
@@ -854,11 +854,13 @@ class ReLU(_NoParams):
     # else holds (a Dense's fresh output, a gradient just made), so no new array.
 
     def _forward_owned(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, ReLU]:
-        y = np.maximum(x, np.zeros(x.shape[1:], x.dtype), out=x)
-        return y, y, self
+        zero = np.zeros(x.shape[1:], x.dtype)
+        _by_samples(lambda x: np.maximum(x, zero, out=x), x)
+        return x, x, self
 
     def _backward_owned(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        return np.multiply(dy, cache > 0, out=dy), ()
+        _by_samples(lambda dy, y: np.multiply(dy, y > 0, out=dy), dy, cache)  # small masks
+        return dy, ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1928,6 +1930,21 @@ def _samples(n: int, per_sample: int) -> list[slice]:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
+def _by_samples(f: Callable[..., Any], *arrays: np.ndarray) -> None:
+    """``f(*arrays)`` for elementwise work in place, by chunks of samples that
+    threads share (one call when the arrays are small)."""
+    n, size = arrays[0].shape[0], arrays[0].size
+    if size < 2 * _MIN_CHUNK:
+        f(*arrays)
+        return
+
+    def run(chunks: list[slice]) -> None:
+        for s in chunks:
+            f(*(a[s] for a in arrays))
+
+    _in_parallel(run, _samples(n, size // n))
+
+
 def _span(chunks: list[slice]) -> slice:
     """The samples a run of neighbouring chunks covers."""
     return slice(chunks[0].start, chunks[-1].stop)
@@ -2205,7 +2222,7 @@ def _conv_backward(
     for share in (share for shares_of_run in runs for share in shares_of_run):
         dw += share  # in chunk order, whatever the threads
     dx_out = None if dx is None else dx.transpose(1, 0, 2, 3)
-    return dx_out, dw.T.reshape(conv.w.shape), dy_mat.sum(axis=1)
+    return dx_out, np.ascontiguousarray(dw.T).reshape(conv.w.shape), dy_mat.sum(axis=1)
 
 
 def _frozen_kernel(w: Any) -> np.ndarray:
@@ -2558,9 +2575,11 @@ class MeanSquaredError:
 
 
 def _check_labels(target: np.ndarray, n: int, k: int) -> None:
+    """Integer labels (N,) in [0, K): one pass, the largest label read as unsigned
+    (a negative one reads as a huge number), then the message from min and max."""
     if target.shape != (n,):
         _check_shape("target", target, (n,))
-    if n and (target.min() < 0 or target.max() >= k):
+    if n and np.maximum.reduce(target.view(np.dtype(f"u{target.itemsize}"))) >= k:
         raise ValueError(
             f"labels must be in [0, {k}), got values in [{target.min()}, {target.max()}]"
         )
@@ -2607,18 +2626,17 @@ class SoftmaxCrossEntropy:
         loss per row is (1 - e) (log s - (z_y - m)) + e (log s - mean_k (z_k - m))."""
         n, k = z.shape
         eps = self.label_smoothing
-        z -= z.max(axis=1, keepdims=True)
-        rows = np.arange(n)
-        nll = -z[rows, labels]  # -(z_y - m), then + log s below
-        mean_z = z.sum(axis=1) / k if eps else None
+        # ufunc reductions called directly: the array methods add a Python frame each
+        z -= np.maximum.reduce(z, axis=1, keepdims=True)
+        z_y = z[np.arange(n), labels]
+        mean_z = np.add.reduce(z, axis=1) / k if eps else None
         np.exp(z, out=z)
-        s = z.sum(axis=1, keepdims=True)
+        s = np.add.reduce(z, axis=1, keepdims=True)
         z /= s
         log_s = np.log(s[:, 0])
-        nll += log_s
-        loss = nll.sum() / n
+        loss = np.add.reduce(np.subtract(log_s, z_y, out=z_y)) / n
         if mean_z is not None:
-            loss = (1 - eps) * loss + eps * (log_s - mean_z).sum() / n
+            loss = (1 - eps) * loss + eps * np.add.reduce(log_s - mean_z) / n
         return z.dtype.type(loss), (z, labels)
 
     def _forward_seq(self, logits: np.ndarray, target: Any) -> tuple[Any, tuple]:
@@ -3068,11 +3086,10 @@ class Network:
         """``with_params`` for parameters known to fit: fresh read-only arrays that
         a dlfs optimizer made from this network's own (same tree, shapes and
         dtypes), for a network of dlfs's own layers.  No checks, no copies."""
-        layers = tuple(
-            _replace(layer, dict(zip(layer._PARAMS, ps))) if ps else layer
-            for layer, ps in zip(self.layers, params)
-        )
-        return self._evolve_layers(layers)
+        layers = []
+        for layer, ps in zip(self.layers, params):
+            layers.append(_replace(layer, dict(zip(layer._PARAMS, ps))) if ps else layer)
+        return self._evolve_layers(tuple(layers))
 
     @property
     def dtype(self) -> np.dtype | None:
@@ -3134,14 +3151,14 @@ class Network:
         input is such an array (a Dense's or Conv2D's output) may work in place."""
         caches, layers = [], []
         fresh = False  # x is the caller's
+        key = ctx.key
         for i, layer in enumerate(self.layers):
             if fresh and type(layer) is ReLU:
                 x, cache, layer = layer._forward_owned(x)
+            elif key is not None and _uses_key(layer):
+                x, cache, layer = layer.forward(x, _sub_context(ctx.train, key + (i,)))
             else:
-                keyed = ctx.key is not None and _uses_key(layer)
-                x, cache, layer = layer.forward(
-                    x, _sub_context(ctx.train, ctx.key + (i,)) if keyed else ctx
-                )
+                x, cache, layer = layer.forward(x, ctx)
             fresh = _fresh_output(layer)
             caches.append(cache)
             layers.append(layer)
@@ -3554,7 +3571,9 @@ def _sgd_leaf(p: np.ndarray, g: np.ndarray, lr: float, owned: bool) -> np.ndarra
     """p - g * lr, read-only, written into g when ``owned`` (no new array), else
     into the fresh array g * lr."""
     step = np.multiply(g, lr, out=g if owned else None)
-    return _freeze_new(np.subtract(p, step, out=step))
+    np.subtract(p, step, out=step)
+    step.setflags(write=False)
+    return step
 
 
 @attrs.frozen
@@ -3580,7 +3599,10 @@ class SGD:
     ) -> tuple[NetParams, OptState]:
         lr, decayed = _start(self, grads, state, params)
         owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
-        new = _tree_map(lambda p, g: _sgd_leaf(p, g, lr, owned), params, decayed)
+        new = tuple(
+            tuple([_sgd_leaf(p, g, lr, owned) for p, g in zip(ps, gs)])
+            for ps, gs in zip(params, decayed)
+        )
         return new, OptState(state.count + 1, lr)
 
 
@@ -4051,12 +4073,17 @@ def _own_parts(net: Network, optimizer: Any) -> bool:
     return all(map(_is_own, parts)) and all(map(_is_own, net.layers))
 
 
+_FEW = 1 << 14  # entries: below this, arrays are checked together (one call, not one each)
+
+
 def _all_finite(tree: NetParams) -> bool:
-    """Whether every array in ``tree`` is finite: one dot product a <a, a> each
-    (NaN or inf in a makes it NaN or inf; only if it overflows is a read again)."""
-    return all(
-        math.isfinite(np.vdot(a, a)) or bool(np.isfinite(a).all()) for layer in tree for a in layer
-    )
+    """Whether every array in ``tree`` is finite: a dot product <a, a> per array
+    (NaN or inf in a makes it NaN or inf; only if it overflows is a read again),
+    small arrays concatenated into one first."""
+    leaves = [a for layer in tree for a in layer]
+    if leaves and sum(a.size for a in leaves) <= _FEW:
+        leaves = [np.concatenate([a.ravel() for a in leaves])]
+    return all(math.isfinite(np.vdot(a, a)) or bool(np.isfinite(a).all()) for a in leaves)
 
 
 # Synchronous data parallelism over MPI (the Horovod / DistributedDataParallel
@@ -4083,6 +4110,12 @@ def shard(n: int, rank: int, size: int) -> slice:
     q, r = divmod(n, size)
     start = rank * q + min(rank, r)
     return slice(start, start + q + (rank < r))
+
+
+def _rows_of(x: np.ndarray, y: np.ndarray, rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's shard of a global batch (x, y)."""
+    rows = shard(len(x), rank, size)
+    return x[rows], y[rows]
 
 
 def _check_all_reduce_first(optimizer: Any, comm: Any, name: str = "state.optimizer") -> None:
@@ -4136,12 +4169,10 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
     rank, size = (0, 1) if comm is None else _check_comm(comm)
     if comm is not None:
         _check_all_reduce_first(state.optimizer, comm)
-    rows = shard(len(x), rank, size)
-    n = rows.stop - rows.start
-    loss, grads, new_net = _shard_loss_and_grads(
-        state.net, x[rows], y[rows], _rank_key(state, rank, size)
-    )
-    weight = size * n / len(x)
+        x, y = _rows_of(x, y, rank, size)
+    n = len(x)
+    loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, _rank_key(state, rank, size))
+    weight = size * n / len(batch[0])
     if not math.isfinite(loss):
         if comm is None:
             raise _non_finite("loss", state)
@@ -4163,9 +4194,7 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
             raise _non_finite(f"the loss on rank {rank}", state)
         if comm is not None:  # the culprit may sit on another rank
             raise _non_finite("a gradient or parameter", state)
-        _, grads, _ = _shard_loss_and_grads(
-            state.net, x[rows], y[rows], _rank_key(state, rank, size)
-        )
+        _, grads, _ = _shard_loss_and_grads(state.net, x, y, _rank_key(state, rank, size))
         raise _non_finite("a gradient" if not _all_finite(grads) else "the parameters", state)
     new = TrainState(
         new_net._renew(params) if fits else new_net.with_params(params),
