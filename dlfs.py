@@ -2579,7 +2579,7 @@ def _check_labels(target: np.ndarray, n: int, k: int) -> None:
     (a negative one reads as a huge number), then the message from min and max."""
     if target.shape != (n,):
         _check_shape("target", target, (n,))
-    if n and np.maximum.reduce(target.view(np.dtype(f"u{target.itemsize}"))) >= k:
+    if n and np.maximum.reduce(target.view(target.dtype.str.replace("i", "u"))) >= k:
         raise ValueError(
             f"labels must be in [0, {k}), got values in [{target.min()}, {target.max()}]"
         )

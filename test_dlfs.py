@@ -7085,3 +7085,302 @@ def test_summary_table_is_aligned():
     table = lines[1:-1]  # between the title and the total
     assert len({len(line) for line in table}) == 1  # every row as wide as the rule
     assert sum(line.startswith("Layer") for line in lines) == 1  # the header once
+
+
+# ------------------------------------- speed paths (issue 13): trusted steps, in place
+
+_SPEED_OPTIMIZERS = {
+    "sgd": lambda: dlfs.SGD(0.05),
+    "sgd-wd": lambda: dlfs.SGD(0.05, weight_decay=0.01),
+    "momentum": lambda: dlfs.Momentum(0.05),
+    "nesterov": lambda: dlfs.Nesterov(0.05),
+    "adagrad": lambda: dlfs.AdaGrad(0.05),
+    "rmsprop": lambda: dlfs.RMSProp(0.01),
+    "adam": lambda: dlfs.Adam(0.01),
+    "adamw": lambda: dlfs.AdamW(0.01),
+    "chain": lambda: dlfs.chain(dlfs.ClipByGlobalNorm(0.5), dlfs.Adam(0.01), dlfs.MaxNorm(1.0)),
+    "chain-sgd": lambda: dlfs.chain(dlfs.WeightDecay(0.01), dlfs.SGD(dlfs.StepDecay(0.1, 2))),
+}
+
+
+def _speed_batches(net: dlfs.Network, seed: int, n: int, steps: int) -> list:
+    rng = np.random.default_rng(seed)
+    shape = (n, *net.input_shape)
+    return [
+        (rng.standard_normal(shape).astype(net.dtype), _trust_targets(net, n, rng))
+        for _ in range(steps)
+    ]
+
+
+def _speed_conv_net(seed: int, dtype) -> dlfs.Network:
+    layers = [
+        dlfs.conv2d(3, 3, padding=1, activation=dlfs.ReLU()),
+        dlfs.MaxPool2D(2),
+        dlfs.Flatten(),
+        dlfs.dense(5, dlfs.ReLU()),
+        dlfs.Dropout(0.3),
+        dlfs.dense(3),
+    ]
+    return dlfs.network(seed, (2, 6, 6), layers, dlfs.SoftmaxCrossEntropy(), dtype=dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=SEEDS,
+    n=st.integers(2, 6),
+    widths=st.lists(SIZES, min_size=1, max_size=3),
+    acts=st.lists(st.integers(0, 8), min_size=3, max_size=3),
+    extras=st.lists(st.integers(0, 2), min_size=3, max_size=3),
+    loss=st.sampled_from(["mse", "sce", "bce"]),
+    opt=st.sampled_from(sorted(_SPEED_OPTIMIZERS)),
+    dtype=DTYPES,
+    conv=st.booleans(),
+)
+def test_a_state_known_to_fit_steps_exactly_as_a_checked_one(
+    seed, n, widths, acts, extras, loss, opt, dtype, conv
+):
+    """TrainState.create's state (and each step's) skips the optimizer's checks and
+    works in place; a hand-made one (attrs.evolve drops the mark) is checked in
+    full at every step: the two trajectories are bit-identical."""
+    if conv:
+        net = _speed_conv_net(seed, dtype)
+    else:
+        net = _trust_net(seed, 3, widths, acts, dtype, loss, extras)
+    fast = dlfs.TrainState.create(net, _SPEED_OPTIMIZERS[opt](), seed)
+    checked = fast
+    assert fast._fits and not attrs.evolve(fast)._fits
+    for batch in _speed_batches(net, seed, n, 3):
+        fast = dlfs.train_step(fast, batch)
+        checked = dlfs.train_step(attrs.evolve(checked), batch)
+        assert fast._fits
+    _assert_same_net(fast.net, checked.net)
+    _trust_assert_same_opt_state(fast.opt_state, checked.opt_state)
+    assert (fast.loss_sum, fast.seen, fast.step) == (checked.loss_sum, checked.seen, 3)
+
+
+class _UsersScale:
+    """A user's layer (not dlfs's own): y = x * s, with one parameter s (D,)."""
+
+    def __init__(self, s: np.ndarray, bad_grads: bool = False) -> None:
+        self.s, self.bad_grads = s, bad_grads
+
+    def params(self):
+        return (self.s,)
+
+    def with_params(self, params):
+        return _UsersScale(params[0], self.bad_grads)
+
+    def forward(self, x, ctx=dlfs.EVAL):
+        return x * self.s, x, self
+
+    def backward(self, cache, dy):
+        ds = (dy * cache).sum(axis=0)
+        return dy * self.s, ((ds[:-1] if self.bad_grads else ds),)
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+
+def test_a_network_with_a_users_layer_is_checked_at_every_step():
+    """Only dlfs's own layers and optimizers are trusted: a user's layer keeps the
+    full checks, which still catch its malformed gradients at any step."""
+    dense = dlfs.Dense.init(0, 3, 2)
+    scale = _UsersScale(np.ones(2, np.float32))
+    net = dlfs.Network([dense, scale], dlfs.MeanSquaredError(), (3,))
+    state = dlfs.TrainState.create(net, dlfs.SGD(0.1))
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+    assert not state._fits
+    state = dlfs.train_step(state, (x, y))
+    assert not state._fits
+    broken = attrs.evolve(
+        state, net=dlfs.Network([state.net.layers[0], _UsersScale(scale.s, True)], net.loss, (3,))
+    )
+    with pytest.raises(ValueError, match=r"grads\[1\]\[0\] must be an array of shape \(2,\)"):
+        dlfs.train_step(broken, (x, y))
+    assert not dlfs.TrainState.create(
+        dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError()), _UsersSGD()
+    )._fits
+
+
+class _UsersSGD:
+    """A user's optimizer (duck-typed init/update)."""
+
+    def init(self, params):
+        return ()
+
+    def update(self, grads, state, params):
+        return dlfs._tree_map(lambda p, g: p - 0.1 * g, params, grads), state
+
+
+def _speed_snapshot(*arrays) -> list:
+    return [_snapshot(a) for a in arrays]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, loss=st.sampled_from(["mse", "sce"]), dtype=DTYPES, conv=st.booleans())
+def test_in_place_work_never_touches_the_callers_arrays(seed, n, loss, dtype, conv):
+    """ReLU after Dense/Conv2D, the fused loss and SGD work in place only on arrays
+    a step made itself: the batch, the input network and what forward returns stay
+    as they were, and new parameters share memory with none of them."""
+    if conv:
+        net = _speed_conv_net(seed, dtype)
+    else:
+        relu = dlfs.ReLU()
+        layers = [dlfs.dense(4, relu), dlfs.dense(3, relu), dlfs.dense(3)]
+        loss_obj = dlfs.MeanSquaredError() if loss == "mse" else dlfs.SoftmaxCrossEntropy()
+        net = dlfs.network(seed, 5, layers, loss_obj, dtype=dtype)
+    ((x, y),) = _speed_batches(net, seed, n, 1)
+    before = _speed_snapshot(x, y, *_net_arrays(net))
+    state = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1), seed), (x, y))
+    net.loss_and_grads(x, y, dlfs.train_context(seed))
+    out, caches, _ = net.forward(x, dlfs.train_context(seed))
+    net.predict(x)
+    assert _speed_snapshot(x, y, *_net_arrays(net)) == before
+    for p in (p for layer in state.net.params() for p in layer):
+        assert not p.flags.writeable
+        assert not any(np.shares_memory(p, a) for a in (x, y, out, *_net_arrays(net)))
+    # what forward returned is intact: backward through it matches a layer-by-layer pass
+    dy = np.random.default_rng(seed).standard_normal(out.shape).astype(dtype)
+    _, grads = net.backward(caches, dy)
+    h, by_hand = x, []
+    for i, layer in enumerate(net.layers):
+        ctx = dlfs.Context(True, (seed, i)) if isinstance(layer, dlfs.Dropout) else dlfs.EVAL
+        h, cache, _ = layer.forward(h, ctx)
+        by_hand.append(cache)
+    assert h.tobytes() == out.tobytes()
+    for layer, cache, g in zip(reversed(net.layers), reversed(by_hand), reversed(grads)):
+        dy, mine = layer.backward(cache, dy)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(mine, g))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=SIZES, k=st.integers(2, 6), dtype=DTYPES, kind=st.integers(0, 4))
+def test_fused_losses_equal_forward_then_backward(seed, n, k, dtype, kind):
+    """A step's fused loss (value and gradient at once, in place on the network's
+    own output) gives the bits of forward + backward, and leaves a given output alone."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, k)) * 3).astype(dtype)
+    labels = rng.integers(0, k, n)
+    cases = [
+        (dlfs.SoftmaxCrossEntropy(), labels),
+        (dlfs.SoftmaxCrossEntropy(0.2), labels.astype(np.uint8)),
+        (dlfs.SoftmaxCrossEntropy(0.1), dlfs.one_hot(labels, k, dtype=dtype)),
+        (dlfs.MeanSquaredError(), rng.standard_normal((n, k)).astype(dtype)),
+        (dlfs.BinaryCrossEntropy(), rng.random((n, k)).astype(dtype)),
+    ]
+    loss, target = cases[kind]
+    value, cache = loss.forward(z, target)
+    grad = loss.backward(cache)
+    kept = z.copy()
+    for fresh in (False, True):
+        mine = z.copy() if fresh else z
+        got_value, got_grad = loss._value_and_grad(mine, target, fresh)
+        assert got_value.dtype == value.dtype == dtype and got_value == value
+        assert got_grad.dtype == dtype and got_grad.tobytes() == grad.tobytes()
+        assert z.tobytes() == kept.tobytes()
+
+
+def test_labels_are_checked_at_every_step():
+    net = dlfs.network(0, 3, [dlfs.dense(4)], dlfs.SoftmaxCrossEntropy())
+    state = dlfs.TrainState.create(net, dlfs.SGD(0.1))
+    x = np.ones((3, 3), np.float32)
+    for bad in ([0, 4, 1], [0, -1, 1], [0, -(2**62), 3]):
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 4\), got values in"):
+            dlfs.train_step(state, (x, np.array(bad)))
+    for good in (np.array([0, 3, 1], ">i8"), np.array([0, 3, 1], np.uint8), np.arange(6)[::2] % 4):
+        dlfs.train_step(state, (x, good))
+
+
+def test_sgd_writes_into_gradients_only_when_told_they_are_its_own():
+    params = ((np.ones((2, 3), np.float32), np.zeros(3, np.float32)),)
+    for p in params[0]:
+        p.setflags(write=False)
+    opt = dlfs.SGD(0.5)
+    grads = ((np.full((2, 3), 2.0, np.float32), np.ones(3, np.float32)),)
+    kept = [g.copy() for g in grads[0]]
+    new, _ = opt.update(grads, opt.init(params), params)
+    assert all(g.flags.writeable and g.tobytes() == k.tobytes() for g, k in zip(grads[0], kept))
+    owned, _ = opt._apply(grads, opt.init(params), params, owned=True)
+    assert all(a is g and not a.flags.writeable for a, g in zip(owned[0], grads[0]))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(owned[0], new[0]))
+
+
+def test_renewed_networks_equal_with_params():
+    """``_renew`` (no checks, no copies) builds what ``with_params`` builds, for every
+    kind of layer with parameters, whose ``_PARAMS`` name params() in order."""
+    layers = [
+        dlfs.Conv2D.init(1, 2, 3, 3, padding="same"),
+        dlfs.BatchNorm.init(3),
+        dlfs.Flatten(),
+        dlfs.Dense.init(2, 48, 4),
+    ]
+    nets = [
+        dlfs.Network(layers, dlfs.SoftmaxCrossEntropy(), (2, 4, 4)),
+        dlfs.network(
+            0,
+            5,
+            [
+                dlfs.embedding(7, 3),
+                dlfs.gru(4, return_sequences=True),
+                dlfs.lstm(3, return_sequences=True),
+                dlfs.rnn(2),
+            ],
+            dlfs.MeanSquaredError(),
+        ),
+    ]
+    for net in nets:
+        for layer in net.layers:
+            fields = tuple(getattr(layer, name) for name in getattr(layer, "_PARAMS", ()))
+            assert len(fields) == len(layer.params())
+            assert all(a is b for a, b in zip(fields, layer.params()))
+        new = dlfs._tree_map(lambda p: dlfs._freeze_new(p * 2), net.params())
+        _assert_same_net(net._renew(new), net.with_params(new))
+    for cls in dlfs._SAVABLE_LAYERS:  # a new layer with parameters must name them
+        assert hasattr(cls, "_PARAMS") == (
+            cls
+            in (
+                dlfs.Dense,
+                dlfs.Conv2D,
+                dlfs.BatchNorm,
+                dlfs.Embedding,
+                dlfs.RNN,
+                dlfs.LSTM,
+                dlfs.GRU,
+            )
+        )
+
+
+@pytest.mark.parametrize("size", [3, 70_000])
+def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm(size):
+    """One dot product per array (small ones together): NaN or inf anywhere is found;
+    huge finite values, whose squares overflow, are still finite."""
+    rng = np.random.default_rng(size)
+    tree = ((rng.standard_normal(size).astype(np.float32), np.ones(2, np.float32)),)
+    assert dlfs._all_finite(tree) and dlfs._all_finite(())
+    huge = ((np.full(size, 3e38, np.float32),), (np.full(2, -1e300),))
+    assert dlfs._all_finite(huge)
+    for bad in (np.nan, np.inf, -np.inf):
+        for i in (0, size - 1):
+            a = tree[0][0].copy()
+            a[i] = bad
+            assert not dlfs._all_finite(((tree[0][1],), (a,)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_relu_in_place_by_chunks_equals_relu(monkeypatch, threads):
+    """ReLU's in-place forward and backward, split by samples over threads, give the
+    bits of its plain forward and backward."""
+    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 8)
+    dlfs.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(threads)
+        x = rng.standard_normal((9, 3, 5)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        relu = dlfs.ReLU()
+        y, cache, _ = relu.forward(x)
+        dx, _ = relu.backward(cache, dy)
+        y2, cache2, _ = relu._forward_owned(x.copy())
+        dx2, _ = relu._backward_owned(cache2, dy.copy())
+        assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
+    finally:
+        dlfs.set_num_threads(dlfs._threads_from_env())
