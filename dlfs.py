@@ -854,12 +854,18 @@ class ReLU(_NoParams):
     # else holds (a Dense's fresh output, a gradient just made), so no new array.
 
     def _forward_owned(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, ReLU]:
-        zero = np.zeros(x.shape[1:], x.dtype)
-        _by_samples(lambda x: np.maximum(x, zero, out=x), x)
+        def relu(x: np.ndarray) -> None:
+            np.maximum(x, np.zeros(x.shape[1:], x.dtype), out=x)
+
+        _by_rows(relu, x)
         return x, x, self
 
     def _backward_owned(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        _by_samples(lambda dy, y: np.multiply(dy, y > 0, out=dy), dy, cache)  # small masks
+        def mask(dy: np.ndarray, y: np.ndarray) -> None:
+            above = _scratch("mask", y.size, np.dtype(bool)).reshape(y.shape)
+            np.multiply(dy, np.greater(y, 0, out=above), out=dy)
+
+        _by_rows(mask, dy, cache)
         return dy, ()
 
 
@@ -1930,11 +1936,40 @@ def _samples(n: int, per_sample: int) -> list[slice]:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def _by_samples(f: Callable[..., Any], *arrays: np.ndarray) -> None:
-    """``f(*arrays)`` for elementwise work in place, by chunks of samples that
-    threads share (one call when the arrays are small)."""
-    n, size = arrays[0].shape[0], arrays[0].size
-    if size < 2 * _MIN_CHUNK:
+def _memory_order(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays with their axes permuted alike, by the first one's strides from
+    the largest: a C-contiguous view of a transposed contiguous array (such as a
+    convolution's output), so that elementwise loops run along its memory."""
+    a = arrays[0]
+    if a.flags.c_contiguous:
+        return arrays
+    order = sorted(range(a.ndim), key=lambda i: -abs(a.strides[i]))
+    return tuple(b.transpose(order) for b in arrays)
+
+
+_ROW = 512  # entries: elementwise loops with a broadcast operand want rows at least this long
+
+
+def _as_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """C-contiguous (N, ...) arrays of one shape as 2-D rows of its shortest trailing
+    block of at least _ROW entries (at most one sample's); else as they are."""
+    shape = arrays[0].shape
+    if len(shape) < 3 or not all(a.flags.c_contiguous for a in arrays):
+        return arrays
+    row = 1
+    for d in reversed(shape[1:]):
+        row *= d
+        if row >= _ROW:
+            break
+    return tuple(a.reshape(-1, row) for a in arrays)
+
+
+def _by_rows(f: Callable[..., Any], *arrays: np.ndarray) -> None:
+    """``f(*arrays)`` for elementwise work in place on arrays of one shape, run on
+    views of them in the first one's memory order (see _memory_order), as rows,
+    by chunks of rows that threads share (one call when the arrays are small)."""
+    arrays = _as_rows(*_memory_order(*arrays))
+    if arrays[0].size < 2 * _MIN_CHUNK:
         f(*arrays)
         return
 
@@ -1942,7 +1977,8 @@ def _by_samples(f: Callable[..., Any], *arrays: np.ndarray) -> None:
         for s in chunks:
             f(*(a[s] for a in arrays))
 
-    _in_parallel(run, _samples(n, size // n))
+    n = arrays[0].shape[0]
+    _in_parallel(run, _samples(n, arrays[0].size // n))
 
 
 def _span(chunks: list[slice]) -> slice:

@@ -7384,3 +7384,31 @@ def test_relu_in_place_by_chunks_equals_relu(monkeypatch, threads):
         assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
     finally:
         dlfs.set_num_threads(dlfs._threads_from_env())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows"])
+def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads, threads, layout):
+    """ReLU's in-place work runs along the memory of its arrays (a convolution's
+    channel-major output as contiguous rows), in chunks over threads: the same
+    bits as the plain forward and backward, whatever the layout."""
+    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(dlfs, "_ROW", 8)
+    dlfs.set_num_threads(threads)
+    rng = np.random.default_rng(threads)
+    base = rng.standard_normal((3, 5, 8, 6)).astype(np.float32)
+    views = {
+        "channel-major": lambda a: a.transpose(1, 0, 2, 3),
+        "strided": lambda a: a[:, :, ::2, :],  # planes with gaps: no contiguous rows
+        "rows": lambda a: a,
+    }
+    x, x_owned = views[layout](base), views[layout](base.copy())
+    dy = rng.standard_normal(x.shape[::-1]).astype(np.float32).T  # another memory order
+    relu = dlfs.ReLU()
+    y, cache, _ = relu.forward(x)
+    dx, _ = relu.backward(cache, dy)
+    y2, cache2, _ = relu._forward_owned(x_owned)
+    dx2, _ = relu._backward_owned(cache2, dy.copy(order="K"))
+    assert y2 is x_owned  # in place
+    assert np.array_equal(y2, y) and np.array_equal(dx2, dx)
+    assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
