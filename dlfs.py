@@ -1846,11 +1846,13 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return x
 
 
-# Threads.  Convolutions and pools split the batch over a few threads: numpy's
-# loops and OpenBLAS release the GIL, so a second core helps where numpy alone
-# would stay on one.  Work is cut along N only, in pieces fixed by the shapes
-# (never by the thread count), and every sum over the batch adds the same
-# pieces in the same order: results are bit-identical for any thread count.
+# Threads.  Convolutions, pools and in-place ReLUs split their work over a few
+# threads: numpy's loops and OpenBLAS release the GIL, so a second core helps
+# where numpy alone would stay on one.  Work is cut in pieces fixed by the
+# shapes (never by the thread count), each piece taken by whichever thread is
+# free first (on a busy machine, a helper the system runs late finds the work
+# done instead of holding up the step), and every sum over the batch adds the
+# same pieces in the same order: results are bit-identical for any thread count.
 
 
 def _threads_from_env() -> int:
@@ -1903,27 +1905,63 @@ def get_num_threads() -> int:
     return _num_threads
 
 
+class _Tasks:
+    """The groups of one _in_parallel call, each claimed by whichever thread is
+    free next: a helper thread that the system runs late finds the work done
+    and leaves, so no one waits for it."""
+
+    def __init__(self, run: Callable[[list[slice]], Any], groups: list[list[slice]]) -> None:
+        self.run, self.groups = run, groups
+        self.results: list[Any] = [None] * len(groups)
+        self.claimed = self.busy = 0
+        self.errors: list[BaseException] = []
+        self.changed = threading.Condition(threading.Lock())
+
+    def work(self) -> None:
+        """Run unclaimed groups until none is left (or one has failed)."""
+        while True:
+            with self.changed:
+                i = self.claimed
+                if i == len(self.groups) or self.errors:
+                    return
+                self.claimed, self.busy = i + 1, self.busy + 1
+            try:
+                self.results[i] = self.run(self.groups[i])
+            except BaseException as err:  # handed to the caller by finish()
+                self.errors.append(err)
+            finally:
+                with self.changed:
+                    self.busy -= 1
+                    self.changed.notify_all()
+
+    def finish(self) -> list[Any]:
+        """The results in order, once no claimed group is still running."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.busy == 0)
+        if self.errors:
+            raise self.errors[0]
+        return self.results
+
+
 def _in_parallel(
-    run: Callable[[list[slice]], Any], chunks: list[slice], threads: bool = True
+    run: Callable[[list[slice]], Any], groups: list[list[slice]], threads: bool = True
 ) -> list[Any]:
-    """``[run(group) for group in groups]``: the chunks cut into at most
-    get_num_threads() runs of neighbours (one run if not ``threads``), the
-    first run on this thread and the others on the pool's; results in order."""
-    k = min(_num_threads if threads else 1, len(chunks))
+    """``[run(group) for group in groups]``, the groups shared by this thread and
+    up to get_num_threads() - 1 of the pool's (none if not ``threads``), each
+    group taken by the first thread free (see _Tasks); results in order."""
+    k = min(_num_threads if threads else 1, len(groups))
     if k <= 1:
-        return [run(chunks)] if chunks else []
+        return [run(group) for group in groups]
     global _executor
     with _executor_lock:  # callers may be threads themselves
         if _executor is None:
             _executor = concurrent.futures.ThreadPoolExecutor(_num_threads - 1, "dlfs")
         executor = _executor
-    groups = [chunks[i * len(chunks) // k : (i + 1) * len(chunks) // k] for i in range(k)]
-    futures = [executor.submit(run, group) for group in groups[1:]]
-    try:
-        first = run(groups[0])
-    finally:
-        concurrent.futures.wait(futures)  # no thread may still be writing after we return
-    return [first, *(future.result() for future in futures)]
+    tasks = _Tasks(run, groups)
+    for _ in range(k - 1):
+        executor.submit(tasks.work)
+    tasks.work()
+    return tasks.finish()
 
 
 _MIN_CHUNK = 1 << 17  # entries: a thread's share of elementwise work is worth a handoff
@@ -1964,26 +2002,32 @@ def _as_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a.reshape(-1, row) for a in arrays)
 
 
-def _by_rows(f: Callable[..., Any], *arrays: np.ndarray) -> None:
-    """``f(*arrays)`` for elementwise work in place on arrays of one shape, run on
-    views of them in the first one's memory order (see _memory_order), as rows,
-    by chunks of rows that threads share (one call when the arrays are small)."""
-    arrays = _as_rows(*_memory_order(*arrays))
-    if arrays[0].size < 2 * _MIN_CHUNK:
-        f(*arrays)
-        return
-
-    def run(chunks: list[slice]) -> None:
-        for s in chunks:
-            f(*(a[s] for a in arrays))
-
-    n = arrays[0].shape[0]
-    _in_parallel(run, _samples(n, arrays[0].size // n))
-
-
 def _span(chunks: list[slice]) -> slice:
     """The samples a run of neighbouring chunks covers."""
     return slice(chunks[0].start, chunks[-1].stop)
+
+
+def _share_rows(run: Callable[[list[slice]], Any], a: np.ndarray) -> None:
+    """``run(chunks)`` over all of a's leading axis: in one call with one thread or
+    little work, else by chunks of at least _MIN_CHUNK entries that threads take."""
+    n = a.shape[0]
+    if _num_threads == 1 or a.size < 2 * _MIN_CHUNK:
+        run([slice(0, n)])
+    else:
+        _in_parallel(run, [[s] for s in _samples(n, a.size // n)])
+
+
+def _by_rows(f: Callable[..., Any], *arrays: np.ndarray) -> None:
+    """``f(*arrays)`` for elementwise work in place on arrays of one shape, run on
+    views of them in the first one's memory order (see _memory_order), as rows,
+    by chunks of rows that threads share (see _share_rows)."""
+    arrays = _as_rows(*_memory_order(*arrays))
+
+    def run(chunks: list[slice]) -> None:
+        s = _span(chunks)
+        f(*(a[s] for a in arrays))
+
+    _share_rows(run, arrays[0])
 
 
 def _window(
@@ -2143,6 +2187,12 @@ def _blocks(chunks: list[slice], per_sample: int) -> list[list[slice]]:
     return blocks
 
 
+def _conv_blocks(n: int, patch_per_sample: int, c_out: int) -> list[list[slice]]:
+    """A convolution's GEMM chunks (see _gemm_chunks) in blocks of neighbours
+    whose patches fit _BLOCK: the pieces of work that its threads take."""
+    return _blocks(_gemm_chunks(n, c_out * patch_per_sample), patch_per_sample)
+
+
 _scratch_buffers = threading.local()
 
 
@@ -2156,29 +2206,20 @@ def _scratch(name: str, size: int, dtype: np.dtype) -> np.ndarray:
     return buffers[key][:size]
 
 
-class _Patches:
-    """One thread's patch matrices, block by block, in a buffer of its own.
+def _patches(conv: Any, x: np.ndarray, out_hw: tuple[int, int], span: slice) -> np.ndarray:
+    """The patches of samples ``span`` of x as a (C_in*kh*kw, n*Ho*Wo) matrix, in
+    this thread's scratch buffer (good until its next call).
 
     The patches are not kept between forward and backward: backward builds
     them again from x (one more copy pass), block by block in a buffer that
     stays in cache.  Storing them would hold C_in*kh*kw values per output
     position for the whole batch (the largest arrays of a CNN's step).
     """
-
-    def __init__(self, conv: Any, x: np.ndarray, out_hw: tuple, blocks: list) -> None:
-        self.conv, self.x, self.out_hw = conv, x, out_hw
-        self.k = conv.w[0].size
-        self.p = out_hw[0] * out_hw[1]
-        most = max(_span(b).stop - _span(b).start for b in blocks)
-        self.buffer = _scratch("patches", self.k * most * self.p, x.dtype)
-
-    def of(self, span: slice) -> np.ndarray:
-        """The patches of samples ``span`` as a (C_in*kh*kw, n*Ho*Wo) matrix."""
-        n = span.stop - span.start
-        c, kernel = self.x.shape[1], self.conv.kernel_size
-        cols = self.buffer[: self.k * n * self.p].reshape(c, *kernel, n, *self.out_hw)
-        _im2col_into(cols, self.x[span], self.conv.stride, self.conv.padding)
-        return cols.reshape(self.k, n * self.p)
+    n, k, p = span.stop - span.start, conv.w[0].size, out_hw[0] * out_hw[1]
+    cols = _scratch("patches", k * n * p, x.dtype)
+    cols = cols.reshape(x.shape[1], *conv.kernel_size, n, *out_hw)
+    _im2col_into(cols, x[span], conv.stride, conv.padding)
+    return cols.reshape(k, n * p)
 
 
 def _local(s: slice, span: slice, p: int) -> slice:
@@ -2196,18 +2237,15 @@ def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarr
     w2, bias = conv.w.reshape(f, -1), conv.b[:, None]
     y = np.empty((f, n * p), dtype=x.dtype)
 
-    def run(chunks: list[slice]) -> None:
-        blocks = _blocks(chunks, w2.shape[1] * p)
-        patches = _Patches(conv, x, out_hw, blocks)
-        for block in blocks:
-            span = _span(block)
-            cols = patches.of(span)
-            for s in block:
-                out = y[:, s.start * p : s.stop * p]
-                np.matmul(w2, cols[:, _local(s, span, p)], out=out)
-                out += bias
+    def run(block: list[slice]) -> None:
+        span = _span(block)
+        cols = _patches(conv, x, out_hw, span)
+        for s in block:
+            out = y[:, s.start * p : s.stop * p]
+            np.matmul(w2, cols[:, _local(s, span, p)], out=out)
+            out += bias
 
-    _in_parallel(run, _gemm_chunks(n, w2.size * p), _small_gemms(w2.size * p))
+    _in_parallel(run, _conv_blocks(n, w2.shape[1] * p, f), _small_gemms(w2.size * p))
     return y
 
 
@@ -2227,33 +2265,22 @@ def _conv_backward(
     dy_mat = dy.transpose(1, 0, 2, 3).reshape(f, n * p)  # a view if dy is channel-major
     dx = np.zeros((c, n, *x.shape[2:]), dtype=dy.dtype) if with_dx else None
 
-    def run(chunks: list[slice]) -> list[np.ndarray]:
-        blocks = _blocks(chunks, w2.shape[1] * p)
-        patches = _Patches(conv, x, out_hw, blocks)
-        dcols = None if dx is None else _scratch("dcols", patches.buffer.size, dy.dtype)
+    def run(block: list[slice]) -> list[np.ndarray]:
+        span = _span(block)
+        cols = _patches(conv, x, out_hw, span)
         shares = []
-        for block in blocks:
-            span = _span(block)
-            cols = patches.of(span)
+        for s in block:
+            dy_part = dy_mat[:, s.start * p : s.stop * p]
+            shares.append(cols[:, _local(s, span, p)] @ dy_part.T)  # (C_in kh kw, C_out)
+        if dx is not None:
+            dc = _scratch("dcols", cols.size, dy.dtype).reshape(cols.shape)
             for s in block:
-                dy_part = dy_mat[:, s.start * p : s.stop * p]
-                shares.append(cols[:, _local(s, span, p)] @ dy_part.T)  # (C_in kh kw, C_out)
-            if dcols is not None:
-                dc = dcols[: cols.size].reshape(cols.shape)
-                for s in block:
-                    np.matmul(
-                        w2.T, dy_mat[:, s.start * p : s.stop * p], out=dc[:, _local(s, span, p)]
-                    )
-                _col2im_add(
-                    dx,
-                    dc.reshape(c, *conv.kernel_size, -1, *out_hw),
-                    span,
-                    conv.stride,
-                    conv.padding,
-                )
+                np.matmul(w2.T, dy_mat[:, s.start * p : s.stop * p], out=dc[:, _local(s, span, p)])
+            dc_6d = dc.reshape(c, *conv.kernel_size, -1, *out_hw)
+            _col2im_add(dx, dc_6d, span, conv.stride, conv.padding)
         return shares
 
-    runs = _in_parallel(run, _gemm_chunks(n, w2.size * p), _small_gemms(w2.size * p))
+    runs = _in_parallel(run, _conv_blocks(n, w2.shape[1] * p, f), _small_gemms(w2.size * p))
     dw = np.zeros((w2.shape[1], f), dtype=dy.dtype)
     for share in (share for shares_of_run in runs for share in shares_of_run):
         dw += share  # in chunk order, whatever the threads
@@ -2457,6 +2484,21 @@ def _first_argmax(pool: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return arg
 
 
+def _planes(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(N, C, H, W) arrays as (C, N, H, W) views when the first is channel-major (a
+    convolution's output): the same planes, with the axis that chunks cut along
+    outermost in memory (cutting a channel-major batch by samples halves the
+    speed of numpy's loops)."""
+    if abs(arrays[0].strides[1]) > abs(arrays[0].strides[0]):
+        return tuple(a.transpose(1, 0, 2, 3) for a in arrays)
+    return arrays
+
+
+def _at(arrays: Sequence[np.ndarray], s: slice) -> np.ndarray | None:
+    """arrays[0][s], or None for no array."""
+    return arrays[0][s] if arrays else None
+
+
 @attrs.frozen(eq=False, repr=False)
 class MaxPool2D(_NoParams):
     """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
@@ -2482,12 +2524,14 @@ class MaxPool2D(_NoParams):
         windows = [view for _, view in _pool_windows(self, x)]
         y = np.empty_like(windows[0])  # x's memory layout, for fast loops
         arg = np.empty_like(y, dtype=_arg_dtype(self)) if ctx.train else None
+        planes = _planes(*windows, y, *(() if arg is None else (arg,)))
+        k = len(windows)
 
         def run(chunks: list[slice]) -> None:
             s = _span(chunks)
-            _max_into([view[s] for view in windows], y[s], None if arg is None else arg[s])
+            _max_into([view[s] for view in planes[:k]], planes[k][s], _at(planes[k + 1 :], s))
 
-        _in_parallel(run, _samples(x.shape[0], math.prod(x.shape[1:])))
+        _share_rows(run, planes[0])
         return y, (x, y, arg), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
@@ -2498,21 +2542,22 @@ class MaxPool2D(_NoParams):
             d % s == 0 for d, s in zip(x.shape[2:], self.size)
         )  # every input in exactly one window: each dx entry is written once
         dx = (np.empty_like if tiled else np.zeros_like)(x, dtype=dy.dtype)
+        xp, yp, dyp, dxp, *argp = _planes(x, y, dy, dx, *(() if arg is None else (arg,)))
 
         def run(chunks: list[slice]) -> None:
             s = _span(chunks)
-            first = _first_argmax(self, x[s], y[s]) if arg is None else arg[s]
+            first = _first_argmax(self, xp[s], yp[s]) if arg is None else argp[0][s]
             hit = np.empty_like(first, dtype=bool)
             g = np.empty_like(first, dtype=dy.dtype)  # dy in y's layout: fast loops
-            g[...] = dy[s]
-            for k, dview in _pool_windows(self, dx[s]):
+            g[...] = dyp[s]
+            for k, dview in _pool_windows(self, dxp[s]):
                 np.equal(first, k, out=hit)
                 if tiled:
                     np.multiply(g, hit, out=dview)
                 else:
                     dview += g * hit
 
-        _in_parallel(run, _samples(x.shape[0], math.prod(x.shape[1:])))
+        _share_rows(run, xp)
         return dx, ()
 
 

@@ -7412,3 +7412,33 @@ def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads,
     assert y2 is x_owned  # in place
     assert np.array_equal(y2, y) and np.array_equal(dx2, dx)
     assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
+
+
+def test_in_parallel_runs_each_group_once_results_in_order(restore_threads):
+    """Threads claim groups as they come free: every group runs exactly once, the
+    results come back in group order, an error reaches the caller, and the pool
+    still works after it; without ``threads`` all runs on the calling thread."""
+    dlfs.set_num_threads(3)
+    groups = [[slice(i, i + 1)] for i in range(24)]
+    seen: list[int] = []
+
+    def run(group: list[slice]) -> int:
+        seen.append(group[0].start)
+        time.sleep(0.0005)
+        return 2 * group[0].start
+
+    assert dlfs._in_parallel(run, groups) == [2 * i for i in range(24)]
+    assert sorted(seen) == list(range(24))
+
+    def fails(group: list[slice]) -> int:
+        if group[0].start == 5:
+            raise KeyError("boom")
+        return 0
+
+    with pytest.raises(KeyError, match="boom"):
+        dlfs._in_parallel(fails, groups)
+    assert dlfs._in_parallel(run, groups[:3]) == [0, 2, 4]
+    caller = threading.get_ident()
+    assert dlfs._in_parallel(lambda g: threading.get_ident(), groups, threads=False) == [
+        caller
+    ] * len(groups)
