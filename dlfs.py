@@ -854,19 +854,30 @@ class ReLU(_NoParams):
     # else holds (a Dense's fresh output, a gradient just made), so no new array.
 
     def _forward_owned(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, ReLU]:
-        def relu(x: np.ndarray) -> None:
+        if x.size < _MIN_CHUNK and x.flags.c_contiguous:  # small: at once
             np.maximum(x, np.zeros(x.shape[1:], x.dtype), out=x)
-
-        _by_rows(relu, x)
+        else:
+            _by_rows(_relu_rows, x)
         return x, x, self
 
     def _backward_owned(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        def mask(dy: np.ndarray, y: np.ndarray) -> None:
-            above = _scratch("mask", y.size, np.dtype(bool)).reshape(y.shape)
-            np.multiply(dy, np.greater(y, 0, out=above), out=dy)
-
-        _by_rows(mask, dy, cache)
+        if dy.size < _MIN_CHUNK and dy.flags.c_contiguous:
+            np.multiply(dy, cache > 0, out=dy)
+        else:
+            _by_rows(_relu_mask_rows, dy, cache)
         return dy, ()
+
+
+def _relu_rows(x: np.ndarray) -> None:
+    """x = max(x, 0) in place, against a zero row (numpy's SIMD loop, 2-3x faster
+    than against the scalar)."""
+    np.maximum(x, np.zeros(x.shape[1:], x.dtype), out=x)
+
+
+def _relu_mask_rows(dy: np.ndarray, y: np.ndarray) -> None:
+    """dy *= (y > 0) in place, the mask in this thread's scratch buffer."""
+    above = _scratch("mask", y.size, np.dtype(bool)).reshape(y.shape)
+    np.multiply(dy, np.greater(y, 0, out=above), out=dy)
 
 
 @attrs.frozen(eq=False, repr=False)
