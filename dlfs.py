@@ -350,10 +350,15 @@ def _replace(record: Any, changes: dict[str, Any]) -> Any:
     old ones' shapes and dtypes); the other fields are shared.  Per step, where
     the checked constructor would cost more than the arithmetic of a small net."""
     new = object.__new__(type(record))
-    for field in attrs.fields(type(record)):
-        name = field.name
+    for name in _field_names(type(record)):
         object.__setattr__(new, name, changes[name] if name in changes else getattr(record, name))
     return new
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The names of an attrs class's fields, in order."""
+    return tuple(field.name for field in attrs.fields(cls))
 
 
 def _is_own(obj: Any) -> bool:
@@ -2666,12 +2671,19 @@ class MeanSquaredError:
         return loss, diff
 
 
+@functools.cache
+def _unsigned(dtype: np.dtype) -> np.dtype:
+    """The unsigned integer dtype of an integer dtype's size and byte order."""
+    return np.dtype(dtype.str.replace("i", "u"))
+
+
 def _check_labels(target: np.ndarray, n: int, k: int) -> None:
-    """Integer labels (N,) in [0, K): one pass, the largest label read as unsigned
-    (a negative one reads as a huge number), then the message from min and max."""
+    """Integer labels (N,) in [0, K): one pass, the labels read as unsigned (a
+    negative one reads as a huge number) counted where >= K (cheaper than a
+    ufunc reduction on a small batch), then the message from min and max."""
     if target.shape != (n,):
         _check_shape("target", target, (n,))
-    if n and np.maximum.reduce(target.view(target.dtype.str.replace("i", "u"))) >= k:
+    if n and np.count_nonzero(np.greater_equal(target.view(_unsigned(target.dtype)), k)):
         raise ValueError(
             f"labels must be in [0, {k}), got values in [{target.min()}, {target.max()}]"
         )
@@ -4288,17 +4300,15 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
             raise _non_finite("a gradient or parameter", state)
         _, grads, _ = _shard_loss_and_grads(state.net, x, y, _rank_key(state, rank, size))
         raise _non_finite("a gradient" if not _all_finite(grads) else "the parameters", state)
-    new = TrainState(
-        new_net._renew(params) if fits else new_net.with_params(params),
-        opt,
-        opt_state,
-        state.key,
-        state.step + 1,
-        state.loss_sum + loss * n,
-        state.seen + n,
-    )
-    object.__setattr__(new, "_fits", fits or _own_parts(new_net, opt))  # its state fits now
-    return new
+    changes = {
+        "net": new_net._renew(params) if fits else new_net.with_params(params),
+        "opt_state": opt_state,
+        "step": state.step + 1,
+        "loss_sum": state.loss_sum + loss * n,
+        "seen": state.seen + n,
+        "_fits": fits or _own_parts(new_net, opt),  # its state fits now
+    }
+    return _replace(state, changes)  # the key and optimizer as they were (checked)
 
 
 def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> TrainState:
