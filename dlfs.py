@@ -2463,6 +2463,27 @@ def _arg_dtype(pool: Any) -> type:
     return np.uint8 if pool.size[0] * pool.size[1] <= 256 else np.intp
 
 
+def _samples_in(s: slice, per_sample: int, most: int) -> list[slice]:
+    """Slices of the samples ``s`` of at most ``most`` entries (``per_sample``
+    each), one sample at least."""
+    rows = max(1, most // max(per_sample, 1))
+    return [slice(i, min(i + rows, s.stop)) for i in range(s.start, s.stop, rows)]
+
+
+def _tiled_windows(pool: Any, x: np.ndarray) -> np.ndarray:
+    """The windows of a pool whose stride is its size, deinterleaved from x
+    (N, C, H, W) into this thread's scratch buffer as (kh*kw, N, C, Ho, Wo): a
+    contiguous plane per window offset, row-major (numpy's loops run 1.5-2x
+    faster on them than on the strided views; the copy costs less)."""
+    (kh, kw), (n, c) = pool.size, x.shape[:2]
+    ho, wo = _pool_output_shape(pool, x.shape[1:])[1:]
+    planes = _scratch("windows", kh * kw * n * c * ho * wo, x.dtype)
+    planes = planes.reshape(kh, kw, n, c, ho, wo)
+    tiles = x[:, :, : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw)
+    np.copyto(planes, tiles.transpose(3, 5, 0, 1, 2, 4))
+    return planes.reshape(kh * kw, n, c, ho, wo)
+
+
 def _max_into(windows: list[np.ndarray], y: np.ndarray, arg: np.ndarray | None) -> None:
     """y = the elementwise max of the windows' views; with ``arg``, also the
     offset of each window's first maximum: a later offset k takes over only
@@ -2537,17 +2558,21 @@ class MaxPool2D(_NoParams):
         window's first maximum, noted while taking the max; in evaluation mode
         it is None and backward finds it from x and y."""
         _check_images(x)
-        windows = [view for _, view in _pool_windows(self, x)]
-        y = np.empty_like(windows[0])  # x's memory layout, for fast loops
+        y = np.empty_like(next(_pool_windows(self, x))[1])  # x's memory layout: fast loops
         arg = np.empty_like(y, dtype=_arg_dtype(self)) if ctx.train else None
-        planes = _planes(*windows, y, *(() if arg is None else (arg,)))
-        k = len(windows)
+        xp, yp, *argp = _planes(x, y, *(() if arg is None else (arg,)))
+        tiled = self.stride == self.size  # windows side by side: deinterleave them
 
         def run(chunks: list[slice]) -> None:
             s = _span(chunks)
-            _max_into([view[s] for view in planes[:k]], planes[k][s], _at(planes[k + 1 :], s))
+            if not tiled:
+                windows = [view for _, view in _pool_windows(self, xp[s])]
+                _max_into(windows, yp[s], _at(argp, s))
+                return
+            for b in _samples_in(s, math.prod(yp.shape[1:]) * len(_offsets(self.size)), _BLOCK):
+                _max_into(_tiled_windows(self, xp[b]), yp[b], _at(argp, b))
 
-        _share_rows(run, planes[0])
+        _share_rows(run, xp)
         return y, (x, y, arg), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:

@@ -7442,3 +7442,34 @@ def test_in_parallel_runs_each_group_once_results_in_order(restore_threads):
     assert dlfs._in_parallel(lambda g: threading.get_ident(), groups, threads=False) == [
         caller
     ] * len(groups)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["channel-major", "rows"])
+@pytest.mark.parametrize("size", [2, (2, 3), 3])
+def test_tiled_max_pool_equals_a_plain_reference(
+    monkeypatch, restore_threads, threads, layout, size
+):
+    """A pool whose stride is its size deinterleaves its windows (by blocks, over
+    threads): its max and its first-maximum offsets are numpy's max and argmax
+    over each window, ties included, incomplete windows dropped."""
+    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 32)
+    monkeypatch.setattr(dlfs, "_BLOCK", 64)
+    dlfs.set_num_threads(threads)
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 3, (4, 5, 7, 8)).astype(np.float32)  # many ties
+    x = base.transpose(1, 0, 2, 3) if layout == "channel-major" else base
+    before = x.copy()
+    pool = dlfs.MaxPool2D(size)
+    y, (_, _, arg), _ = pool.forward(x, dlfs.train_context(0))
+    (kh, kw), (ho, wo) = pool.size, y.shape[2:]
+    tiles = x[:, :, : ho * kh, : wo * kw].reshape(*x.shape[:2], ho, kh, wo, kw)
+    windows = tiles.transpose(0, 1, 2, 4, 3, 5).reshape(*y.shape, kh * kw)
+    assert y.dtype == x.dtype and np.array_equal(y, windows.max(axis=-1))
+    assert np.array_equal(arg, windows.argmax(axis=-1))
+    assert np.array_equal(x, before)
+    y_eval, cache, _ = pool.forward(x)  # no offsets noted: backward finds them
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, _ = pool.backward(cache, dy)
+    dx_train, _ = pool.backward((x, y, arg), dy)
+    assert np.array_equal(y_eval, y) and dx.tobytes() == dx_train.tobytes()
