@@ -8,6 +8,7 @@ Gradients are checked against central differences in float64.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import decimal
 import errno
@@ -7473,3 +7474,66 @@ def test_tiled_max_pool_equals_a_plain_reference(
     dx, _ = pool.backward(cache, dy)
     dx_train, _ = pool.backward((x, y, arg), dy)
     assert np.array_equal(y_eval, y) and dx.tobytes() == dx_train.tobytes()
+
+
+def _small_cnn_state(key: int = 0) -> dlfs.TrainState:
+    specs = [
+        dlfs.conv2d(3, 3, padding="same", activation=dlfs.ReLU()),
+        dlfs.MaxPool2D(2),
+        dlfs.conv2d(4, 3, padding=1, activation=dlfs.ReLU()),
+        dlfs.MaxPool2D(2, stride=1),
+        dlfs.Flatten(),
+        dlfs.dense(3),
+    ]
+    net = dlfs.network(key, (2, 8, 8), specs, dlfs.SoftmaxCrossEntropy(), dtype=np.float32)
+    return dlfs.TrainState.create(net, dlfs.SGD(0.1), key=key)
+
+
+def test_recycled_step_buffers_change_no_bit_and_never_reach_the_caller(monkeypatch):
+    """A step on a state known to fit takes its conv and pool arrays from the
+    buffers of the step before: the same bits as fresh arrays, and none of the
+    buffers is shared with anything a step returns."""
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.standard_normal((5, 2, 8, 8)).astype(np.float32), rng.integers(0, 3, 5))
+        for _ in range(4)
+    ]
+    states, ids = [_small_cnn_state()], []
+    for batch in batches:
+        states.append(dlfs.train_step(states[-1], batch))
+        ids.append({id(a) for pool in dlfs._step_buffers.last.values() for a in pool})
+    assert ids[-1] and ids[-1] == ids[-2]  # the same buffers, step after step
+    kept = [a for pool in dlfs._step_buffers.last.values() for a in pool]
+    for state in states:
+        for p in (p for layer in state.net.params() for p in layer):
+            assert not p.flags.writeable
+            assert not any(np.shares_memory(p, a) for a in kept)
+    monkeypatch.setattr(dlfs, "_recycling", contextlib.nullcontext)
+    fresh = functools.reduce(dlfs.train_step, batches, _small_cnn_state())
+    recycled = states[-1].net.params()
+    for a, b in zip(_leaves(fresh.net.params()), _leaves(recycled), strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert fresh.loss_sum == states[-1].loss_sum
+
+
+def _leaves(params: tuple) -> list[np.ndarray]:
+    return [p for layer in params for p in layer]
+
+
+def test_new_array_hands_out_only_buffers_no_one_holds():
+    with dlfs._recycling():
+        a = dlfs._new_array((3, 4), np.dtype(np.float64))
+    view = a[1:]
+    del a
+    with dlfs._recycling():
+        b = dlfs._new_array((3, 4), np.dtype(np.float64))
+        assert not np.shares_memory(b, view)  # a is still seen through the view
+    b_id = id(b)
+    del b, view
+    with dlfs._recycling():
+        assert id(dlfs._new_array((3, 4), np.dtype(np.float64))) == b_id  # free now
+        outer = dlfs._step_buffers.used
+        with dlfs._recycling():  # a step within a step: the outer one recycles
+            assert dlfs._step_buffers.used is outer
+        assert dlfs._step_buffers.used is outer
+    assert dlfs._step_buffers.used is None
