@@ -2231,8 +2231,9 @@ def _scratch(name: str, size: int, dtype: np.dtype) -> np.ndarray:
 
 
 class _StepBuffers(threading.local):
-    """This thread's buffers: ``last`` from the previous step, by (shape, dtype);
-    ``used`` handed out in the current one (None outside a step)."""
+    """This thread's buffers: ``last`` from the previous step, by (shape, dtype),
+    kept until the next step, or the end of train_epoch or fit; ``used`` handed
+    out in the current step (None outside a step)."""
 
     def __init__(self) -> None:
         self.last: dict[tuple, list[np.ndarray]] = {}
@@ -2258,6 +2259,12 @@ def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         a = np.empty(shape, dtype)
     buffers.used.append(a)
     return a
+
+
+def _let_go_step_buffers() -> None:
+    """Drop this thread's buffers of the last step (at the end of an epoch or a
+    fit, so that memory does not stay taken after training)."""
+    _step_buffers.last = {}
 
 
 @contextlib.contextmanager
@@ -4429,7 +4436,10 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
 def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> TrainState:
     """``functools.reduce(train_step, batches, state)`` with the epoch's loss reset."""
     start = attrs.evolve(state, loss_sum=0.0, seen=0)
-    return functools.reduce(train_step, batches, start)
+    try:
+        return functools.reduce(train_step, batches, start)
+    finally:
+        _let_go_step_buffers()
 
 
 def data_parallel_step(
@@ -5478,6 +5488,7 @@ def fit(
         try:
             run = _fit_loop(run, plan, bar)
         finally:
+            _let_go_step_buffers()
             if bar is not None:
                 bar.close()
         return _fit_result(run, plan)

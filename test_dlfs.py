@@ -7514,6 +7514,8 @@ def test_recycled_step_buffers_change_no_bit_and_never_reach_the_caller(monkeypa
     for a, b in zip(_leaves(fresh.net.params()), _leaves(recycled), strict=True):
         assert a.tobytes() == b.tobytes()
     assert fresh.loss_sum == states[-1].loss_sum
+    dlfs.train_epoch(states[0], batches[:2])
+    assert not dlfs._step_buffers.last  # an epoch lets its buffers go at its end
 
 
 def _leaves(params: tuple) -> list[np.ndarray]:
