@@ -2143,22 +2143,35 @@ def _small_gemms(per_sample: int) -> bool:
     return per_sample <= _GEMM_SMALL
 
 
+def _flat_planes(a: np.ndarray) -> np.ndarray:
+    """(C, n, H, W) as (C, n*H*W), a view, when each channel's n planes lie one after
+    the other in memory (a channel-major batch, or one channel), else as (C, n, H*W).
+
+    On a "same" grid a kernel offset moves every entry by one flat shift: along
+    a whole channel, an entry that the shift carries across a row's or a
+    sample's edge is one that reads padding, which is zeroed afterwards (or
+    before, for gradients), so one long copy or add serves all n samples."""
+    c, n, h, w = a.shape
+    try:
+        return np.reshape(a, (c, n * h * w), copy=False)
+    except ValueError:
+        return a.reshape(c, n, h * w)
+
+
 def _im2col_into(cols: np.ndarray, x: np.ndarray, stride: tuple[int, int], pads: Pads) -> None:
     """Write the patches of x (n, C, H, W), zero-padded by ``pads``, into cols
     (C, kh, kw, n, Ho, Wo): one copy per kernel offset straight from x (no
     padded copy of x), then the entries that fall on the padding are zeroed.
-    On a "same" grid each copy is a flat shift of whole planes (long
-    contiguous runs); otherwise a strided copy of the overlap."""
+    On a "same" grid each copy is a flat shift of whole planes (see
+    _flat_planes); otherwise a strided copy of the overlap."""
     kernel, out_hw, (h, w) = cols.shape[1:3], cols.shape[4:], x.shape[2:]
     xc = x.transpose(1, 0, 2, 3)  # channel-major view
-    same = _same_grid((h, w), out_hw, stride)
-    flat_x = xc.reshape(*xc.shape[:2], h * w) if same else None
-    flat_cols = cols.reshape(*cols.shape[:4], -1)  # a view: cols is contiguous
+    flat_x = _flat_planes(xc) if _same_grid((h, w), out_hw, stride) else None
     for i, j, (oh, ow), (ih, iw) in _offset_overlaps((h, w), out_hw, kernel, stride, pads):
         rows = cols[:, i, j]
         if flat_x is not None:
-            a, b = _shifted(h * w, (i - pads[0][0]) * w + (j - pads[1][0]))
-            flat_cols[:, i, j, :, a] = flat_x[..., b]
+            a, b = _shifted(flat_x.shape[-1], (i - pads[0][0]) * w + (j - pads[1][0]))
+            np.reshape(rows, flat_x.shape, copy=False)[..., a] = flat_x[..., b]
         else:
             rows[:, :, oh, ow] = xc[:, :, ih, iw]
         _zero_outside(rows, oh, ow)
@@ -2170,16 +2183,17 @@ def _col2im_add(
     """Add patch gradients dcols (C, kh, kw, n, Ho, Wo) of samples ``batch``
     onto the input positions they came from in dx (C, N, H, W), dropping the
     padding's share: one add per kernel offset (no np.add.at), a flat shift of
-    whole planes on a "same" grid (the padding's share zeroed in dcols first)."""
+    all the block's planes on a "same" grid (the padding's share zeroed in dcols
+    first, see _flat_planes)."""
     kernel, out_hw, (h, w) = dcols.shape[1:3], dcols.shape[4:], dx.shape[2:]
     same = _same_grid((h, w), out_hw, stride)
-    flat_dx = dx.reshape(*dx.shape[:2], h * w)[:, batch] if same else None
+    flat_dx = np.reshape(dx[:, batch], (dx.shape[0], -1), copy=False) if same else None
     for i, j, (oh, ow), (ih, iw) in _offset_overlaps((h, w), out_hw, kernel, stride, pads):
         part = dcols[:, i, j]
         if flat_dx is not None:
             _zero_outside(part, oh, ow)
-            a, b = _shifted(h * w, (i - pads[0][0]) * w + (j - pads[1][0]))
-            flat_dx[..., b] += part.reshape(*part.shape[:2], h * w)[..., a]
+            a, b = _shifted(flat_dx.shape[-1], (i - pads[0][0]) * w + (j - pads[1][0]))
+            flat_dx[:, b] += part.reshape(flat_dx.shape)[:, a]
         else:
             dx[:, batch, ih, iw] += part[:, :, oh, ow]
 

@@ -7539,3 +7539,24 @@ def test_new_array_hands_out_only_buffers_no_one_holds():
             assert dlfs._step_buffers.used is outer
         assert dlfs._step_buffers.used is outer
     assert dlfs._step_buffers.used is None
+
+
+@pytest.mark.parametrize("padding", ["same", 1, ((0, 2), (1, 0))])
+def test_conv_on_a_channel_major_batch_equals_conv_on_its_copy(monkeypatch, padding):
+    """A channel-major input (a pool's output) takes the flat-shift im2col and
+    col2im over whole blocks of samples; a C-ordered copy takes them sample by
+    sample: the same patches, so the same bits, forward and backward."""
+    monkeypatch.setattr(dlfs, "_BLOCK", 3 * 2 * 9 * 42)  # blocks of three samples
+    conv = dlfs.Conv2D.init(2, 2, 3, 3, padding=padding, bias_init=dlfs.normal)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 7, 6, 7)).astype(np.float32).transpose(1, 0, 2, 3)
+    x_copy = np.ascontiguousarray(x)
+    y, cache, _ = conv.forward(x)
+    y2, cache2, _ = conv.forward(x_copy)
+    assert y.tobytes() == y2.tobytes()
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    (dx, grads), (dx2, grads2) = conv.backward(cache, dy), conv.backward(cache2, dy)
+    assert dx.tobytes() == dx2.tobytes()
+    assert all(g.tobytes() == g2.tobytes() for g, g2 in zip(grads, grads2, strict=True))
+    ref = _conv_reference(x_copy.astype(np.float64), conv.w, conv.b, conv.stride, conv.padding)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
