@@ -1508,6 +1508,8 @@ class _Recurrent(_ArrayRecord):
         _check_input("x", x, (None, "T", self.n_in), self.w_hh.dtype)
         if x.shape[1] == 0:
             raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x must have at least one sequence, got shape {x.shape}")
 
     def _scan(self, x: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple, tuple]:
         """The input projection of all steps at once (one GEMM per gate), then the

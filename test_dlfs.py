@@ -5235,6 +5235,9 @@ def test_recurrent_bad_input():
         lstm.forward(x.astype(np.int64))
     with pytest.raises(ValueError, match="x must have at least one time step"):
         lstm.forward(np.zeros((2, 0, 3), np.float32))
+    for layer in (lstm, dlfs.GRU.init(0, 3, 4), dlfs.RNN.init(0, 3, 4, return_sequences=True)):
+        with pytest.raises(ValueError, match="x must have at least one sequence"):
+            layer.forward(np.zeros((0, 5, 3), np.float32))
     with pytest.raises(TypeError, match=r"state of an LSTM must be a pair \(h, c\)"):
         lstm.scan(x, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"state\[1\] must have shape \(2, 4\)"):
