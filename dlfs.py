@@ -10,6 +10,60 @@ Conventions: ``N`` is the batch size; shapes in docstrings are for one call.
 Where Seth Weidman's *Deep Learning from Scratch* defines something (MSE,
 the Trainer's early stopping) dlfs follows the book; elsewhere it matches
 PyTorch's documented numbers.
+
+The file reads top to bottom in sections, each opened by a one-line
+``# ---- name`` banner; the public names of each, in the order this
+reference lists them:
+
+1. **validation**: the private checks behind every error message.
+2. **randomness**: `split`, `make_rng`, `Context`, `EVAL`, `train_context`.
+3. **display**: private helpers for reprs and HTML tables.
+4. **initializers**: `Initializer`, `normal`, `zeros`, `glorot_normal`,
+   `glorot_uniform`, `he_normal`, `he_uniform`, `orthogonal`.
+5. **layers**: the `Layer` protocol, `Dense`, `Linear`, `Sigmoid`, `Tanh`,
+   `ReLU`, `LeakyReLU`, `ELU`, `GELU`, `SiLU`, `Softmax`, `Dropout`,
+   `Flatten`, `BatchNorm`.
+6. **sequences: embedding and recurrent layers**: `Embedding`, `RNN`,
+   `LSTM`, `GRU`.
+7. **convolutions and pools**: `set_num_threads`, `get_num_threads`,
+   `Conv2D`, `MaxPool2D`, `AvgPool2D`.
+8. **losses**: the `Loss` protocol, `MeanSquaredError`,
+   `SoftmaxCrossEntropy`, `BinaryCrossEntropy`.
+9. **networks**: the `LayerSpec` protocol, `DenseSpec`, `dense`,
+   `Conv2DSpec`, `conv2d`, `batch_norm`, `embedding`, `rnn`, `lstm`, `gru`,
+   `Summary`, `Network`, `network`.
+10. **optimizers and schedules**: the `Schedule` protocol, `Constant`,
+    `StepDecay`, `ExponentialDecay`, `LinearDecay`, `CosineDecay`; the
+    `Optimizer` protocol, `OptState`, `SGD`, `Momentum`, `Nesterov`,
+    `AdaGrad`, `RMSProp`, `Adam`, `AdamW`; the `GradientTransform` and
+    `Constraint` protocols, `ClipByGlobalNorm`, `WeightDecay`, the `Comm`
+    protocol, `AllReduce`, `MaxNorm`, `Chain`, `chain`.
+11. **training**: `NonFiniteError`, `TrainState`, `shard`, `train_step`,
+    `train_epoch`, `data_parallel_step`, `global_mean_loss`, `sync_state`,
+    `StopTraining`, `EpochRecord`, `History`, the `ProgressBar` and
+    `ProgressFactory` protocols, `fit`.
+12. **metrics**: the `Metric` protocol, `mae`, `rmse`, `accuracy`,
+    `binary_accuracy`, `confusion_matrix`.
+13. **data utilities**: `to_2d`, `one_hot`, `permute`, `batches`,
+    `load_mnist`.
+14. **gradient checks**: `GradientCheckError`, `check_grads`,
+    `check_layer`, `check_loss`.
+15. **save/load** (checkpoints): `Checkpoint`, `save`, `load`.
+
+Type aliases in signatures: ``Key = tuple[int, ...]`` (an int seed is
+accepted wherever a key is), ``Params = tuple[np.ndarray, ...]`` (one
+layer's arrays, in ``params()`` order), ``NetParams = tuple[Params, ...]``
+(one tuple per layer).
+
+The examples in the docstrings run as doctests with the test suite
+(``python -m pytest``); they assume ``import numpy as np`` and ``import dlfs``:
+
+>>> x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(4, 2)
+>>> net = dlfs.network(0, 2, [dlfs.dense(3, dlfs.Tanh()), dlfs.dense(1)], dlfs.MeanSquaredError())
+>>> net
+Network((2,) -> (1,), 3 layers, 13 params, float32, MeanSquaredError)
+>>> net.predict(x).shape
+(4, 1)
 """
 
 from __future__ import annotations
@@ -28,116 +82,142 @@ import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeGuard, TypeVar, runtime_checkable
 
 import attrs
 import numpy as np
+from numpy.typing import DTypeLike
 
 __version__ = "0.1.0"
 
 if not hasattr(attrs, "Converter"):  # attrs.Converter(takes_self=...) arrived in attrs 24.1
     raise ImportError(f"dlfs needs attrs >= 24.1, found {attrs.__version__}")
 
+# In the order of the file's sections (the API reference follows this order).
 __all__ = [
-    "EVAL",
-    "SGD",
-    "AdaGrad",
-    "Adam",
-    "AdamW",
-    "AllReduce",
-    "AvgPool2D",
-    "BatchNorm",
-    "BinaryCrossEntropy",
-    "Chain",
-    "Checkpoint",
-    "ClipByGlobalNorm",
-    "Constant",
+    "__version__",
+    # randomness
+    "split",
+    "make_rng",
     "Context",
-    "Conv2D",
-    "Conv2DSpec",
-    "CosineDecay",
-    "Dense",
-    "DenseSpec",
-    "Dropout",
-    "ELU",
-    "Embedding",
-    "EpochRecord",
-    "ExponentialDecay",
-    "Flatten",
-    "GELU",
-    "GRU",
-    "GradientCheckError",
-    "History",
-    "LSTM",
+    "EVAL",
+    "train_context",
+    # initializers
+    "Initializer",
+    "normal",
+    "zeros",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "orthogonal",
+    # layers
     "Layer",
-    "LeakyReLU",
+    "Dense",
     "Linear",
-    "LinearDecay",
-    "MaxNorm",
+    "Sigmoid",
+    "Tanh",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "GELU",
+    "SiLU",
+    "Softmax",
+    "Dropout",
+    "Flatten",
+    "BatchNorm",
+    # sequences: embedding and recurrent layers
+    "Embedding",
+    "RNN",
+    "LSTM",
+    "GRU",
+    # convolutions and pools
+    "set_num_threads",
+    "get_num_threads",
+    "Conv2D",
     "MaxPool2D",
+    "AvgPool2D",
+    # losses
+    "Loss",
     "MeanSquaredError",
+    "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy",
+    # networks
+    "LayerSpec",
+    "DenseSpec",
+    "dense",
+    "Conv2DSpec",
+    "conv2d",
+    "batch_norm",
+    "embedding",
+    "rnn",
+    "lstm",
+    "gru",
+    "Summary",
+    "Network",
+    "network",
+    # optimizers and schedules
+    "Schedule",
+    "Constant",
+    "StepDecay",
+    "ExponentialDecay",
+    "LinearDecay",
+    "CosineDecay",
+    "Optimizer",
+    "OptState",
+    "SGD",
     "Momentum",
     "Nesterov",
-    "Network",
-    "NonFiniteError",
-    "OptState",
+    "AdaGrad",
     "RMSProp",
-    "RNN",
-    "ReLU",
-    "SiLU",
-    "Sigmoid",
-    "Softmax",
-    "SoftmaxCrossEntropy",
-    "StepDecay",
-    "StopTraining",
-    "Summary",
-    "Tanh",
-    "TrainState",
+    "Adam",
+    "AdamW",
+    "GradientTransform",
+    "Constraint",
+    "ClipByGlobalNorm",
     "WeightDecay",
-    "__version__",
-    "accuracy",
-    "batch_norm",
-    "binary_accuracy",
-    "batches",
+    "Comm",
+    "AllReduce",
+    "MaxNorm",
+    "Chain",
     "chain",
+    # training
+    "NonFiniteError",
+    "TrainState",
+    "shard",
+    "train_step",
+    "train_epoch",
+    "data_parallel_step",
+    "global_mean_loss",
+    "sync_state",
+    "StopTraining",
+    "EpochRecord",
+    "History",
+    "ProgressBar",
+    "ProgressFactory",
+    "fit",
+    # metrics
+    "Metric",
+    "mae",
+    "rmse",
+    "accuracy",
+    "binary_accuracy",
+    "confusion_matrix",
+    # data utilities
+    "to_2d",
+    "one_hot",
+    "permute",
+    "batches",
+    "load_mnist",
+    # gradient checks
+    "GradientCheckError",
     "check_grads",
     "check_layer",
     "check_loss",
-    "confusion_matrix",
-    "conv2d",
-    "data_parallel_step",
-    "dense",
-    "embedding",
-    "fit",
-    "get_num_threads",
-    "global_mean_loss",
-    "glorot_normal",
-    "glorot_uniform",
-    "gru",
-    "he_normal",
-    "he_uniform",
-    "load",
-    "load_mnist",
-    "lstm",
-    "mae",
-    "make_rng",
-    "network",
-    "normal",
-    "one_hot",
-    "orthogonal",
-    "permute",
-    "rmse",
-    "rnn",
+    # save/load
+    "Checkpoint",
     "save",
-    "set_num_threads",
-    "shard",
-    "split",
-    "sync_state",
-    "to_2d",
-    "train_context",
-    "train_epoch",
-    "train_step",
-    "zeros",
+    "load",
 ]
 
 Key = tuple[int, ...]
@@ -393,9 +473,13 @@ def _as_key(name: str, key: Any) -> Key:
 
 
 def split(key: int | Key, n: int) -> tuple[Key, ...]:
-    """Derive ``n`` independent keys from ``key`` (JAX-style, pure).
+    """Derive ``n`` independent keys from ``key`` (JAX-style, pure):
+    split(k, n) = (k + (0,), ..., k + (n - 1,)); each key seeds its own stream.
 
-    ``split((7,), 2) == ((7, 0), (7, 1))``; each key seeds its own stream.
+    >>> dlfs.split(7, 2)
+    ((7, 0), (7, 1))
+    >>> dlfs.split((7, 0), 3)
+    ((7, 0, 0), (7, 0, 1), (7, 0, 2))
     """
     key = _as_key("key", key)
     n = _check_int("n", n)
@@ -406,7 +490,12 @@ def make_rng(key: int | Key) -> np.random.Generator:
     """A fresh ``numpy.random.Generator`` for ``key``; same key, same draws.
 
     The first entry is the seed, the rest a ``SeedSequence`` spawn path, so
-    ``(7,)`` and ``(7, 0)`` give unrelated streams.
+    ``(7,)`` and ``(7, 0)`` give unrelated streams.  Draw shapes are numpy's:
+    ``make_rng(k).standard_normal((N, D))`` is (N, D).
+
+    >>> a = dlfs.make_rng(7).standard_normal((2, 3))
+    >>> a.shape, bool((a == dlfs.make_rng(7).standard_normal((2, 3))).all())
+    ((2, 3), True)
     """
     key = _as_key("key", key)
     return _rng(key)
@@ -422,7 +511,15 @@ class Context:
 
     ``train`` selects training behaviour (dropout on, batch statistics);
     ``key`` feeds layers that draw random numbers (required by Dropout in
-    training).  Networks derive one sub-key per layer.
+    training).  Networks derive one sub-key per layer.  ``EVAL`` is
+    ``Context()``: evaluation mode, no key.
+
+    >>> x = np.ones((2, 4), np.float32)
+    >>> y, mask, _ = dlfs.Dropout(0.5).forward(x, dlfs.Context(train=True, key=0))
+    >>> y.shape, sorted(set(y.ravel().tolist())) <= [0.0, 2.0]
+    ((2, 4), True)
+    >>> dlfs.Dropout(0.5).forward(x, dlfs.EVAL)[0] is x  # evaluation: the identity
+    True
     """
 
     train: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
@@ -432,6 +529,7 @@ class Context:
 
 
 EVAL = Context()
+"""Evaluation mode without a key, ``Context()``: the default ``ctx`` of every ``forward``."""
 
 
 def _sub_context(train: bool, key: Key) -> Context:
@@ -444,7 +542,11 @@ def _sub_context(train: bool, key: Key) -> Context:
 
 
 def train_context(key: int | Key) -> Context:
-    """``Context(train=True, key=key)``: the context of one training step."""
+    """``Context(train=True, key=key)``: the context of one training step.
+
+    >>> dlfs.train_context(3)
+    Context(train=True, key=(3,))
+    """
     return Context(train=True, key=key)
 
 
@@ -501,56 +603,123 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
     raise ValueError(f"shape must be 2-D or 4-D for fan computation, got {shape}")
 
 
-def normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-    """The book's initializer: w ~ N(0, 1)."""
+class Initializer(Protocol):
+    """What ``init=`` / ``bias_init=`` take: ``init(rng, shape, dtype) -> w``, an
+    array of exactly ``shape`` and ``dtype`` drawn from the generator ``rng``.
+
+    shape: (D_in, D_out) for a Dense weight, (C_out, C_in, kh, kw) for a kernel,
+    (D,) for a bias.  Any function of that signature will do:
+
+    >>> def uniform_01(rng, shape, dtype):  # w ~ U(0, 0.1)
+    ...     return rng.random(shape, dtype=dtype) * dtype.type(0.1)
+    >>> layer = dlfs.Dense.init(0, 3, 2, init=uniform_01)
+    >>> bool((layer.w >= 0).all() and (layer.w < 0.1).all())
+    True
+    """
+
+    def __call__(
+        self, rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, /
+    ) -> np.ndarray: ...
+
+
+def normal(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+) -> np.ndarray:
+    """The book's initializer: w ~ N(0, 1); w: ``shape``.
+
+    >>> w = dlfs.normal(dlfs.make_rng(0), (3, 2))
+    >>> w.shape, w.dtype
+    ((3, 2), dtype('float32'))
+    """
     return rng.standard_normal(shape, dtype=np.dtype(dtype))
 
 
-def zeros(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-    """w = 0 (``rng`` unused; same signature as the other initializers)."""
+def zeros(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+) -> np.ndarray:
+    """w = 0, of ``shape`` (``rng`` unused; same signature as the other initializers).
+
+    >>> dlfs.zeros(dlfs.make_rng(0), (2,), np.float64)
+    array([0., 0.])
+    """
     return np.zeros(shape, dtype=dtype)
 
 
 def glorot_normal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
 ) -> np.ndarray:
-    """Glorot/Xavier normal: w ~ N(0, 2 / (fan_in + fan_out)), the tutorial's scale."""
+    """Glorot/Xavier normal: w ~ N(0, 2 / (fan_in + fan_out)), the tutorial's scale.
+
+    shape: (D_in, D_out) (fans D_in, D_out) or (C_out, C_in, kh, kw) (fans
+    C_in kh kw, C_out kh kw).  Dense's default.
+
+    >>> w = dlfs.glorot_normal(dlfs.make_rng(0), (400, 600))
+    >>> round(float(w.std()), 2)  # sqrt(2 / 1000)
+    0.04
+    """
     fan_in, fan_out = _fans(shape)
     return normal(rng, shape, dtype) * math.sqrt(2.0 / (fan_in + fan_out))
 
 
 def glorot_uniform(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
 ) -> np.ndarray:
-    """Glorot/Xavier uniform: w ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out))."""
+    """Glorot/Xavier uniform: w ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)).
+
+    shape: (D_in, D_out) or (C_out, C_in, kh, kw), as for ``glorot_normal``.
+
+    >>> w = dlfs.glorot_uniform(dlfs.make_rng(0), (10, 14))
+    >>> bool(abs(w).max() <= 0.5)  # a = sqrt(6 / 24)
+    True
+    """
     fan_in, fan_out = _fans(shape)
     a = math.sqrt(6.0 / (fan_in + fan_out))
     return (rng.random(shape, dtype=np.dtype(dtype)) * 2 - 1) * a
 
 
 def he_normal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
 ) -> np.ndarray:
-    """He/Kaiming normal for ReLU nets: w ~ N(0, 2 / fan_in)."""
+    """He/Kaiming normal for ReLU nets: w ~ N(0, 2 / fan_in).
+
+    shape: (D_in, D_out) (fan_in D_in) or (C_out, C_in, kh, kw) (fan_in
+    C_in kh kw).  Conv2D's default.
+
+    >>> w = dlfs.he_normal(dlfs.make_rng(0), (32, 1, 3, 3))
+    >>> w.shape
+    (32, 1, 3, 3)
+    """
     fan_in, _ = _fans(shape)
     return normal(rng, shape, dtype) * math.sqrt(2.0 / fan_in)
 
 
 def he_uniform(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
 ) -> np.ndarray:
-    """He/Kaiming uniform: w ~ U(-a, a), a = sqrt(6 / fan_in)."""
+    """He/Kaiming uniform: w ~ U(-a, a), a = sqrt(6 / fan_in).
+
+    shape: (D_in, D_out) or (C_out, C_in, kh, kw), as for ``he_normal``.
+
+    >>> w = dlfs.he_uniform(dlfs.make_rng(0), (6, 4))
+    >>> bool(abs(w).max() <= 1.0)  # a = sqrt(6 / 6)
+    True
+    """
     fan_in, _ = _fans(shape)
     a = math.sqrt(6.0 / fan_in)
     return (rng.random(shape, dtype=np.dtype(dtype)) * 2 - 1) * a
 
 
 def orthogonal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
 ) -> np.ndarray:
     """Orthogonal (Saxe et al. 2014; PyTorch's ``nn.init.orthogonal_``): w = Q of
     the QR of a standard normal matrix, signs fixed by diag(R); shape (rows, cols),
-    orthonormal columns if rows >= cols, else orthonormal rows."""
+    orthonormal columns if rows >= cols, else orthonormal rows.
+
+    >>> w = dlfs.orthogonal(dlfs.make_rng(0), (4, 3), np.float64)
+    >>> bool(np.allclose(w.T @ w, np.eye(3)))
+    True
+    """
     if len(shape) != 2:
         raise ValueError(f"shape must be 2-D for an orthogonal matrix, got {shape}")
     rows, cols = shape
@@ -583,20 +752,46 @@ def _draw(
 
 
 class Layer(Protocol):
-    """The protocol every layer speaks.
+    """The protocol every layer speaks: any object with these five methods is a
+    layer (a structural type; there is no base class to inherit).
 
     ``params()`` trainable arrays in a fixed order; ``with_params(ps)`` a new
     layer; ``forward(x, ctx) -> (y, cache, layer)`` (stateless layers return
     themselves, BatchNorm a layer with new running statistics);
     ``backward(cache, dy) -> (dx, grads)`` with grads aligned with
     ``params()``; ``output_shape(in_shape)`` the per-sample output shape.
+    x: (N, *in_shape) -> y: (N, *output_shape(in_shape)); dy is shaped like y,
+    dx like x.  The README's "Write your own layer" writes one and checks its
+    gradients with ``check_layer``.
+
+    >>> layer = dlfs.Dense.init(0, 3, 2)
+    >>> y, cache, same = layer.forward(np.ones((4, 3), np.float32))
+    >>> dx, (dw, db) = layer.backward(cache, np.ones_like(y))
+    >>> y.shape, dx.shape, dw.shape, db.shape, same is layer
+    ((4, 2), (4, 3), (3, 2), (2,), True)
     """
 
-    def params(self) -> Params: ...
-    def with_params(self, params: Sequence[np.ndarray]) -> Layer: ...
-    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, Any, Layer]: ...
-    def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]: ...
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+    def params(self) -> Params:
+        """The trainable arrays, in a fixed order (``()`` for none)."""
+        ...
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Layer:
+        """A new layer with ``params`` (same number, shapes and dtypes) in their place."""
+        ...
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, Any, Layer]:
+        """(y, cache, layer): the output, what ``backward`` needs, and the layer
+        with its new state (itself for stateless layers)."""
+        ...
+
+    def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """(dx, grads): dL/dx from dL/dy, and dL/dp for each array of ``params()``."""
+        ...
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The per-sample output shape for per-sample inputs of ``in_shape``;
+        ValueError if the layer cannot take them."""
+        ...
 
 
 def _check_new_params(layer: Any, params: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -672,6 +867,17 @@ class Dense(_ArrayRecord):
 
     x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).  Sequences
     x: (N, T, D_in) -> y: (N, T, D_out) apply it at every step (as ``nn.Linear``).
+    ``Dense(w, b)`` takes ready arrays; ``Dense.init`` draws them; inside
+    ``network``, ``dense(n_out)`` infers D_in.
+
+    >>> layer = dlfs.Dense.init(0, n_in=3, n_out=2)
+    >>> layer
+    Dense(3 -> 2, float32)
+    >>> y, cache, _ = layer.forward(np.ones((4, 3), np.float32))
+    >>> y.shape
+    (4, 2)
+    >>> dlfs.Dense(np.eye(2), np.array([0.5, -0.5])).forward(np.array([[1.0, 2.0]]))[0]
+    array([[1.5, 1.5]])
     """
 
     w: np.ndarray = attrs.field(converter=_dense_weights)
@@ -689,11 +895,11 @@ class Dense(_ArrayRecord):
         n_in: int,
         n_out: int,
         *,
-        init: Callable[..., np.ndarray] = glorot_normal,
-        bias_init: Callable[..., np.ndarray] = zeros,
-        dtype: Any = np.float32,
+        init: Initializer = glorot_normal,
+        bias_init: Initializer = zeros,
+        dtype: DTypeLike = np.float32,
     ) -> Dense:
-        """Draw w with ``init`` and b with ``bias_init`` from ``key``."""
+        """Draw w (n_in, n_out) with ``init`` and b (n_out,) with ``bias_init`` from ``key``."""
         n_in, n_out = _check_int("n_in", n_in), _check_int("n_out", n_out)
         dtype = _check_dtype(dtype)
         rng = make_rng(key)
@@ -777,7 +983,11 @@ class Dense(_ArrayRecord):
 
 @attrs.frozen(eq=False, repr=False)
 class Linear(_NoParams):
-    """Identity activation (the book's ``Linear``): y = x."""
+    """Identity activation (the book's ``Linear``): y = x; x: (N, ...) -> y: same shape.
+
+    >>> dlfs.Linear().forward(np.array([[-1.0, 2.0]]))[0]
+    array([[-1.,  2.]])
+    """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, None, Linear]:
         """y = x, shapes any (N, ...)."""
@@ -811,7 +1021,14 @@ def _sigmoid_pair(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @attrs.frozen(eq=False, repr=False)
 class Sigmoid(_NoParams):
-    """Logistic activation: y = 1 / (1 + exp(-x)), accurate to a few ulps in both tails."""
+    """Logistic activation: y = 1 / (1 + exp(-x)), accurate to a few ulps in both tails.
+
+    x: (N, ...) -> y: same shape.
+
+    >>> y, _, _ = dlfs.Sigmoid().forward(np.array([[-1.0, 0.0, 1.0]]))
+    >>> np.round(y, 4).tolist()
+    [[0.2689, 0.5, 0.7311]]
+    """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Sigmoid]:
         """x: (N, ...) -> y: same shape; the cache is y."""
@@ -826,7 +1043,12 @@ class Sigmoid(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class Tanh(_NoParams):
-    """Hyperbolic tangent: y = tanh(x)."""
+    """Hyperbolic tangent: y = tanh(x); x: (N, ...) -> y: same shape.
+
+    >>> y, _, _ = dlfs.Tanh().forward(np.array([[-1.0, 0.0, 1.0]]))
+    >>> np.round(y, 4).tolist()
+    [[-0.7616, 0.0, 0.7616]]
+    """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, Tanh]:
         """x: (N, ...) -> y: same shape; the cache is y."""
@@ -840,7 +1062,15 @@ class Tanh(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class ReLU(_NoParams):
-    """Rectified linear unit: y = max(x, 0); relu'(0) = 0 as in PyTorch."""
+    """Rectified linear unit: y = max(x, 0); relu'(0) = 0 as in PyTorch.
+
+    x: (N, ...) -> y: same shape.
+
+    >>> relu = dlfs.ReLU()
+    >>> y, cache, _ = relu.forward(np.array([[-1.0, 0.0, 2.0]]))
+    >>> y.tolist(), relu.backward(cache, np.ones((1, 3)))[0].tolist()
+    ([[0.0, 0.0, 2.0]], [[0.0, 0.0, 1.0]])
+    """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, np.ndarray, ReLU]:
         """x: (N, ...) -> y: same shape; the cache is y (y > 0 exactly where x > 0),
@@ -887,7 +1117,12 @@ def _relu_mask_rows(dy: np.ndarray, y: np.ndarray) -> None:
 
 @attrs.frozen(eq=False, repr=False)
 class LeakyReLU(_NoParams):
-    """y = x if x > 0 else alpha * x; the slope at 0 is alpha (PyTorch's convention)."""
+    """Leaky ReLU: y = x if x > 0 else alpha * x; the slope at 0 is alpha
+    (PyTorch's convention, default alpha 0.01).  x: (N, ...) -> y: same shape.
+
+    >>> dlfs.LeakyReLU(0.1).forward(np.array([[-2.0, 3.0]]))[0].tolist()
+    [[-0.2, 3.0]]
+    """
 
     alpha: float = attrs.field(default=0.01, converter=lambda a: _check_number("alpha", a, low=0.0))
 
@@ -906,8 +1141,14 @@ class LeakyReLU(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class ELU(_NoParams):
-    """y = x if x > 0 else alpha * (exp(x) - 1); slope alpha at 0 as in PyTorch.
-    exp(x) - 1 is computed with expm1, so y keeps its relative precision near 0."""
+    """Exponential linear unit: y = x if x > 0 else alpha * (exp(x) - 1); slope
+    alpha at 0 as in PyTorch.  exp(x) - 1 is computed with expm1, so y keeps
+    its relative precision near 0.  x: (N, ...) -> y: same shape.
+
+    >>> y, _, _ = dlfs.ELU().forward(np.array([[-1.0, 2.0]]))
+    >>> np.round(y, 4).tolist()
+    [[-0.6321, 2.0]]
+    """
 
     alpha: float = attrs.field(default=1.0, converter=lambda a: _check_number("alpha", a, low=0.0))
 
@@ -933,7 +1174,11 @@ class GELU(_NoParams):
     """GELU, tanh form (PyTorch ``approximate='tanh'``):
     y = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3), computed as
     x * sigmoid(2u) (the same function: (1 + tanh(u)) / 2 = sigmoid(2u)), which
-    keeps the left tail that 1 + tanh(u) rounds away.
+    keeps the left tail that 1 + tanh(u) rounds away.  x: (N, ...) -> y: same shape.
+
+    >>> y, _, _ = dlfs.GELU().forward(np.array([[-1.0, 0.0, 1.0]]))
+    >>> np.round(y, 4).tolist()
+    [[-0.1588, 0.0, 0.8412]]
     """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, GELU]:
@@ -951,7 +1196,14 @@ class GELU(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class SiLU(_NoParams):
-    """SiLU / swish: y = x * sigmoid(x) (the sigmoid accurate in both tails)."""
+    """SiLU / swish: y = x * sigmoid(x) (the sigmoid accurate in both tails).
+
+    x: (N, ...) -> y: same shape.
+
+    >>> y, _, _ = dlfs.SiLU().forward(np.array([[-1.0, 0.0, 1.0]]))
+    >>> np.round(y, 4).tolist()
+    [[-0.2689, 0.0, 0.7311]]
+    """
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, SiLU]:
         """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(x), 1 - sigmoid(x))."""
@@ -977,6 +1229,10 @@ class Softmax(_NoParams):
     """Row-wise softmax, for probabilities: y_ik = exp(x_ik) / sum_j exp(x_ij).
 
     x: (N, K) -> y: (N, K).  For training use SoftmaxCrossEntropy on logits.
+
+    >>> y, _, _ = dlfs.Softmax().forward(np.array([[0.0, np.log(3.0)]]))
+    >>> np.round(y, 4).tolist()
+    [[0.25, 0.75]]
     """
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -1006,6 +1262,11 @@ class Dropout(_NoParams):
     ``p`` is the probability of *dropping* a unit (PyTorch's convention).
     Evaluation mode is the identity.  Training needs ``ctx.key``.
     x: (N, ...) -> y: same shape.
+
+    >>> x = np.ones((1, 6), np.float32)
+    >>> y, _, _ = dlfs.Dropout(0.5).forward(x, dlfs.train_context(1))
+    >>> sorted(set(y.ravel().tolist())) <= [0.0, 2.0]  # dropped, or scaled by 1 / (1 - p)
+    True
     """
 
     p: float = attrs.field(
@@ -1032,7 +1293,11 @@ class Dropout(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class Flatten(_NoParams):
-    """Flatten all but the batch axis: (N, C, H, W) -> (N, C*H*W)."""
+    """Flatten all but the batch axis: (N, C, H, W) -> (N, C*H*W) (any (N, ...) -> (N, prod(...))).
+
+    >>> dlfs.Flatten().forward(np.zeros((2, 3, 4, 4)))[0].shape
+    (2, 48)
+    """
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(C, H, W) -> (C*H*W,)."""
@@ -1057,7 +1322,16 @@ class BatchNorm(_ArrayRecord):
     statistics: mean <- (1 - m) mean + m mean_B, var <- (1 - m) var +
     m var_B n / (n - 1) (PyTorch's convention, m = momentum = 0.1).
     Evaluation uses the running statistics only.  Running var starts at 1.
-    gamma, beta, mean, var: (C,).
+    x: (N, C) or (N, C, H, W) -> y: same shape; gamma, beta, mean, var: (C,).
+    In a network, ``batch_norm()`` sizes it from the previous layer.
+
+    >>> bn = dlfs.BatchNorm.init(2, dtype=np.float64)
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, _, trained = bn.forward(x, dlfs.train_context(0))
+    >>> y.round(3).tolist()  # each feature normalized over the batch
+    [[-1.0, -1.0], [1.0, 1.0]]
+    >>> trained.mean.round(3).tolist(), bn.mean.tolist()  # a new layer; bn is untouched
+    ([0.2, 2.0], [0.0, 0.0])
     """
 
     _PARAMS = ("gamma", "beta")  # the fields params() returns, in order
@@ -1081,9 +1355,9 @@ class BatchNorm(_ArrayRecord):
 
     @classmethod
     def init(
-        cls, n_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype: Any = np.float32
+        cls, n_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype: DTypeLike = np.float32
     ) -> BatchNorm:
-        """gamma = 1, beta = 0, running mean = 0, running var = 1."""
+        """gamma = 1, beta = 0, running mean = 0, running var = 1, each (n_features,)."""
         c = _check_int("n_features", n_features)
         dtype = _check_dtype(dtype)
         ones, zero = np.ones(c, dtype), np.zeros(c, dtype)
@@ -1202,6 +1476,11 @@ class Embedding(_ArrayRecord):
     w: (n_vocab, dim).  The gradient is a scatter-add, dw[k] = sum of dy over
     the positions holding id k; ids have no gradient (backward's dx is None).
     A network that starts with an Embedding takes integer ids as its input.
+
+    >>> emb = dlfs.Embedding.init(0, n_vocab=10, dim=4)
+    >>> y, cache, _ = emb.forward(np.array([[1, 2, 3], [3, 2, 1]]))
+    >>> y.shape, bool((y[0, 0] == emb.w[1]).all())
+    ((2, 3, 4), True)
     """
 
     _PARAMS = ("w",)  # the fields params() returns, in order
@@ -1219,8 +1498,8 @@ class Embedding(_ArrayRecord):
         n_vocab: int,
         dim: int,
         *,
-        init: Callable[..., np.ndarray] = normal,
-        dtype: Any = np.float32,
+        init: Initializer = normal,
+        dtype: DTypeLike = np.float32,
     ) -> Embedding:
         """Draw w (n_vocab, dim) with ``init`` (N(0, 1), PyTorch's default) from ``key``."""
         n_vocab, dim = _check_int("n_vocab", n_vocab), _check_int("dim", dim)
@@ -1258,8 +1537,9 @@ class Embedding(_ArrayRecord):
             raise ValueError(f"x must hold ids in [0, {self.n_vocab}), got values in [{lo}, {hi}]")
         return np.take(self.w, x, axis=0), x, self
 
-    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[None, Params]:
-        """dx = None (ids have no gradient); dw = scatter-add of dy by id."""
+    def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[Any, Params]:
+        """dx = None (ids have no gradient); dw = scatter-add of dy by id.
+        dy: (N, T, dim) -> dw: (n_vocab, dim)."""
         return None, self._param_grads(cache, dy)
 
     def _param_grads(self, cache: np.ndarray, dy: np.ndarray) -> Params:
@@ -1336,7 +1616,7 @@ def _tanh_slope(y: np.ndarray) -> np.ndarray:
 
 
 def _recurrent_weights(
-    key: int | Key, n_in: int, n_hidden: int, gates: int, dtype: Any
+    key: int | Key, n_in: int, n_hidden: int, gates: int, dtype: DTypeLike
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(w_ih, w_hh, b): Glorot uniform (D, G*H), one orthogonal (H, H) block per
     gate, zeros (G*H,)."""
@@ -1346,6 +1626,12 @@ def _recurrent_weights(
     w_ih = glorot_uniform(rng, (n_in, gates * n_hidden), dtype)
     w_hh = np.concatenate([orthogonal(rng, (n_hidden, n_hidden), dtype) for _ in range(gates)], 1)
     return w_ih, w_hh, np.zeros(gates * n_hidden, dtype)
+
+
+RecurrentState = np.ndarray | tuple[np.ndarray, np.ndarray]
+"""A recurrent layer's state: h (N, H) for RNN and GRU, the pair (h, c) for LSTM."""
+
+_R = TypeVar("_R", bound="_Recurrent")
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1387,16 +1673,16 @@ class _Recurrent(_ArrayRecord):
 
     @classmethod
     def init(
-        cls,
+        cls: type[_R],
         key: int | Key,
         n_in: int,
         n_hidden: int,
         *,
         return_sequences: bool = False,
-        dtype: Any = np.float32,
-    ) -> Any:
+        dtype: DTypeLike = np.float32,
+    ) -> _R:
         """Draw from ``key``: w_ih Glorot uniform (D, G*H), w_hh one orthogonal
-        (H, H) block per gate, biases zero."""
+        (H, H) block per gate, biases zero (D = n_in, H = n_hidden, G gates)."""
         w_ih, w_hh, b = _recurrent_weights(key, n_in, n_hidden, cls._GATES, dtype)
         extra = (np.zeros(n_hidden, b.dtype) for _ in range(cls._EXTRA_BIASES))
         return cls(w_ih, w_hh, b, *extra, return_sequences=return_sequences)
@@ -1413,7 +1699,7 @@ class _Recurrent(_ArrayRecord):
         """(w_ih, w_hh, b)."""
         return (self.w_ih, self.w_hh, self.b)
 
-    def with_params(self, params: Sequence[np.ndarray]) -> Any:
+    def with_params(self: _R, params: Sequence[np.ndarray]) -> _R:
         """A new layer of the same kind with ``params`` (shapes and dtypes checked)."""
         new = _check_new_params(self, params)
         return type(self)(*new, return_sequences=self.return_sequences)
@@ -1428,7 +1714,7 @@ class _Recurrent(_ArrayRecord):
             )
         return (in_shape[0], self.n_hidden) if self.return_sequences else (self.n_hidden,)
 
-    def initial_state(self, n: int) -> Any:
+    def initial_state(self, n: int) -> RecurrentState:
         """The zero state for a batch of ``n``: h (N, H), or (h, c) for an LSTM."""
         zeros = self._zeros(_check_int("n", n))
         return zeros[0] if self._STATES == 1 else zeros
@@ -1452,7 +1738,9 @@ class _Recurrent(_ArrayRecord):
                 _check_input(where, part, (n, self.n_hidden), self.w_hh.dtype)
         return parts
 
-    def scan(self, x: np.ndarray, state: Any = None) -> tuple[np.ndarray, Any, tuple]:
+    def scan(
+        self, x: np.ndarray, state: RecurrentState | None = None
+    ) -> tuple[np.ndarray, RecurrentState, tuple]:
         """Run over all T steps from ``state`` (None: zeros): returns (ys, last
         state, cache).  x: (N, T, D) -> ys: (N, T, H); state h (N, H), or
         (h, c) for an LSTM.  Pure: for truncated backpropagation through time
@@ -1578,8 +1866,11 @@ class RNN(_Recurrent):
     bias_hh_l0; back: weight_ih_l0 = w_ih.T, weight_hh_l0 = w_hh.T,
     bias_ih_l0 = b, bias_hh_l0 = 0.
 
-        rnn = dlfs.RNN.init(0, n_in=3, n_hidden=8, return_sequences=True)
-        ys, h_last, cache = rnn.scan(x)  # x: (N, T, 3) -> ys: (N, T, 8)
+    >>> rnn = dlfs.RNN.init(0, n_in=3, n_hidden=8, return_sequences=True)
+    >>> x = np.ones((2, 5, 3), np.float32)
+    >>> ys, h_last, cache = rnn.scan(x)  # from h0 = 0
+    >>> ys.shape, h_last.shape, bool((ys[:, -1] == h_last).all())
+    ((2, 5, 8), (2, 8), True)
     """
 
     def _steps(
@@ -1620,7 +1911,13 @@ class LSTM(_Recurrent):
     bias_hh_l0; back: weight_ih_l0 = w_ih.T, weight_hh_l0 = w_hh.T,
     bias_ih_l0 = b, bias_hh_l0 = 0.
 
-        lstm = dlfs.LSTM.init(0, n_in=28, n_hidden=128)  # (N, 28, 28) -> (N, 128)
+    >>> lstm = dlfs.LSTM.init(0, n_in=28, n_hidden=16)  # rows of a 28x28 image as steps
+    >>> h, cache, _ = lstm.forward(np.zeros((2, 28, 28), np.float32))
+    >>> h.shape
+    (2, 16)
+    >>> ys, (h, c), _ = lstm.scan(np.zeros((2, 3, 28), np.float32), lstm.initial_state(2))
+    >>> ys.shape, h.shape, c.shape
+    ((2, 3, 16), (2, 16), (2, 16))
     """
 
     _GATES = 4
@@ -1635,7 +1932,7 @@ class LSTM(_Recurrent):
         *,
         return_sequences: bool = False,
         forget_bias: float = 1.0,
-        dtype: Any = np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> LSTM:
         """Glorot-uniform w_ih, one orthogonal block per gate in w_hh, b = 0
         except the forget gate's, ``forget_bias``.  The default 1.0 (Gers et
@@ -1712,6 +2009,12 @@ class GRU(_Recurrent):
     PyTorch: w_ih = weight_ih_l0.T, w_hh = weight_hh_l0.T, b = bias_ih_l0 +
     [bias_hh_l0[:2H], 0], b_hn = bias_hh_l0[2H:]; back: weight_ih_l0 = w_ih.T,
     weight_hh_l0 = w_hh.T, bias_ih_l0 = b, bias_hh_l0 = [0, 0, b_hn].
+
+    >>> gru = dlfs.GRU.init(0, n_in=3, n_hidden=4, return_sequences=True)
+    >>> ys, cache, _ = gru.forward(np.ones((2, 5, 3), np.float32))
+    >>> dx, grads = gru.backward(cache, np.ones_like(ys))
+    >>> ys.shape, dx.shape, [g.shape for g in grads]
+    ((2, 5, 4), (2, 5, 3), [(3, 12), (4, 12), (12,), (4,)])
     """
 
     _GATES = 3
@@ -1783,6 +2086,7 @@ class GRU(_Recurrent):
 # ------------------------------------------------------ convolutions and pools
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
+Padding = str | int | tuple[int, int] | Pads  # "valid", "same", p, (ph, pw), ((t, b), (l, r))
 
 
 def _int_pair(name: str, value: Any, *, low: int = 1) -> tuple[int, int]:
@@ -1798,7 +2102,7 @@ def _int_pair(name: str, value: Any, *, low: int = 1) -> tuple[int, int]:
     return (v, v)
 
 
-def _resolve_padding(padding: Any, kernel: tuple[int, int], stride: tuple[int, int]) -> Pads:
+def _resolve_padding(padding: Padding, kernel: tuple[int, int], stride: tuple[int, int]) -> Pads:
     """``((top, bottom), (left, right))`` from "valid", "same", p, (ph, pw) or the pads.
 
     "same" (stride 1 only, as in PyTorch) pads k - 1 in total per axis with
@@ -1908,6 +2212,12 @@ def set_num_threads(n: int) -> None:
     bit).  BLAS threads are separate: set ``OPENBLAS_NUM_THREADS`` (or use
     threadpoolctl) for those.  The pool's threads are idle between calls and
     end with the interpreter.
+
+    >>> before = dlfs.get_num_threads()
+    >>> dlfs.set_num_threads(1)
+    >>> dlfs.get_num_threads()
+    1
+    >>> dlfs.set_num_threads(before)
     """
     global _num_threads, _executor
     n = _check_int("n", n)
@@ -1919,7 +2229,11 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads convolutions, pools and in-place ReLUs use (see ``set_num_threads``)."""
+    """The number of threads convolutions, pools and in-place ReLUs use (see ``set_num_threads``).
+
+    >>> dlfs.get_num_threads() >= 1
+    True
+    """
     return _num_threads
 
 
@@ -2412,6 +2726,16 @@ class Conv2D(_ArrayRecord):
     ``set_num_threads``); y is a transposed view of a channel-major array.
     The cache is x: backward builds the patches again, block by block, which
     is cheaper than holding C_in*kh*kw values per output position.
+
+    >>> conv = dlfs.Conv2D.init(0, c_in=1, c_out=4, kernel=3, padding="same")
+    >>> conv
+    Conv2D(1 -> 4, 3x3, stride=(1, 1), padding=((1, 1), (1, 1)), float32)
+    >>> y, cache, _ = conv.forward(np.ones((2, 1, 8, 8), np.float32))
+    >>> dx, (dw, db) = conv.backward(cache, np.ones_like(y))
+    >>> y.shape, dx.shape, dw.shape, db.shape
+    ((2, 4, 8, 8), (2, 1, 8, 8), (4, 1, 3, 3), (4,))
+    >>> dlfs.Conv2D.init(0, 1, 4, (3, 3), stride=2).output_shape((1, 8, 8))  # (8 - 3) // 2 + 1
+    (4, 3, 3)
     """
 
     _PARAMS = ("w", "b")  # the fields params() returns, in order
@@ -2438,10 +2762,10 @@ class Conv2D(_ArrayRecord):
         kernel: int | tuple[int, int],
         *,
         stride: int | tuple[int, int] = 1,
-        padding: Any = "valid",
-        init: Callable[..., np.ndarray] = he_normal,
-        bias_init: Callable[..., np.ndarray] = zeros,
-        dtype: Any = np.float32,
+        padding: Padding = "valid",
+        init: Initializer = he_normal,
+        bias_init: Initializer = zeros,
+        dtype: DTypeLike = np.float32,
     ) -> Conv2D:
         """Draw w (C_out, C_in, kh, kw) with ``init`` (He normal: fan_in = C_in kh kw)
         and b (C_out,) with ``bias_init`` from ``key``."""
@@ -2639,6 +2963,13 @@ class MaxPool2D(_NoParams):
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
     The gradient of each window goes to ONE input: its first maximum in
     row-major window order when several entries tie (PyTorch's choice).
+
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> y, cache, _ = dlfs.MaxPool2D(2).forward(x)
+    >>> y.tolist()
+    [[[[5.0, 7.0], [13.0, 15.0]]]]
+    >>> dlfs.MaxPool2D(2).backward(cache, np.ones_like(y))[0][0, 0].tolist()
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
     """
 
     size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
@@ -2708,6 +3039,12 @@ class AvgPool2D(_NoParams):
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
+
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> dlfs.AvgPool2D(2).forward(x)[0].tolist()
+    [[[[2.5, 4.5], [10.5, 12.5]]]]
+    >>> dlfs.AvgPool2D(3, stride=1).output_shape((1, 4, 4))
+    (1, 2, 2)
     """
 
     size: tuple[int, int] = attrs.field(converter=lambda s: _int_pair("size", s))
@@ -2743,6 +3080,29 @@ class AvgPool2D(_NoParams):
 # -------------------------------------------------------------------- losses
 
 
+class Loss(Protocol):
+    """The protocol every loss speaks (structural, like ``Layer``; a loss has
+    no ``params``): ``forward(pred, target) -> (L, cache)`` with the scalar
+    loss L, and ``backward(cache) -> dL/dpred``, shaped like pred.
+
+    pred: (N, ...) the network's output; target: what the loss compares it
+    with (same shape, or labels).
+
+    >>> loss = dlfs.MeanSquaredError()
+    >>> value, cache = loss.forward(np.array([[1.0], [3.0]]), np.array([[0.0], [0.0]]))
+    >>> float(value), loss.backward(cache).tolist()
+    (5.0, [[1.0], [3.0]])
+    """
+
+    def forward(self, pred: np.ndarray, target: np.ndarray) -> tuple[Any, Any]:
+        """(loss, cache): the loss as a scalar of pred's dtype, and what ``backward`` needs."""
+        ...
+
+    def backward(self, cache: Any) -> np.ndarray:
+        """dL/dpred, of pred's shape and dtype."""
+        ...
+
+
 def _check_pred(name: str, pred: Any) -> np.ndarray:
     _check_float(name, pred)
     if pred.ndim < 1:
@@ -2766,7 +3126,13 @@ def _check_same_shape(pred: np.ndarray, target: Any) -> np.ndarray:
 class MeanSquaredError:
     """The book's MSE: L = sum((p - y)^2) / N, dL/dp = 2 (p - y) / N.
 
-    pred, target: (N, ...) of equal shape (no broadcasting).
+    pred, target: (N, ...) of equal shape (no broadcasting); the sum runs over
+    every output, the division over N only.
+
+    >>> mse = dlfs.MeanSquaredError()
+    >>> value, cache = mse.forward(np.array([[1.0, 2.0]]), np.array([[0.0, 0.0]]))
+    >>> float(value), mse.backward(cache).tolist()
+    (5.0, [[2.0, 4.0]])
     """
 
     def forward(self, pred: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
@@ -2823,6 +3189,14 @@ class SoftmaxCrossEntropy:
     q = (1 - e) q + e / K (PyTorch's convention); dL/dz = (softmax(z) - q) / N.
     Sequences: logits (N, T, K) with labels (N, T) or one-hot (N, T, K) are
     N*T rows, and the mean is over all N*T positions.
+
+    >>> ce = dlfs.SoftmaxCrossEntropy()
+    >>> logits = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
+    >>> value, cache = ce.forward(logits, np.array([0, 1]))
+    >>> round(float(value), 4)  # (log 2 + log 4/3) / 2
+    0.4904
+    >>> ce.backward(cache).round(4).tolist()  # (softmax - one_hot) / N
+    [[-0.25, 0.25], [0.125, -0.125]]
     """
 
     label_smoothing: float = attrs.field(
@@ -2925,6 +3299,11 @@ class BinaryCrossEntropy:
     ``BCEWithLogitsLoss``): L = mean(max(z, 0) - z t + log(1 + exp(-|z|))).
 
     logits, target: (N,) or (N, K), target in [0, 1]; dL/dz = (sigmoid(z) - t) / (N K).
+
+    >>> bce = dlfs.BinaryCrossEntropy()
+    >>> value, cache = bce.forward(np.array([[0.0], [0.0]]), np.array([[1.0], [0.0]]))
+    >>> round(float(value), 4), bce.backward(cache).tolist()  # log 2
+    (0.6931, [[-0.25], [0.25]])
     """
 
     def forward(self, logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
@@ -2952,6 +3331,26 @@ class BinaryCrossEntropy:
 
 
 # ------------------------------------------------------------------ networks
+
+
+class LayerSpec(Protocol):
+    """What ``network`` builds layers from, besides ready layers:
+    ``build(key, in_shape, dtype) -> (layers, out_shape)`` draws the weights
+    from ``key`` for per-sample inputs of ``in_shape`` (x: (N, *in_shape))
+    and returns the new layers and their per-sample output shape.  ``dense``,
+    ``conv2d``, ``batch_norm``, ``embedding``, ``rnn``, ``lstm`` and ``gru``
+    make them.
+
+    >>> layers, out_shape = dlfs.dense(4, dlfs.ReLU()).build((0,), (3,), np.dtype(np.float32))
+    >>> layers, out_shape
+    ((Dense(3 -> 4, float32), ReLU()), (4,))
+    """
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
+        """(layers, per-sample output shape) for per-sample inputs of ``in_shape``."""
+        ...
 
 
 def _uses_key(layer: Any) -> bool:
@@ -2996,8 +3395,8 @@ def _check_activation(activation: Any) -> None:
 
 
 def _then_activation(
-    layer: Any, out_shape: tuple[int, ...], activation: Any
-) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    layer: Layer, out_shape: tuple[int, ...], activation: Layer | None
+) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
     """A spec's layers and output shape: ``layer``, then ``activation`` if any."""
     if activation is None:
         return (layer,), out_shape
@@ -3006,16 +3405,22 @@ def _then_activation(
 
 @attrs.frozen
 class DenseSpec:
-    """A Dense layer (plus optional activation) whose input size the builder infers."""
+    """A Dense layer (plus optional activation) whose input size the builder
+    infers: what ``dense`` returns.  (N, D) -> (N, n_out); (N, T, D) -> (N, T, n_out).
+
+    >>> spec = dlfs.dense(4, dlfs.ReLU())
+    >>> spec.n_out, spec.activation
+    (4, ReLU())
+    """
 
     n_out: int = attrs.field(converter=lambda n: _check_int("n_out", n))
-    activation: Any = None
-    init: Callable[..., np.ndarray] = glorot_normal
-    bias_init: Callable[..., np.ndarray] = zeros
+    activation: Layer | None = None
+    init: Initializer = glorot_normal
+    bias_init: Initializer = zeros
 
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
         """Draw the weights for inputs of per-sample shape ``in_shape``: (D,), or
         (T, D) for sequences."""
         if len(in_shape) not in (1, 2):
@@ -3031,13 +3436,19 @@ class DenseSpec:
 
 def dense(
     n_out: int,
-    activation: Any = None,
+    activation: Layer | None = None,
     *,
-    init: Callable[..., np.ndarray] = glorot_normal,
-    bias_init: Callable[..., np.ndarray] = zeros,
+    init: Initializer = glorot_normal,
+    bias_init: Initializer = zeros,
 ) -> DenseSpec:
     """The book's ``Dense(neurons, activation)``: a Dense layer of ``n_out`` units
-    followed by ``activation``; its input size comes from the previous layer."""
+    followed by ``activation``; its input size comes from the previous layer.
+    y = activation(x @ w + b): (N, D) -> (N, n_out).
+
+    >>> net = dlfs.network(0, 5, [dlfs.dense(3, dlfs.Sigmoid())], dlfs.MeanSquaredError())
+    >>> net.layers
+    (Dense(5 -> 3, float32), Sigmoid())
+    """
     _check_activation(activation)
     _check_initializer("init", init)
     _check_initializer("bias_init", bias_init)
@@ -3046,22 +3457,28 @@ def dense(
 
 @attrs.frozen
 class Conv2DSpec:
-    """A Conv2D layer (plus optional activation) whose input channels the builder infers."""
+    """A Conv2D layer (plus optional activation) whose input channels the builder
+    infers: what ``conv2d`` returns.  (N, C, H, W) -> (N, channels, Ho, Wo).
+
+    >>> spec = dlfs.conv2d(8, 3, padding="same")
+    >>> spec.channels, spec.kernel, spec.padding
+    (8, (3, 3), 'same')
+    """
 
     channels: int = attrs.field(converter=lambda n: _check_int("channels", n))
     kernel: tuple[int, int] = attrs.field(converter=lambda k: _int_pair("kernel", k))
     stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
-    padding: Any = "valid"
-    activation: Any = None
-    init: Callable[..., np.ndarray] = he_normal
-    bias_init: Callable[..., np.ndarray] = zeros
+    padding: Padding = "valid"
+    activation: Layer | None = None
+    init: Initializer = he_normal
+    bias_init: Initializer = zeros
 
     def __attrs_post_init__(self) -> None:
         _resolve_padding(self.padding, self.kernel, self.stride)  # fail early on bad padding
 
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
         """Draw the kernel for images of per-sample shape ``in_shape`` (C, H, W)."""
         if len(in_shape) != 3:
             raise ValueError(
@@ -3087,14 +3504,22 @@ def conv2d(
     kernel: int | tuple[int, int],
     *,
     stride: int | tuple[int, int] = 1,
-    padding: Any = "valid",
-    activation: Any = None,
-    init: Callable[..., np.ndarray] = he_normal,
-    bias_init: Callable[..., np.ndarray] = zeros,
+    padding: Padding = "valid",
+    activation: Layer | None = None,
+    init: Initializer = he_normal,
+    bias_init: Initializer = zeros,
 ) -> Conv2DSpec:
     """A Conv2D of ``channels`` output channels and a ``kernel`` (int or (kh, kw))
     window, followed by ``activation``; its input channels come from the previous
-    layer.  (N, C, H, W) -> (N, channels, Ho, Wo)."""
+    layer.  (N, C, H, W) -> (N, channels, Ho, Wo); stride and padding as for ``Conv2D``.
+
+    >>> net = dlfs.network(
+    ...     0, (1, 8, 8), [dlfs.conv2d(4, 3, activation=dlfs.ReLU()), dlfs.Flatten(), dlfs.dense(2)],
+    ...     dlfs.SoftmaxCrossEntropy(),
+    ... )
+    >>> net.layers[0], net.output_shape
+    (Conv2D(1 -> 4, 3x3, stride=(1, 1), padding=((0, 0), (0, 0)), float32), (2,))
+    """
     _check_activation(activation)
     _check_initializer("init", init)
     _check_initializer("bias_init", bias_init)
@@ -3108,13 +3533,19 @@ class _BatchNormSpec:
 
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
         layer = BatchNorm.init(in_shape[0], momentum=self.momentum, eps=self.eps, dtype=dtype)
         return (layer,), layer.output_shape(in_shape)
 
 
-def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> _BatchNormSpec:
-    """A BatchNorm layer sized by the builder from the previous layer's output."""
+def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> LayerSpec:
+    """A BatchNorm layer sized by the builder from the previous layer's output:
+    (N, C) or (N, C, H, W) -> same shape, C taken from that output.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4), dlfs.batch_norm(), dlfs.ReLU()], dlfs.MeanSquaredError())
+    >>> net.layers[1]
+    BatchNorm(4, momentum=0.1, eps=1e-05, float32)
+    """
     _check_number("momentum", momentum, low=0.0, high=1.0)
     _check_number("eps", eps, low=0.0, low_open=True)
     return _BatchNormSpec(momentum, eps)
@@ -3124,33 +3555,37 @@ def batch_norm(*, momentum: float = 0.1, eps: float = 1e-5) -> _BatchNormSpec:
 class _EmbeddingSpec:
     n_vocab: int = attrs.field(converter=lambda n: _check_int("n_vocab", n))
     dim: int = attrs.field(converter=lambda n: _check_int("dim", n))
-    init: Callable[..., np.ndarray] = normal
+    init: Initializer = normal
 
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
         layer = Embedding.init(key, self.n_vocab, self.dim, init=self.init, dtype=dtype)
         return (layer,), layer.output_shape(in_shape)
 
 
-def embedding(
-    n_vocab: int, dim: int, *, init: Callable[..., np.ndarray] = normal
-) -> _EmbeddingSpec:
+def embedding(n_vocab: int, dim: int, *, init: Initializer = normal) -> LayerSpec:
     """An Embedding of ``n_vocab`` token ids into ``dim``-vectors, first in a
-    network whose input is integer ids: (N, T) -> (N, T, dim)."""
+    network whose input is integer ids: (N, T) -> (N, T, dim).
+
+    >>> net = dlfs.network(0, (6,), [dlfs.embedding(20, 4), dlfs.gru(8), dlfs.dense(2)],
+    ...                    dlfs.SoftmaxCrossEntropy())
+    >>> net.predict(np.zeros((3, 6), np.int64)).shape  # ids (N, T) -> (N, 2)
+    (3, 2)
+    """
     return _EmbeddingSpec(n_vocab, dim, init)
 
 
 @attrs.frozen
 class _RecurrentSpec:
-    layer: type
+    layer: type[_Recurrent]
     n_hidden: int = attrs.field(converter=lambda n: _check_int("n_hidden", n))
     return_sequences: bool = attrs.field(validator=attrs.validators.instance_of(bool))
     options: tuple[tuple[str, Any], ...] = ()
 
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
-    ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
         if len(in_shape) != 2:
             raise ValueError(
                 f"{self.layer.__name__} expects sequences (N, T, D), got "
@@ -3167,24 +3602,39 @@ class _RecurrentSpec:
         return (layer,), layer.output_shape(in_shape)
 
 
-def rnn(n_hidden: int, *, return_sequences: bool = False) -> _RecurrentSpec:
+def rnn(n_hidden: int, *, return_sequences: bool = False) -> LayerSpec:
     """An RNN (tanh) of ``n_hidden`` units sized by the builder: (N, T, D) ->
-    (N, T, H) with ``return_sequences``, else (N, H), the last step."""
+    (N, T, H) with ``return_sequences``, else (N, H), the last step.
+
+    >>> net = dlfs.network(0, (5, 3), [dlfs.rnn(8, return_sequences=True)], dlfs.MeanSquaredError())
+    >>> net.output_shape
+    (5, 8)
+    """
     return _RecurrentSpec(RNN, n_hidden, return_sequences)
 
 
 def lstm(
     n_hidden: int, *, return_sequences: bool = False, forget_bias: float = 1.0
-) -> _RecurrentSpec:
+) -> LayerSpec:
     """An LSTM of ``n_hidden`` units sized by the builder: (N, T, D) -> (N, T, H)
-    with ``return_sequences``, else (N, H); ``forget_bias`` as in ``LSTM.init``."""
+    with ``return_sequences``, else (N, H); ``forget_bias`` as in ``LSTM.init``.
+
+    >>> net = dlfs.network(0, (28, 28), [dlfs.lstm(16), dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    >>> net.layers[0], net.output_shape
+    (LSTM(28 -> 16, return_sequences=False, float32), (10,))
+    """
     forget_bias = _check_number("forget_bias", forget_bias)
     return _RecurrentSpec(LSTM, n_hidden, return_sequences, (("forget_bias", forget_bias),))
 
 
-def gru(n_hidden: int, *, return_sequences: bool = False) -> _RecurrentSpec:
+def gru(n_hidden: int, *, return_sequences: bool = False) -> LayerSpec:
     """A GRU of ``n_hidden`` units sized by the builder: (N, T, D) -> (N, T, H)
-    with ``return_sequences``, else (N, H), the last step."""
+    with ``return_sequences``, else (N, H), the last step.
+
+    >>> net = dlfs.network(0, (5, 3), [dlfs.gru(4)], dlfs.MeanSquaredError())
+    >>> net.predict(np.ones((2, 5, 3), np.float32)).shape
+    (2, 4)
+    """
     return _RecurrentSpec(GRU, n_hidden, return_sequences)
 
 
@@ -3247,7 +3697,13 @@ class Summary:
     """What ``Network.summary()`` returns: the network's one-line description
     (``title``), one row per layer (name, output shape, parameter count; the
     input row has None) and the total.  ``print`` it for the table; Jupyter
-    renders it as an HTML table."""
+    renders it as an HTML table.  Shapes read (N, ...) per row.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> s = net.summary()
+    >>> s.total, s.rows[1]
+    (21, ('Dense(3 -> 4, float32)', '(N, 4)', 16))
+    """
 
     title: str
     rows: tuple[tuple[str, str, int | None], ...]
@@ -3278,11 +3734,22 @@ class Network:
     ``input_shape`` is the per-sample input shape, e.g. ``(13,)`` or
     ``(1, 28, 28)``.  x: (N, *input_shape) -> (N, *output_shape); x is a float
     array of the network's dtype, or integer token ids when the first layer
-    is an Embedding.
+    is an Embedding.  ``network`` builds one from specs; ``Network(layers,
+    loss, input_shape)`` takes ready layers.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> net
+    Network((3,) -> (1,), 3 layers, 21 params, float32, MeanSquaredError)
+    >>> x, y = np.ones((5, 3), np.float32), np.zeros((5, 1), np.float32)
+    >>> loss, grads, _ = net.loss_and_grads(x, y)
+    >>> [[g.shape for g in layer] for layer in grads]  # aligned with net.params()
+    [[(3, 4), (4,)], [], [(4, 1), (1,)]]
+    >>> net.predict(x).shape
+    (5, 1)
     """
 
-    layers: tuple[Any, ...] = attrs.field(converter=tuple)
-    loss: Any
+    layers: tuple[Layer, ...] = attrs.field(converter=tuple)
+    loss: Loss
     input_shape: tuple[int, ...] = attrs.field(converter=lambda s: _as_shape("input_shape", s))
 
     def __attrs_post_init__(self) -> None:
@@ -3537,7 +4004,12 @@ class Network:
         return self.predict(x, batch_size=batch_size).argmax(axis=-1).astype(np.int64)
 
     def evaluate(
-        self, x: np.ndarray, y: np.ndarray, *, metric: Any = "auto", batch_size: int = 1024
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        metric: Metric | Literal["auto"] | None = "auto",
+        batch_size: int = 1024,
     ) -> dict[str, float]:
         """Loss and metric on a data set, in evaluation mode:
         ``{"loss": L, "<metric name>": m}`` as plain floats.  ``metric``: "auto"
@@ -3554,18 +4026,23 @@ class Network:
 def network(
     key: int | Key,
     input_shape: int | tuple[int, ...],
-    layers: Sequence[Any],
-    loss: Any,
+    layers: Sequence[Layer | LayerSpec],
+    loss: Loss,
     *,
-    dtype: Any = np.float32,
+    dtype: DTypeLike = np.float32,
 ) -> Network:
     """Build a network, inferring every layer's input size from the one before.
 
     ``layers`` mixes specs such as ``dense(13, Sigmoid())`` and ready layers
     such as ``ReLU()``; each spec draws its weights from its own sub-key.
+    ``input_shape`` is per sample: the network takes x: (N, *input_shape).
 
-        net = dlfs.network(0, 13, [dlfs.dense(13, dlfs.Sigmoid()), dlfs.dense(1)],
-                           dlfs.MeanSquaredError())
+    >>> net = dlfs.network(0, 13, [dlfs.dense(13, dlfs.Sigmoid()), dlfs.dense(1)],
+    ...                    dlfs.MeanSquaredError())
+    >>> net
+    Network((13,) -> (1,), 3 layers, 196 params, float32, MeanSquaredError)
+    >>> net.predict(np.zeros((4, 13), np.float32)).shape
+    (4, 1)
     """
     key = _as_key("key", key)
     shape = _as_shape("input_shape", input_shape)
@@ -3623,6 +4100,23 @@ def _check_params(params: Any) -> None:
             _check_float(f"params[{i}][{j}]", p)
 
 
+class Schedule(Protocol):
+    """A learning-rate schedule: ``lr(t)`` for the update count t = 0, 1, 2, ...
+    (defined at t = 0: the first update uses ``lr(0)``).  Every optimizer's
+    ``lr`` takes a number or a schedule; ``OptState.lr`` holds the rate of
+    the last update.  Any function of the step will do:
+
+    >>> warm = lambda t: 0.1 * min(1.0, (t + 1) / 3)
+    >>> opt = dlfs.SGD(lr=warm)
+    >>> params = ((np.ones(2),),)
+    >>> _, state = opt.update(((np.ones(2),),), opt.init(params), params)
+    >>> round(state.lr, 4)
+    0.0333
+    """
+
+    def __call__(self, step: int, /) -> float: ...
+
+
 def _check_schedule(name: str, value: Any) -> Any:
     """A learning rate: a non-negative number or a schedule (callable of the step)."""
     if callable(value):
@@ -3639,7 +4133,12 @@ def _lr_at(lr: Any, count: int) -> float:
 
 @attrs.frozen
 class Constant:
-    """lr(t) = lr."""
+    """lr(t) = lr.
+
+    >>> schedule = dlfs.Constant(0.1)
+    >>> schedule(0), schedule(1000)
+    (0.1, 0.1)
+    """
 
     lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
 
@@ -3649,7 +4148,12 @@ class Constant:
 
 @attrs.frozen
 class StepDecay:
-    """lr(t) = lr * gamma ** (t // step_size)."""
+    """lr(t) = lr * gamma ** (t // step_size) (PyTorch's ``StepLR``; gamma 0.1).
+
+    >>> schedule = dlfs.StepDecay(0.1, step_size=10)
+    >>> [round(schedule(t), 4) for t in (0, 9, 10, 25)]
+    [0.1, 0.1, 0.01, 0.001]
+    """
 
     lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
     step_size: int = attrs.field(converter=lambda v: _check_int("step_size", v))
@@ -3663,7 +4167,12 @@ class StepDecay:
 
 @attrs.frozen
 class ExponentialDecay:
-    """lr(t) = lr * gamma ** t."""
+    """lr(t) = lr * gamma ** t.
+
+    >>> schedule = dlfs.ExponentialDecay(1.0, gamma=0.5)
+    >>> [schedule(t) for t in range(3)]
+    [1.0, 0.5, 0.25]
+    """
 
     lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
     gamma: float = attrs.field(converter=lambda v: _check_number("gamma", v, low=0.0, high=1.0))
@@ -3674,7 +4183,12 @@ class ExponentialDecay:
 
 @attrs.frozen
 class LinearDecay:
-    """The book's linear decay: lr(t) = lr + (final_lr - lr) * min(t, steps) / steps."""
+    """The book's linear decay: lr(t) = lr + (final_lr - lr) * min(t, steps) / steps.
+
+    >>> schedule = dlfs.LinearDecay(0.1, final_lr=0.01, steps=10)
+    >>> [round(schedule(t), 4) for t in (0, 5, 10, 20)]
+    [0.1, 0.055, 0.01, 0.01]
+    """
 
     lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
     final_lr: float = attrs.field(converter=lambda v: _check_number("final_lr", v, low=0.0))
@@ -3691,6 +4205,10 @@ class CosineDecay:
     t < warmup: lr(t) = lr (t + 1) / warmup (so step 0 already trains);
     afterwards lr(t) = final_lr + (lr - final_lr) (1 + cos(pi s)) / 2 with
     s = min(t - warmup, steps - warmup) / (steps - warmup).
+
+    >>> schedule = dlfs.CosineDecay(1.0, steps=10, warmup=2)
+    >>> [round(schedule(t), 4) for t in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
     """
 
     lr: float = attrs.field(converter=lambda v: _check_number("lr", v, low=0.0))
@@ -3714,10 +4232,54 @@ class CosineDecay:
         return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * s))
 
 
+class Optimizer(Protocol):
+    """What ``TrainState``, ``fit`` and ``chain`` take as an optimizer: an
+    optax-style pair, ``state = opt.init(params)`` and ``new_params, new_state =
+    opt.update(grads, state, params)``, pure (nothing is modified in place).
+
+    params, grads: ``NetParams``, one tuple of arrays per layer (grads shaped
+    like params).  Every dlfs optimizer is one; so is any object with these
+    two methods, e.g. sign descent, p <- p - lr sign(g):
+
+    >>> import attrs
+    >>> @attrs.frozen
+    ... class SignSGD:
+    ...     lr: float = 0.01
+    ...     def init(self, params):
+    ...         return dlfs.OptState(0, self.lr)
+    ...     def update(self, grads, state, params):
+    ...         new = tuple(tuple(p - self.lr * np.sign(g) for p, g in zip(ps, gs))
+    ...                     for ps, gs in zip(params, grads))
+    ...         return new, dlfs.OptState(state.count + 1, self.lr)
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> state = dlfs.TrainState.create(net, SignSGD(0.1))
+    >>> state = dlfs.train_step(state, (np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)))
+    >>> state.opt_state.count, round(abs(float(state.net.layers[0].b[0])), 4)  # b moved by lr
+    (1, 0.1)
+    """
+
+    def init(self, params: NetParams) -> OptState:
+        """The state before the first update (moments at zero, count 0)."""
+        ...
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """(new params, new state) for one step along ``grads``."""
+        ...
+
+
 @attrs.frozen(eq=False)
 class OptState(_ArrayRecord):
     """Optimizer state: update count, the learning rate of the last update,
-    and per-optimizer moment trees (``slots``, each shaped like the params)."""
+    and per-optimizer moment trees (``slots``, each shaped like the params:
+    one tuple of arrays per layer).
+
+    >>> params = ((np.ones((2, 3)), np.zeros(3)),)
+    >>> state = dlfs.Adam(1e-3).init(params)
+    >>> state.count, state.lr, len(state.slots), state.slots[0][0][0].shape
+    (0, 0.001, 2, (2, 3))
+    """
 
     count: int
     lr: float
@@ -3807,9 +4369,19 @@ def _sgd_leaf(p: np.ndarray, g: np.ndarray, lr: float, owned: bool) -> np.ndarra
 
 @attrs.frozen
 class SGD:
-    """Plain SGD (the book's): p <- p - lr * (g + wd * p).  ``lr`` may be a schedule."""
+    """Plain SGD (the book's): p <- p - lr * (g + wd * p).  ``lr`` may be a schedule.
 
-    lr: Any = _lr_field(0.01)
+    params, grads: one tuple of arrays per layer (``Network.params()``'s
+    structure), grads shaped like params.
+
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.SGD(lr=0.1)
+    >>> new, state = opt.update(grads, opt.init(params), params)
+    >>> new[0][0].tolist(), state.count
+    ([0.95, -1.05], 1)
+    """
+
+    lr: float | Schedule = _lr_field(0.01)
     weight_decay: float = _wd_field()
 
     def init(self, params: NetParams) -> OptState:
@@ -3838,9 +4410,18 @@ class SGD:
 @attrs.frozen
 class Momentum:
     """SGD with momentum (PyTorch): b <- mu b + g (b_1 = g), p <- p - lr b;
-    Nesterov: p <- p - lr (g + mu b)."""
+    Nesterov: p <- p - lr (g + mu b).  The velocity b is shaped like the params.
 
-    lr: Any = _lr_field(0.01)
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.Momentum(lr=0.1, momentum=0.9)
+    >>> state = opt.init(params)
+    >>> for _ in range(2):
+    ...     params, state = opt.update(grads, state, params)
+    >>> np.round(params[0][0], 4).tolist()  # steps of 0.05, then 0.095
+    [0.855, -1.145]
+    """
+
+    lr: float | Schedule = _lr_field(0.01)
     momentum: float = attrs.field(
         default=0.9,
         converter=lambda v: _check_number("momentum", v, low=0.0, high=1.0, high_open=True),
@@ -3870,16 +4451,34 @@ class Momentum:
         return new, OptState(state.count + 1, lr, (_finish(b),))
 
 
-def Nesterov(lr: Any = 0.01, momentum: float = 0.9, weight_decay: float = 0.0) -> Momentum:  # noqa: N802
-    """Nesterov momentum: ``Momentum(..., nesterov=True)``."""
+def Nesterov(lr: float | Schedule = 0.01, momentum: float = 0.9, weight_decay: float = 0.0) -> Momentum:  # noqa: N802
+    """Nesterov momentum: ``Momentum(..., nesterov=True)``; b <- mu b + g,
+    p <- p - lr (g + mu b).  params, grads: one tuple of arrays per layer,
+    grads and b shaped like params.
+
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.Nesterov(lr=0.1, momentum=0.9)
+    >>> new, _ = opt.update(grads, opt.init(params), params)
+    >>> np.round(new[0][0], 4).tolist()  # a step of 0.1 * (0.5 + 0.9 * 0.5)
+    [0.905, -1.095]
+    """
     return Momentum(lr, momentum, weight_decay, nesterov=True)
 
 
 @attrs.frozen
 class AdaGrad:
-    """AdaGrad (PyTorch): s <- s + g^2 (s_0 = 0), p <- p - lr g / (sqrt(s) + eps)."""
+    """AdaGrad (PyTorch): s <- s + g^2 (s_0 = 0), p <- p - lr g / (sqrt(s) + eps).
 
-    lr: Any = _lr_field(0.01)
+    s is shaped like the params; params and grads as for ``SGD``.
+
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.AdaGrad(lr=0.1)
+    >>> new, _ = opt.update(grads, opt.init(params), params)
+    >>> np.round(new[0][0], 4).tolist()  # the first step is lr sign(g)
+    [0.9, -1.1]
+    """
+
+    lr: float | Schedule = _lr_field(0.01)
     eps: float = _eps_field(1e-10)
     weight_decay: float = _wd_field()
 
@@ -3908,9 +4507,17 @@ class AdaGrad:
 @attrs.frozen
 class RMSProp:
     """RMSProp (PyTorch, no bias correction): v <- a v + (1 - a) g^2,
-    p <- p - lr g / (sqrt(v) + eps)."""
+    p <- p - lr g / (sqrt(v) + eps).  v is shaped like the params; params
+    and grads as for ``SGD``.
 
-    lr: Any = _lr_field(0.01)
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.RMSProp(lr=0.01)
+    >>> new, _ = opt.update(grads, opt.init(params), params)
+    >>> np.round(new[0][0], 4).tolist()  # first step lr / sqrt(1 - a) = 10 lr: no bias correction
+    [0.9, -1.1]
+    """
+
+    lr: float | Schedule = _lr_field(0.01)
     alpha: float = attrs.field(
         default=0.99, converter=lambda v: _check_number("alpha", v, low=0.0, high=1.0)
     )
@@ -3969,9 +4576,17 @@ class Adam:
     """Adam (PyTorch): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
     p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps).  ``weight_decay``
     is L2 (adds wd p to g) unless ``decoupled``, which is AdamW: p <- p (1 - lr wd)
-    before the Adam step."""
+    before the Adam step.  m and v are shaped like the params; params and grads
+    as for ``SGD``.
 
-    lr: Any = _lr_field(1e-3)
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.Adam(lr=0.1)
+    >>> new, state = opt.update(grads, opt.init(params), params)
+    >>> np.round(new[0][0], 4).tolist(), state.count  # the first step is lr sign(g)
+    ([0.9, -1.1], 1)
+    """
+
+    lr: float | Schedule = _lr_field(1e-3)
     b1: float = _beta_field("b1", 0.9)
     b2: float = _beta_field("b2", 0.999)
     eps: float = _eps_field(1e-8)
@@ -4000,20 +4615,61 @@ class Adam:
 
 
 def AdamW(  # noqa: N802
-    lr: Any = 1e-3,
+    lr: float | Schedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> Adam:
     """AdamW (PyTorch): p <- p (1 - lr wd) first, then the Adam step (default wd 0.01);
-    ``Adam(..., decoupled=True)``."""
+    ``Adam(..., decoupled=True)``.  params, grads: one tuple of arrays per
+    layer, grads, m and v shaped like params.
+
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> opt = dlfs.AdamW(lr=0.1)
+    >>> new, _ = opt.update(grads, opt.init(params), params)
+    >>> np.round(new[0][0], 4).tolist()  # shrunk by 1 - 0.1 * 0.01, then moved by 0.1
+    [0.899, -1.099]
+    """
     return Adam(lr, b1, b2, eps, weight_decay, decoupled=True)
+
+
+class GradientTransform(Protocol):
+    """What ``chain`` takes before the optimizer: ``transform(grads, params) ->
+    grads``, a new gradient tree shaped like ``grads`` (``ClipByGlobalNorm``,
+    ``WeightDecay``, ``AllReduce``).
+
+    >>> grads = ((np.array([3.0, 4.0]),),)
+    >>> dlfs.WeightDecay(0.5)(grads, grads)[0][0].tolist()  # g + 0.5 p, here with p = g
+    [4.5, 6.0]
+    """
+
+    def __call__(self, grads: NetParams, params: NetParams, /) -> NetParams: ...
+
+
+class Constraint(Protocol):
+    """What ``chain`` takes after the optimizer: ``constraint(params) -> params``,
+    applied to the new parameters of every step (``MaxNorm``); the result has
+    the structure and shapes of ``params`` (one tuple of arrays per layer).
+
+    >>> params = ((np.array([[3.0], [4.0]]),),)
+    >>> np.round(dlfs.MaxNorm(1.0)(params)[0][0], 4).tolist()
+    [[0.6], [0.8]]
+    """
+
+    def __call__(self, params: NetParams, /) -> NetParams: ...
 
 
 @attrs.frozen
 class ClipByGlobalNorm:
-    """Gradient transform: g <- g * min(1, max_norm / (||g|| + 1e-6)), ||g|| over all arrays."""
+    """Gradient transform: g <- g * min(1, max_norm / (||g|| + 1e-6)), ||g|| over all arrays.
+
+    grads, params: one tuple of arrays per layer -> grads of the same structure.
+
+    >>> grads = ((np.array([3.0, 4.0]),),)
+    >>> np.round(dlfs.ClipByGlobalNorm(1.0)(grads, grads)[0][0], 4).tolist()  # norm 5 -> 1
+    [0.6, 0.8]
+    """
 
     max_norm: float = attrs.field(
         converter=lambda v: _check_number("max_norm", v, low=0.0, low_open=True)
@@ -4033,7 +4689,14 @@ class ClipByGlobalNorm:
 
 @attrs.frozen
 class WeightDecay:
-    """Gradient transform: L2 weight decay g <- g + wd * p."""
+    """Gradient transform: L2 weight decay g <- g + wd * p.
+
+    grads, params: one tuple of arrays per layer -> grads of the same structure.
+
+    >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
+    >>> dlfs.WeightDecay(0.1)(grads, params)[0][0].tolist()
+    [0.6, 0.4]
+    """
 
     weight_decay: float = attrs.field(converter=lambda v: _check_number("weight_decay", v, low=0.0))
 
@@ -4047,8 +4710,35 @@ class WeightDecay:
         return _decay(grads, params, self.weight_decay)
 
 
-# An MPI communicator is duck-typed (mpi4py's ``MPI.COMM_WORLD`` is one): dlfs
-# imports no MPI.  ``Allreduce(sendbuf, recvbuf)`` must sum, mpi4py's default op.
+class Comm(Protocol):
+    """What dlfs uses of an MPI communicator (mpi4py's ``MPI.COMM_WORLD`` is one;
+    dlfs imports no MPI): ``Allreduce(sendbuf, recvbuf)`` sums ``sendbuf``
+    over the ranks into ``recvbuf`` (mpi4py's default op, ``MPI.SUM``; both
+    contiguous arrays of one shape and dtype), ``Get_rank()`` this process's
+    rank r in [0, R), ``Get_size()`` the number of ranks R.
+
+    >>> class OneRank:  # a stand-in for a single process
+    ...     def Allreduce(self, sendbuf, recvbuf): recvbuf[...] = sendbuf
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    >>> dlfs.shard(10, OneRank().Get_rank(), OneRank().Get_size())
+    slice(0, 10, None)
+    """
+
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, /) -> Any:  # noqa: N802 (mpi4py's name)
+        """Sum ``sendbuf`` over all ranks into ``recvbuf``."""
+        ...
+
+    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's name)
+        """This process's rank, 0 <= rank < size."""
+        ...
+
+    def Get_size(self) -> int:  # noqa: N802 (mpi4py's name)
+        """The number of ranks."""
+        ...
+
+
+# An MPI communicator is duck-typed (see ``Comm``): dlfs imports no MPI.
 _COMM_METHODS = ("Allreduce", "Get_rank", "Get_size")
 
 
@@ -4113,9 +4803,18 @@ class AllReduce:
     shards per rank that is all data parallelism needs; ``data_parallel_step``
     also weights unequal shards so the average is the global batch's mean
     gradient.  grads: per-layer tuples like params -> the same structure.
+
+    >>> class OneRank:  # a stand-in for mpi4py's MPI.COMM_WORLD in a single process
+    ...     def Allreduce(self, sendbuf, recvbuf): recvbuf[...] = sendbuf
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    >>> opt = dlfs.chain(dlfs.AllReduce(OneRank()), dlfs.SGD(0.1))
+    >>> grads = ((np.array([1.0, 2.0]),),)
+    >>> dlfs.AllReduce(OneRank())(grads, grads)[0][0].tolist()  # the mean over one rank
+    [1.0, 2.0]
     """
 
-    comm: Any = attrs.field(validator=lambda _self, _attr, comm: _check_comm(comm))
+    comm: Comm = attrs.field(validator=lambda _self, _attr, comm: _check_comm(comm))
 
     def __call__(self, grads: NetParams, params: NetParams) -> NetParams:
         """The rank-averaged grads (read-only views of one buffer)."""
@@ -4143,6 +4842,11 @@ class MaxNorm:
     weight vector is rescaled to norm <= c.  For a Dense w (D_in, D_out) that is
     each column; for a kernel (C_out, C_in, kh, kw) each output channel.
     Biases and other 1-D arrays are left alone; columns within c stay bit-identical.
+
+    >>> params = ((np.array([[3.0, 0.3], [4.0, 0.4]]), np.array([10.0, 10.0])),)
+    >>> w, b = dlfs.MaxNorm(1.0)(params)[0]
+    >>> np.round(w, 4).tolist(), b.tolist()  # column 0 had norm 5, column 1 norm 0.5
+    ([[0.6, 0.3], [0.8, 0.4]], [10.0, 10.0])
     """
 
     c: float = attrs.field(converter=lambda v: _check_number("c", v, low=0.0, low_open=True))
@@ -4162,14 +4866,21 @@ def _is_optimizer(obj: Any) -> bool:
 
 @attrs.frozen
 class Chain:
-    """Gradient transforms, then one optimizer, then parameter constraints.
+    """Gradient transforms, then one optimizer, then parameter constraints:
+    what ``chain`` returns.  update: g -> before[-1](...before[0](g)) ->
+    optimizer step -> after[0](...) on the new params; grads and params are
+    one tuple of arrays per layer, grads shaped like params.
 
     The state is the optimizer's own (so ``state.lr`` stays readable).
+
+    >>> opt = dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.SGD(0.1))
+    >>> opt.before, opt.optimizer, opt.after
+    ((ClipByGlobalNorm(max_norm=1.0),), SGD(lr=0.1, weight_decay=0.0), ())
     """
 
-    before: tuple[Any, ...] = attrs.field(converter=tuple)
-    optimizer: Any
-    after: tuple[Any, ...] = attrs.field(converter=tuple)
+    before: tuple[GradientTransform, ...] = attrs.field(converter=tuple)
+    optimizer: Optimizer
+    after: tuple[Constraint, ...] = attrs.field(converter=tuple)
 
     @property
     def lr(self) -> Any:
@@ -4204,10 +4915,18 @@ class Chain:
         return new, state
 
 
-def chain(*parts: Any) -> Chain:
+def chain(*parts: Optimizer | GradientTransform | Constraint) -> Chain:
     """``chain(ClipByGlobalNorm(1.0), Adam(1e-3), MaxNorm(3.0))``: exactly one
     optimizer; gradient transforms before it (``AllReduce`` only first),
-    constraints after it."""
+    constraints after it.  Itself an optimizer: init/update on one tuple of
+    arrays per layer, grads shaped like params, as ``SGD``.
+
+    >>> opt = dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.SGD(0.1), dlfs.MaxNorm(3.0))
+    >>> params, grads = ((np.array([1.0, 1.0]),),), ((np.array([30.0, 40.0]),),)
+    >>> new, state = opt.update(grads, opt.init(params), params)
+    >>> np.round(new[0][0], 4).tolist()  # the gradient clipped to norm 1 first
+    [0.94, 0.92]
+    """
     found = [i for i, p in enumerate(parts) if _is_optimizer(p)]
     if len(found) != 1:
         raise ValueError(f"chain needs exactly one optimizer, got {len(found)}")
@@ -4233,14 +4952,26 @@ def chain(*parts: Any) -> Chain:
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN/inf.  ``network`` is the last finite one."""
+    """A loss or gradient became NaN/inf.  ``network`` is the last finite one;
+    from ``fit`` also ``history``, ``epoch`` and ``step``.
+
+    >>> state = dlfs.TrainState.create(
+    ...     dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError()), dlfs.SGD(0.1)
+    ... )
+    >>> x, y = np.array([[np.nan, 1.0]], np.float32), np.zeros((1, 1), np.float32)
+    >>> try:
+    ...     dlfs.train_step(state, (x, y))
+    ... except dlfs.NonFiniteError as err:
+    ...     print(err, "/", err.network is state.net)
+    loss became NaN/inf at step 0 / True
+    """
 
     def __init__(
         self,
         message: str,
         *,
-        network: Any = None,
-        history: Any = None,
+        network: Network | None = None,
+        history: History | None = None,
         epoch: int | None = None,
         step: int | None = None,
     ) -> None:
@@ -4260,11 +4991,18 @@ class TrainState:
     optimizer state matches the network's parameters; network and optimizer
     are dlfs's own): its steps skip the optimizer's input checks.  Any other
     (built by hand, ``attrs.evolve``) is checked in full at its first step.
+
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> state = dlfs.TrainState.create(net, dlfs.SGD(0.1), key=0)
+    >>> x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+    >>> new = dlfs.train_step(state, (x, y))
+    >>> new.step, new.seen, new.net is net, state.step  # a new state; the old one is intact
+    (1, 4, False, 0)
     """
 
     net: Network
-    optimizer: Any
-    opt_state: Any
+    optimizer: Optimizer
+    opt_state: OptState
     key: Key = attrs.field(converter=lambda k: _as_key("key", k))
     step: int = 0
     loss_sum: float = 0.0
@@ -4272,7 +5010,7 @@ class TrainState:
     _fits: bool = attrs.field(default=False, init=False, repr=False)
 
     @classmethod
-    def create(cls, net: Network, optimizer: Any, key: int | Key = 0) -> TrainState:
+    def create(cls, net: Network, optimizer: Optimizer, key: int | Key = 0) -> TrainState:
         """A fresh state: ``optimizer.init(net.params())``, step 0."""
         if not isinstance(net, Network):
             raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
@@ -4329,7 +5067,11 @@ def shard(n: int, rank: int, size: int) -> slice:
 
     Contiguous and in rank order; the first ``n % size`` ranks take
     ``n // size + 1`` rows, the others ``n // size`` (``np.array_split``'s
-    split), so shards are empty when ``n < size``.
+    split), so shards are empty when ``n < size``.  x[shard(N, r, R)] is rank
+    r's (n_r, ...) part of a global batch x: (N, ...).
+
+    >>> [dlfs.shard(10, rank, 3) for rank in range(3)]
+    [slice(0, 4, None), slice(4, 7, None), slice(7, 10, None)]
     """
     n = _check_int("n", n, low=0)
     size = _check_int("size", size)
@@ -4445,12 +5187,33 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     shows up this way too; a NaN/inf gradient is caught through the updated
     parameters it poisons, so an optimizer that maps it to finite values
     goes on).  Fold it over batches with functools.reduce.
+    x: (N, *state.net.input_shape), y: (N, ...) the loss's targets.
+
+    >>> import functools
+    >>> x = dlfs.make_rng(0).standard_normal((64, 2), dtype=np.float32)
+    >>> y = x @ np.array([[2.0], [-1.0]], np.float32)
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> state = dlfs.TrainState.create(net, dlfs.SGD(0.1))
+    >>> first = dlfs.train_step(state, (x, y))
+    >>> later = functools.reduce(dlfs.train_step, dlfs.batches(x, y, 16, key=1), first)
+    >>> loss = lambda state: float(state.net.loss_and_grads(x, y)[0])
+    >>> later.step, loss(later) < loss(first)
+    (5, True)
     """
     return _step(state, batch, None)
 
 
 def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> TrainState:
-    """``functools.reduce(train_step, batches, state)`` with the epoch's loss reset."""
+    """``functools.reduce(train_step, batches, state)`` with the epoch's loss reset.
+
+    batches: (x, y) pairs, x: (B, *input_shape), y: (B, ...), e.g. from ``batches``.
+
+    >>> x, y = np.ones((64, 2), np.float32), np.ones((64, 1), np.float32)
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> state = dlfs.train_epoch(dlfs.TrainState.create(net, dlfs.SGD(0.1)), dlfs.batches(x, y, 16))
+    >>> state.step, state.seen
+    (4, 64)
+    """
     start = attrs.evolve(state, loss_sum=0.0, seen=0)
     try:
         return functools.reduce(train_step, batches, start)
@@ -4489,6 +5252,19 @@ def data_parallel_step(
     rank is sent as NaN gradients, so every rank raises NonFiniteError at the
     same step instead of the others waiting in the next all-reduce.
     Data cost: each rank indexes the whole global batch, compute is 1/R.
+
+    >>> class OneRank:  # a stand-in for mpi4py's MPI.COMM_WORLD in a single process
+    ...     def Allreduce(self, sendbuf, recvbuf): recvbuf[...] = sendbuf
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    >>> comm = OneRank()
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+    >>> state = dlfs.TrainState.create(net, dlfs.chain(dlfs.AllReduce(comm), dlfs.SGD(0.1)))
+    >>> ranked = dlfs.data_parallel_step(state, (x, y), comm)
+    >>> plain = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (x, y))
+    >>> all((a == b).all() for a, b in zip(ranked.net.params()[0], plain.net.params()[0]))
+    True
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
@@ -4496,10 +5272,21 @@ def data_parallel_step(
     return _step(state, batch, comm)
 
 
-def global_mean_loss(state: TrainState, comm: Any) -> float:
+def global_mean_loss(state: TrainState, comm: Comm) -> float:
     """The mean training loss per sample over all ranks' shards:
     sum_r loss_sum_r / sum_r seen_r (one Allreduce); NaN before any step.
-    Every rank gets the same value (call it on every rank)."""
+    Every rank gets the same value (call it on every rank).
+
+    >>> class OneRank:  # a stand-in for mpi4py's MPI.COMM_WORLD in a single process
+    ...     def Allreduce(self, sendbuf, recvbuf): recvbuf[...] = sendbuf
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> state = dlfs.TrainState.create(net, dlfs.SGD(0.1))
+    >>> state = dlfs.train_step(state, (np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)))
+    >>> dlfs.global_mean_loss(state, OneRank()) == state.mean_loss
+    True
+    """
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
     _check_comm(comm)
@@ -4520,7 +5307,7 @@ def _state_fields(layer: Any) -> list[str]:
     ]
 
 
-def sync_state(net: Network, comm: Any) -> Network:
+def sync_state(net: Network, comm: Comm) -> Network:
     """``net`` with each layer's state (BatchNorm's running mean and var) averaged
     over the ranks in one Allreduce: state_l <- (1/R) sum_r state_l,r.
 
@@ -4533,6 +5320,18 @@ def sync_state(net: Network, comm: Any) -> Network:
     parameters).  The running var becomes the average of the shards' unbiased
     variances, which misses the spread between shard means: it differs from a
     single process's.  Returns ``net`` itself when no layer has state.
+    A BatchNorm's mean and var: (C,) each.
+
+    >>> class OneRank:  # a stand-in for mpi4py's MPI.COMM_WORLD in a single process
+    ...     def Allreduce(self, sendbuf, recvbuf): recvbuf[...] = sendbuf
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    >>> net = dlfs.network(0, 3, [dlfs.dense(2), dlfs.batch_norm()], dlfs.MeanSquaredError())
+    >>> dlfs.sync_state(net, OneRank()).layers[1].var.tolist()
+    [1.0, 1.0]
+    >>> plain = dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> dlfs.sync_state(plain, OneRank()) is plain  # no state to average
+    True
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
@@ -4551,12 +5350,28 @@ def sync_state(net: Network, comm: Any) -> Network:
 
 class StopTraining(Exception):  # noqa: N818 (Keras/Lightning-style name: it is a signal, not an error)
     """Raise it from a ``fit`` callback to end training after this epoch, just as
-    returning ``False`` does; ``history.stop_reason`` becomes ``"callback"``."""
+    returning ``False`` does; ``history.stop_reason`` becomes ``"callback"``.
+
+    >>> def stop_after_2(record):
+    ...     if record.epoch == 2:
+    ...         raise dlfs.StopTraining
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> x, y = np.ones((8, 2), np.float32), np.ones((8, 1), np.float32)
+    >>> _, history = dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=10, callback=stop_after_2)
+    >>> history.epochs, history.stop_reason
+    ([1, 2], 'callback')
+    """
 
 
 @attrs.frozen
 class EpochRecord:
-    """One epoch of history; validation fields are None when not evaluated."""
+    """One epoch of history; validation fields are None when not evaluated.
+
+    >>> dlfs.EpochRecord(1, 0.5)
+    EpochRecord(epoch=1, train_loss=0.5)
+    >>> dlfs.EpochRecord(2, 0.25, val_loss=0.3, val_metric=0.9)
+    EpochRecord(epoch=2, train_loss=0.25, val_loss=0.3, val_metric=0.9)
+    """
 
     epoch: int
     train_loss: float
@@ -4587,6 +5402,12 @@ class History:
     or None; ``steps``: optimizer steps taken in all, mid-epoch ones included.
     Columns: ``epochs``, ``train_loss``, ``val_loss``, ``val_metric``;
     ``as_dict()`` for pandas, ``plot()`` for curves.
+
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> x, y = np.ones((8, 2), np.float32), np.ones((8, 1), np.float32)
+    >>> _, history = dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=3, validation=(x, y))
+    >>> history.epochs, history.stop_reason, history.steps, list(history.as_dict())
+    ([1, 2, 3], 'completed', 3, ['epoch', 'train_loss', 'val_loss'])
     """
 
     records: tuple[EpochRecord, ...] = ()
@@ -5070,6 +5891,53 @@ class _FitRun:
     stop: str | None = None
 
 
+class ProgressBar(Protocol):
+    """What a ``ProgressFactory`` returns (a tqdm bar is one): ``update(n)``
+    after every n steps and ``close()`` at the end; ``fit`` also calls
+    ``set_postfix(dict, refresh=False)`` and ``write(text)`` when the bar has them.
+
+    >>> class Marks:  # one # per step
+    ...     def update(self, n=1):
+    ...         print("#" * n, end="")
+    ...     def close(self):
+    ...         print(" done")
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+    >>> _ = dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=2, batch_size=2,
+    ...              progress=lambda total, desc: Marks())
+    #### done
+    """
+
+    def update(self, n: int = 1, /) -> Any:
+        """Count ``n`` more steps."""
+        ...
+
+    def close(self) -> Any:
+        """The end of training (also after an interrupt or an error)."""
+        ...
+
+
+class ProgressFactory(Protocol):
+    """What ``fit(progress=...)`` takes besides True/False/None:
+    ``progress(total=steps, desc="fit")`` returns a ``ProgressBar``
+    (``tqdm.tqdm`` and ``tqdm.auto.tqdm`` are such factories).
+
+    >>> class Count:  # a bar that only counts
+    ...     def __init__(self, total, desc):
+    ...         self.total, self.desc, self.n = total, desc, 0
+    ...     def update(self, n=1):
+    ...         self.n += n
+    ...     def close(self):
+    ...         print(f"{self.desc}: {self.n} of {self.total} steps")
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+    >>> _ = dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=2, batch_size=2, progress=Count)
+    fit: 4 of 4 steps
+    """
+
+    def __call__(self, *, total: int, desc: str) -> ProgressBar: ...
+
+
 def _tqdm_auto() -> Any:
     """``tqdm.auto.tqdm``, or None when tqdm is not installed."""
     try:
@@ -5350,7 +6218,7 @@ def _fit_optimizer(optimizer: Any, comm: Any) -> Any:
 
 def fit(
     net: Network,
-    optimizer: Any,
+    optimizer: Optimizer,
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -5363,14 +6231,14 @@ def fit(
     drop_last: bool = False,
     early_stopping: bool | None = None,
     patience: int | None = None,
-    metric: Any = "auto",
+    metric: Metric | Literal["auto"] | None = "auto",
     verbose: bool = False,
     callback: Callable[[EpochRecord], Any] | None = None,
-    progress: Any = None,
+    progress: bool | ProgressFactory | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
-    comm: Any = None,
+    comm: Comm | None = None,
 ) -> tuple[Network, History]:
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
@@ -5435,6 +6303,18 @@ def fit(
     raising, so all ranks stop after the same step and rank 0 saves; a second
     SIGINT raises KeyboardInterrupt on that rank, which aborts).  Dropout masks
     and BatchNorm batch statistics are per rank: see ``data_parallel_step``.
+
+    >>> rng = dlfs.make_rng(0)
+    >>> x = rng.standard_normal((200, 2), dtype=np.float32)
+    >>> y = (x[:, 0] > x[:, 1]).astype(np.int64)  # two classes, split by a line
+    >>> net = dlfs.network(0, 2, [dlfs.dense(8, dlfs.ReLU()), dlfs.dense(2)], dlfs.SoftmaxCrossEntropy())
+    >>> trained, history = dlfs.fit(
+    ...     net, dlfs.Adam(0.05), x[:150], y[:150], epochs=10, validation=(x[150:], y[150:])
+    ... )
+    >>> history.epochs[-1], history.metric, history.val_metric[-1] > 0.9
+    (10, 'accuracy', True)
+    >>> trained.evaluate(x[150:], y[150:])["accuracy"] == history.val_metric[-1]
+    True
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
@@ -5513,19 +6393,46 @@ def fit(
 # ------------------------------------------------------------------- metrics
 
 
+class Metric(Protocol):
+    """What ``fit(metric=...)`` and ``Network.evaluate(metric=...)`` take:
+    ``metric(pred, target) -> float`` on a whole data set, pred: (N, ...) the
+    network's outputs, target: (N, ...) as for the loss.  Its ``__name__``
+    names it in the history (``val_<name>``).  ``accuracy``, ``mae`` and
+    ``rmse`` are metrics; so is any such function:
+
+    >>> def max_error(pred, target):
+    ...     return float(np.abs(pred - target).max())
+    >>> net = dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    >>> x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+    >>> sorted(net.evaluate(x, y, metric=max_error))
+    ['loss', 'max_error']
+    """
+
+    def __call__(self, pred: np.ndarray, target: np.ndarray, /) -> float: ...
+
+
 def _check_pair(pred: Any, target: Any) -> None:
     _check_pred("pred", pred)
     _check_same_shape(pred, target)
 
 
 def mae(pred: np.ndarray, target: np.ndarray) -> float:
-    """Mean absolute error: mean(|p - y|); pred, target: same shape."""
+    """Mean absolute error: mean(|p - y|); pred, target: (N, ...) of the same shape.
+
+    >>> dlfs.mae(np.array([[1.0], [2.0]]), np.array([[1.5], [1.0]]))
+    0.75
+    """
     _check_pair(pred, target)
     return float(np.mean(np.abs(pred - target)))
 
 
 def rmse(pred: np.ndarray, target: np.ndarray) -> float:
-    """Root mean squared error: sqrt(mean((p - y)^2)); pred, target: same shape."""
+    """Root mean squared error: sqrt(mean((p - y)^2)); pred, target: (N, ...) of
+    the same shape.
+
+    >>> dlfs.rmse(np.array([[1.0], [2.0]]), np.array([[4.0], [6.0]]))  # sqrt((9 + 16) / 2)
+    3.5355339059327378
+    """
     _check_pair(pred, target)
     return float(np.sqrt(np.mean((pred - target) ** 2)))
 
@@ -5538,6 +6445,10 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     ``binary_accuracy`` (z > 0 against t > 0.5); for multi-label BCE outputs
     (N, K) call ``binary_accuracy`` directly.  Sequences, pred (N, T, K) with
     labels (N, T) or one-hot (N, T, K), count every position.
+
+    >>> scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> dlfs.accuracy(scores, np.array([0, 1, 1]))
+    0.6666666666666666
     """
     _check_pred("pred", pred)
     if pred.ndim == 3:
@@ -5573,6 +6484,9 @@ def binary_accuracy(logits: np.ndarray, target: np.ndarray) -> float:
     """Fraction of correct binary decisions, entry by entry: mean((z > 0) == (t > 0.5)).
 
     logits, target: (N,) or (N, K) of equal shape (K independent labels).
+
+    >>> dlfs.binary_accuracy(np.array([[2.0], [-1.0]]), np.array([[1.0], [1.0]]))
+    0.5
     """
     _check_pred("logits", logits)
     _check_ndarray("target", target)
@@ -5592,6 +6506,11 @@ def confusion_matrix(
     pred: class ids (N,) (e.g. ``net.predict_classes(x)``) or scores (N, K),
     K > 1, whose argmax is taken; labels: integer labels (N,); ``n_classes``:
     K (default: the scores' K, else the largest id + 1).  -> (K, K) int64.
+
+    >>> dlfs.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
+    array([[1, 0, 0],
+           [0, 1, 0],
+           [0, 1, 1]])
     """
     _check_ndarray("pred", pred)
     _check_ndarray("labels", labels)
@@ -5637,7 +6556,11 @@ def confusion_matrix(
 
 
 def to_2d(a: np.ndarray, kind: str = "col") -> np.ndarray:
-    """The book's ``to_2d_np``: a 1-D array (N,) as a column (N, 1) or a row (1, N)."""
+    """The book's ``to_2d_np``: a 1-D array (N,) as a column (N, 1) or a row (1, N).
+
+    >>> dlfs.to_2d(np.array([1.0, 2.0])).shape, dlfs.to_2d(np.array([1.0, 2.0]), "row").shape
+    ((2, 1), (1, 2))
+    """
     _check_ndarray("a", a)
     if a.ndim != 1:
         raise ValueError(f"a must be 1-D, got shape {a.shape}")
@@ -5648,8 +6571,13 @@ def to_2d(a: np.ndarray, kind: str = "col") -> np.ndarray:
     return a.reshape(-1, 1) if kind == "col" else a.reshape(1, -1)
 
 
-def one_hot(labels: np.ndarray, n_classes: int, dtype: Any = np.float32) -> np.ndarray:
-    """Integer labels (N,) in [0, K) -> one-hot (N, K)."""
+def one_hot(labels: np.ndarray, n_classes: int, dtype: DTypeLike = np.float32) -> np.ndarray:
+    """Integer labels (N,) in [0, K) -> one-hot (N, K): out[n, labels[n]] = 1.
+
+    >>> dlfs.one_hot(np.array([2, 0]), 3)
+    array([[0., 0., 1.],
+           [1., 0., 0.]], dtype=float32)
+    """
     _check_ndarray("labels", labels)
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
@@ -5663,7 +6591,14 @@ def one_hot(labels: np.ndarray, n_classes: int, dtype: Any = np.float32) -> np.n
 
 
 def permute(key: int | Key, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The book's ``permute_data``: the same random row order applied to each array."""
+    """The book's ``permute_data``: the same random row order applied to each array;
+    arrays: each (N, ...) -> new arrays of the same shapes.
+
+    >>> x, y = np.arange(4.0)[:, None], np.arange(4)
+    >>> px, py = dlfs.permute(0, x, y)
+    >>> bool((px[:, 0] == py).all()), sorted(py.tolist())  # rows stay paired
+    (True, [0, 1, 2, 3])
+    """
     if not arrays:
         raise ValueError("permute needs at least one array")
     for i, a in enumerate(arrays):
@@ -5686,7 +6621,15 @@ def batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (x_batch, y_batch) of ``batch_size`` rows, in a random order drawn
     from ``key`` (in order when key is None).  The last batch may be smaller;
-    ``drop_last=True`` skips it (PyTorch's DataLoader option)."""
+    ``drop_last=True`` skips it (PyTorch's DataLoader option).
+    x: (N, ...), y: (N, ...) -> pairs (B, ...), B = batch_size.
+
+    >>> x, y = np.zeros((10, 3)), np.arange(10)
+    >>> [xb.shape for xb, _ in dlfs.batches(x, y, 4)]
+    [(4, 3), (4, 3), (2, 3)]
+    >>> [yb.tolist() for _, yb in dlfs.batches(x, y, 4, drop_last=True)]
+    [[0, 1, 2, 3], [4, 5, 6, 7]]
+    """
     _check_ndarray("x", x)
     if x.ndim == 0:
         raise ValueError(f"x must have a batch axis, got shape {x.shape}")
@@ -5936,6 +6879,17 @@ def load_mnist(
     download goes to a temporary file that is kept only when its md5 matches
     the published checksum, and a cached file that no longer matches is
     fetched again.  Standard library and numpy only.
+
+    Here with a file shaped like MNIST's (two blank images per split):
+
+    >>> import os, tempfile
+    >>> blank = np.zeros((2, 28, 28), np.uint8)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "mnist.npz")
+    ...     np.savez(path, x_train=blank, y_train=np.array([3, 5]), x_test=blank, y_test=np.array([0, 9]))
+    ...     (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(path, flatten=True)
+    >>> x_train.shape, x_train.dtype, y_test.tolist()
+    ((2, 784), dtype('float32'), [0, 9])
     """
     if not isinstance(flatten, (bool, np.bool_)):
         raise TypeError(f"flatten must be a bool, got {flatten!r}")
@@ -5964,7 +6918,17 @@ def load_mnist(
 
 
 class GradientCheckError(AssertionError):
-    """An analytic gradient disagrees with central finite differences."""
+    """An analytic gradient disagrees with central finite differences (an
+    AssertionError, so pytest reports it as a failed check).
+
+    >>> def square(a):  # y = a^2, with a wrong vjp: dy * a instead of 2 a dy
+    ...     return a * a, lambda dy: (dy * a,)
+    >>> try:
+    ...     dlfs.check_grads(square, [np.array([1.0, 2.0])])
+    ... except dlfs.GradientCheckError as err:
+    ...     print("caught:", str(err).split(":")[0])
+    caught: gradient 0, direction 0
+    """
 
 
 # Rounding error of one evaluation of L = sum(y * dy) in float64, per unit of
@@ -6004,6 +6968,14 @@ def check_grads(
     float64 epsilon: the last term bounds the rounding error of the
     difference, which scales with the terms of L, not with L (they can
     cancel).  Returns the largest error; raises GradientCheckError on a mismatch.
+    Each gradient has its arg's shape; y may have any shape (dy is drawn like y).
+
+    >>> def f(w, x):  # y = x @ w, x: (N, D), w: (D, K) -> y: (N, K)
+    ...     return x @ w, lambda dy: (x.T @ dy, dy @ w.T)
+    >>> rng = dlfs.make_rng(0)
+    >>> err = dlfs.check_grads(f, [rng.standard_normal((3, 2)), rng.standard_normal((4, 3))])
+    >>> err < 1e-8
+    True
     """
     if not callable(f):
         raise TypeError(f"f must be callable(*args) -> (y, vjp), got {type(f).__name__}")
@@ -6049,8 +7021,16 @@ def check_grads(
     return worst
 
 
-def check_layer(layer: Any, x: np.ndarray, ctx: Context = EVAL, **kwargs: Any) -> float:
-    """``check_grads`` for a layer: its input and every parameter array (float64)."""
+def check_layer(layer: Layer, x: np.ndarray, ctx: Context = EVAL, **kwargs: Any) -> float:
+    """``check_grads`` for a layer: its input and every parameter array (float64).
+
+    x: (N, *in_shape), float64 like the layer's arrays; ``kwargs`` go to
+    ``check_grads``.  Returns the largest error; GradientCheckError on a mismatch.
+
+    >>> layer = dlfs.Dense.init(0, 3, 2, dtype=np.float64)
+    >>> dlfs.check_layer(layer, dlfs.make_rng(1).standard_normal((4, 3))) < 1e-8
+    True
+    """
     n = len(layer.params())
 
     def f(x: np.ndarray, *ps: np.ndarray) -> tuple[np.ndarray, Callable]:
@@ -6061,8 +7041,15 @@ def check_layer(layer: Any, x: np.ndarray, ctx: Context = EVAL, **kwargs: Any) -
     return check_grads(f, [x, *layer.params()], **kwargs)
 
 
-def check_loss(loss: Any, pred: np.ndarray, target: np.ndarray, **kwargs: Any) -> float:
-    """``check_grads`` for a loss with respect to its predictions (float64)."""
+def check_loss(loss: Loss, pred: np.ndarray, target: np.ndarray, **kwargs: Any) -> float:
+    """``check_grads`` for a loss with respect to its predictions (float64).
+
+    pred: (N, ...) float64; target as the loss takes it.
+
+    >>> logits = dlfs.make_rng(0).standard_normal((4, 3))
+    >>> dlfs.check_loss(dlfs.SoftmaxCrossEntropy(), logits, np.array([0, 2, 1, 0])) < 1e-8
+    True
+    """
 
     def f(p: np.ndarray) -> tuple[np.ndarray, Callable]:
         value, cache = loss.forward(p, target)
@@ -6111,12 +7098,22 @@ _STRUCTURE_MAX = 64 << 20  # the JSON description is small; refuse to inflate a 
 class Checkpoint:
     """What ``load`` returns.
 
-    ``net``: the saved Network (arrays bit-exact, read-only); ``opt_state``:
+    ``net``: the saved Network (arrays bit-exact, read-only, of the saved
+    shapes and dtypes); ``opt_state``:
     the saved OptState or None (use ``opt_state_for(optimizer)`` to check it
     against an optimizer); ``meta``: the JSON-decoded ``meta`` given to
     ``save`` (tuples come back as lists), ``{}`` if none; ``best``: the best
     network so far of an early-stopping ``fit`` checkpoint, else None;
     ``version``/``dlfs_version``: the file format and the dlfs that wrote it.
+
+    >>> import os, tempfile
+    >>> net = dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> opt = dlfs.Adam()
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     dlfs.save(os.path.join(folder, "net.npz"), net, opt.init(net.params()))
+    ...     ckpt = dlfs.load(os.path.join(folder, "net.npz"))
+    >>> ckpt.version, ckpt.meta, ckpt.best, ckpt.opt_state_for(opt).count
+    (1, {}, None, 0)
     """
 
     net: Network
@@ -6501,7 +7498,13 @@ def _save(
     _atomic_write(path, arrays)
 
 
-def save(path: str | os.PathLike, net: Network, opt_state: Any = None, *, meta: Any = None) -> None:
+def save(
+    path: str | os.PathLike,
+    net: Network,
+    opt_state: OptState | None = None,
+    *,
+    meta: dict[str, Any] | None = None,
+) -> None:
     """Save ``net`` (and an optimizer state, and a JSON-able ``meta`` dict) to one ``.npz`` file.
 
     The file holds every array (``np.savez``, no pickle) plus a JSON
@@ -6516,6 +7519,16 @@ def save(path: str | os.PathLike, net: Network, opt_state: Any = None, *, meta: 
     str, int, float and None, at most 64 levels deep, and its JSON may take
     up to 64 MiB: exactly what ``load`` accepts.  Everything is checked before
     the old file is touched (TypeError/ValueError naming ``meta``).
+    Arrays keep their shapes and dtypes: w (D_in, D_out) comes back (D_in, D_out).
+
+    >>> import os, tempfile
+    >>> net = dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "net.npz")
+    ...     dlfs.save(path, net, meta={"epochs": 10, "note": "demo"})
+    ...     meta = dlfs.load(path).meta
+    >>> meta
+    {'epochs': 10, 'note': 'demo'}
     """
     _save(path, {"net": net}, opt_state, meta)
 
@@ -6753,6 +7766,17 @@ def load(path: str | os.PathLike) -> Checkpoint:
     types, missing or extra arrays, duplicate archive members, mismatches, a
     newer format version, truncated or corrupt files and object arrays raise
     ValueError; a missing file raises FileNotFoundError.
+
+    >>> import os, tempfile
+    >>> net = dlfs.network(0, 3, [dlfs.dense(2, dlfs.ReLU())], dlfs.MeanSquaredError())
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     dlfs.save(os.path.join(folder, "net.npz"), net)
+    ...     loaded = dlfs.load(os.path.join(folder, "net.npz")).net
+    >>> loaded
+    Network((3,) -> (2,), 2 layers, 8 params, float32, MeanSquaredError)
+    >>> w = loaded.layers[0].w
+    >>> bool((w == net.layers[0].w).all()), w.shape, w.flags.writeable  # bit-exact, read-only
+    (True, (3, 2), False)
     """
     path = _check_path("path", path)
     try:
