@@ -53,7 +53,10 @@ reference lists them:
 Type aliases in signatures: ``Key = tuple[int, ...]`` (an int seed is
 accepted wherever a key is), ``Params = tuple[np.ndarray, ...]`` (one
 layer's arrays, in ``params()`` order), ``NetParams = tuple[Params, ...]``
-(one tuple per layer).
+(one tuple per layer), ``Padding`` (``"valid"``, ``"same"``, p, (ph, pw)
+or ((top, bottom), (left, right))), ``RecurrentState`` (h, or (h, c) for
+an LSTM).  The protocols (``Layer``, ``Loss``, ``Optimizer``, ...) are
+structural: any object with the right methods fits, no base class needed.
 
 The examples in the docstrings run as doctests with the test suite
 (``python -m pytest``); they assume ``import numpy as np`` and ``import dlfs``:
@@ -516,7 +519,7 @@ class Context:
 
     >>> x = np.ones((2, 4), np.float32)
     >>> y, mask, _ = dlfs.Dropout(0.5).forward(x, dlfs.Context(train=True, key=0))
-    >>> y.shape, sorted(set(y.ravel().tolist())) <= [0.0, 2.0]
+    >>> y.shape, set(y.ravel().tolist()) <= {0.0, 2.0}
     ((2, 4), True)
     >>> dlfs.Dropout(0.5).forward(x, dlfs.EVAL)[0] is x  # evaluation: the identity
     True
@@ -810,6 +813,9 @@ def _check_new_params(layer: Any, params: Sequence[np.ndarray]) -> tuple[np.ndar
     return tuple(params)
 
 
+_L = TypeVar("_L", bound="_NoParams")
+
+
 @attrs.frozen(eq=False, repr=False)
 class _NoParams:
     """Shared protocol methods of layers without trainable parameters."""
@@ -818,7 +824,7 @@ class _NoParams:
         """No trainable arrays: ``()``."""
         return ()
 
-    def with_params(self, params: Sequence[np.ndarray]) -> Any:
+    def with_params(self: _L, params: Sequence[np.ndarray]) -> _L:
         """Accepts only ``()`` and returns the layer itself."""
         _check_new_params(self, params)
         return self
@@ -1265,7 +1271,7 @@ class Dropout(_NoParams):
 
     >>> x = np.ones((1, 6), np.float32)
     >>> y, _, _ = dlfs.Dropout(0.5).forward(x, dlfs.train_context(1))
-    >>> sorted(set(y.ravel().tolist())) <= [0.0, 2.0]  # dropped, or scaled by 1 / (1 - p)
+    >>> set(y.ravel().tolist()) <= {0.0, 2.0}  # dropped, or scaled by 1 / (1 - p)
     True
     """
 
@@ -1766,7 +1772,7 @@ class _Recurrent(_ArrayRecord):
         dx, d0, grads = self._backward(cache, dyt, dlast, need_dx=True)
         return dx, (d0[0] if self._STATES == 1 else d0), grads
 
-    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Any]:
+    def forward(self: _R, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, _R]:
         """``scan`` from the zero state: ys (N, T, H) with ``return_sequences``,
         else the last step's h (N, H); the cache is the scan's."""
         self._check_x(x)
@@ -3638,13 +3644,13 @@ def gru(n_hidden: int, *, return_sequences: bool = False) -> LayerSpec:
     return _RecurrentSpec(GRU, n_hidden, return_sequences)
 
 
-def _is_layer(obj: Any) -> bool:
+def _is_layer(obj: Any) -> TypeGuard[Layer]:
     return not isinstance(obj, type) and all(
         hasattr(obj, m) for m in ("params", "with_params", "forward", "backward", "output_shape")
     )
 
 
-def _is_loss(obj: Any) -> bool:
+def _is_loss(obj: Any) -> TypeGuard[Loss]:
     return (
         not isinstance(obj, type)
         and hasattr(obj, "forward")
@@ -4860,7 +4866,7 @@ class MaxNorm:
         return _tree_map(lambda w: _freeze_new(_max_norm(w, self.c)) if w.ndim >= 2 else w, params)
 
 
-def _is_optimizer(obj: Any) -> bool:
+def _is_optimizer(obj: Any) -> TypeGuard[Optimizer]:
     return not isinstance(obj, type) and hasattr(obj, "init") and hasattr(obj, "update")
 
 
@@ -4883,7 +4889,8 @@ class Chain:
     after: tuple[Constraint, ...] = attrs.field(converter=tuple)
 
     @property
-    def lr(self) -> Any:
+    def lr(self) -> float | Schedule:
+        """The inner optimizer's ``lr``."""
         return self.optimizer.lr
 
     def init(self, params: NetParams) -> OptState:
@@ -5222,7 +5229,7 @@ def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarra
 
 
 def data_parallel_step(
-    state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any
+    state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Comm
 ) -> TrainState:
     """One synchronous data-parallel step: this rank's shard of the global batch.
 
@@ -7123,7 +7130,7 @@ class Checkpoint:
     dlfs_version: str
     best: Network | None = None
 
-    def opt_state_for(self, optimizer: Any) -> OptState:
+    def opt_state_for(self, optimizer: Optimizer) -> OptState:
         """The saved optimizer state, checked against ``optimizer.init(net.params())``
         (same number of moment slots, shapes and dtypes); ValueError if it differs."""
         if not _is_optimizer(optimizer):

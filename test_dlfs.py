@@ -7563,3 +7563,122 @@ def test_conv_on_a_channel_major_batch_equals_conv_on_its_copy(monkeypatch, padd
     assert all(g.tobytes() == g2.tobytes() for g, g2 in zip(grads, grads2, strict=True))
     ref = _conv_reference(x_copy.astype(np.float64), conv.w, conv.b, conv.stride, conv.padding)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- documentation and types (issue 15)
+
+_BANNER = re.compile(r"^# -{3,} (\S.*)$", re.M)
+
+
+def _top_level_names(tree: ast.Module) -> dict[str, int]:
+    """Line of each top-level definition or assignment in a module."""
+    lines: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            lines.setdefault(node.name, node.lineno)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    lines.setdefault(target.id, node.lineno)
+    return lines
+
+
+def test_module_docstring_maps_the_sections_in_file_order():
+    """The module docstring's numbered map names every banner of dlfs.py, in order."""
+    banners = _BANNER.findall((HERE / "dlfs.py").read_text())
+    mapped = re.findall(r"^\d+\. \*\*(.+?)\*\*", dlfs.__doc__, re.M)
+    assert len(banners) >= 10
+    assert mapped == banners
+
+
+def test_public_names_listed_in_the_order_of_the_file():
+    """``__all__`` (hence the API reference) follows the file's order, and the
+    module docstring's map names each public name under its section, in order."""
+    source = (HERE / "dlfs.py").read_text()
+    lines = _top_level_names(ast.parse(source))
+    names = [n for n in dlfs.__all__ if n != "__version__"]
+    assert [n for n in names if n not in lines] == []
+    assert names == sorted(names, key=lines.__getitem__)
+    doc = dlfs.__doc__
+    mapped = re.findall(r"`(\w+)`", doc[doc.index("1. **") : doc.index("Type aliases")])
+    assert mapped == names
+
+
+def test_every_public_name_has_an_example_and_protocols_have_docs():
+    """Every public name's docstring carries a ``>>>`` example (run as a doctest);
+    every method of a public Protocol is documented or is its only ``__call__``."""
+    for name in dlfs.__all__:
+        if name in ("__version__", "EVAL"):
+            continue
+        doc = inspect.getdoc(getattr(dlfs, name)) or ""
+        assert ">>>" in doc, f"dlfs.{name} has no example"
+    protocols = [
+        getattr(dlfs, n) for n in dlfs.__all__ if getattr(getattr(dlfs, n), "_is_protocol", False)
+    ]
+    assert {p.__name__ for p in protocols} >= {"Layer", "Loss", "Optimizer", "LayerSpec", "Metric"}
+    for proto in protocols:
+        methods = [m for m in vars(proto) if callable(vars(proto)[m]) and not m.startswith("_")]
+        for m in methods:
+            assert (vars(proto)[m].__doc__ or "").strip(), (
+                f"dlfs.{proto.__name__}.{m} has no docstring"
+            )
+
+
+def test_doctests_run_with_the_test_command(request):
+    """``python -m pytest`` (the README's command) collects dlfs.py's docstring
+    examples: pyproject.toml's addopts and testpaths say so."""
+    assert request.config.getoption("doctestmodules")
+    assert "dlfs.py" in request.config.getini("testpaths")
+    import doctest
+
+    tests = [t for t in doctest.DocTestFinder().find(dlfs) if t.examples]
+    assert len(tests) >= len(dlfs.__all__) - 2  # every public name but __version__ and EVAL
+
+
+def test_public_signatures_name_protocols_not_any():
+    """The arguments that were typed ``Any`` (layers, loss, optimizer, metric,
+    progress, comm, activation) now name a Protocol."""
+    want = {
+        (dlfs.network, "layers"): "Sequence[Layer | LayerSpec]",
+        (dlfs.network, "loss"): "Loss",
+        (dlfs.fit, "optimizer"): "Optimizer",
+        (dlfs.fit, "metric"): "Metric | Literal['auto'] | None",
+        (dlfs.fit, "progress"): "bool | ProgressFactory | None",
+        (dlfs.fit, "comm"): "Comm | None",
+        (dlfs.dense, "activation"): "Layer | None",
+        (dlfs.TrainState.create, "optimizer"): "Optimizer",
+        (dlfs.check_layer, "layer"): "Layer",
+        (dlfs.check_loss, "loss"): "Loss",
+        (dlfs.data_parallel_step, "comm"): "Comm",
+    }
+    for (f, arg), annotation in want.items():
+        assert inspect.signature(f).parameters[arg].annotation == annotation, (f, arg)
+    assert inspect.signature(dlfs.chain).parameters["parts"].annotation == (
+        "Optimizer | GradientTransform | Constraint"
+    )
+
+
+def _own_layer_block() -> str:
+    (block,) = [b for b in _readme_blocks() if "class Swish" in b]
+    return block
+
+
+@pytest.mark.parametrize(
+    "right, wrong",
+    [
+        ("dy * (s + self.beta * x * slope)", "dy * (s + x * slope)"),  # dx without beta
+        ("(dy * x * x * slope).sum(axis=0)", "(dy * x * slope).sum(axis=0)"),  # dbeta
+    ],
+)
+def test_readme_own_layer_fails_with_a_wrong_backward(monkeypatch, right, wrong):
+    """The README's "Write your own layer" block, with one gradient formula broken
+    and its direct check_layer line taken out, fails in its Hypothesis test."""
+    block = _own_layer_block()
+    direct = [
+        line for line in block.splitlines() if line.startswith("print(") and "check_layer" in line
+    ]
+    assert right in block and len(direct) == 1
+    code = block.replace(right, wrong).replace(direct[0], "")
+    monkeypatch.chdir(HERE)
+    with pytest.raises(dlfs.GradientCheckError):
+        exec(compile(code, "README.md[own layer, broken]", "exec"), {"__name__": "__readme__"})

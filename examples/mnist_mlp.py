@@ -34,7 +34,7 @@ except ImportError:  # running from a checkout: dlfs.py sits one folder up
     import dlfs
 
 
-def build(preset: str, seed: int, steps: int) -> tuple[dlfs.Network, object]:
+def build(preset: str, seed: int, steps: int) -> tuple[dlfs.Network, dlfs.Optimizer]:
     """(network, optimizer) for ``preset``; ``steps`` = total training steps."""
     if preset == "default":
         net = dlfs.network(
