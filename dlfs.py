@@ -53,7 +53,9 @@ reference lists them:
 Type aliases in signatures: ``Key = tuple[int, ...]`` (an int seed is
 accepted wherever a key is), ``Params = tuple[np.ndarray, ...]`` (one
 layer's arrays, in ``params()`` order), ``NetParams = tuple[Params, ...]``
-(one tuple per layer), ``Padding`` (``"valid"``, ``"same"``, p, (ph, pw)
+(one tuple per layer), ``FloatDType`` (float32 or float64 as
+``np.float32``, ``np.dtype("float64")`` or ``"float32"``), ``Padding``
+(``"valid"``, ``"same"``, p, (ph, pw)
 or ((top, bottom), (left, right))), ``RecurrentState`` (h, or (h, c) for
 an LSTM).  The protocols (``Layer``, ``Loss``, ``Optimizer``, ...) are
 structural: any object with the right methods fits, no base class needed.
@@ -85,11 +87,10 @@ import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, Protocol, TypeGuard, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
 
 import attrs
 import numpy as np
-from numpy.typing import DTypeLike
 
 __version__ = "0.1.0"
 
@@ -226,6 +227,7 @@ __all__ = [
 Key = tuple[int, ...]
 Params = tuple[np.ndarray, ...]
 NetParams = tuple[Params, ...]
+FloatDType = type[np.float32] | type[np.float64] | np.dtype | str  # np.float32, "float64", ...
 
 # ---------------------------------------------------------------- validation
 
@@ -412,6 +414,7 @@ class _ArrayRecord:
     arrays back writeable; these records come back with them read-only again."""
 
     __slots__ = ()
+    __getstate__: Callable[[], dict[str, Any]]  # what attrs gives its slotted classes
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _restore_record, (type(self), self.__getstate__())  # attrs' field dict
@@ -444,10 +447,11 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(field.name for field in attrs.fields(cls))
 
 
-def _is_own(obj: Any) -> bool:
+def _is_own(obj: Any) -> TypeGuard[Any]:
     """Whether ``obj`` is an instance of a class defined in this file (not a
     user's class or subclass): what it returns is known to fit, so a training
-    step may skip the checks that guard against user code."""
+    step may skip the checks that guard against user code (and call its
+    private fast paths: hence the ``TypeGuard[Any]``, beyond its protocol)."""
     return type(obj).__module__ == __name__
 
 
@@ -626,7 +630,7 @@ class Initializer(Protocol):
 
 
 def normal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """The book's initializer: w ~ N(0, 1); w: ``shape``.
 
@@ -638,7 +642,7 @@ def normal(
 
 
 def zeros(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """w = 0, of ``shape`` (``rng`` unused; same signature as the other initializers).
 
@@ -649,7 +653,7 @@ def zeros(
 
 
 def glorot_normal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """Glorot/Xavier normal: w ~ N(0, 2 / (fan_in + fan_out)), the tutorial's scale.
 
@@ -665,7 +669,7 @@ def glorot_normal(
 
 
 def glorot_uniform(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """Glorot/Xavier uniform: w ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)).
 
@@ -681,7 +685,7 @@ def glorot_uniform(
 
 
 def he_normal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """He/Kaiming normal for ReLU nets: w ~ N(0, 2 / fan_in).
 
@@ -697,7 +701,7 @@ def he_normal(
 
 
 def he_uniform(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """He/Kaiming uniform: w ~ U(-a, a), a = sqrt(6 / fan_in).
 
@@ -713,7 +717,7 @@ def he_uniform(
 
 
 def orthogonal(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: DTypeLike = np.float32
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: FloatDType = np.float32
 ) -> np.ndarray:
     """Orthogonal (Saxe et al. 2014; PyTorch's ``nn.init.orthogonal_``): w = Q of
     the QR of a standard normal matrix, signs fixed by diag(R); shape (rows, cols),
@@ -903,7 +907,7 @@ class Dense(_ArrayRecord):
         *,
         init: Initializer = glorot_normal,
         bias_init: Initializer = zeros,
-        dtype: DTypeLike = np.float32,
+        dtype: FloatDType = np.float32,
     ) -> Dense:
         """Draw w (n_in, n_out) with ``init`` and b (n_out,) with ``bias_init`` from ``key``."""
         n_in, n_out = _check_int("n_in", n_in), _check_int("n_out", n_out)
@@ -1361,7 +1365,12 @@ class BatchNorm(_ArrayRecord):
 
     @classmethod
     def init(
-        cls, n_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype: DTypeLike = np.float32
+        cls,
+        n_features: int,
+        *,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        dtype: FloatDType = np.float32,
     ) -> BatchNorm:
         """gamma = 1, beta = 0, running mean = 0, running var = 1, each (n_features,)."""
         c = _check_int("n_features", n_features)
@@ -1505,7 +1514,7 @@ class Embedding(_ArrayRecord):
         dim: int,
         *,
         init: Initializer = normal,
-        dtype: DTypeLike = np.float32,
+        dtype: FloatDType = np.float32,
     ) -> Embedding:
         """Draw w (n_vocab, dim) with ``init`` (N(0, 1), PyTorch's default) from ``key``."""
         n_vocab, dim = _check_int("n_vocab", n_vocab), _check_int("dim", dim)
@@ -1622,7 +1631,7 @@ def _tanh_slope(y: np.ndarray) -> np.ndarray:
 
 
 def _recurrent_weights(
-    key: int | Key, n_in: int, n_hidden: int, gates: int, dtype: DTypeLike
+    key: int | Key, n_in: int, n_hidden: int, gates: int, dtype: FloatDType
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(w_ih, w_hh, b): Glorot uniform (D, G*H), one orthogonal (H, H) block per
     gate, zeros (G*H,)."""
@@ -1634,7 +1643,7 @@ def _recurrent_weights(
     return w_ih, w_hh, np.zeros(gates * n_hidden, dtype)
 
 
-RecurrentState = np.ndarray | tuple[np.ndarray, np.ndarray]
+RecurrentState = np.ndarray | tuple[np.ndarray, ...]
 """A recurrent layer's state: h (N, H) for RNN and GRU, the pair (h, c) for LSTM."""
 
 _R = TypeVar("_R", bound="_Recurrent")
@@ -1685,7 +1694,7 @@ class _Recurrent(_ArrayRecord):
         n_hidden: int,
         *,
         return_sequences: bool = False,
-        dtype: DTypeLike = np.float32,
+        dtype: FloatDType = np.float32,
     ) -> _R:
         """Draw from ``key``: w_ih Glorot uniform (D, G*H), w_hh one orthogonal
         (H, H) block per gate, biases zero (D = n_in, H = n_hidden, G gates)."""
@@ -1938,7 +1947,7 @@ class LSTM(_Recurrent):
         *,
         return_sequences: bool = False,
         forget_bias: float = 1.0,
-        dtype: DTypeLike = np.float32,
+        dtype: FloatDType = np.float32,
     ) -> LSTM:
         """Glorot-uniform w_ih, one orthogonal block per gate in w_hh, b = 0
         except the forget gate's, ``forget_bias``.  The default 1.0 (Gers et
@@ -2369,7 +2378,7 @@ def _by_rows(f: Callable[..., Any], *arrays: np.ndarray) -> None:
 
 
 def _window(
-    x: np.ndarray, i: int, j: int, stride: tuple[int, int], out_hw: tuple[int, int]
+    x: np.ndarray, i: int, j: int, stride: tuple[int, int], out_hw: tuple[int, ...]
 ) -> np.ndarray:
     """Strided view of the (i, j)-th element of every window: (N, C, Ho, Wo)."""
     (sh, sw), (ho, wo) = stride, out_hw
@@ -2552,7 +2561,7 @@ def _scratch(name: str, size: int, dtype: np.dtype) -> np.ndarray:
     """A 1-D work buffer of at least ``size`` entries, kept by this thread for the
     next call: it never leaves the function that asks for it."""
     key = (name, np.dtype(dtype))
-    buffers = _scratch_buffers.__dict__
+    buffers: dict[Any, np.ndarray] = _scratch_buffers.__dict__
     if key not in buffers or buffers[key].size < size:
         buffers[key] = np.empty(size, dtype=dtype)
     return buffers[key][:size]
@@ -2672,7 +2681,7 @@ def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarr
 
 
 def _conv_backward(
-    conv: Any, x: np.ndarray, out_hw: tuple[int, int], dy: np.ndarray, *, with_dx: bool
+    conv: Any, x: np.ndarray, out_hw: tuple[int, ...], dy: np.ndarray, *, with_dx: bool
 ) -> tuple:
     """(dx or None, dw, db) of ``conv``, with dY = dy as (C_out, N*Ho*Wo):
     dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY).
@@ -2708,6 +2717,11 @@ def _conv_backward(
         dw += share  # in chunk order, whatever the threads
     dx_out = None if dx is None else dx.transpose(1, 0, 2, 3)
     return dx_out, np.ascontiguousarray(dw.T).reshape(conv.w.shape), dy_mat.sum(axis=1)
+
+
+def _conv_padding(padding: Padding, conv: Any) -> Pads:
+    """Conv2D's ``padding`` converter: resolved for its kernel and stride."""
+    return _resolve_padding(padding, conv.w.shape[2:], conv.stride)
 
 
 def _frozen_kernel(w: Any) -> np.ndarray:
@@ -2748,12 +2762,11 @@ class Conv2D(_ArrayRecord):
 
     w: np.ndarray = attrs.field(converter=_frozen_kernel)
     b: np.ndarray = attrs.field(converter=_frozen_field)
-    stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
-    padding: Pads = attrs.field(
-        default="valid",
-        converter=attrs.Converter(
-            lambda p, self: _resolve_padding(p, self.w.shape[2:], self.stride), takes_self=True
-        ),
+    stride: tuple[int, int] = attrs.field(
+        default=(1, 1), converter=lambda s: _int_pair("stride", s)
+    )
+    padding: Pads = attrs.field(  # "valid", "same", ... also: the converter resolves them
+        default=((0, 0), (0, 0)), converter=attrs.Converter(_conv_padding, takes_self=True)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -2771,7 +2784,7 @@ class Conv2D(_ArrayRecord):
         padding: Padding = "valid",
         init: Initializer = he_normal,
         bias_init: Initializer = zeros,
-        dtype: DTypeLike = np.float32,
+        dtype: FloatDType = np.float32,
     ) -> Conv2D:
         """Draw w (C_out, C_in, kh, kw) with ``init`` (He normal: fan_in = C_in kh kw)
         and b (C_out,) with ``bias_init`` from ``key``."""
@@ -2781,7 +2794,8 @@ class Conv2D(_ArrayRecord):
         rng = make_rng(key)
         w = _draw("init", init, rng, (c_out, c_in, kh, kw), dtype)
         b = _draw("bias_init", bias_init, rng, (c_out,), dtype)
-        return cls(w, b, stride=stride, padding=padding)  # the converter copies and freezes
+        pads = _resolve_padding(padding, (kh, kw), _int_pair("stride", stride))
+        return cls(w, b, stride=stride, padding=pads)  # the converter copies and freezes
 
     @property
     def in_channels(self) -> int:
@@ -2845,14 +2859,14 @@ class Conv2D(_ArrayRecord):
         )
 
 
+def _pool_stride(stride: int | tuple[int, int] | None, pool: Any) -> tuple[int, int]:
+    """A pool's ``stride`` converter: an int or a pair as a pair, None as the window size."""
+    return pool.size if stride is None else _int_pair("stride", stride)
+
+
 def _pool_stride_field() -> Any:
     """``stride`` of a pool: an int, a pair, or None for the window size."""
-    return attrs.field(
-        default=None,
-        converter=attrs.Converter(
-            lambda s, self: self.size if s is None else _int_pair("stride", s), takes_self=True
-        ),
-    )
+    return attrs.field(default=None, converter=attrs.Converter(_pool_stride, takes_self=True))
 
 
 def _pool_output_shape(pool: Any, in_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -3063,12 +3077,10 @@ class AvgPool2D(_NoParams):
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, AvgPool2D]:
         """The cache is (x.shape, x.dtype)."""
         _check_images(x)
-        total: np.ndarray | None = None
-        for _, view in _pool_windows(self, x):
-            if total is None:
-                total = view.copy(order="K")
-            else:
-                total += view
+        views = (view for _, view in _pool_windows(self, x))
+        total = next(views).copy(order="K")  # a pool has one window offset at least
+        for view in views:
+            total += view
         total *= x.dtype.type(1.0 / (self.size[0] * self.size[1]))
         return total, (x.shape, x.dtype), self
 
@@ -3100,11 +3112,11 @@ class Loss(Protocol):
     (5.0, [[1.0], [3.0]])
     """
 
-    def forward(self, pred: np.ndarray, target: np.ndarray) -> tuple[Any, Any]:
+    def forward(self, pred: np.ndarray, target: np.ndarray, /) -> tuple[Any, Any]:
         """(loss, cache): the loss as a scalar of pred's dtype, and what ``backward`` needs."""
         ...
 
-    def backward(self, cache: Any) -> np.ndarray:
+    def backward(self, cache: Any, /) -> np.ndarray:
         """dL/dpred, of pred's shape and dtype."""
         ...
 
@@ -3339,6 +3351,7 @@ class BinaryCrossEntropy:
 # ------------------------------------------------------------------ networks
 
 
+@runtime_checkable
 class LayerSpec(Protocol):
     """What ``network`` builds layers from, besides ready layers:
     ``build(key, in_shape, dtype) -> (layers, out_shape)`` draws the weights
@@ -3473,7 +3486,9 @@ class Conv2DSpec:
 
     channels: int = attrs.field(converter=lambda n: _check_int("channels", n))
     kernel: tuple[int, int] = attrs.field(converter=lambda k: _int_pair("kernel", k))
-    stride: tuple[int, int] = attrs.field(default=1, converter=lambda s: _int_pair("stride", s))
+    stride: tuple[int, int] = attrs.field(
+        default=(1, 1), converter=lambda s: _int_pair("stride", s)
+    )
     padding: Padding = "valid"
     activation: Layer | None = None
     init: Initializer = he_normal
@@ -3619,9 +3634,7 @@ def rnn(n_hidden: int, *, return_sequences: bool = False) -> LayerSpec:
     return _RecurrentSpec(RNN, n_hidden, return_sequences)
 
 
-def lstm(
-    n_hidden: int, *, return_sequences: bool = False, forget_bias: float = 1.0
-) -> LayerSpec:
+def lstm(n_hidden: int, *, return_sequences: bool = False, forget_bias: float = 1.0) -> LayerSpec:
     """An LSTM of ``n_hidden`` units sized by the builder: (N, T, D) -> (N, T, H)
     with ``return_sequences``, else (N, H); ``forget_bias`` as in ``LSTM.init``.
 
@@ -3789,6 +3802,7 @@ class Network:
         a dlfs optimizer made from this network's own (same tree, shapes and
         dtypes), for a network of dlfs's own layers.  No checks, no copies."""
         layers = []
+        layer: Any  # dlfs's own: _PARAMS names the fields params() returns
         for layer, ps in zip(self.layers, params):
             layers.append(_replace(layer, dict(zip(layer._PARAMS, ps))) if ps else layer)
         return self._evolve_layers(tuple(layers))
@@ -3854,6 +3868,7 @@ class Network:
         caches, layers = [], []
         fresh = False  # x is the caller's
         key = ctx.key
+        layer: Any  # exact type checks pick dlfs's own layers' fast paths
         for i, layer in enumerate(self.layers):
             if fresh and type(layer) is ReLU:
                 x, cache, layer = layer._forward_owned(x)
@@ -3891,9 +3906,9 @@ class Network:
         ``caches`` is emptied as it goes (each layer's arrays can be freed as
         soon as its backward is done); ``fresh``: dy is an array no one else
         holds, which a ReLU then overwrites with its dx."""
-        layers = self.layers
+        layers: tuple[Any, ...] = self.layers  # dlfs's own fast paths, by exact type
         first = next((i for i, layer in enumerate(layers) if layer.params()), len(layers))
-        grads = [()] * len(layers)
+        grads: list[Params] = [()] * len(layers)
         for i in range(len(layers) - 1, first - 1, -1):
             layer, cache = layers[i], caches[i]
             caches[i] = None
@@ -4035,7 +4050,7 @@ def network(
     layers: Sequence[Layer | LayerSpec],
     loss: Loss,
     *,
-    dtype: DTypeLike = np.float32,
+    dtype: FloatDType = np.float32,
 ) -> Network:
     """Build a network, inferring every layer's input size from the one before.
 
@@ -4057,7 +4072,7 @@ def network(
         raise TypeError(f"layers must be a list of layers or specs, got {type(layers).__name__}")
     built: list[Any] = []
     for i, (item, sub) in enumerate(zip(layers, split(key, max(len(layers), 1)))):
-        if hasattr(item, "build"):
+        if isinstance(item, LayerSpec):  # it has a build method
             try:
                 new, shape = item.build(sub, shape, dtype)
             except ValueError as err:
@@ -4457,7 +4472,9 @@ class Momentum:
         return new, OptState(state.count + 1, lr, (_finish(b),))
 
 
-def Nesterov(lr: float | Schedule = 0.01, momentum: float = 0.9, weight_decay: float = 0.0) -> Momentum:  # noqa: N802
+def Nesterov(  # noqa: N802
+    lr: float | Schedule = 0.01, momentum: float = 0.9, weight_decay: float = 0.0
+) -> Momentum:
     """Nesterov momentum: ``Momentum(..., nesterov=True)``; b <- mu b + g,
     p <- p - lr (g + mu b).  params, grads: one tuple of arrays per layer,
     grads and b shaped like params.
@@ -4890,8 +4907,9 @@ class Chain:
 
     @property
     def lr(self) -> float | Schedule:
-        """The inner optimizer's ``lr``."""
-        return self.optimizer.lr
+        """The inner optimizer's ``lr`` (dlfs's optimizers have one; the protocol asks none)."""
+        inner: Any = self.optimizer
+        return inner.lr
 
     def init(self, params: NetParams) -> OptState:
         """The inner optimizer's state."""
@@ -4913,11 +4931,12 @@ class Chain:
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
     ) -> tuple[NetParams, OptState]:
         """``update`` without the checks, for a chain of dlfs's own parts."""
-        for transform in self.before:
+        own: Any = self  # all of its parts are dlfs's own, with their private _apply
+        for transform in own.before:
             grads = transform._apply(grads, params)
             owned = owned and type(transform) is not AllReduce  # it gives read-only views
-        new, state = self.optimizer._apply(grads, state, params, owned)
-        for constraint in self.after:
+        new, state = own.optimizer._apply(grads, state, params, owned)
+        for constraint in own.after:
             new = constraint._apply(new)
         return new, state
 
@@ -4952,7 +4971,12 @@ def chain(*parts: Optimizer | GradientTransform | Constraint) -> Chain:
             raise TypeError(
                 f"after the optimizer, chain takes constraints such as MaxNorm, got {p!r}"
             )
-    return Chain(before, parts[i], after)
+    # each part's kind was checked above
+    return Chain(
+        cast(tuple[GradientTransform, ...], before),
+        cast(Optimizer, parts[i]),
+        cast(tuple[Constraint, ...], after),
+    )
 
 
 # ------------------------------------------------------------------ training
@@ -5159,6 +5183,7 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
     elif weight != 1.0:
         grads = _tree_map(lambda g: g * g.dtype.type(weight), grads)
     fits = state._fits  # then skip the checks, and SGD writes into the fresh grads
+    opt: Any  # dlfs's own when the state fits: its private _apply skips the checks
     opt, params = state.optimizer, new_net.params()
     if fits:
         params, opt_state = opt._apply(grads, state.opt_state, params, owned=True)
@@ -6578,7 +6603,7 @@ def to_2d(a: np.ndarray, kind: str = "col") -> np.ndarray:
     return a.reshape(-1, 1) if kind == "col" else a.reshape(1, -1)
 
 
-def one_hot(labels: np.ndarray, n_classes: int, dtype: DTypeLike = np.float32) -> np.ndarray:
+def one_hot(labels: np.ndarray, n_classes: int, dtype: FloatDType = np.float32) -> np.ndarray:
     """Integer labels (N,) in [0, K) -> one-hot (N, K): out[n, labels[n]] = 1.
 
     >>> dlfs.one_hot(np.array([2, 0]), 3)
@@ -7043,7 +7068,12 @@ def check_layer(layer: Layer, x: np.ndarray, ctx: Context = EVAL, **kwargs: Any)
     def f(x: np.ndarray, *ps: np.ndarray) -> tuple[np.ndarray, Callable]:
         lay = layer.with_params(ps) if n else layer
         y, cache, _ = lay.forward(x, ctx)
-        return y, lambda dy: (lambda dx, grads: (dx, *grads))(*lay.backward(cache, dy))
+
+        def vjp(dy: np.ndarray) -> tuple[np.ndarray, ...]:
+            dx, grads = lay.backward(cache, dy)
+            return (dx, *grads)
+
+        return y, vjp
 
     return check_grads(f, [x, *layer.params()], **kwargs)
 
@@ -7378,7 +7408,7 @@ def _from_json_value(value: Any) -> Any:
 
 
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
 
 
 def _add_array(arrays: dict[str, np.ndarray], name: str, a: Any) -> str:
@@ -7450,7 +7480,7 @@ def _structure_array(structure: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
+def _write_npz(file: Any, arrays: dict[str, Any]) -> None:  # Any: savez's stub has allow_pickle
     """The one place that writes a checkpoint's bytes (tests make it fail)."""
     np.savez(file, **arrays)
 

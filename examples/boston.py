@@ -50,7 +50,9 @@ def model_layers(name: str) -> list[dlfs.DenseSpec]:
     """The book's three models; weights and biases ~ N(0, 1) as in chapter 3."""
     init = {"init": dlfs.normal, "bias_init": dlfs.normal}
     hidden = {"linear": 0, "nn": 1, "dl": 2}[name]
-    return [dlfs.dense(13, dlfs.Sigmoid(), **init) for _ in range(hidden)] + [dlfs.dense(1, **init)]
+    return [dlfs.dense(13, dlfs.Sigmoid(), **init) for _ in range(hidden)] + [
+        dlfs.dense(1, None, **init)
+    ]
 
 
 def load_data(path: Path) -> tuple[np.ndarray, ...]:
@@ -62,8 +64,8 @@ def load_data(path: Path) -> tuple[np.ndarray, ...]:
     if raw.ndim != 2 or raw.shape[1] != 14:
         raise ValueError(f"{path}: expected 14 columns (13 features + MEDV), got {raw.shape}")
     x = StandardScaler().fit_transform(raw[:, :13])
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, raw[:, 13], test_size=0.3, random_state=80718
+    x_train, x_test, y_train, y_test = (  # np.asarray: the same arrays, typed as arrays
+        np.asarray(a) for a in train_test_split(x, raw[:, 13], test_size=0.3, random_state=80718)
     )
     return x_train, x_test, dlfs.to_2d(y_train), dlfs.to_2d(y_test)
 
@@ -168,7 +170,7 @@ def write_runs(path: Path, seeds: Sequence[int], runs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=20190501, help="the book's seed by default")
     parser.add_argument("--data", type=Path, default=DATA, help="boston_house_prices.csv")

@@ -50,7 +50,7 @@ def segments(data: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarra
     return pairs
 
 
-def build(seed: int, vocab: int, args: argparse.Namespace) -> dlfs.Network:
+def build(seed: int | dlfs.Key, vocab: int, args: argparse.Namespace) -> dlfs.Network:
     layers = [
         dlfs.embedding(vocab, args.embed),
         CELLS[args.cell](args.hidden, return_sequences=True),
@@ -62,13 +62,15 @@ def build(seed: int, vocab: int, args: argparse.Namespace) -> dlfs.Network:
 def run(net: dlfs.Network, x: np.ndarray, state: Any) -> tuple[np.ndarray, Any, tuple]:
     """Logits (B, S, V) for ids x (B, S) from ``state``; returns the last state and caches."""
     embed, cell, out = net.layers
+    if not isinstance(cell, (dlfs.RNN, dlfs.LSTM, dlfs.GRU)):  # it has scan
+        raise TypeError(f"layers[1] must be a recurrent layer, got {cell!r}")
     e, e_cache, _ = embed.forward(x)
     hs, last, cell_cache = cell.scan(e, state)
     logits, out_cache, _ = out.forward(hs)
     return logits, last, (e_cache, cell_cache, out_cache)
 
 
-def make_step(optimizer: Any):
+def make_step(optimizer: dlfs.Optimizer):
     """The pure training step of truncated BPTT (state carried, gradients cut)."""
 
     def step(carry: tuple, segment: tuple[np.ndarray, np.ndarray]) -> tuple[tuple, float]:
@@ -115,7 +117,7 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--text", required=True, help="a UTF-8 text file to learn")
     ap.add_argument("--cell", choices=list(CELLS), default="gru")
     ap.add_argument("--epochs", type=int, default=10)

@@ -43,7 +43,11 @@ def map_tasks(
             client = stack.enter_context(Client(scheduler))
         else:
             cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                # None: no dashboard, as dask documents; its signature infers str from ":8787"
+                dashboard_address=None,  # pyright: ignore[reportArgumentType]
             )
             stack.enter_context(cluster)
             client = stack.enter_context(Client(cluster))

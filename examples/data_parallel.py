@@ -56,7 +56,7 @@ def time_all_reduce(comm, grads: tuple, repeats: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float] | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128, help="global, over all ranks")

@@ -44,7 +44,7 @@ def build(seed: int, hidden: int = 128) -> dlfs.Network:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument(
         "--data",
         default=None,

@@ -70,7 +70,7 @@ def numbers(kind: type, text: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--lrs", default="0.001,0.003", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="64,256", help="comma-separated batch sizes")
