@@ -57,8 +57,9 @@ def model_layers(name: str) -> list[dlfs.DenseSpec]:
 
 def load_data(path: Path) -> tuple[np.ndarray, ...]:
     """The book's preprocessing: scale all features, then the 70/30 split of seed 80718."""
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
+    # scikit-learn comes with the `examples` extra, which CI (and so its pyright) has not
+    from sklearn.model_selection import train_test_split  # pyright: ignore[reportMissingImports]
+    from sklearn.preprocessing import StandardScaler  # pyright: ignore[reportMissingImports]
 
     raw = np.genfromtxt(path, delimiter=",", skip_header=2)
     if raw.ndim != 2 or raw.shape[1] != 14:
