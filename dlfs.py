@@ -2637,7 +2637,7 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return a
 
 
-def _patches(conv: Any, x: np.ndarray, out_hw: tuple[int, int], span: slice) -> np.ndarray:
+def _patches(conv: Any, x: np.ndarray, out_hw: tuple[int, ...], span: slice) -> np.ndarray:
     """The patches of samples ``span`` of x as a (C_in*kh*kw, n*Ho*Wo) matrix, in
     this thread's scratch buffer (good until its next call).
 
@@ -2914,7 +2914,9 @@ def _tiled_windows(pool: Any, x: np.ndarray) -> np.ndarray:
     return planes.reshape(kh * kw, n, c, ho, wo)
 
 
-def _max_into(windows: list[np.ndarray], y: np.ndarray, arg: np.ndarray | None) -> None:
+def _max_into(
+    windows: list[np.ndarray] | np.ndarray, y: np.ndarray, arg: np.ndarray | None
+) -> None:
     """y = the elementwise max of the windows' views; with ``arg``, also the
     offset of each window's first maximum: a later offset k takes over only
     where it is strictly greater, and as k only grows, max(arg, k * above)
