@@ -7682,3 +7682,198 @@ def test_readme_own_layer_fails_with_a_wrong_backward(monkeypatch, right, wrong)
     monkeypatch.chdir(HERE)
     with pytest.raises(dlfs.GradientCheckError):
         exec(compile(code, "README.md[own layer, broken]", "exec"), {"__name__": "__readme__"})
+
+
+# ---- tests that catch changed lines (issue 14, seed 31)
+
+
+def test_builders_refuse_dtypes_other_than_float32_and_float64():
+    for bad in (np.float16, np.int32, "complex64"):
+        msg = f"dtype must be float32 or float64, got {np.dtype(bad)}"
+        with pytest.raises(TypeError, match=msg):
+            dlfs.Dense.init(0, 2, 3, dtype=bad)
+        with pytest.raises(TypeError, match=msg):
+            dlfs.network(0, 2, [dlfs.dense(1)], dlfs.MeanSquaredError(), dtype=bad)
+        with pytest.raises(TypeError, match=msg):
+            dlfs.one_hot(np.array([0, 1]), 2, dtype=bad)
+
+
+def test_checked_keys_are_returned_as_they_are():
+    """A tuple of non-negative ints is already a key: returned as is (the per-step
+    fast path), zeros included, as split's first sub-key has one."""
+    for key in ((0,), (7, 0), *dlfs.split((0,), 3), (3, 1)):
+        assert dlfs._as_key("key", key) is key
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4)])
+def test_orthogonal_is_q_of_the_qr_with_a_positive_diagonal(shape):
+    """w is the Q of g = Q R, g a standard normal (max, min) draw, with diag(R) > 0:
+    the unique such Q, uniformly distributed (not the sign choice of one LAPACK)."""
+    rows, cols = shape
+    w = dlfs.orthogonal(np.random.default_rng(4), shape, np.float64)
+    g = np.random.default_rng(4).standard_normal((max(shape), min(shape)))
+    q = w if rows >= cols else w.T
+    assert w.shape == shape and q.shape == g.shape
+    np.testing.assert_allclose(q.T @ q, np.eye(min(shape)), atol=1e-12)
+    r = q.T @ g  # R = Q^T g: upper triangular, positive diagonal
+    np.testing.assert_allclose(np.tril(r, -1), 0.0, atol=1e-12)
+    assert np.all(np.diag(r) > 0)
+
+
+def test_batchnorm_parameters_must_be_vectors():
+    m = np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"gamma must be 1-D \(C,\), got shape \(2, 3\)"):
+        dlfs.BatchNorm(m, m * 0, m * 0, m)
+
+
+@pytest.mark.parametrize(
+    "per_sample",
+    [1, 333_333, dlfs._GEMM_SMALL - 1, dlfs._GEMM_SMALL, dlfs._GEMM_SMALL + 1, 5_000_000],
+)
+def test_gemm_chunks_are_small_gemms_up_to_the_small_size(per_sample):
+    """The batch goes in consecutive pieces; a sample of at most _GEMM_SMALL
+    multiply-adds goes in pieces of at most that many (OpenBLAS's small kernels),
+    a larger one in equal pieces of about _GEMM_LARGE."""
+    for n in (1, 4, 37, 100):
+        chunks = dlfs._gemm_chunks(n, per_sample)
+        assert [c.start for c in chunks] == [0, *(c.stop for c in chunks[:-1])]
+        assert chunks[-1].stop == n
+        rows = chunks[0].stop
+        assert all(c.stop - c.start == rows for c in chunks[:-1])
+        if per_sample <= dlfs._GEMM_SMALL:
+            assert rows == min(n, dlfs._GEMM_SMALL // per_sample)
+        else:
+            pieces = -(-n * per_sample // dlfs._GEMM_LARGE)
+            assert len(chunks) <= pieces and rows == -(-n // pieces)
+
+
+@pytest.mark.parametrize("gemm_small", [100, 1000])  # per sample 9 * 16 = 144: large; small
+def test_conv_forward_and_backward_share_one_thread_rule(monkeypatch, gemm_small):
+    """A layer whose GEMMs are large (OpenBLAS's threads) runs them on one dlfs
+    thread, forward and backward alike; small ones are shared by dlfs's threads."""
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
+    flags = []
+    in_parallel = dlfs._in_parallel
+    monkeypatch.setattr(
+        dlfs,
+        "_in_parallel",
+        lambda run, chunks, threads=True: (
+            flags.append(threads) or in_parallel(run, chunks, threads)
+        ),
+    )
+    conv = dlfs.Conv2D.init(0, 1, 1, 3, dtype=np.float64)  # w: 9 entries; 6x6 -> 4x4
+    y, cache, _ = conv.forward(np.random.default_rng(0).standard_normal((2, 1, 6, 6)))
+    conv.backward(cache, np.ones_like(y))
+    assert flags == [gemm_small >= 144] * 2
+
+
+def test_conv_param_grads_skip_the_input_gradient(monkeypatch):
+    """_param_grads (a network's first layer) gives backward's (dw, db) bit for
+    bit without computing dx (no col2im)."""
+    conv = dlfs.Conv2D.init(0, 2, 3, 3, padding="same", bias_init=dlfs.normal)
+    rng = np.random.default_rng(1)
+    y, cache, _ = conv.forward(rng.standard_normal((2, 2, 5, 5)).astype(np.float32))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    _, expected = conv.backward(cache, dy)
+
+    def no_col2im(*args):
+        raise AssertionError("dx computed")
+
+    monkeypatch.setattr(dlfs, "_col2im_add", no_col2im)
+    got = conv._param_grads(cache, dy)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    "loss", [dlfs.MeanSquaredError(), dlfs.BinaryCrossEntropy(), dlfs.SoftmaxCrossEntropy()]
+)
+def test_loss_and_grads_checks_targets_as_the_loss_does(loss):
+    """The fused in-place loss of a network refuses what the loss's forward
+    refuses, with its message: a column (N,) for (N, 1), another dtype, N = 1 too."""
+    net = dlfs.network(0, 2, [dlfs.dense(1)], loss)
+    for n in (1, 3):
+        x = np.ones((n, 2), np.float32)
+        for y in (np.ones(n, np.float32), np.ones((n, 1))):
+            with pytest.raises((TypeError, ValueError)) as expected:
+                loss.forward(net.predict(x), y)
+            with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+                net.loss_and_grads(x, y)
+
+
+def test_step_decay_divides_by_ten_by_default():
+    """PyTorch's StepLR default gamma = 0.1: lr, lr/10 after step_size steps, lr/100."""
+    sched = dlfs.StepDecay(1.0, 3)
+    assert sched.gamma == 0.1
+    assert [sched(t) for t in (0, 2, 3, 6)] == [1.0, 1.0, 0.1, 0.1**2]
+
+
+def test_max_norm_bound_must_be_positive():
+    for bad in (0, 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"c must be in \(0.0, inf\], got"):
+            dlfs.MaxNorm(bad)
+    assert dlfs.MaxNorm(1e-9).c == 1e-9
+
+
+def test_name_limit_is_the_file_systems_when_it_gives_one(monkeypatch, tmp_path):
+    """A positive PC_NAME_MAX is used as it is (even a tiny one); no answer, an
+    error or a non-positive one means 255."""
+    for answer, limit in ((1, 1), (14, 14), (1024, 1024), (0, 255), (-1, 255)):
+        monkeypatch.setattr(os, "pathconf", lambda folder, key, answer=answer: answer)
+        assert dlfs._name_max(str(tmp_path)) == limit
+
+    def no_answer(folder, key):
+        raise OSError(errno.EINVAL, "no limit")
+
+    monkeypatch.setattr(os, "pathconf", no_answer)
+    assert dlfs._name_max(str(tmp_path)) == 255
+
+
+def test_network_layers_must_be_a_list():
+    for bad in (dlfs.dense(1), dlfs.ReLU(), "dense", None):
+        with pytest.raises(TypeError, match="layers must be a list of layers or specs, got"):
+            dlfs.network(0, 2, bad, dlfs.MeanSquaredError())
+
+
+@pytest.mark.parametrize("batch_size", [32, 1100])
+def test_fit_evaluates_validation_as_evaluate_does(batch_size):
+    """fit's validation loss and metric are evaluate's for the same network, bit
+    for bit: both predict in chunks of max(batch_size, 1024) rows (another split
+    may round a few predictions differently), and the metric sees those predictions."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1100, 3)).astype(np.float32)
+    y = (x @ np.float32([[1.0], [-2.0], [0.5]])).astype(np.float32)
+    net = dlfs.network(
+        0, 3, [dlfs.dense(64, dlfs.Sigmoid()), dlfs.dense(1)], dlfs.MeanSquaredError()
+    )
+    seen = []
+
+    def first_pred(pred, target):
+        seen.append(pred.copy())
+        return float(pred[0, 0])
+
+    trained, history = dlfs.fit(
+        net,
+        dlfs.SGD(0.01),
+        x[:64],
+        y[:64],
+        epochs=1,
+        batch_size=batch_size,
+        validation=(x, y),
+        metric=first_pred,
+    )
+    chunk = max(batch_size, 1024)
+    expected = trained.evaluate(x, y, metric=first_pred, batch_size=chunk)
+    assert history.records[-1].val_loss == expected["loss"]
+    assert history.records[-1].val_metric == expected["first_pred"]
+    assert seen[0].tobytes() == trained.predict(x, batch_size=chunk).tobytes()
+
+
+def test_load_takes_empty_arrays_that_save_writes(tmp_path):
+    """save never writes what load refuses: a layer of width 0 holds (2, 0) and (0,)
+    arrays, and so do its optimizer moments."""
+    net = dlfs.Network((dlfs.Dense(np.zeros((2, 0)), np.zeros(0)),), dlfs.MeanSquaredError(), (2,))
+    state = dlfs.Adam().init(net.params())
+    dlfs.save(tmp_path / "c.npz", net, state)
+    ckpt = dlfs.load(tmp_path / "c.npz")
+    assert [a.shape for a in ckpt.net.params()[0]] == [(2, 0), (0,)]
+    assert ckpt.opt_state.slots[0][0][0].shape == (2, 0)
