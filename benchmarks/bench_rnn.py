@@ -89,7 +89,10 @@ def torch_trainer(seed: int, threads: int):
         lstm.bias_hh_l0.zero_()
         linear.weight.copy_(torch.from_numpy(dense_layer.w.T.copy()))
         linear.bias.copy_(torch.from_numpy(dense_layer.b.copy()))
-    params = [*lstm.parameters(), *linear.parameters()]
+    # dlfs's one bias is PyTorch's two added; trained both, they would move by
+    # twice the step, so bias_hh stays at zero and the two models stay equal.
+    lstm.bias_hh_l0.requires_grad_(False)
+    params = [p for p in (*lstm.parameters(), *linear.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -116,7 +119,8 @@ def worker(args: argparse.Namespace) -> None:
         train = dlfs_trainer(args.seed)
     else:
         train = torch_trainer(args.seed, args.threads[0])
-    train(warm)
+    if warm:
+        train(warm)
     start = time.perf_counter()
     loss = train(timed)
     elapsed = time.perf_counter() - start
