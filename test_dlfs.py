@@ -1854,6 +1854,16 @@ def _own_layer_block() -> str:
     return block
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt), as in a terminal or a notebook,
+    for one test: a job a shell starts in the background inherits SIGINT ignored, and
+    then there is no Ctrl-C for fit to record."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 # ---- validation: bad input is refused by name (fuzz, look-alikes, construction)
 
 
@@ -6380,7 +6390,7 @@ def test_fit_with_comm_an_error_in_rank_0s_work_raises_on_every_rank(tmp_path, m
         assert "failed on rank 0" in str(errors[1])
 
 
-def test_fit_with_comm_records_sigint_and_stops_after_the_step(monkeypatch):
+def test_fit_with_comm_records_sigint_and_stops_after_the_step(monkeypatch, python_sigint):
     """In the main thread under a comm, SIGINT (what mpiexec forwards on Ctrl-C) raises
     nothing mid-step: fit records it and stops after the step, then restores the
     handler; a second SIGINT raises KeyboardInterrupt, which ends fit (it aborts)."""
