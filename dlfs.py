@@ -2300,13 +2300,16 @@ def _in_parallel(
     if k <= 1:
         return [run(group) for group in groups]
     global _executor
-    with _executor_lock:  # callers may be threads themselves
+    with _executor_lock:  # callers may be threads; set_num_threads may run meanwhile
         if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(_num_threads - 1, "dlfs")
+            _executor = concurrent.futures.ThreadPoolExecutor(max(1, _num_threads - 1), "dlfs")
         executor = _executor
     tasks = _Tasks(run, groups)
     for _ in range(k - 1):
-        executor.submit(tasks.work)
+        try:
+            executor.submit(tasks.work)
+        except RuntimeError:  # set_num_threads shut this pool down: this thread does the rest
+            break
     tasks.work()
     return tasks.finish()
 
@@ -2588,6 +2591,22 @@ class _StepBuffers(threading.local):
 _step_buffers = _StepBuffers()
 
 
+def _free_refs() -> int:
+    """What ``sys.getrefcount`` says, in _new_array's own pattern, of an array
+    that only a local name holds (2 up to Python 3.13; newer versions may
+    borrow the name's reference and say less); 0 where counts prove nothing
+    (no getrefcount, as on PyPy; no GIL): then no buffer is ever reused."""
+    gil = getattr(sys, "_is_gil_enabled", None)
+    if not hasattr(sys, "getrefcount") or (gil is not None and not gil()):
+        return 0
+    spare = [np.empty(1)]
+    a = spare.pop()
+    return sys.getrefcount(a)
+
+
+_FREE_REFS = _free_refs()
+
+
 def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """``np.empty(shape, dtype)``; inside a step (see _recycling), a buffer of the
     previous step's that nothing references any more, if one fits."""
@@ -2598,7 +2617,7 @@ def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     a = None
     while spare and a is None:
         a = spare.pop()
-        if sys.getrefcount(a) > 2:  # a, the argument: anything more still holds it
+        if sys.getrefcount(a) > _FREE_REFS:  # anything more still holds it
             a = None
     if a is None:
         a = np.empty(shape, dtype)
@@ -2617,17 +2636,18 @@ def _recycling() -> Iterator[None]:
     """A training step: _new_array hands out the previous step's buffers, and the
     ones this step takes are kept for the next (the others are let go)."""
     buffers = _step_buffers
-    if buffers.used is not None:  # a step within a step: the outer one recycles
+    if buffers.used is not None or not _FREE_REFS:  # nested: the outer step recycles
         yield
         return
     buffers.used = []
     try:
         yield
     finally:
+        used, buffers.used = buffers.used, None  # first: an interrupt here leaks nothing
         last: dict[tuple, list[np.ndarray]] = {}
-        for a in buffers.used:
+        for a in used:
             last.setdefault((a.shape, a.dtype), []).append(a)
-        buffers.last, buffers.used = last, None
+        buffers.last = last
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -5065,12 +5085,13 @@ class TrainState:
 
 
 def _own_parts(net: Network, optimizer: Any) -> bool:
-    """Whether the network's layers and the optimizer (a chain's every part) are
-    dlfs's own, so their gradients and updates are known to fit the parameters."""
-    parts = [optimizer]
+    """Whether the network, its loss, its layers and the optimizer (a chain's
+    every part) are dlfs's own, so their gradients and updates are known to fit
+    the parameters (a user's loss or Network subclass is checked at every step)."""
+    parts = [net, net.loss, *net.layers, optimizer]
     if type(optimizer) is Chain:
         parts += [optimizer.optimizer, *optimizer.before, *optimizer.after]
-    return all(map(_is_own, parts)) and all(map(_is_own, net.layers))
+    return all(map(_is_own, parts))
 
 
 _FEW = 1 << 14  # entries: below this, arrays are checked together (one call, not one each)
@@ -5222,6 +5243,11 @@ def train_step(state: TrainState, batch: tuple[np.ndarray, np.ndarray]) -> Train
     parameters it poisons, so an optimizer that maps it to finite values
     goes on).  Fold it over batches with functools.reduce.
     x: (N, *state.net.input_shape), y: (N, ...) the loss's targets.
+
+    On a state from ``TrainState.create`` (or fit), a step reuses the previous
+    step's convolution and pool buffers that nothing references any more; a
+    hand-written fold keeps the last step's (one step's activations) until
+    this thread's next ``train_epoch`` or ``fit`` ends, which lets them go.
 
     >>> import functools
     >>> x = dlfs.make_rng(0).standard_normal((64, 2), dtype=np.float32)

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 import zipfile
 import zlib
@@ -4591,6 +4592,125 @@ def test_a_network_with_a_users_layer_is_checked_at_every_step():
     assert not dlfs.TrainState.create(
         dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError()), _UsersSGD()
     )._fits
+
+
+class _FlatL1Loss(_L1Loss):
+    """A user's loss with a bug: its gradient is flattened to (N*D,)."""
+
+    def backward(self, cache):
+        return super().backward(cache).ravel()
+
+
+class _UsersNetwork(dlfs.Network):
+    """A user's Network subclass (not dlfs's own class)."""
+
+
+def test_a_users_loss_or_network_class_is_checked_at_every_step():
+    """Trust needs the network, its loss, its layers and the optimizer all to be
+    dlfs's own: a user's loss whose gradient has the wrong shape gets the checked
+    path's message at the first step, not a silently reshaped network."""
+    net = dlfs.network(0, 3, [dlfs.dense(1)], _FlatL1Loss())
+    x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
+    for opt in (dlfs.Adam(0.01), dlfs.SGD(0.1)):
+        state = dlfs.TrainState.create(net, opt)
+        assert not state._fits
+        with pytest.raises(ValueError, match=r"must have shape \(8, 1\)|of shape \(3, 1\)"):
+            dlfs.train_step(state, (x, y))
+    plain = dlfs.network(0, 3, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    assert dlfs.TrainState.create(plain, dlfs.SGD(0.1))._fits
+    sub = _UsersNetwork(plain.layers, plain.loss, plain.input_shape)
+    assert not dlfs.TrainState.create(sub, dlfs.SGD(0.1))._fits
+
+
+def test_step_buffers_follow_this_pythons_reference_counts(monkeypatch):
+    """The count that proves a buffer free is measured, not assumed (Python 3.14
+    counts a local name's reference differently); where counts prove nothing (no
+    getrefcount, or no GIL) it is 0 and steps reuse no buffer, with the same bits."""
+    assert dlfs._FREE_REFS == dlfs._free_refs() > 0
+    fake = types.SimpleNamespace(getrefcount=lambda a: 7)
+    monkeypatch.setattr(dlfs, "sys", fake)
+    assert dlfs._free_refs() == 7
+    fake._is_gil_enabled = lambda: False
+    assert dlfs._free_refs() == 0
+    monkeypatch.setattr(dlfs, "sys", types.SimpleNamespace())
+    assert dlfs._free_refs() == 0
+    monkeypatch.undo()
+    net = _speed_conv_net(3, np.float32)
+    batches = _speed_batches(net, 3, 4, 3)
+    recycled = functools.reduce(
+        dlfs.train_step, batches, dlfs.TrainState.create(net, dlfs.SGD(0.1), 3)
+    )
+    monkeypatch.setattr(dlfs, "_FREE_REFS", 0)
+    dlfs._let_go_step_buffers()
+    fresh = functools.reduce(
+        dlfs.train_step, batches, dlfs.TrainState.create(net, dlfs.SGD(0.1), 3)
+    )
+    assert dlfs._step_buffers.last == {}  # nothing kept: recycling is off
+    _assert_same_net(recycled.net, fresh.net)
+
+
+class _InterruptOnShape:
+    """Stands among a step's buffers; Ctrl-C lands when the cleanup reads its shape."""
+
+    @property
+    def shape(self):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_in_a_steps_cleanup_leaves_recycling_working():
+    """_recycling's cleanup first takes the step's list, so a KeyboardInterrupt in
+    the middle of it cannot leave the thread inside a step for good (every later
+    array kept, recycling never again): the next step recycles as before."""
+    net = _speed_conv_net(4, np.float32)
+    batch = _speed_batches(net, 4, 4, 1)[0]
+    state = dlfs.TrainState.create(net, dlfs.SGD(0.1), 4)
+    buffers = dlfs._step_buffers
+    with pytest.raises(KeyboardInterrupt), dlfs._recycling():
+        buffers.used.append(_InterruptOnShape())
+    assert buffers.used is None
+    dlfs.train_step(state, batch)
+    assert buffers.used is None and buffers.last  # the step kept its buffers for the next
+    dlfs._let_go_step_buffers()
+
+
+def test_set_num_threads_while_another_thread_trains():
+    """set_num_threads may shut the pool down while another thread's convolution
+    hands out work: that thread finishes the work itself, with the same bits."""
+    layers = [
+        dlfs.conv2d(8, 3, padding="same", activation=dlfs.ReLU()),
+        dlfs.Flatten(),
+        dlfs.dense(3),
+    ]
+    net = dlfs.network(5, (1, 12, 12), layers, dlfs.SoftmaxCrossEntropy())
+    batches = _speed_batches(net, 5, 256, 2) * 20  # big enough for the pool to share work
+    before = dlfs.get_num_threads()
+    errors, done = [], threading.Event()
+
+    def train():
+        try:
+            state = dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
+            results.append(functools.reduce(dlfs.train_step, batches, state))
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            done.set()
+
+    results: list = []
+    try:
+        dlfs.set_num_threads(2)
+        worker = threading.Thread(target=train)
+        worker.start()
+        while not done.is_set():
+            dlfs.set_num_threads(1)
+            dlfs.set_num_threads(2)
+        worker.join()
+    finally:
+        dlfs.set_num_threads(before)
+    assert errors == []
+    alone = functools.reduce(
+        dlfs.train_step, batches, dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
+    )
+    _assert_same_net(results[0].net, alone.net)
 
 
 @settings(max_examples=15, deadline=None)
