@@ -2109,6 +2109,17 @@ def test_finite_check_of_targets_with_no_columns():
         net.evaluate(x, np.zeros((4, 0), np.float32))
 
 
+def test_dense_checks_the_feature_axis_when_rows_equal_features():
+    """The fast shape check reads the feature axis: x (3, 4) into Dense(3 -> 2), whose
+    row count happens to equal n_in, is refused by name, as is dy (2, 5) of a batch of 2."""
+    dense = dlfs.Dense.init(0, 3, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 3\), got \(3, 4\)"):
+        dense.forward(np.ones((3, 4), np.float32))
+    _, cache, _ = dense.forward(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 2\), got \(2, 5\)"):
+        dense.backward(cache, np.ones((2, 5), np.float32))
+
+
 # -------------- randomness: keys, split, make_rng and the train/eval context
 
 
