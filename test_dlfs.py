@@ -6103,6 +6103,29 @@ def test_all_reduce_averages_the_ranks_in_one_packed_call(size, seed, dtype):
     assert [[b.dtype for b in bufs] for bufs in group["sent"]] == [[np.dtype(dtype)]] * size
 
 
+@pytest.mark.parametrize("rank, size", [(0.0, 2), (True, 2), (0, 2.0), (0, np.float32(2))])
+def test_a_comm_must_report_integer_ranks(rank, size):
+    """Get_rank and Get_size must be ints (numpy integers too), not floats or bools."""
+    comm = _ThreadComm(_comm_group(2), 0)
+    comm.Get_rank, comm.Get_size = (lambda: rank), (lambda: size)
+    with pytest.raises(ValueError, match=r"comm must report ints 0 <= Get_rank\(\) < Get_size"):
+        dlfs.AllReduce(comm)
+    comm.Get_rank, comm.Get_size = (lambda: np.int64(0)), (lambda: np.int32(1))
+    dlfs.AllReduce(comm)  # numpy integers are ints
+
+
+def test_all_reduced_gradients_cannot_be_made_writeable():
+    """The all-reduce's results are read-only views of one read-only buffer, so not
+    even ``setflags(write=True)`` can open them for writing."""
+    comm = _ThreadComm(_comm_group(1), 0)
+    grads = ((np.ones((2, 3), np.float32), np.ones(3, np.float32)),)
+    (out,) = dlfs.AllReduce(comm)(grads, grads)
+    for g in out:
+        assert not g.flags.writeable
+        with pytest.raises(ValueError, match="cannot set WRITEABLE flag"):
+            g.setflags(write=True)
+
+
 def test_all_reduce_validates_comm_and_its_place_in_chain():
     with pytest.raises(TypeError, match=r"comm must be an MPI communicator.*Allreduce, Get_rank"):
         dlfs.AllReduce(object())
