@@ -5513,6 +5513,15 @@ def test_target_hints_only_where_they_fit():
         net.evaluate(x, np.zeros(4, np.float32))
 
 
+def test_integer_targets_for_a_one_output_regression_get_the_cast_not_one_hot():
+    """Integer y (N,) for an MSE net with ONE output are numbers to regress, not
+    class labels: the message says to cast them into a column, not dlfs.one_hot."""
+    net = dlfs.network(0, 3, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    x, y = np.ones((4, 3), np.float32), np.array([1, 2, 3, 4])
+    with pytest.raises(TypeError, match=r"convert with y\.astype\(np\.float32\)\[:, None\]$"):
+        dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=1)
+
+
 # --------------------------- fit reports: callbacks, progress bars, printing
 
 
