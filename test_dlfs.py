@@ -6135,6 +6135,18 @@ def test_all_reduced_gradients_cannot_be_made_writeable():
             g.setflags(write=True)
 
 
+def test_fit_checks_the_all_reduce_comm_before_training():
+    """fit refuses, by its own argument's name and before any step, an optimizer
+    whose AllReduce averages over another communicator than fit's."""
+    net, x, y = _dp_problem("mlp", n=16)
+    comm, other = _ThreadComm(_comm_group(1), 0), _ThreadComm(_comm_group(1), 0)
+    late = dlfs.chain(dlfs.AllReduce(other), dlfs.SGD(0.1))
+    with pytest.raises(
+        ValueError, match=r"^optimizer must be dlfs\.chain\(dlfs\.AllReduce\(comm\)"
+    ):
+        dlfs.fit(net, late, x, y, epochs=1, batch_size=8, comm=comm)
+
+
 def test_all_reduce_validates_comm_and_its_place_in_chain():
     with pytest.raises(TypeError, match=r"comm must be an MPI communicator.*Allreduce, Get_rank"):
         dlfs.AllReduce(object())
