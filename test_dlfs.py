@@ -6015,6 +6015,32 @@ def test_resume_mid_epoch_counts_the_started_epoch(tmp_path, monkeypatch):
         dlfs.fit(net, opt, x, y, epochs=1, resume=path, **_I11_KW)
 
 
+def test_resume_reads_a_hand_edited_fit_record_by_its_rules(tmp_path):
+    """A fit record whose position is past the epoch's steps is refused by name;
+    one without the running loss (an older checkpoint's) resumes as from zero,
+    exactly as one that says loss_sum 0.0 and seen 0."""
+    path = tmp_path / "c.npz"
+    net = dlfs.network(0, 3, [dlfs.dense(1)], dlfs.MeanSquaredError())
+    x, y = np.ones((16, 3), np.float32), np.linspace(0, 1, 16, dtype=np.float32)[:, None]
+    dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=1, batch_size=4, checkpoint=path)
+    ckpt = dlfs.load(path)
+
+    def resume_with(drop=(), **fields):
+        meta = copy.deepcopy(ckpt.meta)
+        record = meta["dlfs.fit"]
+        record.update(fields)
+        for name in drop:
+            del record[name]
+        dlfs.save(path, ckpt.net, ckpt.opt_state, meta=meta)
+        return dlfs.fit(net, dlfs.SGD(0.1), x, y, epochs=2, batch_size=4, resume=path)
+
+    with pytest.raises(ValueError, match="batch 9 is past the 4 steps of an epoch"):
+        resume_with(batch=9)
+    _, missing = resume_with(drop=("loss_sum", "seen"), batch=2)
+    _, zero = resume_with(batch=2, loss_sum=0.0, seen=0)
+    assert missing.records == zero.records
+
+
 # ---- data-parallel training: shard, all-reduce, ranks equal one process, MPI
 
 
