@@ -2636,7 +2636,8 @@ def _recycling() -> Iterator[None]:
     """A training step: _new_array hands out the previous step's buffers, and the
     ones this step takes are kept for the next (the others are let go)."""
     buffers = _step_buffers
-    if buffers.used is not None or not _FREE_REFS:  # nested: the outer step recycles
+    # nested: the outer step recycles; no _FREE_REFS: counts prove nothing, no reuse
+    if buffers.used is not None or not _FREE_REFS:
         yield
         return
     buffers.used = []
