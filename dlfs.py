@@ -437,14 +437,34 @@ def _replace(record: Any, changes: dict[str, Any]) -> Any:
     the checked constructor would cost more than the arithmetic of a small net."""
     new = object.__new__(type(record))
     for name in _field_names(type(record)):
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(record, name))
+        _set_field(new, name, changes[name] if name in changes else getattr(record, name))
     return new
+
+
+_set_field = object.__setattr__  # how attrs sets a frozen record's fields
 
 
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
     """The names of an attrs class's fields, in order."""
     return tuple(field.name for field in attrs.fields(cls))
+
+
+def _with_arrays(layer: Any, params: Params) -> Any:
+    """``_replace(layer, dict(zip(layer._PARAMS, params)))`` for a dlfs layer
+    (``_PARAMS`` names the fields params() returns), set field by field."""
+    new = object.__new__(type(layer))
+    for name, value in zip(layer._PARAMS, params):
+        _set_field(new, name, value)
+    for name in _other_fields(type(layer)):
+        _set_field(new, name, getattr(layer, name))
+    return new
+
+
+@functools.cache
+def _other_fields(cls: Any) -> tuple[str, ...]:
+    """The fields of a dlfs layer class besides its parameters (``_PARAMS``)."""
+    return tuple(name for name in _field_names(cls) if name not in cls._PARAMS)
 
 
 def _is_own(obj: Any) -> TypeGuard[Any]:
@@ -3395,16 +3415,16 @@ class LayerSpec(Protocol):
         ...
 
 
-def _uses_key(layer: Any) -> bool:
-    """Whether a layer's forward may draw random numbers (needs its own sub-key):
-    Dropout and any layer dlfs does not know."""
-    return type(layer) is Dropout or not _is_own(layer)
+def _uses_key(layer: type) -> bool:
+    """Whether a layer type's forward may draw random numbers (needs its own
+    sub-key): Dropout and any layer dlfs does not know."""
+    return layer is Dropout or layer.__module__ != __name__
 
 
-def _fresh_output(layer: Any) -> bool:
-    """Whether a layer's forward output is a fresh array that its cache does not
-    hold (Dense, Conv2D), so the next layer may overwrite it."""
-    return type(layer) is Dense or type(layer) is Conv2D
+def _fresh_output(layer: type) -> bool:
+    """Whether a layer type's forward output is a fresh array that its cache does
+    not hold (Dense, Conv2D), so the next layer may overwrite it."""
+    return layer is Dense or layer is Conv2D
 
 
 def _fresh_input_grad(layer: Any, fresh: bool) -> bool:
@@ -3414,6 +3434,45 @@ def _fresh_input_grad(layer: Any, fresh: bool) -> bool:
     if not _is_own(layer):
         return False
     return fresh or not isinstance(layer, (Linear, Flatten, Dropout))
+
+
+@attrs.frozen
+class _Plan:
+    """How a network's forward and backward treat its layers, decided once per
+    sequence of layer types (dlfs's own fast paths, picked by exact type).
+
+    ``forward``: per layer, "keyed" (its forward gets its own sub-key), "owned"
+    (a ReLU on a fresh input: in place) or "plain"; ``fresh``: the output is a
+    fresh array; ``stateful``: a layer may return a new version of itself
+    (BatchNorm, a user's layer); ``first``: the first layer with parameters
+    (None: a user's layer comes first, ask the layers); ``recycles``: a layer
+    takes step buffers (see _recycling)."""
+
+    forward: tuple[str, ...]
+    fresh: bool
+    stateful: bool
+    first: int | None
+    recycles: bool
+
+
+@functools.cache
+def _plan(types: tuple[type, ...]) -> _Plan:
+    forward, fresh = [], False  # the input is the caller's
+    for layer in types:
+        forward.append(
+            "owned" if fresh and layer is ReLU else "keyed" if _uses_key(layer) else "plain"
+        )
+        fresh = _fresh_output(layer)
+    own = [layer.__module__ == __name__ for layer in types]
+    has_params = [mine and issubclass(layer, _ArrayRecord) for mine, layer in zip(own, types)]
+    first = has_params.index(True) if True in has_params else len(types)
+    return _Plan(
+        forward=tuple(forward),
+        fresh=fresh,
+        stateful=not all(own) or BatchNorm in types,
+        first=first if all(own[:first]) else None,
+        recycles=Conv2D in types or MaxPool2D in types,
+    )
 
 
 def _not_called(obj: Any) -> str:
@@ -3827,7 +3886,7 @@ class Network:
         layers = []
         layer: Any  # dlfs's own: _PARAMS names the fields params() returns
         for layer, ps in zip(self.layers, params):
-            layers.append(_replace(layer, dict(zip(layer._PARAMS, ps))) if ps else layer)
+            layers.append(_with_arrays(layer, ps) if ps else layer)
         return self._evolve_layers(tuple(layers))
 
     @property
@@ -3880,6 +3939,9 @@ class Network:
             raise TypeError(f"ctx must be a dlfs.Context, got {type(ctx).__name__}")
         return self._forward(x, ctx)
 
+    def _plan(self) -> _Plan:
+        return _plan(tuple(map(type, self.layers)))
+
     def _forward(self, x: np.ndarray, ctx: Context) -> tuple[np.ndarray, tuple, Network]:
         out, caches, net, _ = self._run(x, ctx)
         return out, tuple(caches), net
@@ -3888,23 +3950,22 @@ class Network:
         """Every layer's forward: (output, caches, network with new layer state,
         whether the output is a fresh array no one else holds).  A layer whose
         input is such an array (a Dense's or Conv2D's output) may work in place."""
+        plan = self._plan()
         caches, layers = [], []
-        fresh = False  # x is the caller's
         key = ctx.key
-        layer: Any  # exact type checks pick dlfs's own layers' fast paths
-        for i, layer in enumerate(self.layers):
-            if fresh and type(layer) is ReLU:
+        layer: Any  # dlfs's own fast paths, as the plan says
+        for i, (layer, how) in enumerate(zip(self.layers, plan.forward)):
+            if how == "owned":
                 x, cache, layer = layer._forward_owned(x)
-            elif key is not None and _uses_key(layer):
+            elif how == "keyed" and key is not None:
                 x, cache, layer = layer.forward(x, _sub_context(ctx.train, key + (i,)))
             else:
                 x, cache, layer = layer.forward(x, ctx)
-            fresh = _fresh_output(layer)
             caches.append(cache)
             layers.append(layer)
-        changed = any(new is not old for new, old in zip(layers, self.layers))
+        changed = plan.stateful and any(new is not old for new, old in zip(layers, self.layers))
         net = self._evolve_layers(tuple(layers)) if changed else self
-        return x, caches, net, fresh
+        return x, caches, net, plan.fresh
 
     def backward(self, caches: Sequence[Any], dy: np.ndarray) -> tuple[np.ndarray, NetParams]:
         """Backpropagate ``dy`` through the layers; grads align with ``params()``."""
@@ -3930,7 +3991,9 @@ class Network:
         soon as its backward is done); ``fresh``: dy is an array no one else
         holds, which a ReLU then overwrites with its dx."""
         layers: tuple[Any, ...] = self.layers  # dlfs's own fast paths, by exact type
-        first = next((i for i, layer in enumerate(layers) if layer.params()), len(layers))
+        first = self._plan().first
+        if first is None:
+            first = next((i for i, layer in enumerate(layers) if layer.params()), len(layers))
         grads: list[Params] = [()] * len(layers)
         for i in range(len(layers) - 1, first - 1, -1):
             layer, cache = layers[i], caches[i]
@@ -4402,13 +4465,16 @@ def _finish(new_params: NetParams) -> NetParams:
     return _tree_map(_freeze_new, new_params)
 
 
-def _sgd_leaf(p: np.ndarray, g: np.ndarray, lr: float, owned: bool) -> np.ndarray:
-    """p - g * lr, read-only, written into g when ``owned`` (no new array), else
-    into the fresh array g * lr."""
-    step = np.multiply(g, lr, out=g if owned else None)
-    np.subtract(p, step, out=step)
-    step.setflags(write=False)
-    return step
+def _sgd_layer(ps: Params, gs: Params, lr: float, owned: bool) -> Params:
+    """p - g * lr for each of a layer's arrays, read-only: written into g when
+    ``owned`` (no new array), else into the fresh array g * lr."""
+    new = []
+    for p, g in zip(ps, gs):
+        step = np.multiply(g, lr, g) if owned else g * lr
+        np.subtract(p, step, step)
+        step.setflags(write=False)
+        new.append(step)
+    return tuple(new)
 
 
 @attrs.frozen
@@ -4442,12 +4508,10 @@ class SGD:
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
     ) -> tuple[NetParams, OptState]:
-        lr, decayed = _start(self, grads, state, params)
-        owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
-        new = tuple(
-            tuple([_sgd_leaf(p, g, lr, owned) for p, g in zip(ps, gs)])
-            for ps, gs in zip(params, decayed)
-        )
+        lr = _lr_at(self.lr, state.count)
+        if self.weight_decay:  # g + wd p: fresh arrays of ours
+            grads, owned = _decay(grads, params, self.weight_decay), True
+        new = tuple([_sgd_layer(ps, gs, lr, owned) for ps, gs in zip(params, grads)])
         return new, OptState(state.count + 1, lr)
 
 
@@ -5196,9 +5260,12 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
     if comm is not None:
         _check_all_reduce_first(state.optimizer, comm)
         x, y = _rows_of(x, y, rank, size)
-    n = len(x)
-    with _recycling() if state._fits else contextlib.nullcontext():
-        loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, _rank_key(state, rank, size))
+    n, key = len(x), _rank_key(state, rank, size)
+    if state._fits and state.net._plan().recycles:
+        with _recycling():
+            loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, key)
+    else:
+        loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, key)
     weight = size * n / len(batch[0])
     if not math.isfinite(loss):
         if comm is None:

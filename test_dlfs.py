@@ -1803,6 +1803,49 @@ class _UsersScale:
         return tuple(in_shape)
 
 
+class _UsersCounter:
+    """A user's parameter-free layer with state: its forward in training returns
+    a new layer that has counted one more pass."""
+
+    def __init__(self, passes: int = 0) -> None:
+        self.passes = passes
+
+    def params(self):
+        return ()
+
+    def with_params(self, params):
+        return self
+
+    def forward(self, x, ctx=dlfs.EVAL):
+        return x, None, _UsersCounter(self.passes + ctx.train)
+
+    def backward(self, cache, dy):
+        return dy, ()
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+
+def test_users_layers_anywhere_get_their_gradients_and_keep_their_state():
+    """A network's plan by layer types (which layer gets a key, which works in place,
+    where the gradients start) takes a user's layer as unknown: one with parameters
+    before dlfs's first still gets its gradient, and one that returns a new version
+    of itself is kept in the new network, wherever it stands."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    dense, s = dlfs.Dense.init(0, 3, 2, dtype=np.float64), rng.standard_normal(3)
+    net = dlfs.Network([_UsersScale(s), dense], dlfs.MeanSquaredError(), (3,))
+    _, grads, _ = net.loss_and_grads(x, y, dlfs.train_context(0))
+    dp = 2 * ((x * s) @ dense.w + dense.b - y) / len(x)
+    np.testing.assert_allclose(grads[0][0], ((dp @ dense.w.T) * x).sum(axis=0), rtol=1e-12)
+    net = dlfs.Network(
+        [_UsersCounter(), dense, dlfs.ReLU(), _UsersCounter(5)], dlfs.MeanSquaredError(), (3,)
+    )
+    state = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (x, y))
+    assert [getattr(layer, "passes", None) for layer in state.net.layers] == [1, None, None, 6]
+    assert [layer.passes for layer in net.layers[::3]] == [0, 5]
+
+
 class _UsersSGD:
     """A user's optimizer (duck-typed init/update)."""
 
