@@ -2203,9 +2203,13 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
     return x
 
 
-# Threads.  Convolutions, pools and in-place ReLUs split their work over a few
-# threads: numpy's loops and OpenBLAS release the GIL, so a second core helps
-# where numpy alone would stay on one.  Work is cut in pieces fixed by the
+# Threads.  Convolutions, pools and in-place ReLUs can split their work over a
+# few threads (set_num_threads): numpy's loops and OpenBLAS release the GIL.
+# Off by default: numpy's BLAS already runs its GEMMs on every core, and the
+# two pools at once ask for more cores than there are.  Even with BLAS on one
+# thread, two of dlfs's on 2 cores made MNIST-sized convolutions slower (each
+# thread's share took 2.5x as long: its many short numpy calls each take the
+# GIL back from the other thread).  Work is cut in pieces fixed by the
 # shapes (never by the thread count), each piece taken by whichever thread is
 # free first (on a busy machine, a helper the system runs late finds the work
 # done instead of holding up the step), and every sum over the batch adds the
@@ -2213,15 +2217,13 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
 
 
 def _threads_from_env() -> int:
-    """DLFS_NUM_THREADS if set, else the number of CPUs this process may use."""
+    """DLFS_NUM_THREADS if set, else 1 (no threads of dlfs's own)."""
     value = os.environ.get("DLFS_NUM_THREADS", "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"DLFS_NUM_THREADS must be a positive integer, got {value!r}")
         return int(value)
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return 1
 
 
 _num_threads = _threads_from_env()
@@ -2242,11 +2244,13 @@ if hasattr(os, "register_at_fork"):
 def set_num_threads(n: int) -> None:
     """Let convolutions, pools and in-place ReLUs use ``n`` threads (1: no threading).
 
-    The default is the environment variable ``DLFS_NUM_THREADS``, else the
-    CPUs this process may run on.  Results do not depend on ``n`` (bit for
-    bit).  BLAS threads are separate: set ``OPENBLAS_NUM_THREADS`` (or use
-    threadpoolctl) for those.  The pool's threads are idle between calls and
-    end with the interpreter.
+    The default is the environment variable ``DLFS_NUM_THREADS``, else 1:
+    numpy's BLAS (``OPENBLAS_NUM_THREADS``, by default every core) does the
+    parallel work of the GEMMs, and dlfs's threads beside BLAS's ask for more
+    cores than there are.  Measure before raising it, with BLAS at one thread:
+    on 2 cores it paid only for large convolutions (batch 256).  Results do
+    not depend on ``n`` (bit for bit).  The pool's threads are idle between
+    calls and end with the interpreter.
 
     >>> before = dlfs.get_num_threads()
     >>> dlfs.set_num_threads(1)

@@ -3650,8 +3650,9 @@ def test_set_num_threads_bad_input(restore_threads):
 
 
 def test_threads_from_environment_and_clean_exit():
-    """DLFS_NUM_THREADS sets the default; a bad value is a clear error; a process
-    that used the pool exits at once (its threads never keep it alive)."""
+    """DLFS_NUM_THREADS sets the default, which is 1 without it (BLAS's threads do
+    the parallel work); a bad value is a clear error; a process that used the
+    pool exits at once (its threads never keep it alive)."""
     script = (
         "import numpy as np, dlfs\n"
         "print(dlfs.get_num_threads())\n"
@@ -3662,6 +3663,10 @@ def test_threads_from_environment_and_clean_exit():
     done = run([sys.executable, "-c", script], env={**os.environ, "DLFS_NUM_THREADS": "3"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["3"]
+    unset = {k: v for k, v in os.environ.items() if k != "DLFS_NUM_THREADS"}
+    default = run([sys.executable, "-c", script], env=unset)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split() == ["1"]
     bad = run([sys.executable, "-c", "import dlfs"], env={**os.environ, "DLFS_NUM_THREADS": "two"})
     assert bad.returncode != 0
     assert "DLFS_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
