@@ -2208,12 +2208,13 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
 # Off by default: numpy's BLAS already runs its GEMMs on every core, and the
 # two pools at once ask for more cores than there are.  Even with BLAS on one
 # thread, two of dlfs's on 2 cores made MNIST-sized convolutions slower (each
-# thread's share took 2.5x as long: its many short numpy calls each take the
-# GIL back from the other thread).  Work is cut in pieces fixed by the
-# shapes (never by the thread count), each piece taken by whichever thread is
-# free first (on a busy machine, a helper the system runs late finds the work
-# done instead of holding up the step), and every sum over the batch adds the
-# same pieces in the same order: results are bit-identical for any thread count.
+# thread's share took 2.5x as long beside the other, most likely waiting for
+# the GIL between its many short numpy calls).  Work is cut in pieces fixed
+# by the shapes (never by the thread count), each piece taken by whichever
+# thread is free first (on a busy machine, a helper the system runs late finds
+# the work done instead of holding up the step), and every sum over the batch
+# adds the same pieces in the same order: results are bit-identical for any
+# thread count.
 
 
 def _threads_from_env() -> int:
