@@ -3547,6 +3547,21 @@ def test_maxpool_train_and_eval_route_alike(size, stride):
     )
 
 
+@pytest.mark.parametrize("size", [(17, 17), (1, 300), (300, 1)])
+def test_maxpool_windows_of_more_than_256_entries_route_to_their_maximum(size):
+    """A window of more than 256 entries notes its maximum's offset in a wider
+    integer than uint8, square or not: the gradient reaches the entry past 255."""
+    rng = np.random.default_rng(0)
+    x = rng.permutation(2 * size[0] * size[1]).astype(np.float64).reshape(2, 1, *size)
+    x.reshape(2, -1)[:, -1] = 1e6  # each window's maximum: its last entry
+    pool = dlfs.MaxPool2D(size)
+    _, cache, _ = pool.forward(x, dlfs.train_context(0))
+    dx, _ = pool.backward(cache, np.full((2, 1, 1, 1), 2.0))
+    expected = np.zeros_like(x)
+    expected.reshape(2, -1)[:, -1] = 2.0
+    np.testing.assert_array_equal(dx, expected)
+
+
 def test_pool_drops_incomplete_windows():
     x = np.arange(2.0 * 7 * 5).reshape(1, 2, 7, 5)
     for pool in (dlfs.MaxPool2D(2), dlfs.AvgPool2D(2)):
