@@ -2196,11 +2196,10 @@ def _pool_out_hw(
     return _out_size(h, kernel[0], stride[0]), _out_size(w, kernel[1], stride[1])
 
 
-def _check_images(x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+def _check_images(x: Any, dtype: np.dtype | None = None) -> None:
     _check_float("x", x, dtype)
     if x.ndim != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {x.shape}")
-    return x
 
 
 # Threads.  Convolutions, pools and in-place ReLUs can split their work over a
@@ -3923,10 +3922,10 @@ class Network:
             tuple(layer.with_params(p) for layer, p in zip(self.layers, params))
         )
 
-    def _check_x(self, x: Any, name: str = "x") -> np.ndarray:
+    def _check_x(self, x: Any, name: str = "x") -> None:
         plain = type(x) is np.ndarray and x.shape[1:] == self.input_shape and len(x)
         if plain and x.dtype == self.dtype:  # the common case, in a few attribute reads
-            return x
+            return
         try:
             if self.layers and isinstance(self.layers[0], Embedding):  # token ids, not floats
                 _check_ids(name, x, (None, *self.input_shape))
@@ -3935,7 +3934,6 @@ class Network:
         except (TypeError, ValueError) as err:
             raise _input_error(self, name, x, err) from None
         _check_nonempty(name, x)
-        return x
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Network]:
         """Run every layer; returns (output, caches, network with new layer state)."""
