@@ -4942,8 +4942,8 @@ class AllReduce:
 
 
 def _max_norm(w: np.ndarray, c: float) -> np.ndarray:
-    if w.ndim < 2:
-        return w
+    """w with each unit's incoming weights (a column of (D_in, D_out), a filter of
+    (C_out, C_in, kh, kw)) rescaled to norm <= c; w.ndim >= 2."""
     axes = (0,) if w.ndim == 2 else tuple(range(1, w.ndim))
     norms = np.sqrt((w * w).sum(axis=axes, keepdims=True))
     return np.where(norms > c, w * (c / np.maximum(norms, c)), w)
