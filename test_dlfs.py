@@ -7084,6 +7084,12 @@ def test_mnist_npz(tmp_path):
     np.savez(tmp_path / "flabels.npz", **{**arrays, "y_train": arrays["y_train"] * 1.0})
     with pytest.raises(TypeError, match="y_train must be integer labels"):
         dlfs.load_mnist(tmp_path / "flabels.npz")
+    for bad in (-1, 10):  # one label out of 0..9, the others in it
+        y = arrays["y_test"].astype(np.int16)
+        y[-1] = bad
+        np.savez(tmp_path / "range.npz", **{**arrays, "y_test": y})
+        with pytest.raises(ValueError, match=rf"y_test labels must be in 0..9, got .*{bad}"):
+            dlfs.load_mnist(tmp_path / "range.npz")
     with pytest.raises(TypeError, match="flatten"):
         dlfs.load_mnist(tmp_path / "m.npz", flatten="yes")
     with pytest.raises(TypeError, match="path"):
