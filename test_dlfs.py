@@ -479,6 +479,8 @@ def _trust_tamper(kind: str, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray
         raw = {**raw, w: raw[w].astype(np.int32)}
     elif kind == "shape":
         raw = {**raw, w: raw[w][:1]}
+    elif kind == "grown":  # far more bytes than described: refused before it is read
+        raw = {**raw, w: np.zeros((1 << 15, raw[w].shape[1]), raw[w].dtype)}
     elif kind == "dtype":
         raw = {**raw, w: raw[w].astype(np.float64)}
     elif kind == "values":
@@ -7532,6 +7534,7 @@ def test_flipped_byte_is_detected_or_harmless(_trust_ckpt_bytes, frac, xor):
         ("pickle_structure", "pickle|object"),
         ("int_array", "described|bytes"),
         ("shape", "described|bytes"),
+        ("grown", r"holds \d+ bytes, expected \d+ plus a header"),
         ("dtype", "described|bytes"),
         ("values", "CRC"),
         ("json_shape", "described|bytes"),
