@@ -6082,7 +6082,8 @@ def test_resume_mid_epoch_counts_the_started_epoch(tmp_path, monkeypatch):
 def test_resume_reads_a_hand_edited_fit_record_by_its_rules(tmp_path):
     """A fit record whose position is past the epoch's steps is refused by name;
     one without the running loss (an older checkpoint's) resumes as from zero,
-    exactly as one that says loss_sum 0.0 and seen 0."""
+    exactly as one that says loss_sum 0.0 and seen 0; one without drop_last (older
+    still) as one that says False; one inside the first epoch (epoch 0) resumes."""
     path = tmp_path / "c.npz"
     net = dlfs.network(0, 3, [dlfs.dense(1)], dlfs.MeanSquaredError())
     x, y = np.ones((16, 3), np.float32), np.linspace(0, 1, 16, dtype=np.float32)[:, None]
@@ -6103,6 +6104,11 @@ def test_resume_reads_a_hand_edited_fit_record_by_its_rules(tmp_path):
     _, missing = resume_with(drop=("loss_sum", "seen"), batch=2)
     _, zero = resume_with(batch=2, loss_sum=0.0, seen=0)
     assert missing.records == zero.records
+    _, before_drop_last = resume_with(drop=("drop_last",), batch=2)
+    _, kept = resume_with(batch=2)
+    assert before_drop_last.records == kept.records
+    _, first = resume_with(epoch=0, batch=2, step=2, records=[])
+    assert [r.epoch for r in first.records] == [1, 2] and first.steps == 8
 
 
 # ---- data-parallel training: shard, all-reduce, ranks equal one process, MPI
