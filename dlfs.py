@@ -4511,10 +4511,9 @@ class SGD:
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
     ) -> tuple[NetParams, OptState]:
-        lr = _lr_at(self.lr, state.count)
-        if self.weight_decay:  # g + wd p: fresh arrays of ours
-            grads, owned = _decay(grads, params, self.weight_decay), True
-        new = tuple([_sgd_layer(ps, gs, lr, owned) for ps, gs in zip(params, grads)])
+        lr, decayed = _start(self, grads, state, params)
+        owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
+        new = tuple([_sgd_layer(ps, gs, lr, owned) for ps, gs in zip(params, decayed)])
         return new, OptState(state.count + 1, lr)
 
 
