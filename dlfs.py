@@ -5262,12 +5262,9 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
     if comm is not None:
         _check_all_reduce_first(state.optimizer, comm)
         x, y = _rows_of(x, y, rank, size)
-    n, key = len(x), _rank_key(state, rank, size)
-    if state._fits and state.net._plan().recycles:
-        with _recycling():
-            loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, key)
-    else:
-        loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, key)
+    n, recycles = len(x), state._fits and state.net._plan().recycles
+    with _recycling() if recycles else contextlib.nullcontext():
+        loss, grads, new_net = _shard_loss_and_grads(state.net, x, y, _rank_key(state, rank, size))
     weight = size * n / len(batch[0])
     if not math.isfinite(loss):
         if comm is None:
