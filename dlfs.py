@@ -1321,7 +1321,7 @@ class GELU(_NoParams):
         if self.approximate == "none":
             phi = _normal_cdf(x)
             return x * phi, (x, phi), self
-        s, c = _sigmoid_pair((x + 0.044715 * x**3) * (2 * _SQRT_2_OVER_PI))
+        s, c = _sigmoid_pair((x + 0.044715 * (x * x * x)) * (2 * _SQRT_2_OVER_PI))
         return x * s, (x, s, c), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:

@@ -7957,6 +7957,30 @@ def test_char_rnn_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
     assert re.search(r"^epoch 4: loss=\S+ \(\S+ bits/char\)$", out, re.M)
 
 
+def test_char_gpt_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
+    """The baby-GPT example at toy size: the whole validation split is tiled by its
+    windows, the loss falls, and its key=value lines agree with what it returns."""
+    char_gpt = _example("char_gpt", monkeypatch)
+    x, y = char_gpt.whole_split(np.arange(23), 5)
+    assert x.shape == (4, 5) and (y == x + 1).all() and y.max() == 20
+    rng = np.random.default_rng(0)
+    words = ["abc", "abd", "xyz", "hello", "world"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 600))
+    path = tmp_path / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    sizes = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16"]
+    args = ["--text", str(path), "--iters", "60", "--eval-interval", "30", "--lr", "1e-2"]
+    result = char_gpt.main([*args, *sizes, "--eval-windows", "40", "--sample-length", "25"])
+    out = capsys.readouterr().out
+    kv = _key_values(out)
+    first = float(re.search(r"^step 0: train loss ([\d.]+), val loss ([\d.]+),", out, re.M)[2])
+    assert result["val_loss"] < 0.7 * first  # from about log(vocab) to well below
+    assert kv["val_loss"] == f"{result['val_loss']:.4f}" and kv["iters"] == "60"
+    assert kv["params"] == str(result["params"]) and float(kv["ms_per_iter"]) > 0
+    assert re.search(r"^step 60: train loss \S+, val loss \S+", out, re.M)
+    assert len(result["sample"]) == 25 and result["sample"].max() < len(set(text))
+
+
 # --------------------------------------------- README: its Python blocks run
 
 
