@@ -1618,12 +1618,12 @@ def _scatter_add_rows(n_rows: int, idx: np.ndarray, values: np.ndarray) -> np.nd
     return out
 
 
-def _lookup(w: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def _lookup(w: np.ndarray, ids: np.ndarray, name: str = "x") -> np.ndarray:
     """w[ids], the rows of a (V, D) table: ids (N, ...) in [0, V) -> (N, ..., D)."""
-    _check_nonempty("x", ids)
+    _check_nonempty(name, ids)
     lo, hi = ids.min(), ids.max()
     if lo < 0 or hi >= len(w):
-        raise ValueError(f"x must hold ids in [0, {len(w)}), got values in [{lo}, {hi}]")
+        raise ValueError(f"{name} must hold ids in [0, {len(w)}), got values in [{lo}, {hi}]")
     return np.take(w, ids, axis=0)
 
 
@@ -5184,8 +5184,7 @@ def generate(
         )
     context, n_vocab = net.input_shape[0], net.output_shape[-1]
     _check_ids("prompt", prompt, (None, "T"))
-    _check_nonempty("prompt", prompt)
-    _lookup(np.empty((n_vocab, 0)), prompt)  # the ids' range, with its message
+    _lookup(np.empty((n_vocab, 0)), prompt, "prompt")  # non-empty, ids in range
     n_new, rng = _check_int("n_new", n_new, low=0), make_rng(key)
     temperature = _check_number("temperature", temperature, low=0.0, low_open=True)
     if top_k is not None:
