@@ -3712,6 +3712,8 @@ class SelfAttention(_ArrayRecord):
     )
 
     def __attrs_post_init__(self) -> None:
+        if self.w_o.ndim != 2:
+            raise ValueError(f"w_o must be 2-D (D, D), got shape {self.w_o.shape}")
         d, dtype = self.w_o.shape[0], self.w_o.dtype
         _check_input("w_o", self.w_o, (d, d), dtype)
         _check_input("w_qkv", self.w_qkv, (d, 3 * d), dtype)
