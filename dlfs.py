@@ -87,7 +87,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
 
 import attrs
 import numpy as np
@@ -4448,7 +4448,7 @@ def _eps_field(default: float) -> Any:
 
 
 def _check_update(
-    opt: Any, grads: NetParams, state: OptState, params: NetParams, n_slots: int = 0
+    opt: Any, grads: NetParams, state: OptState, params: NetParams, n_slots: int
 ) -> None:
     """Validate an update's inputs: params, the state's moment trees, the grads."""
     _check_params(params)
@@ -4468,6 +4468,27 @@ def _finish(new_params: NetParams) -> NetParams:
     return _tree_map(_freeze_new, new_params)
 
 
+class _Optimizer:
+    """Base of the dlfs optimizers: their one public ``update``, which checks its
+    inputs (params, ``_N_SLOTS`` moment trees in the state, grads shaped like
+    params) and then runs the subclass's ``_apply``, the arithmetic alone."""
+
+    __slots__ = ()
+    _N_SLOTS: ClassVar[int] = 0  # moment trees in the state (Adam's m and v: 2)
+
+    def update(
+        self, grads: NetParams, state: OptState, params: NetParams
+    ) -> tuple[NetParams, OptState]:
+        """Returns (new params, new state)."""
+        _check_update(self, grads, state, params, self._N_SLOTS)
+        return self._apply(grads, state, params)
+
+    def _apply(
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+    ) -> tuple[NetParams, OptState]:
+        raise NotImplementedError
+
+
 def _sgd_layer(ps: Params, gs: Params, lr: float, owned: bool) -> Params:
     """p - g * lr for each of a layer's arrays, read-only: written into g when
     ``owned`` (no new array), else into the fresh array g * lr."""
@@ -4481,7 +4502,7 @@ def _sgd_layer(ps: Params, gs: Params, lr: float, owned: bool) -> Params:
 
 
 @attrs.frozen
-class SGD:
+class SGD(_Optimizer):
     """Plain SGD (the book's): p <- p - lr * (g + wd * p).  ``lr`` may be a schedule.
 
     params, grads: one tuple of arrays per layer (``Network.params()``'s
@@ -4501,13 +4522,6 @@ class SGD:
         """No moments: ``OptState(0, lr(0))``."""
         return OptState(0, _lr_at(self.lr, 0))
 
-    def update(
-        self, grads: NetParams, state: OptState, params: NetParams
-    ) -> tuple[NetParams, OptState]:
-        """Returns (new params, new state)."""
-        _check_update(self, grads, state, params)
-        return self._apply(grads, state, params)
-
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
     ) -> tuple[NetParams, OptState]:
@@ -4518,7 +4532,7 @@ class SGD:
 
 
 @attrs.frozen
-class Momentum:
+class Momentum(_Optimizer):
     """SGD with momentum (PyTorch): b <- mu b + g (b_1 = g), p <- p - lr b;
     Nesterov: p <- p - lr (g + mu b).  The velocity b is shaped like the params.
 
@@ -4538,17 +4552,11 @@ class Momentum:
     )
     weight_decay: float = _wd_field()
     nesterov: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    _N_SLOTS: ClassVar[int] = 1
 
     def init(self, params: NetParams) -> OptState:
         """Velocity b = 0."""
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
-
-    def update(
-        self, grads: NetParams, state: OptState, params: NetParams
-    ) -> tuple[NetParams, OptState]:
-        """Returns (new params, new state)."""
-        _check_update(self, grads, state, params, 1)
-        return self._apply(grads, state, params)
 
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
@@ -4578,7 +4586,7 @@ def Nesterov(  # noqa: N802
 
 
 @attrs.frozen
-class AdaGrad:
+class AdaGrad(_Optimizer):
     """AdaGrad (PyTorch): s <- s + g^2 (s_0 = 0), p <- p - lr g / (sqrt(s) + eps).
 
     s is shaped like the params; params and grads as for ``SGD``.
@@ -4593,17 +4601,11 @@ class AdaGrad:
     lr: float | Schedule = _lr_field(0.01)
     eps: float = _eps_field(1e-10)
     weight_decay: float = _wd_field()
+    _N_SLOTS: ClassVar[int] = 1
 
     def init(self, params: NetParams) -> OptState:
         """Sum of squares s = 0."""
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
-
-    def update(
-        self, grads: NetParams, state: OptState, params: NetParams
-    ) -> tuple[NetParams, OptState]:
-        """Returns (new params, new state)."""
-        _check_update(self, grads, state, params, 1)
-        return self._apply(grads, state, params)
 
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
@@ -4617,7 +4619,7 @@ class AdaGrad:
 
 
 @attrs.frozen
-class RMSProp:
+class RMSProp(_Optimizer):
     """RMSProp (PyTorch, no bias correction): v <- a v + (1 - a) g^2,
     p <- p - lr g / (sqrt(v) + eps).  v is shaped like the params; params
     and grads as for ``SGD``.
@@ -4635,17 +4637,11 @@ class RMSProp:
     )
     eps: float = _eps_field(1e-8)
     weight_decay: float = _wd_field()
+    _N_SLOTS: ClassVar[int] = 1
 
     def init(self, params: NetParams) -> OptState:
         """Square average v = 0."""
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
-
-    def update(
-        self, grads: NetParams, state: OptState, params: NetParams
-    ) -> tuple[NetParams, OptState]:
-        """Returns (new params, new state)."""
-        _check_update(self, grads, state, params, 1)
-        return self._apply(grads, state, params)
 
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
@@ -4684,7 +4680,7 @@ def _beta_field(name: str, default: float) -> Any:
 
 
 @attrs.frozen
-class Adam:
+class Adam(_Optimizer):
     """Adam (PyTorch): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
     p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps).  ``weight_decay``
     is L2 (adds wd p to g) unless ``decoupled``, which is AdamW: p <- p (1 - lr wd)
@@ -4704,17 +4700,11 @@ class Adam:
     eps: float = _eps_field(1e-8)
     weight_decay: float = _wd_field()
     decoupled: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    _N_SLOTS: ClassVar[int] = 2
 
     def init(self, params: NetParams) -> OptState:
         """Moments m = v = 0."""
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 2))
-
-    def update(
-        self, grads: NetParams, state: OptState, params: NetParams
-    ) -> tuple[NetParams, OptState]:
-        """Returns (new params, new state)."""
-        _check_update(self, grads, state, params, 2)
-        return self._apply(grads, state, params)
 
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
