@@ -242,12 +242,14 @@ def _shape_str(spec: Sequence[int | str | None]) -> str:
 
 
 def _check_ndarray(name: str, x: Any) -> np.ndarray:
-    """``x`` must be exactly an ``np.ndarray``: subclasses (``np.matrix``, masked
-    arrays) change what ``*``, ``sum`` or a mask mean, so they are refused too."""
-    if type(x) is not np.ndarray:
+    """``x`` must be an ``np.ndarray`` or an ``np.memmap`` (a file's data, read-only
+    or not, with ndarray's semantics: data larger than memory).  Other subclasses
+    (``np.matrix``, masked arrays) change what ``*``, ``sum`` or a mask mean, so
+    they are refused."""
+    if type(x) is not np.ndarray and not isinstance(x, np.memmap):
         if isinstance(x, np.ndarray):
             raise TypeError(
-                f"{name} must be a plain numpy array, got {type(x).__module__}."
+                f"{name} must be a plain numpy array (or np.memmap), got {type(x).__module__}."
                 f"{type(x).__name__} (an ndarray subclass); convert with np.asarray(...) "
                 "(a masked array: fill it first, e.g. .filled(0.0))"
             )
@@ -256,6 +258,12 @@ def _check_ndarray(name: str, x: Any) -> np.ndarray:
             "convert with np.asarray(..., dtype=np.float32)"
         )
     return x
+
+
+def _plain(x: Any) -> Any:
+    """An ``np.memmap`` as a plain ndarray view of its data (nothing is copied or
+    read), so dlfs's fast paths take it; anything else as it is."""
+    return x.view(np.ndarray) if isinstance(x, np.memmap) else x
 
 
 def _check_float(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
@@ -384,7 +392,7 @@ def _frozen(a: Any, name: str = "array") -> np.ndarray:
     already read-only, so no writeable base can change it."""
     _check_float(name, a)
     if a.flags.writeable or a.base is not None:
-        a = a.copy()
+        a = _plain(a).copy()
         a.setflags(write=False)
     return a
 
@@ -973,6 +981,7 @@ class Dense(_ArrayRecord):
         """y = x @ w + b; the cache is x."""
         w = self.w
         if not _is_rows(x, w.shape[0], w.dtype):
+            x = _plain(x)
             if type(x) is np.ndarray and x.ndim == 3:
                 return self._forward_seq(x), x, self
             _check_input("x", x, (None, self.in_features), w.dtype)
@@ -1472,8 +1481,9 @@ class BatchNorm(_ArrayRecord):
 
 
 def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarray:
-    """``x`` must be an integer ndarray (token ids) of shape ``spec`` (no subclass)."""
-    if type(x) is not np.ndarray:
+    """``x`` must be an integer ndarray (token ids; an np.memmap too, no other
+    subclass) of shape ``spec``."""
+    if type(x) is not np.ndarray and not isinstance(x, np.memmap):
         raise TypeError(
             f"{name} must be a numpy array of integer token ids, got {type(x).__name__}; "
             "convert with np.asarray(..., dtype=np.int64)"
@@ -3938,6 +3948,7 @@ class Network:
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Network]:
         """Run every layer; returns (output, caches, network with new layer state)."""
         self._check_x(x)
+        x = _plain(x)
         if not isinstance(ctx, Context):
             raise TypeError(f"ctx must be a dlfs.Context, got {type(ctx).__name__}")
         return self._forward(x, ctx)
@@ -4039,6 +4050,7 @@ class Network:
         convert it yourself, e.g. ``(x / 255).astype(np.float32)``.  A network
         whose first layer is an Embedding takes integer token ids instead."""
         self._check_x(x)
+        x = _plain(x)
         if batch_size is not None:
             batch_size = _check_int("batch_size", batch_size)
         if batch_size is None or len(x) <= batch_size:
@@ -4128,7 +4140,7 @@ class Network:
         _check_dataset(self, x, y)
         batch_size = _check_int("batch_size", batch_size)
         metric = _resolve_metric(metric, self.loss)
-        loss, score = _evaluate(self, x, y, metric, batch_size)
+        loss, score = _evaluate(self, _plain(x), _plain(y), metric, batch_size)
         name = _metric_name(metric)
         return {"loss": loss} if name is None or score is None else {"loss": loss, name: score}
 
@@ -6458,6 +6470,8 @@ def fit(
         if not isinstance(validation, tuple) or len(validation) != 2:
             raise TypeError("validation must be a tuple (x_val, y_val)")
         _check_dataset(net, *validation, "validation ")
+        validation = (_plain(validation[0]), _plain(validation[1]))
+    x, y = _plain(x), _plain(y)
     _check_batch_rows(net, len(x), batch_size, bool(drop_last))
     metric = _resolve_metric(metric, net.loss)
     shuffle_key, step_key = split(key, 2)
@@ -6725,7 +6739,7 @@ def permute(key: int | Key, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
                 f"arrays must share their first dimension, got {[getattr(b, 'shape', None) for b in arrays]}"
             )
     order = make_rng(key).permutation(len(arrays[0]))
-    return tuple(np.take(a, order, axis=0) for a in arrays)
+    return tuple(np.take(_plain(a), order, axis=0) for a in arrays)
 
 
 def batches(
@@ -6755,7 +6769,7 @@ def batches(
     if not isinstance(drop_last, (bool, np.bool_)):
         raise TypeError(f"drop_last must be a bool, got {drop_last!r}")
     key = None if key is None else _as_key("key", key)
-    return _epoch_batches(x, y, batch_size, key, bool(drop_last))
+    return _epoch_batches(_plain(x), _plain(y), batch_size, key, bool(drop_last))
 
 
 def _epoch_batches(

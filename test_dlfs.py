@@ -1686,7 +1686,7 @@ def _hard_lookalikes(a: np.ndarray) -> dict:
     return {
         "matrix": np.asmatrix(a) if a.ndim == 2 else None,
         "masked": np.ma.masked_array(a, mask=np.zeros(a.shape, bool)),
-        "memmap-like subclass": a.view(type("Sub", (np.ndarray,), {})),
+        "unknown subclass": a.view(type("Sub", (np.ndarray,), {})),
     }
 
 
@@ -2033,6 +2033,62 @@ def test_ndarray_subclasses_are_refused_by_name():
     grads = ((np.asmatrix(params[0][0]), params[0][1]),)
     with pytest.raises(ValueError, match=r"grads\[0\]\[0\] must be an array"):
         dlfs.SGD().update(grads, dlfs.SGD().init(params), params)
+
+
+def _memmaps(tmp_path, **arrays):
+    """Each array saved as .npy and loaded back memory-mapped, read-only ("r")."""
+    out = {}
+    for name, a in arrays.items():
+        np.save(tmp_path / f"{name}.npy", a)
+        out[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+        assert type(out[name]) is np.memmap and not out[name].flags.writeable
+    return out
+
+
+def _same_nets(a: dlfs.Network, b: dlfs.Network) -> bool:
+    return all(np.array_equal(p, q) for p, q in zip(a._flat_params(), b._flat_params()))
+
+
+def test_memmap_data_trains_predicts_and_evaluates_bit_identically(tmp_path):
+    # data larger than memory comes as np.memmap (np.load(..., mmap_mode="r")): accepted,
+    # with the results of its plain copy; matrix and masked arrays stay refused (above)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((37, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 37)
+    m = _memmaps(tmp_path, x=x, y=y, xv=x[:9], yv=y[:9])
+    net = dlfs.network(
+        1, 4, [dlfs.dense(5, dlfs.ReLU()), dlfs.dense(3)], dlfs.SoftmaxCrossEntropy()
+    )
+    kw = dict(epochs=2, batch_size=8, seed=3)
+    got, got_h = dlfs.fit(net, dlfs.Adam(1e-2), m["x"], m["y"], validation=(m["xv"], m["yv"]), **kw)
+    want, want_h = dlfs.fit(net, dlfs.Adam(1e-2), x, y, validation=(x[:9], y[:9]), **kw)
+    assert _same_nets(got, want) and got_h.as_dict() == want_h.as_dict()
+    for batch_size in (None, 10):
+        p = net.predict(m["x"], batch_size=batch_size)
+        assert type(p) is np.ndarray and np.array_equal(p, net.predict(x, batch_size=batch_size))
+    assert net.evaluate(m["x"], m["y"]) == net.evaluate(x, y)
+    out, _, _ = net.forward(m["x"])
+    assert type(out) is np.ndarray and np.array_equal(out, net.forward(x)[0])
+    state = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (m["x"], m["y"]))
+    plain = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (x, y))
+    assert _same_nets(state.net, plain.net)
+    for (xb, yb), (xp, yp) in zip(
+        dlfs.batches(m["x"], m["y"], 8, key=1), dlfs.batches(x, y, 8, key=1)
+    ):
+        assert type(xb) is np.ndarray and np.array_equal(xb, xp) and np.array_equal(yb, yp)
+    px, py = dlfs.permute(2, m["x"], m["y"])
+    assert type(py) is np.ndarray
+    assert type(px) is np.ndarray and np.array_equal(px, dlfs.permute(2, x, y)[0])
+    # layers: weights loaded memory-mapped become plain read-only copies that save;
+    # a sequence (N, T, D) memmap goes through Dense per step; token ids may be mapped too
+    w = _memmaps(tmp_path, w=net.layers[0].w, b=net.layers[0].b, seq=x.reshape(37, 1, 4))
+    dense = dlfs.Dense(w["w"], w["b"])
+    assert type(dense.w) is np.ndarray and not dense.w.flags.writeable
+    dlfs.save(tmp_path / "dense.npz", dlfs.Network([dense], dlfs.MeanSquaredError(), (4,)))
+    assert np.array_equal(dense.forward(w["seq"])[0], dense.forward(x.reshape(37, 1, 4))[0])
+    ids = rng.integers(0, 7, (5, 6))
+    lm = _char_lm()
+    assert np.array_equal(lm.predict(_memmaps(tmp_path, ids=ids)["ids"]), lm.predict(ids))
 
 
 def test_array_valued_options_get_a_type_error_by_name():
