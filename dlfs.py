@@ -84,6 +84,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -7378,30 +7379,81 @@ def _check_checkpoint_path(name: str, path: Any) -> str:
     return path
 
 
-def _remove_stale_temps(path: str) -> None:
+# A save holds an exclusive flock on its temporary file from creation to rename, so
+# a temporary file no one holds locked is provably abandoned: the kernel drops the
+# lock of a writer that dies.  Without flock (Windows, a file system without locks)
+# only a temporary file not written for a day counts as abandoned.
+try:
+    import fcntl
+
+    _fcntl: Any = fcntl
+except ImportError:  # Windows
+    _fcntl = None
+_TEMP_MAX_AGE = 86400.0  # seconds
+
+
+def _remove_abandoned_temps(path: str) -> None:
     """Remove the temporary files that killed saves of ``path`` left behind: only
-    names of exactly the shape ``_open_temp_beside`` gives for this path.  (Two
-    processes must not save to one path at the same time.)"""
+    names of exactly the shape ``_open_temp_beside`` gives for this path, and only
+    those no save is writing (``_remove_if_abandoned``)."""
     folder, name = os.path.split(os.path.abspath(path))
     ours = re.compile(re.escape(_temp_prefix(folder, name)) + r"\.[0-9a-f]{16}\.tmp")
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
             if ours.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(OSError):
-                    os.remove(entry.path)
+                    _remove_if_abandoned(entry.path)
+
+
+def _remove_if_abandoned(tmp: str) -> None:
+    """Remove ``tmp`` if its lock is free (removed while we hold it), or, where
+    there are no locks, if it was not written for ``_TEMP_MAX_AGE`` seconds."""
+    if _fcntl is None:  # Windows also refuses to remove a file a writer has open
+        if time.time() - os.stat(tmp).st_mtime > _TEMP_MAX_AGE:
+            os.remove(tmp)
+        return
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:  # a save is writing it
+            return
+        except OSError:  # no locks on this file system
+            if time.time() - os.fstat(fd).st_mtime <= _TEMP_MAX_AGE:
+                return
+        os.remove(tmp)
+    finally:
+        os.close(fd)
 
 
 def _open_temp_beside(path: str) -> tuple[int, str]:
     """A new, uniquely named hidden file next to ``path``, created with mode 0o666
-    so the kernel applies the umask exactly as ``open(path, "w")`` would."""
+    so the kernel applies the umask exactly as ``open(path, "w")`` would, and
+    locked (flock) where that exists: in use until its descriptor is closed."""
     folder, name = os.path.split(os.path.abspath(path))
     prefix = _temp_prefix(folder, name)
     while True:
         tmp = os.path.join(folder, f"{prefix}.{os.urandom(8).hex()}.tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+        if _fcntl is None or _locked_as(fd, tmp):
+            return fd, tmp
+        os.close(fd)  # another save removed it before we held its lock: a new name
+
+
+def _locked_as(fd: int, tmp: str) -> bool:
+    """Lock ``fd`` (waiting while another save holds it) and say whether ``tmp``
+    still names its file: a save that saw it unlocked, just created, removes it."""
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+    except OSError:  # a file system without locks: only the age rule protects it
+        return True
+    try:
+        return os.path.samestat(os.stat(tmp), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 # The JSON description's rules, shared by save and load.
@@ -7588,17 +7640,22 @@ def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temporary file in the same folder, fsync, then ``os.replace``:
     a crash leaves either the old file or the new one, never a mix.  An existing
     file keeps its permissions; a new one gets the umask's.  Temporary files
-    that earlier, killed saves of ``path`` left are removed first."""
-    _remove_stale_temps(path)
+    that earlier, killed saves of ``path`` left are removed first; those of saves
+    still writing (other threads or processes) are left to them, and the last
+    rename wins."""
+    _remove_abandoned_temps(path)
     fd, tmp = _open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             _write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp, os.stat(path).st_mode & 0o777)
+            if _fcntl is not None:  # renamed while locked: its temp name is never free
+                os.replace(tmp, path)
+        if _fcntl is None:  # Windows renames no open file
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -7649,6 +7706,8 @@ def save(
     to a temporary file in the same folder and moved into place with
     ``os.replace``, so a crash mid-write leaves the previous file intact;
     the next save of ``path`` removes the temporary file such a crash left.
+    Saves to one path from several threads or processes at once all succeed;
+    the file is then the checkpoint of the last one to finish.
     ``path`` is used as given (no suffix added).  Read it back with ``load``.
 
     ``meta`` holds dicts with str keys, lists, tuples (read back as lists),

@@ -1543,6 +1543,23 @@ dlfs.save(sys.argv[2], dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError
 """
 
 
+# argv: worktree, checkpoint path, "go" file (or "-": no waiting), network key
+_WAITING_SAVE = """
+import os, sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+import dlfs
+
+def waiting(file, arrays):
+    np.savez(file, **arrays)
+    while not os.path.exists(sys.argv[3]):  # mid-save until the test says go
+        time.sleep(0.01)
+
+if sys.argv[3] != "-":
+    dlfs._write_npz = waiting
+dlfs.save(sys.argv[2], dlfs.network(int(sys.argv[4]), 3, [dlfs.dense(2)], dlfs.MeanSquaredError()))
+"""
+
+
 # References in 40-digit decimal arithmetic; inputs are the float32/float64 grid
 # values themselves (exact in Decimal), so the reference is the exact function
 # of the input the layer received.
@@ -7808,6 +7825,88 @@ def test_stale_temp_cleanup_removes_only_this_checkpoints_temp_files(tmp_path):
     left = set(os.listdir(tmp_path))
     assert left == {*others, long_name, folder_like_ours.name}
     assert all((tmp_path / n).read_bytes() == b"stale" for n in others if n != "c.npz")
+
+
+def _key_net(key: int) -> dlfs.Network:
+    return dlfs.network(key, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+
+
+def test_concurrent_saves_from_threads_never_fail_and_the_last_rename_wins(tmp_path, monkeypatch):
+    # a save mid-write (thread 0) while three others save the same path from start to end:
+    # its temporary file is in use, so theirs must leave it; it finishes last and wins
+    path, go = tmp_path / "c.npz", threading.Event()
+
+    def writer(file, arrays):
+        np.savez(file, **arrays)
+        if threading.current_thread().name == "slow":
+            assert go.wait(30)
+
+    monkeypatch.setattr(dlfs, "_write_npz", writer)
+    errors = []
+
+    def save(key):
+        try:
+            dlfs.save(path, _key_net(key))
+        except BaseException as err:  # any failure is the test's failure
+            errors.append(err)
+
+    slow = threading.Thread(target=save, args=(0,), name="slow")
+    slow.start()
+    while len(os.listdir(tmp_path)) < 1:  # its temporary file exists
+        time.sleep(0.001)
+    others = [threading.Thread(target=save, args=(k,)) for k in (1, 2, 3)]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join()
+    go.set()
+    slow.join()
+    assert errors == [] and os.listdir(tmp_path) == ["c.npz"]
+    _assert_same_net(dlfs.load(path).net, _key_net(0))
+    # and free-running: 4 threads x 5 saves, each file complete, no temporary file left
+    monkeypatch.undo()
+    start = threading.Barrier(4)
+
+    def saves(key):
+        start.wait()
+        for _ in range(5):
+            save(key)
+            dlfs.load(path)  # always one complete checkpoint
+
+    threads = [threading.Thread(target=saves, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and os.listdir(tmp_path) == ["c.npz"]
+    net = dlfs.load(path).net
+    assert any(np.array_equal(net.layers[0].w, _key_net(k).layers[0].w) for k in range(4))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: Windows keeps a day-old rule")
+def test_concurrent_saves_from_processes_never_fail_and_the_last_rename_wins(tmp_path):
+    folder, sync = tmp_path / "ckpt", tmp_path / "sync"
+    folder.mkdir()
+    sync.mkdir()
+    path, go = folder / "c.npz", sync / "go"
+
+    def start(key, go_file):
+        args = [sys.executable, "-c", _WAITING_SAVE, str(HERE), str(path), go_file, str(key)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    slow = start(0, str(go))
+    deadline = time.monotonic() + 60
+    while not os.listdir(folder):  # the slow save's temporary file exists: it is writing
+        assert slow.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    others = [start(k, "-") for k in (1, 2, 3)]
+    outs = [p.communicate(timeout=120) for p in others]
+    assert [p.returncode for p in others] == [0, 0, 0], outs
+    go.touch()
+    out = slow.communicate(timeout=120)
+    assert slow.returncode == 0, out
+    assert os.listdir(folder) == ["c.npz"]
+    _assert_same_net(dlfs.load(path).net, _key_net(0))
 
 
 def test_name_limit_is_the_file_systems_when_it_gives_one(monkeypatch, tmp_path):
