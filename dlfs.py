@@ -5213,6 +5213,19 @@ def _rows_of(x: np.ndarray, y: np.ndarray, rank: int, size: int) -> tuple[np.nda
     return x[rows], y[rows]
 
 
+def _check_shards(net: Network, n: int, size: int) -> None:
+    """Every rank with rows of a global batch of ``n`` gives each BatchNorm at least
+    2 values per feature: checked on every rank alike, before any all-reduce, so no
+    rank raises while the others wait for it."""
+    i = _thin_batchnorm(net, _smallest_shard(n, size))
+    if i is not None:
+        raise ValueError(
+            f"layers[{i}] (BatchNorm) must see at least 2 rows on every rank, but a batch "
+            f"of {n} on {size} ranks has shards of {_smallest_shard(n, size)}: use batches "
+            f"of at least {2 * size} rows"
+        )
+
+
 def _check_all_reduce_first(optimizer: Any, comm: Any, name: str = "state.optimizer") -> None:
     before = optimizer.before if isinstance(optimizer, Chain) else ()
     if not (before and isinstance(before[0], AllReduce) and before[0].comm is comm):
@@ -5264,6 +5277,7 @@ def _step(state: TrainState, batch: tuple[np.ndarray, np.ndarray], comm: Any) ->
     rank, size = (0, 1) if comm is None else _check_comm(comm)
     if comm is not None:
         _check_all_reduce_first(state.optimizer, comm)
+        _check_shards(state.net, len(x), size)
         x, y = _rows_of(x, y, rank, size)
     n, recycles = len(x), state._fits and state.net._plan().recycles
     with _recycling() if recycles else contextlib.nullcontext():
@@ -5761,26 +5775,49 @@ def _check_other_targets(name: str, y: np.ndarray, net: Network, x: np.ndarray) 
         _check_label_range(name, y, out.shape[-1])
 
 
-def _check_batch_rows(net: Network, n: int, batch_size: int, drop_last: bool) -> None:
-    """Every training batch has rows, and each BatchNorm at least 2 values per feature."""
+def _check_batch_rows(
+    net: Network, n: int, batch_size: int, drop_last: bool, ranks: int = 1
+) -> None:
+    """Every training batch has rows, and each BatchNorm at least 2 values per
+    feature, on every one of ``ranks`` ranks that gets a shard of it."""
     if drop_last and n < batch_size:
         raise ValueError(
             f"drop_last=True with {n} rows and batch_size={batch_size} leaves no full batch: "
             "lower batch_size"
         )
     rows = batch_size if drop_last else (n % batch_size or batch_size)
+    i = _thin_batchnorm(net, _smallest_shard(rows, ranks))
+    if i is None:
+        return
+    if _thin_batchnorm(net, _smallest_shard(batch_size, ranks)) is not None:
+        fix = f"use batch_size >= {2 * ranks}"
+    else:
+        fix = "pass drop_last=True to fit (it skips that batch), or pick another batch_size"
+    where = f"a batch of {rows}"
+    if ranks > 1:
+        where += f", whose shards on {ranks} ranks have as few as {_smallest_shard(rows, ranks)}"
+    raise ValueError(
+        f"layers[{i}] (BatchNorm) must see at least 2 rows in each training batch"
+        f"{' on every rank' if ranks > 1 else ''}, but {n} rows in batches of "
+        f"{batch_size} leave {where}: {fix}"
+    )
+
+
+def _smallest_shard(rows: int, ranks: int) -> int:
+    """The fewest rows a rank with any rows gets of a global batch (``shard``)."""
+    return max(rows // ranks, 1)
+
+
+def _thin_batchnorm(net: Network, rows: int) -> int | None:
+    """The index of the first BatchNorm to which ``rows`` rows give fewer than 2
+    values per feature (a BatchNorm after a convolution sees rows * H * W), or None."""
+    if rows >= 2 or not any(isinstance(layer, BatchNorm) for layer in net.layers):
+        return None
     shapes = [net.input_shape, *_chain_shapes(net.layers, net.input_shape)]
     for i, layer in enumerate(net.layers):
-        if not isinstance(layer, BatchNorm) or rows * math.prod(shapes[i][1:]) >= 2:
-            continue
-        if rows == batch_size:
-            fix = "use batch_size >= 2"
-        else:
-            fix = "pass drop_last=True to fit (it skips that batch), or pick another batch_size"
-        raise ValueError(
-            f"layers[{i}] (BatchNorm) must see at least 2 rows in each training batch, but "
-            f"{n} rows in batches of {batch_size} leave a batch of {rows}: {fix}"
-        )
+        if isinstance(layer, BatchNorm) and rows * math.prod(shapes[i][1:]) < 2:
+            return i
+    return None
 
 
 # fit: settings, the epoch loop and its stops
@@ -6473,7 +6510,7 @@ def fit(
         _check_dataset(net, *validation, "validation ")
         validation = (_plain(validation[0]), _plain(validation[1]))
     x, y = _plain(x), _plain(y)
-    _check_batch_rows(net, len(x), batch_size, bool(drop_last))
+    _check_batch_rows(net, len(x), batch_size, bool(drop_last), ranks.size)
     metric = _resolve_metric(metric, net.loss)
     shuffle_key, step_key = split(key, 2)
     factory = _bar_factory(progress) if ranks.lead else None

@@ -6672,6 +6672,55 @@ def test_fit_with_comm_averages_batch_norm_statistics_every_epoch():
     assert not np.array_equal(want[0].layers[2].mean, net.layers[2].mean)  # it trained
 
 
+def test_data_parallel_batch_norm_one_row_shards_are_refused_before_the_first_step():
+    # 50 rows in batches of 16 on 2 ranks: the last batch of 2 gives each rank 1 row;
+    # every rank refuses before training, as one process refuses a batch of 1
+    net, x, y = _dp_problem("bn", n=50)
+    calls = []
+    with pytest.raises(ValueError) as err:
+        _fit_on_ranks(2, net, x, y, epochs=1, batch_size=16, callback=calls.append)
+    assert calls == [] and str(err.value) == (
+        "layers[2] (BatchNorm) must see at least 2 rows in each training batch on every rank, "
+        "but 50 rows in batches of 16 leave a batch of 2, whose shards on 2 ranks have as few "
+        "as 1: pass drop_last=True to fit (it skips that batch), or pick another batch_size"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"16 rows in batches of 3 leave a batch of 1, whose .*"
+        r"3 ranks have as few as 1: use batch_size >= 6",
+    ):
+        _fit_on_ranks(3, net, x[:16], y[:16], epochs=1, batch_size=3)
+    for size, batch_size in ((2, 17), (3, 8)):  # last batches of 16 and 2: shards of >= 2 rows
+        results, _ = _fit_on_ranks(
+            size, net, x, y, epochs=1, batch_size=batch_size, drop_last=size == 3
+        )
+        _assert_ranks_agree(results)
+
+    # data_parallel_step alone: a batch of 3 on 2 ranks (shards of 2 and 1) fails on both
+    # ranks before the all-reduce, instead of rank 0 waiting there for rank 1
+    def step(comm):
+        state = dlfs.TrainState.create(net, _dp_optimizer(comm), key=7)
+        with pytest.raises(
+            ValueError,
+            match=r"layers\[2\] \(BatchNorm\) must see at least 2 rows "
+            r"on every rank, but a batch of 3 on 2 ranks has shards of 1: use "
+            r"batches of at least 4 rows",
+        ):
+            dlfs.data_parallel_step(state, (x[:3], y[:3]), comm)
+        return comm.group["sent"]
+
+    sent, _ = _run_ranks(2, step)
+    assert sent[0] == [[], []]
+    # a BatchNorm after a convolution sees H*W values per channel: one-row shards train
+    cnn = dlfs.network(
+        0, (1, 3, 3), [dlfs.conv2d(2, 2), dlfs.batch_norm(), dlfs.Flatten(), dlfs.dense(1)],
+        dlfs.MeanSquaredError(), dtype=np.float64,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    xi, yi = rng.random((5, 1, 3, 3)), rng.random((5, 1))
+    _assert_ranks_agree(_fit_on_ranks(2, cnn, xi, yi, epochs=1, batch_size=4)[0])
+
+
 def test_fit_with_comm_checks_its_optimizer_comm_and_rank_count(tmp_path):
     """fit puts AllReduce(comm) first (a plain optimizer or a chain without it give the
     same run as with it), refuses an AllReduce of another comm or without comm, a bad
