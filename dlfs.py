@@ -5459,11 +5459,16 @@ def sync_state(net: Network, comm: Comm) -> Network:
     always identical); call this on every rank before evaluating, saving or
     comparing networks (``fit(..., comm=comm)`` does after every epoch).  The
     running mean update is affine, so averaging at the end equals averaging
-    every step (in exact arithmetic); with equal shards it is the running mean
-    of the global batches' means, as in one process (for the same
-    parameters).  The running var becomes the average of the shards' unbiased
-    variances, which misses the spread between shard means: it differs from a
-    single process's.  Returns ``net`` itself when no layer has state.
+    every step (in exact arithmetic): a BatchNorm's running mean becomes the
+    running mean of the ranks' average shard mean of its input, as each rank
+    computed that input.  With equal shards that is one process's running mean
+    (for the same parameters) for a BatchNorm with no BatchNorm or Dropout
+    before it; after one, the input itself is per rank (each shard normalised
+    by its own statistics, per-rank dropout masks), and a second BatchNorm's
+    mean can differ from one process's by more than the mean itself.  The
+    running var becomes the average of the shards' unbiased variances, which
+    misses the spread between shard means: it differs from a single
+    process's.  Returns ``net`` itself when no layer has state.
     A BatchNorm's mean and var: (C,) each.
 
     >>> class OneRank:  # a stand-in for mpi4py's MPI.COMM_WORLD in a single process

@@ -6478,6 +6478,54 @@ def test_sync_state_running_mean_equals_one_process_with_equal_shards():
     assert not np.allclose(bn.var, one.var, rtol=1e-3)
 
 
+def test_sync_state_running_mean_is_one_process_only_before_any_batch_norm_or_dropout():
+    """With lr 0 (the same parameters in both runs) and equal shards of 5 + 5: the first
+    BatchNorm's synced running mean is one process's; the second one's is what
+    sync_state promises instead, the ranks' average of their shards' means of its
+    input as each rank computed it (after the first BatchNorm normalised each shard
+    by its own statistics), and not one process's."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((40, 5)) * 2 + 1, rng.integers(0, 3, 40)
+    layers = [dlfs.dense(6), dlfs.batch_norm(), dlfs.dense(4, dlfs.Tanh()), dlfs.batch_norm()]
+    net = dlfs.network(
+        3, (5,), [*layers, dlfs.dense(3)], dlfs.SoftmaxCrossEntropy(), dtype=np.float64
+    )
+    bns = [i for i, layer in enumerate(net.layers) if isinstance(layer, dlfs.BatchNorm)]
+
+    def train(comm=None):
+        sgd = dlfs.SGD(0.0)
+        opt = sgd if comm is None else dlfs.chain(dlfs.AllReduce(comm), sgd)
+        step = (
+            dlfs.train_step
+            if comm is None
+            else functools.partial(dlfs.data_parallel_step, comm=comm)
+        )
+        state = functools.reduce(
+            step, dlfs.batches(x, y, 10, key=1), dlfs.TrainState.create(net, opt)
+        )
+        return state.net if comm is None else dlfs.sync_state(state.net, comm)
+
+    one, synced = train(), _run_ranks(2, train)[0][0]
+    means = [net.layers[i].mean for i in bns]
+    for xb, _ in dlfs.batches(x, y, 10, key=1):
+        per_shard = []
+        for h in (xb[:5], xb[5:]):
+            inputs = []
+            for layer in net.layers[: bns[-1] + 1]:
+                inputs.append(h)
+                h = layer.forward(h, dlfs.train_context(0))[0]
+            per_shard.append([inputs[i].mean(axis=0) for i in bns])
+        means = [0.9 * m + 0.1 * (a + b) / 2 for m, a, b in zip(means, *per_shard)]
+    first, second = (synced.layers[i].mean for i in bns)
+    np.testing.assert_allclose(first, one.layers[bns[0]].mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(first, means[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(second, means[1], rtol=1e-12, atol=1e-14)
+    gap = np.abs(second - one.layers[bns[1]].mean).max() / np.abs(one.layers[bns[1]].mean).max()
+    assert gap > 0.1  # here about 1.7: the second BatchNorm sees per-shard normalised input
+    doc = " ".join(dlfs.sync_state.__doc__.split())
+    assert "no BatchNorm or Dropout before it" in doc
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step():
     """Only rank 1's shard (rows 5..9) holds a bad row, yet both ranks raise at step 0
     instead of rank 0 waiting in the next all-reduce: a NaN input, and a target so large
