@@ -1803,12 +1803,14 @@ class _Recurrent(_ArrayRecord):
         (dh, dc)) to (dx (N, T, D), dL/d(initial state), grads aligned with
         ``params()``)."""
         t, n = cache[0].shape[:2]
-        if dys is None and dstate is None:
-            raise ValueError("backward_scan needs dys or dstate (got neither)")
         dyt = None
         if dys is not None:
             dyt = _swap_nt(_check_input("dys", dys, (n, t, self.n_hidden), self.w_hh.dtype))
         dlast = None if dstate is None else self._check_state("dstate", dstate, n, none_parts=True)
+        if dyt is None and (dlast is None or all(part is None for part in dlast)):
+            raise ValueError(
+                f"backward_scan needs dys or dstate, got dys=None and dstate={dstate!r}"
+            )
         dx, d0, grads = self._backward(cache, dyt, dlast, need_dx=True)
         return dx, (d0[0] if self._STATES == 1 else d0), grads
 

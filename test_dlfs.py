@@ -2900,6 +2900,31 @@ def test_scan_state_and_forward_agree(kind, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+def test_backward_scan_refuses_no_gradient_at_all():
+    """dys and dstate may not both be None, nor may an LSTM's dstate be (None, None):
+    zero gradients from no upstream gradient would hide a caller's bug.  One part of
+    the pair is enough."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    for cls, nothing in [
+        (dlfs.RNN, None),
+        (dlfs.GRU, None),
+        (dlfs.LSTM, None),
+        (dlfs.LSTM, (None, None)),
+    ]:
+        layer = cls.init(0, 4, 5)
+        _, _, cache = layer.scan(x)
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"backward_scan needs dys or dstate, got dys=None and dstate={nothing!r}"
+            ),
+        ):
+            layer.backward_scan(cache, None, nothing)
+    dh = np.ones((2, 5), np.float32)
+    dx, (_, dc0), _ = dlfs.LSTM.init(0, 4, 5).backward_scan(cache, None, (None, dh))
+    assert dx.shape == x.shape and np.abs(dx).sum() > 0 and dc0.shape == (2, 5)
+
+
 @pytest.mark.parametrize("kind", _KINDS)
 def test_recurrent_layers_match_pytorch(kind):
     """Outputs, last state and every gradient (x, initial state, weights) agree with
