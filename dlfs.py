@@ -25,8 +25,7 @@ reference lists them:
    `Flatten`, `BatchNorm`.
 6. **sequences: embedding and recurrent layers**: `Embedding`, `RNN`,
    `LSTM`, `GRU`.
-7. **convolutions and pools**: `set_num_threads`, `get_num_threads`,
-   `Conv2D`, `MaxPool2D`, `AvgPool2D`.
+7. **convolutions and pools**: `Conv2D`, `MaxPool2D`, `AvgPool2D`.
 8. **losses**: the `Loss` protocol, `MeanSquaredError`,
    `SoftmaxCrossEntropy`, `BinaryCrossEntropy`.
 9. **networks**: the `LayerSpec` protocol, `DenseSpec`, `dense`,
@@ -73,7 +72,6 @@ Network((2,) -> (1,), 3 layers, 13 params, float32, MeanSquaredError)
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import html
@@ -137,8 +135,6 @@ __all__ = [
     "LSTM",
     "GRU",
     # convolutions and pools
-    "set_num_threads",
-    "get_num_threads",
     "Conv2D",
     "MaxPool2D",
     "AvgPool2D",
@@ -1129,17 +1125,11 @@ class ReLU(_NoParams):
     # else holds (a Dense's fresh output, a gradient just made), so no new array.
 
     def _forward_owned(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, ReLU]:
-        if x.size < _MIN_CHUNK and x.flags.c_contiguous:  # small: at once
-            np.maximum(x, np.zeros(x.shape[1:], x.dtype), out=x)
-        else:
-            _by_rows(_relu_rows, x)
+        _by_rows(_relu_rows, x)
         return x, x, self
 
     def _backward_owned(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        if dy.size < _MIN_CHUNK and dy.flags.c_contiguous:
-            np.multiply(dy, cache > 0, out=dy)
-        else:
-            _by_rows(_relu_mask_rows, dy, cache)
+        _by_rows(_relu_mask_rows, dy, cache)
         return dy, ()
 
 
@@ -2215,152 +2205,6 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> None:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {x.shape}")
 
 
-# Threads.  Convolutions, pools and in-place ReLUs can split their work over a
-# few threads (set_num_threads): numpy's loops and OpenBLAS release the GIL.
-# Off by default: numpy's BLAS already runs its GEMMs on every core, and the
-# two pools at once ask for more cores than there are.  Even with BLAS on one
-# thread, two of dlfs's on 2 cores made MNIST-sized convolutions slower (each
-# thread's share took 2.5x as long beside the other, most likely waiting for
-# the GIL between its many short numpy calls).  Work is cut in pieces fixed
-# by the shapes (never by the thread count), each piece taken by whichever
-# thread is free first (on a busy machine, a helper the system runs late finds
-# the work done instead of holding up the step), and every sum over the batch
-# adds the same pieces in the same order: results are bit-identical for any
-# thread count.
-
-
-def _threads_from_env() -> int:
-    """DLFS_NUM_THREADS if set, else 1 (no threads of dlfs's own)."""
-    value = os.environ.get("DLFS_NUM_THREADS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"DLFS_NUM_THREADS must be a positive integer, got {value!r}")
-        return int(value)
-    return 1
-
-
-_num_threads = _threads_from_env()
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _forget_executor() -> None:
-    """After fork the child has no pool threads: start a new pool on demand."""
-    global _executor
-    _executor = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_executor)
-
-
-def set_num_threads(n: int) -> None:
-    """Let convolutions, pools and in-place ReLUs use ``n`` threads (1: no threading).
-
-    The default is the environment variable ``DLFS_NUM_THREADS``, else 1:
-    numpy's BLAS (``OPENBLAS_NUM_THREADS``, by default every core) does the
-    parallel work of the GEMMs, and dlfs's threads beside BLAS's ask for more
-    cores than there are.  Measure before raising it, with BLAS at one thread:
-    on 2 cores it paid only for large convolutions (batch 256).  Results do
-    not depend on ``n`` (bit for bit).  The pool's threads are idle between
-    calls and end with the interpreter.
-
-    >>> before = dlfs.get_num_threads()
-    >>> dlfs.set_num_threads(1)
-    >>> dlfs.get_num_threads()
-    1
-    >>> dlfs.set_num_threads(before)
-    """
-    global _num_threads, _executor
-    n = _check_int("n", n)
-    with _executor_lock:
-        if _executor is not None:
-            _executor.shutdown(wait=True)
-            _executor = None
-        _num_threads = n
-
-
-def get_num_threads() -> int:
-    """The number of threads convolutions, pools and in-place ReLUs use (see ``set_num_threads``).
-
-    >>> dlfs.get_num_threads() >= 1
-    True
-    """
-    return _num_threads
-
-
-class _Tasks:
-    """The groups of one _in_parallel call, each claimed by whichever thread is
-    free next: a helper thread that the system runs late finds the work done
-    and leaves, so no one waits for it."""
-
-    def __init__(self, run: Callable[[list[slice]], Any], groups: list[list[slice]]) -> None:
-        self.run, self.groups = run, groups
-        self.results: list[Any] = [None] * len(groups)
-        self.claimed = self.busy = 0
-        self.errors: list[BaseException] = []
-        self.changed = threading.Condition(threading.Lock())
-
-    def work(self) -> None:
-        """Run unclaimed groups until none is left (or one has failed)."""
-        while True:
-            with self.changed:
-                i = self.claimed
-                if i == len(self.groups) or self.errors:
-                    return
-                self.claimed, self.busy = i + 1, self.busy + 1
-            try:
-                self.results[i] = self.run(self.groups[i])
-            except BaseException as err:  # handed to the caller by finish()
-                self.errors.append(err)
-            finally:
-                with self.changed:
-                    self.busy -= 1
-                    self.changed.notify_all()
-
-    def finish(self) -> list[Any]:
-        """The results in order, once no claimed group is still running."""
-        with self.changed:
-            self.changed.wait_for(lambda: self.busy == 0)
-        if self.errors:
-            raise self.errors[0]
-        return self.results
-
-
-def _in_parallel(
-    run: Callable[[list[slice]], Any], groups: list[list[slice]], threads: bool = True
-) -> list[Any]:
-    """``[run(group) for group in groups]``, the groups shared by this thread and
-    up to get_num_threads() - 1 of the pool's (none if not ``threads``), each
-    group taken by the first thread free (see _Tasks); results in order."""
-    k = min(_num_threads if threads else 1, len(groups))
-    if k <= 1:
-        return [run(group) for group in groups]
-    global _executor
-    with _executor_lock:  # callers may be threads; set_num_threads may run meanwhile
-        if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(max(1, _num_threads - 1), "dlfs")
-        executor = _executor
-    tasks = _Tasks(run, groups)
-    for _ in range(k - 1):
-        try:
-            executor.submit(tasks.work)
-        except RuntimeError:  # set_num_threads shut this pool down: this thread does the rest
-            break
-    tasks.work()
-    return tasks.finish()
-
-
-_MIN_CHUNK = 1 << 17  # entries: a thread's share of elementwise work is worth a handoff
-
-
-def _samples(n: int, per_sample: int) -> list[slice]:
-    """Chunks of whole samples of at least _MIN_CHUNK entries (``per_sample``
-    each), for elementwise work that threads share by runs of chunks."""
-    rows = max(1, _MIN_CHUNK // max(per_sample, 1))
-    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
-
-
 def _memory_order(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """The arrays with their axes permuted alike, by the first one's strides from
     the largest: a C-contiguous view of a transposed contiguous array (such as a
@@ -2394,27 +2238,10 @@ def _span(chunks: list[slice]) -> slice:
     return slice(chunks[0].start, chunks[-1].stop)
 
 
-def _share_rows(run: Callable[[list[slice]], Any], a: np.ndarray) -> None:
-    """``run(chunks)`` over all of a's leading axis: in one call with one thread or
-    little work, else by chunks of at least _MIN_CHUNK entries that threads take."""
-    n = a.shape[0]
-    if _num_threads == 1 or a.size < 2 * _MIN_CHUNK:
-        run([slice(0, n)])
-    else:
-        _in_parallel(run, [[s] for s in _samples(n, a.size // n)])
-
-
 def _by_rows(f: Callable[..., Any], *arrays: np.ndarray) -> None:
     """``f(*arrays)`` for elementwise work in place on arrays of one shape, run on
-    views of them in the first one's memory order (see _memory_order), as rows,
-    by chunks of rows that threads share (see _share_rows)."""
-    arrays = _as_rows(*_memory_order(*arrays))
-
-    def run(chunks: list[slice]) -> None:
-        s = _span(chunks)
-        f(*(a[s] for a in arrays))
-
-    _share_rows(run, arrays[0])
+    views of them in the first one's memory order (see _memory_order), as rows."""
+    f(*_as_rows(*_memory_order(*arrays)))
 
 
 def _window(
@@ -2506,14 +2333,6 @@ def _shifted(hw: int, shift: int) -> tuple[slice, slice]:
     return slice(max(0, -shift), hw - max(0, shift)), slice(max(0, shift), hw + min(0, shift))
 
 
-def _small_gemms(per_sample: int) -> bool:
-    """Whether a layer's GEMMs are small ones, which OpenBLAS runs on the calling
-    thread: dlfs's threads share those layers.  Larger GEMMs use OpenBLAS's own
-    threads (OPENBLAS_NUM_THREADS), so their layers run on one dlfs thread:
-    both pools at once would ask for more cores than there are."""
-    return per_sample <= _GEMM_SMALL
-
-
 def _flat_planes(a: np.ndarray) -> np.ndarray:
     """(C, n, H, W) as (C, n*H*W), a view, when each channel's n planes lie one after
     the other in memory (a channel-major batch, or one channel), else as (C, n, H*W).
@@ -2569,7 +2388,7 @@ def _col2im_add(
             dx[:, batch, ih, iw] += part[:, :, oh, ow]
 
 
-_BLOCK = 1 << 18  # entries of a thread's patch buffer (1 MiB in float32): it stays in cache
+_BLOCK = 1 << 18  # entries of a patch buffer (1 MiB in float32): it stays in cache
 
 
 def _blocks(chunks: list[slice], per_sample: int) -> list[list[slice]]:
@@ -2590,7 +2409,7 @@ def _blocks(chunks: list[slice], per_sample: int) -> list[list[slice]]:
 
 def _conv_blocks(n: int, patch_per_sample: int, c_out: int) -> list[list[slice]]:
     """A convolution's GEMM chunks (see _gemm_chunks) in blocks of neighbours
-    whose patches fit _BLOCK: the pieces of work that its threads take."""
+    whose patches fit _BLOCK: each block's patches are built at once."""
     return _blocks(_gemm_chunks(n, c_out * patch_per_sample), patch_per_sample)
 
 
@@ -2719,22 +2538,19 @@ def _local(s: slice, span: slice, p: int) -> slice:
 def _conv_forward(conv: Any, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """y = w @ patches + b as (C_out, N*Ho*Wo) for ``conv`` on x.
 
-    The batch goes in _gemm_chunks; each thread takes a run of chunks and,
-    block by block, builds their patches and multiplies them chunk by chunk.
+    The batch goes in _gemm_chunks, the chunks in blocks (_conv_blocks): block
+    by block, their patches are built, then multiplied chunk by chunk.
     """
     n, f, p = x.shape[0], conv.out_channels, out_hw[0] * out_hw[1]
     w2, bias = conv.w.reshape(f, -1), conv.b[:, None]
     y = _new_array((f, n * p), x.dtype)
-
-    def run(block: list[slice]) -> None:
+    for block in _conv_blocks(n, w2.shape[1] * p, f):
         span = _span(block)
         cols = _patches(conv, x, out_hw, span)
         for s in block:
             out = y[:, s.start * p : s.stop * p]
             np.matmul(w2, cols[:, _local(s, span, p)], out=out)
             out += bias
-
-    _in_parallel(run, _conv_blocks(n, w2.shape[1] * p, f), _small_gemms(w2.size * p))
     return y
 
 
@@ -2744,35 +2560,25 @@ def _conv_backward(
     """(dx or None, dw, db) of ``conv``, with dY = dy as (C_out, N*Ho*Wo):
     dw = dY @ patches.T, db = sum dY, dx = col2im(w.T @ dY).
 
-    Chunks, runs and blocks as in the forward: each chunk's share of dw is
-    computed apart and the shares are added in chunk order (the same sums
-    whatever the threads); each block's patch gradients go onto its own
-    samples of dx.
+    Chunks and blocks as in the forward: each chunk's share of dw is added in
+    chunk order; each block's patch gradients go onto its own samples of dx.
     """
     (n, c), f, p = x.shape[:2], conv.out_channels, out_hw[0] * out_hw[1]
     w2 = conv.w.reshape(f, -1)
     dy_mat = dy.transpose(1, 0, 2, 3).reshape(f, n * p)  # a view if dy is channel-major
     dx = _zeros((c, n, *x.shape[2:]), dy.dtype) if with_dx else None
-
-    def run(block: list[slice]) -> list[np.ndarray]:
+    dw = np.zeros((w2.shape[1], f), dtype=dy.dtype)
+    for block in _conv_blocks(n, w2.shape[1] * p, f):
         span = _span(block)
         cols = _patches(conv, x, out_hw, span)
-        shares = []
         for s in block:
-            dy_part = dy_mat[:, s.start * p : s.stop * p]
-            shares.append(cols[:, _local(s, span, p)] @ dy_part.T)  # (C_in kh kw, C_out)
+            dw += cols[:, _local(s, span, p)] @ dy_mat[:, s.start * p : s.stop * p].T
         if dx is not None:
             dc = _scratch("dcols", cols.size, dy.dtype).reshape(cols.shape)
             for s in block:
                 np.matmul(w2.T, dy_mat[:, s.start * p : s.stop * p], out=dc[:, _local(s, span, p)])
             dc_6d = dc.reshape(c, *conv.kernel_size, -1, *out_hw)
             _col2im_add(dx, dc_6d, span, conv.stride, conv.padding)
-        return shares
-
-    runs = _in_parallel(run, _conv_blocks(n, w2.shape[1] * p, f), _small_gemms(w2.size * p))
-    dw = np.zeros((w2.shape[1], f), dtype=dy.dtype)
-    for share in (share for shares_of_run in runs for share in shares_of_run):
-        dw += share  # in chunk order, whatever the threads
     dx_out = None if dx is None else dx.transpose(1, 0, 2, 3)
     return dx_out, np.ascontiguousarray(dw.T).reshape(conv.w.shape), dy_mat.sum(axis=1)
 
@@ -2800,8 +2606,8 @@ class Conv2D(_ArrayRecord):
     ``padding`` is "valid", "same" (stride 1; an even kernel's extra row/column
     goes to the bottom/right, as in PyTorch), an int, (ph, pw), or
     ((top, bottom), (left, right)); it is stored resolved to the last form.
-    Forward is im2col + GEMM, in batch chunks that threads share (see
-    ``set_num_threads``); y is a transposed view of a channel-major array.
+    Forward is im2col + GEMM, in batch chunks; y is a transposed view of a
+    channel-major array.
     The cache is x: backward builds the patches again, block by block, which
     is cheaper than holding C_in*kh*kw values per output position.
 
@@ -2951,11 +2757,11 @@ def _arg_dtype(pool: Any) -> type:
     return np.uint8 if pool.size[0] * pool.size[1] <= 256 else np.intp
 
 
-def _samples_in(s: slice, per_sample: int, most: int) -> list[slice]:
-    """Slices of the samples ``s`` of at most ``most`` entries (``per_sample``
+def _samples_in(n: int, per_sample: int, most: int) -> list[slice]:
+    """Slices of ``n`` samples of at most ``most`` entries (``per_sample``
     each), one sample at least."""
     rows = max(1, most // max(per_sample, 1))
-    return [slice(i, min(i + rows, s.stop)) for i in range(s.start, s.stop, rows)]
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
 def _tiled_windows(pool: Any, x: np.ndarray) -> np.ndarray:
@@ -3030,11 +2836,6 @@ def _new_like_planes(
     return a, (a if xp is x else a.transpose(1, 0, 2, 3))
 
 
-def _at(arrays: Sequence[np.ndarray], s: slice) -> np.ndarray | None:
-    """arrays[0][s], or None for no array."""
-    return arrays[0][s] if arrays else None
-
-
 @attrs.frozen(eq=False, repr=False)
 class MaxPool2D(_NoParams):
     """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
@@ -3066,22 +2867,16 @@ class MaxPool2D(_NoParams):
         _check_images(x)
         (xp,), out_hw = _planes(x), self.output_shape(x.shape[1:])[1:]
         yp, y = _new_like_planes(xp, x, out_hw, x.dtype)  # x's memory layout: fast loops
-        arg, argp = None, []
+        arg = argp = None
         if ctx.train:
-            arg_planes, arg = _new_like_planes(xp, x, out_hw, _arg_dtype(self))
-            argp = [arg_planes]
-        tiled = self.stride == self.size  # windows side by side: deinterleave them
-
-        def run(chunks: list[slice]) -> None:
-            s = _span(chunks)
-            if not tiled:
-                windows = [view for _, view in _pool_windows(self, xp[s])]
-                _max_into(windows, yp[s], _at(argp, s))
-                return
-            for b in _samples_in(s, math.prod(yp.shape[1:]) * len(_offsets(self.size)), _BLOCK):
-                _max_into(_tiled_windows(self, xp[b]), yp[b], _at(argp, b))
-
-        _share_rows(run, xp)
+            argp, arg = _new_like_planes(xp, x, out_hw, _arg_dtype(self))
+        if self.stride != self.size:
+            _max_into([view for _, view in _pool_windows(self, xp)], yp, argp)
+            return y, (x, y, arg), self
+        # windows side by side: deinterleaved, in blocks of samples
+        per_sample = math.prod(yp.shape[1:]) * len(_offsets(self.size))
+        for b in _samples_in(len(xp), per_sample, _BLOCK):
+            _max_into(_tiled_windows(self, xp[b]), yp[b], None if argp is None else argp[b])
         return y, (x, y, arg), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
@@ -3096,20 +2891,16 @@ class MaxPool2D(_NoParams):
         if not tiled:
             dxp.fill(0)
 
-        def run(chunks: list[slice]) -> None:
-            s = _span(chunks)
-            first = _first_argmax(self, xp[s], yp[s]) if arg is None else argp[0][s]
-            hit = _scratch("hit", first.size, np.dtype(bool)).reshape(first.shape)
-            g = _scratch("g", first.size, dy.dtype).reshape(first.shape)  # dy in y's layout
-            g[...] = dyp[s]
-            for k, dview in _pool_windows(self, dxp[s]):
-                np.equal(first, k, out=hit)
-                if tiled:
-                    np.multiply(g, hit, out=dview)
-                else:
-                    dview += g * hit
-
-        _share_rows(run, xp)
+        first = _first_argmax(self, xp, yp) if arg is None else argp[0]
+        hit = _scratch("hit", first.size, np.dtype(bool)).reshape(first.shape)
+        g = _scratch("g", first.size, dy.dtype).reshape(first.shape)  # dy in y's layout
+        g[...] = dyp
+        for k, dview in _pool_windows(self, dxp):
+            np.equal(first, k, out=hit)
+            if tiled:
+                np.multiply(g, hit, out=dview)
+            else:
+                dview += g * hit
         return dx, ()
 
 

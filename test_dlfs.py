@@ -863,13 +863,6 @@ def _conv_distinct(shape: tuple, seed: int) -> np.ndarray:
     return (rng.permutation(n) + rng.random(n) * 0.5).reshape(shape)
 
 
-@pytest.fixture
-def restore_threads():
-    before = dlfs.get_num_threads()
-    yield
-    dlfs.set_num_threads(before)
-
-
 def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
     """Output, input gradient and every parameter gradient of one forward/backward."""
     out, caches, _ = net.forward(x)
@@ -878,7 +871,7 @@ def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
     return [out, dx, *(g for layer in grads for g in layer)]
 
 
-def _threads_cnn() -> dlfs.Network:
+def _small_cnn() -> dlfs.Network:
     specs = [
         dlfs.conv2d(4, 3, padding="same", activation=dlfs.ReLU()),
         dlfs.MaxPool2D(2),
@@ -3530,26 +3523,6 @@ def test_conv_and_pool_empty_batch():
         assert all(g.shape == p.shape and not g.any() for g, p in zip(grads, layer.params()))
 
 
-@pytest.mark.parametrize("gemm_small", [100, 1000])  # per sample 9 * 16 = 144: large; small
-def test_conv_forward_and_backward_share_one_thread_rule(monkeypatch, gemm_small):
-    """A layer whose GEMMs are large (OpenBLAS's threads) runs them on one dlfs
-    thread, forward and backward alike; small ones are shared by dlfs's threads."""
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
-    flags = []
-    in_parallel = dlfs._in_parallel
-    monkeypatch.setattr(
-        dlfs,
-        "_in_parallel",
-        lambda run, chunks, threads=True: (
-            flags.append(threads) or in_parallel(run, chunks, threads)
-        ),
-    )
-    conv = dlfs.Conv2D.init(0, 1, 1, 3, dtype=np.float64)  # w: 9 entries; 6x6 -> 4x4
-    y, cache, _ = conv.forward(np.random.default_rng(0).standard_normal((2, 1, 6, 6)))
-    conv.backward(cache, np.ones_like(y))
-    assert flags == [gemm_small >= 144] * 2
-
-
 def test_conv_param_grads_skip_the_input_gradient(monkeypatch):
     """_param_grads (a network's first layer) gives backward's (dw, db) bit for
     bit without computing dx (no col2im)."""
@@ -3705,86 +3678,45 @@ def test_pool_window_wider_than_the_input_is_refused():
             pool.forward(x)
 
 
-# ---------- threads and GEMM blocks: the same bits however the work is split
+# ---------- GEMM chunks and patch blocks: only the order of sums changes
+
+
+def test_dlfs_starts_no_thread_of_its_own():
+    """Convolutions, pools and ReLU run on the calling thread (numpy's BLAS has
+    its own threads): a CNN's training steps start no Python thread."""
+    net = _small_cnn()
+    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
+    y = np.random.default_rng(1).integers(0, net.output_shape[0], 12)
+    before = threading.enumerate()
+    state = dlfs.TrainState.create(net, dlfs.SGD(0.01))
+    functools.reduce(dlfs.train_step, [(x, y)] * 2, state)
+    _cnn_pass(net, x)
+    assert threading.enumerate() == before
 
 
 @pytest.mark.parametrize(
     ("gemm_small", "gemm_large"),
-    [(None, None), (5000, None), (100, 20000)],  # default; a chunk per sample; "large" pieces
+    [(5000, None), (100, 20000)],  # a chunk per sample; "large"
 )
-def test_threads_give_bit_identical_results(monkeypatch, restore_threads, gemm_small, gemm_large):
-    """Convolutions and pools split the batch over threads in pieces fixed by the
-    shapes: the thread count never changes a bit of the results."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)  # pools: a chunk per sample, shared by threads
-    if gemm_small:
-        monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
-    if gemm_large:
-        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
-    net = _threads_cnn()
-    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
-    runs = []
-    for n in (1, 2, 3):
-        dlfs.set_num_threads(n)
-        assert dlfs.get_num_threads() == n
-        runs.append(_cnn_pass(net, x))
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run, strict=True):
-            assert a.dtype == b.dtype and np.array_equal(a, b)
-
-
-def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, restore_threads):
-    dlfs.set_num_threads(2)
-    net = _threads_cnn()
+def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, gemm_small, gemm_large):
+    net = _small_cnn()
     x = np.random.default_rng(3).standard_normal((12, 2, 8, 8))
     whole = _cnn_pass(net, x)
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 5000)  # one chunk per sample
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
+    if gemm_large:
+        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
     for a, b in zip(whole, _cnn_pass(net, x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("padding", ["same", 1, "valid"])
-def test_conv_gradients_in_chunks_and_threads(monkeypatch, restore_threads, padding):
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample, shared by threads
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)
-    dlfs.set_num_threads(3)
+def test_conv_gradients_in_chunks(monkeypatch, padding):
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample
     conv = dlfs.Conv2D.init(1, 2, 3, 3, padding=padding, bias_init=dlfs.normal, dtype=np.float64)
     x = np.random.default_rng(4).standard_normal((5, 2, 6, 7))
     dlfs.check_layer(conv, x)
     pool = dlfs.MaxPool2D(2)
     dlfs.check_layer(pool, _conv_distinct((5, 2, 6, 7), 4))
-
-
-def test_set_num_threads_bad_input(restore_threads):
-    for bad in (0, -1):
-        with pytest.raises(ValueError, match="n must be >= 1"):
-            dlfs.set_num_threads(bad)
-    for bad in (1.5, "2", True, None):
-        with pytest.raises(TypeError, match="n must be an int"):
-            dlfs.set_num_threads(bad)
-    assert dlfs.get_num_threads() >= 1
-
-
-def test_threads_from_environment_and_clean_exit():
-    """DLFS_NUM_THREADS sets the default, which is 1 without it (BLAS's threads do
-    the parallel work); a bad value is a clear error; a process that used the
-    pool exits at once (its threads never keep it alive)."""
-    script = (
-        "import numpy as np, dlfs\n"
-        "print(dlfs.get_num_threads())\n"
-        "x = np.ones((8, 1, 6, 6))\n"
-        "dlfs.MaxPool2D(2).forward(x)\n"
-    )
-    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=HERE)
-    done = run([sys.executable, "-c", script], env={**os.environ, "DLFS_NUM_THREADS": "3"})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3"]
-    unset = {k: v for k, v in os.environ.items() if k != "DLFS_NUM_THREADS"}
-    default = run([sys.executable, "-c", script], env=unset)
-    assert default.returncode == 0, default.stderr
-    assert default.stdout.split() == ["1"]
-    bad = run([sys.executable, "-c", "import dlfs"], env={**os.environ, "DLFS_NUM_THREADS": "two"})
-    assert bad.returncode != 0
-    assert "DLFS_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
 
 
 def test_conv_patch_blocks_of_unequal_size(monkeypatch):
@@ -4846,46 +4778,6 @@ def test_an_interrupt_in_a_steps_cleanup_leaves_recycling_working():
     dlfs._let_go_step_buffers()
 
 
-def test_set_num_threads_while_another_thread_trains():
-    """set_num_threads may shut the pool down while another thread's convolution
-    hands out work: that thread finishes the work itself, with the same bits."""
-    layers = [
-        dlfs.conv2d(8, 3, padding="same", activation=dlfs.ReLU()),
-        dlfs.Flatten(),
-        dlfs.dense(3),
-    ]
-    net = dlfs.network(5, (1, 12, 12), layers, dlfs.SoftmaxCrossEntropy())
-    batches = _speed_batches(net, 5, 256, 2) * 20  # big enough for the pool to share work
-    before = dlfs.get_num_threads()
-    errors, done = [], threading.Event()
-
-    def train():
-        try:
-            state = dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
-            results.append(functools.reduce(dlfs.train_step, batches, state))
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            done.set()
-
-    results: list = []
-    try:
-        dlfs.set_num_threads(2)
-        worker = threading.Thread(target=train)
-        worker.start()
-        while not done.is_set():
-            dlfs.set_num_threads(1)
-            dlfs.set_num_threads(2)
-        worker.join()
-    finally:
-        dlfs.set_num_threads(before)
-    assert errors == []
-    alone = functools.reduce(
-        dlfs.train_step, batches, dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
-    )
-    _assert_same_net(results[0].net, alone.net)
-
-
 @settings(max_examples=15, deadline=None)
 @given(seed=SEEDS, n=SIZES, loss=st.sampled_from(["mse", "sce"]), dtype=DTYPES, conv=st.booleans())
 def test_in_place_work_never_touches_the_callers_arrays(seed, n, loss, dtype, conv):
@@ -5036,41 +4928,20 @@ def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm(size):
             assert not dlfs._all_finite(((tree[0][1],), (a,)))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_relu_in_place_by_chunks_equals_relu(monkeypatch, threads):
-    """ReLU's in-place forward and backward, split by samples over threads, give the
-    bits of its plain forward and backward."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 8)
-    dlfs.set_num_threads(threads)
-    try:
-        rng = np.random.default_rng(threads)
-        x = rng.standard_normal((9, 3, 5)).astype(np.float32)
-        dy = rng.standard_normal(x.shape).astype(np.float32)
-        relu = dlfs.ReLU()
-        y, cache, _ = relu.forward(x)
-        dx, _ = relu.backward(cache, dy)
-        y2, cache2, _ = relu._forward_owned(x.copy())
-        dx2, _ = relu._backward_owned(cache2, dy.copy())
-        assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
-    finally:
-        dlfs.set_num_threads(dlfs._threads_from_env())
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows"])
-def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads, threads, layout):
+@pytest.mark.parametrize("row", [8, 512])
+@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows", "2-D"])
+def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, row, layout):
     """ReLU's in-place work runs along the memory of its arrays (a convolution's
-    channel-major output as contiguous rows), in chunks over threads: the same
-    bits as the plain forward and backward, whatever the layout."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 16)
-    monkeypatch.setattr(dlfs, "_ROW", 8)
-    dlfs.set_num_threads(threads)
-    rng = np.random.default_rng(threads)
+    channel-major output as contiguous rows): the same bits as the plain forward
+    and backward, whatever the layout."""
+    monkeypatch.setattr(dlfs, "_ROW", row)
+    rng = np.random.default_rng(row)
     base = rng.standard_normal((3, 5, 8, 6)).astype(np.float32)
     views = {
         "channel-major": lambda a: a.transpose(1, 0, 2, 3),
         "strided": lambda a: a[:, :, ::2, :],  # planes with gaps: no contiguous rows
         "rows": lambda a: a,
+        "2-D": lambda a: a.reshape(3, -1),
     }
     x, x_owned = views[layout](base), views[layout](base.copy())
     dy = rng.standard_normal(x.shape[::-1]).astype(np.float32).T  # another memory order
@@ -5084,48 +4955,14 @@ def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads,
     assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
 
 
-def test_in_parallel_runs_each_group_once_results_in_order(restore_threads):
-    """Threads claim groups as they come free: every group runs exactly once, the
-    results come back in group order, an error reaches the caller, and the pool
-    still works after it; without ``threads`` all runs on the calling thread."""
-    dlfs.set_num_threads(3)
-    groups = [[slice(i, i + 1)] for i in range(24)]
-    seen: list[int] = []
-
-    def run(group: list[slice]) -> int:
-        seen.append(group[0].start)
-        time.sleep(0.0005)
-        return 2 * group[0].start
-
-    assert dlfs._in_parallel(run, groups) == [2 * i for i in range(24)]
-    assert sorted(seen) == list(range(24))
-
-    def fails(group: list[slice]) -> int:
-        if group[0].start == 5:
-            raise KeyError("boom")
-        return 0
-
-    with pytest.raises(KeyError, match="boom"):
-        dlfs._in_parallel(fails, groups)
-    assert dlfs._in_parallel(run, groups[:3]) == [0, 2, 4]
-    caller = threading.get_ident()
-    assert dlfs._in_parallel(lambda g: threading.get_ident(), groups, threads=False) == [
-        caller
-    ] * len(groups)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [64, 1 << 18])
 @pytest.mark.parametrize("layout", ["channel-major", "rows"])
 @pytest.mark.parametrize("size", [2, (2, 3), 3])
-def test_tiled_max_pool_equals_a_plain_reference(
-    monkeypatch, restore_threads, threads, layout, size
-):
-    """A pool whose stride is its size deinterleaves its windows (by blocks, over
-    threads): its max and its first-maximum offsets are numpy's max and argmax
+def test_tiled_max_pool_equals_a_plain_reference(monkeypatch, block, layout, size):
+    """A pool whose stride is its size deinterleaves its windows (by blocks of
+    samples): its max and its first-maximum offsets are numpy's max and argmax
     over each window, ties included, incomplete windows dropped."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 32)
-    monkeypatch.setattr(dlfs, "_BLOCK", 64)
-    dlfs.set_num_threads(threads)
+    monkeypatch.setattr(dlfs, "_BLOCK", block)
     rng = np.random.default_rng(7)
     base = rng.integers(0, 3, (4, 5, 7, 8)).astype(np.float32)  # many ties
     x = base.transpose(1, 0, 2, 3) if layout == "channel-major" else base
