@@ -238,7 +238,7 @@ def _shape_str(spec: Sequence[int | str | None]) -> str:
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
-def _check_ndarray(name: str, x: Any) -> np.ndarray:
+def _check_ndarray(name: str, x: Any) -> None:
     """``x`` must be an ``np.ndarray`` or an ``np.memmap`` (a file's data, read-only
     or not, with ndarray's semantics: data larger than memory).  Other subclasses
     (``np.matrix``, masked arrays) change what ``*``, ``sum`` or a mask mean, so
@@ -254,7 +254,6 @@ def _check_ndarray(name: str, x: Any) -> np.ndarray:
             f"{name} must be a numpy array, got {type(x).__name__}; "
             "convert with np.asarray(..., dtype=np.float32)"
         )
-    return x
 
 
 def _plain(x: Any) -> Any:
@@ -263,7 +262,7 @@ def _plain(x: Any) -> Any:
     return x.view(np.ndarray) if isinstance(x, np.memmap) else x
 
 
-def _check_float(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray:
+def _check_float(name: str, x: Any, dtype: np.dtype | None = None) -> None:
     """``x`` must be a float32/float64 ndarray (of ``dtype`` if given)."""
     _check_ndarray(name, x)
     if x.dtype not in _FLOAT_DTYPES:
@@ -276,7 +275,6 @@ def _check_float(name: str, x: Any, dtype: np.dtype | None = None) -> np.ndarray
             f"{name} must have dtype {np.dtype(dtype)} (the network's), got "
             f"{x.dtype}; convert with .astype(np.{np.dtype(dtype)})"
         )
-    return x
 
 
 def _check_shape(name: str, x: np.ndarray, spec: Sequence[int | str | None]) -> None:
@@ -384,7 +382,7 @@ def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
     return tuple(_check_int(f"{name}[{i}]", d) for i, d in enumerate(shape))
 
 
-def _frozen(a: Any, name: str = "array") -> np.ndarray:
+def _frozen(a: Any, name: str) -> np.ndarray:
     """A read-only float array.  It is copied unless it owns its data and is
     already read-only, so no writeable base can change it."""
     _check_float(name, a)
@@ -597,7 +595,7 @@ def _people(value: Any) -> str:
     return str(value)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str) -> str:
     """An HTML table of text cells, every one escaped; ``caption`` above it."""
     esc = html.escape
     head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
@@ -1471,7 +1469,7 @@ class BatchNorm(_ArrayRecord):
 # ------------------------------------------ sequences: embedding and recurrent layers
 
 
-def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarray:
+def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> None:
     """``x`` must be an integer ndarray (token ids; an np.memmap too, no other
     subclass) of shape ``spec``."""
     if type(x) is not np.ndarray and not isinstance(x, np.memmap):
@@ -1485,7 +1483,6 @@ def _check_ids(name: str, x: Any, spec: Sequence[int | str | None]) -> np.ndarra
             "dlfs never casts silently: convert with .astype(np.int64)"
         )
     _check_shape(name, x, spec)
-    return x
 
 
 def _scatter_add_rows(n_rows: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -2746,10 +2743,10 @@ def _pool_windows(pool: Any, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield k, _window(x, i, j, pool.stride, out_hw)
 
 
-def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dtype: np.dtype, dy: Any) -> np.ndarray:
+def _pool_check_dy(pool: Any, x_shape: tuple[int, ...], dtype: np.dtype, dy: Any) -> None:
     """dy must have the pool's output shape and the input's dtype."""
     out_shape = (x_shape[0], *_pool_output_shape(pool, x_shape[1:]))
-    return _check_input("dy", dy, out_shape, dtype)
+    _check_input("dy", dy, out_shape, dtype)
 
 
 def _arg_dtype(pool: Any) -> type:
@@ -2972,15 +2969,14 @@ class Loss(Protocol):
         ...
 
 
-def _check_pred(name: str, pred: Any) -> np.ndarray:
+def _check_pred(name: str, pred: Any) -> None:
     _check_float(name, pred)
     if pred.ndim < 1:
         raise ValueError(f"{name} must have a batch axis, got shape {pred.shape}")
     _check_nonempty(name, pred)
-    return pred
 
 
-def _check_same_shape(pred: np.ndarray, target: Any) -> np.ndarray:
+def _check_same_shape(pred: np.ndarray, target: Any) -> None:
     _check_float("target", target, pred.dtype)
     if target.shape != pred.shape:
         hint = " (use dlfs.to_2d(target) for a column)" if target.ndim == 1 else ""
@@ -2988,7 +2984,6 @@ def _check_same_shape(pred: np.ndarray, target: Any) -> np.ndarray:
             f"target must have the same shape as the predictions {pred.shape}, "
             f"got {target.shape}; dlfs never broadcasts a loss{hint}"
         )
-    return target
 
 
 @attrs.frozen
@@ -4213,10 +4208,8 @@ def _lr_field(default: float) -> Any:
     return attrs.field(default=default, converter=lambda v: _check_schedule("lr", v))
 
 
-def _wd_field(default: float = 0.0) -> Any:
-    return attrs.field(
-        default=default, converter=lambda v: _check_number("weight_decay", v, low=0.0)
-    )
+def _wd_field() -> Any:
+    return attrs.field(default=0.0, converter=lambda v: _check_number("weight_decay", v, low=0.0))
 
 
 def _check_state(opt: Any, state: Any, params: NetParams, n_slots: int) -> None:
@@ -5573,9 +5566,7 @@ def _check_other_targets(name: str, y: np.ndarray, net: Network, x: np.ndarray) 
         _check_label_range(name, y, out.shape[-1])
 
 
-def _check_batch_rows(
-    net: Network, n: int, batch_size: int, drop_last: bool, ranks: int = 1
-) -> None:
+def _check_batch_rows(net: Network, n: int, batch_size: int, drop_last: bool, ranks: int) -> None:
     """Every training batch has rows, and each BatchNorm at least 2 values per
     feature, on every one of ``ranks`` ranks that gets a shard of it."""
     if drop_last and n < batch_size:
@@ -5769,15 +5760,13 @@ class _Ranks:
         return self._sum(table.ravel()).reshape(table.shape)
 
 
-def _noting(ranks: _Ranks, work: Callable[..., Any], *args: Any) -> Any:
+def _noting(ranks: _Ranks, work: Callable[..., Any], *args: Any) -> None:
     """``work(*args)`` for rank 0's bar and lines: a KeyboardInterrupt there is
-    recorded in ``ranks.interrupt`` (None is returned), and every rank stops at the
-    next boundary."""
+    recorded in ``ranks.interrupt``, and every rank stops at the next boundary."""
     try:
-        return work(*args)
+        work(*args)
     except KeyboardInterrupt:
         ranks.interrupt.set()
-        return None
 
 
 @contextlib.contextmanager
