@@ -5038,10 +5038,17 @@ def _shard_loss_and_grads(
     return float(loss), grads, new_net
 
 
+def _check_train_state(state: Any) -> None:
+    if not isinstance(state, TrainState):
+        hint = ""
+        if isinstance(state, Network):
+            hint = ": make one with dlfs.TrainState.create(net, optimizer)"
+        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}{hint}")
+
+
 def _check_step(state: Any, batch: Any) -> tuple[np.ndarray, np.ndarray]:
     """A step's (x, y), checked against ``state.net``."""
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    _check_train_state(state)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"batch must be a pair (x, y), got {type(batch).__name__}")
     x, y = batch
@@ -5144,6 +5151,7 @@ def train_epoch(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarra
     >>> state.step, state.seen
     (4, 64)
     """
+    _check_train_state(state)
     start = attrs.evolve(state, loss_sum=0.0, seen=0)
     try:
         return functools.reduce(train_step, batches, start)
@@ -5196,8 +5204,7 @@ def data_parallel_step(
     >>> all((a == b).all() for a, b in zip(ranked.net.params()[0], plain.net.params()[0]))
     True
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    _check_train_state(state)
     _check_comm(comm)  # None too: that is train_step
     return _step(state, batch, comm)
 
@@ -5217,8 +5224,7 @@ def global_mean_loss(state: TrainState, comm: Comm) -> float:
     >>> dlfs.global_mean_loss(state, OneRank()) == state.mean_loss
     True
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state must be a dlfs.TrainState, got {type(state).__name__}")
+    _check_train_state(state)
     _check_comm(comm)
     totals = np.array([state.loss_sum, state.seen], dtype=np.float64)
     loss_sum, seen = _all_reduce(comm, [totals])[0]

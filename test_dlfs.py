@@ -2125,6 +2125,36 @@ def test_array_valued_options_get_a_type_error_by_name():
     assert dlfs.to_2d(np.zeros(3), kind="row").shape == (1, 3)
 
 
+def test_direct_construction_checks_every_array_against_the_first():
+    """A layer built from ready arrays checks each one's shape and dtype against
+    the array that fixes them (gamma, w, w_hh): BatchNorm's beta, mean and var,
+    Conv2D's b, a recurrent layer's w_ih and b, GRU's b_hn."""
+    f32 = np.ones(3, np.float32)
+    good = {"gamma": f32, "beta": f32, "mean": f32, "var": f32}
+    assert dlfs.BatchNorm(**good).var.dtype == np.float32
+    for name in ("beta", "mean", "var"):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \(3,\), got \(4,\)"):
+            dlfs.BatchNorm(**{**good, name: np.ones(4, np.float32)})
+        with pytest.raises(
+            TypeError, match=rf"{name} must have dtype float32 \(the network's\), got float64"
+        ):
+            dlfs.BatchNorm(**{**good, name: np.ones(3)})
+    with pytest.raises(ValueError, match=r"gamma must be 1-D \(C,\), got shape \(1, 3\)"):
+        dlfs.BatchNorm(**{k: v[None] for k, v in good.items()})
+    w = np.ones((2, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"b must have shape \(2,\), got \(3,\)"):
+        dlfs.Conv2D(w, f32)
+    with pytest.raises(TypeError, match="b must have dtype float32"):
+        dlfs.Conv2D(w, np.ones(2))
+    rnn = dlfs.GRU.init(0, 4, 3)
+    arrays = {"w_ih": rnn.w_ih, "w_hh": rnn.w_hh, "b": rnn.b, "b_hn": rnn.b_hn}
+    for name, bad in [("w_ih", rnn.w_ih[:, :-1]), ("b", rnn.b[:-1]), ("b_hn", rnn.b_hn[:-1])]:
+        with pytest.raises(ValueError, match=rf"{name} must have shape"):
+            dlfs.GRU(**{**arrays, name: bad})
+        with pytest.raises(TypeError, match=rf"{name} must have dtype float32"):
+            dlfs.GRU(**{**arrays, name: arrays[name].astype(np.float64)})
+
+
 def test_construction_time_checks():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 2)).astype(np.float32)
@@ -2439,6 +2469,40 @@ def test_initializer_statistics(dtype, shape):
         assert abs(mean) <= 5 * math.sqrt(var / n)
         assert abs(sample_var - var) <= 5 * math.sqrt(4 * bound**4 / (45 * n))
     assert not dlfs.zeros(rng, shape, dtype).any() and dlfs.zeros(rng, shape, dtype).dtype == dtype
+
+
+def _positive_zero(a: np.ndarray) -> bool:
+    """All entries are +0.0: ``==`` and the doctests' NUMBER flag cannot tell -0.0."""
+    return not a.any() and not np.signbit(a).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_zero_dlfs_starts_from_is_a_positive_zero(dtype):
+    rng = dlfs.make_rng(0)
+    z = dlfs.zeros(rng, (3, 4), dtype)
+    assert z.dtype == dtype and z.shape == (3, 4) and _positive_zero(z)
+    layers = [
+        dlfs.conv2d(2, 3, padding="same"),
+        dlfs.batch_norm(),
+        dlfs.Flatten(),
+        dlfs.dense(4),
+        dlfs.batch_norm(),
+        dlfs.dense(2),
+    ]
+    net = dlfs.network(0, (1, 4, 4), layers, dlfs.MeanSquaredError(), dtype=dtype)
+    conv, bn2d, _, dense, bn, _ = net.layers
+    for a in (conv.b, dense.b, bn2d.beta, bn2d.mean, bn.beta, bn.mean):
+        assert a.dtype == dtype and _positive_zero(a)
+    assert np.array_equal(bn.var, np.ones(4)) and np.array_equal(bn.gamma, np.ones(4))
+    rnn, lstm, gru = (cls.init(0, 3, 2, dtype=dtype) for cls in (dlfs.RNN, dlfs.LSTM, dlfs.GRU))
+    assert all(_positive_zero(b) for b in (rnn.b, gru.b, gru.b_hn, lstm.b[:2], lstm.b[4:]))
+    assert np.array_equal(lstm.b[2:4], np.ones(2))  # the forget gate's bias starts at 1
+    for layer in (rnn, lstm, gru):  # the zero initial state
+        assert all(_positive_zero(s) for s in layer._zeros(2))
+    params = net.params()
+    for opt in (dlfs.Momentum(), dlfs.AdaGrad(), dlfs.RMSProp(), dlfs.Adam()):
+        for slot in opt.init(params).slots:
+            assert all(_positive_zero(a) for layer in slot for a in layer)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -4139,6 +4203,29 @@ def test_network_backward_gives_the_input_gradient():
     dy = np.ones_like(y)
     dx, grads = net.backward(caches, dy)
     assert dx.shape == x.shape and [len(g) for g in grads] == [2, 0, 2, 2, 0]
+
+
+@pytest.mark.parametrize("last", [dlfs.ReLU(), dlfs.Tanh(), dlfs.Flatten(), dlfs.Dropout(0.5)])
+def test_network_backward_refuses_a_dy_of_another_dtype(monkeypatch, last):
+    """Network.backward checks dy's dtype against the network's before any layer
+    runs: float16 and integer dy are refused (not upcast or truncated), and so is
+    float64 for a float32 network, whatever the last layer (these four would not)."""
+    net = dlfs.network(0, 2, [dlfs.dense(3), last], dlfs.MeanSquaredError())
+    y, caches, _ = net.forward(np.ones((4, 2), np.float32), dlfs.train_context(0))
+    dense_backward, reached = dlfs.Dense.backward, []
+    monkeypatch.setattr(dlfs.Dense, "backward", lambda *a: reached.append(1) or dense_backward(*a))
+    for dtype in (np.float16, np.int64, np.int8):
+        with pytest.raises(
+            TypeError, match=rf"dy must be a float32 or float64 array, got dtype {np.dtype(dtype)}"
+        ):
+            net.backward(caches, np.ones(y.shape, dtype))
+    with pytest.raises(
+        TypeError, match=r"dy must have dtype float32 \(the network's\), got float64"
+    ):
+        net.backward(caches, np.ones(y.shape))
+    assert reached == []  # refused before the layers
+    dx, _ = net.backward(caches, np.ones(y.shape, np.float32))
+    assert dx.dtype == np.float32 and reached == [1]
 
 
 def test_network_prediction_helpers_at_their_edges():
@@ -6439,6 +6526,27 @@ def test_data_parallel_step_rejects_bad_input():
     assert math.isnan(dlfs.global_mean_loss(state, comm))
     assert dlfs.sync_state(net, comm) is net  # no state to average: no Allreduce
     assert [[b.dtype for b in bufs] for bufs in comm.group["sent"]] == [[np.float64]]
+
+
+def test_steps_given_a_network_instead_of_a_train_state_say_how_to_make_one():
+    net, x, y = _dp_problem("mlp", n=10)
+    comm = _ThreadComm(_comm_group(1), 0)
+    calls = {
+        "train_step": lambda s: dlfs.train_step(s, (x, y)),
+        "train_epoch": lambda s: dlfs.train_epoch(s, [(x, y)]),
+        "data_parallel_step": lambda s: dlfs.data_parallel_step(s, (x, y), comm),
+        "global_mean_loss": lambda s: dlfs.global_mean_loss(s, comm),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError) as err:
+            call(net)
+        assert str(err.value) == (
+            "state must be a dlfs.TrainState, got Network: make one with "
+            "dlfs.TrainState.create(net, optimizer)"
+        ), name
+        with pytest.raises(TypeError, match=r"^state must be a dlfs\.TrainState, got tuple$"):
+            call((net, dlfs.SGD()))
+    assert comm.group["sent"] == [[]]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
