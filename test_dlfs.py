@@ -5691,15 +5691,23 @@ def test_progress_one_bar_with_running_loss_and_validation():
         def close(self):
             self.closed = True
 
-    dlfs.fit(
+    _, history = dlfs.fit(
         _i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y), progress=Bar, **_I11_KW
     )
     (bar,) = bars
     assert (bar.total, bar.n, bar.closed, bar.desc) == (15, 15, True, "fit")
     assert list(bar.postfix[0]) == ["epoch", "loss"] and bar.postfix[0]["epoch"] == "1/3"
     assert list(bar.postfix[-1]) == ["epoch", "loss", "val_loss", "val_accuracy"]
-    assert bar.postfix[-1]["epoch"] == "3/3"
-    float(bar.postfix[-1]["loss"]), float(bar.postfix[-1]["val_accuracy"])
+    # 5 steps, then the epoch's own figures, per epoch; the next epoch's steps keep
+    # showing the last evaluation's values
+    assert len(bar.postfix) == 18
+    for e, record in enumerate(history.records, 1):
+        shown = {"val_loss": f"{record.val_loss:.4g}", "val_accuracy": f"{record.val_metric:.4g}"}
+        end = {"epoch": f"{e}/3", "loss": f"{record.train_loss:.4g}", **shown}
+        assert bar.postfix[6 * e - 1] == end
+        for step in bar.postfix[6 * e : 6 * e + 5]:
+            assert step["epoch"] == f"{e + 1}/3" and step["val_loss"] == shown["val_loss"]
+            assert step["val_accuracy"] == shown["val_accuracy"]
 
 
 def test_progress_true_uses_tqdm_auto_or_prints_a_line_per_epoch(monkeypatch, capsys):
@@ -7398,6 +7406,42 @@ def test_check_grads_default_directions_and_rtol():
     assert len(calls) == 1 + 2 * 3  # the base point, then +-eps along 3 directions
     for plus, minus in zip(calls[1::2], calls[2::2]):
         assert np.linalg.norm(plus - minus) == pytest.approx(2e-6, rel=1e-6)  # unit directions
+
+
+def test_check_grads_default_key_is_0_and_an_error_equal_to_the_tolerance_passes():
+    """Without a key the draws are key 0's (reproducible runs); the test is
+    err <= tol: at a = 0 with eps = 0.5 every step is exact and S = 0, so the
+    error is |fl(dy + 1e-3) - dy| exactly, and atol equal to it passes while the
+    next float below fails."""
+    seen = []
+
+    def f(a):
+        return a.copy(), lambda dy: (seen.append(dy) or dy + 1e-3,)
+
+    a, kw = np.zeros(1), dict(eps=0.5, rtol=0.0, directions=1)
+    err = dlfs.check_grads(f, [a], atol=1.0, **kw)
+    assert seen[-1] == dlfs.make_rng(0).standard_normal(1)  # key 0's first draw
+    assert err == abs((seen[-1][0] + 1e-3) - seen[-1][0]) > 0
+    assert dlfs.check_grads(f, [a], key=0, atol=1.0, **kw) == err
+    assert dlfs.check_grads(f, [a], atol=err, **kw) == err  # err == tol: passes
+    with pytest.raises(dlfs.GradientCheckError):
+        dlfs.check_grads(f, [a], atol=float(np.nextafter(err, 0.0)), **kw)
+    dlfs.check_grads(f, [a], key=1, atol=1.0, **kw)
+    assert seen[-1] != seen[0]  # another key, another dy
+
+
+def test_checkpoint_meta_is_stored_key_sorted(tmp_path):
+    """meta's keys come back sorted at every level, and the stored description does
+    not depend on the order meta's keys were given in."""
+    net = _key_net(0)
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    dlfs.save(one, net, meta={"b": 1, "a": {"z": [1, {"d": 0, "c": 1}], "y": 2}})
+    dlfs.save(two, net, meta={"a": {"y": 2, "z": [1, {"c": 1, "d": 0}]}, "b": 1})
+    meta = dlfs.load(one).meta
+    assert list(meta) == ["a", "b"] and list(meta["a"]) == ["y", "z"]
+    assert list(meta["a"]["z"][1]) == ["c", "d"]
+    with np.load(one) as a, np.load(two) as b:
+        assert a[dlfs._STRUCTURE].tobytes() == b[dlfs._STRUCTURE].tobytes()
 
 
 # ----- save/load: bit-exact round trips; save refuses what load would refuse
