@@ -2205,7 +2205,8 @@ def _check_images(x: Any, dtype: np.dtype | None = None) -> None:
 def _memory_order(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """The arrays with their axes permuted alike, by the first one's strides from
     the largest: a C-contiguous view of a transposed contiguous array (such as a
-    convolution's output), so that elementwise loops run along its memory."""
+    convolution's output), so that elementwise loops run along its memory (an
+    in-place ReLU on a conv's channel-major output: 2x faster, commit 311c258)."""
     a = arrays[0]
     if a.flags.c_contiguous:
         return arrays
@@ -4916,6 +4917,9 @@ class TrainState:
     step: int = 0
     loss_sum: float = 0.0
     seen: int = 0
+    # The trusted step (commit 8a80842: no optimizer checks, records renewed without
+    # converters, fused losses, in-place ReLU) took bench_tiny's 8-8-8-4 net from
+    # 112 to 75-80 us per step (README's tiny-network figures, before and after).
     _fits: bool = attrs.field(default=False, init=False, repr=False)
 
     @classmethod
