@@ -872,13 +872,6 @@ def _conv_distinct(shape: tuple, seed: int) -> np.ndarray:
     return (rng.permutation(n) + rng.random(n) * 0.5).reshape(shape)
 
 
-@pytest.fixture
-def restore_threads():
-    before = dlfs.get_num_threads()
-    yield
-    dlfs.set_num_threads(before)
-
-
 def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
     """Output, input gradient and every parameter gradient of one forward/backward."""
     out, caches, _ = net.forward(x)
@@ -887,7 +880,7 @@ def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
     return [out, dx, *(g for layer in grads for g in layer)]
 
 
-def _threads_cnn() -> dlfs.Network:
+def _small_cnn() -> dlfs.Network:
     specs = [
         dlfs.conv2d(4, 3, padding="same", activation=dlfs.ReLU()),
         dlfs.MaxPool2D(2),
@@ -1552,6 +1545,23 @@ dlfs.save(sys.argv[2], dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError
 """
 
 
+# argv: worktree, checkpoint path, "go" file (or "-": no waiting), network key
+_WAITING_SAVE = """
+import os, sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+import dlfs
+
+def waiting(file, arrays):
+    np.savez(file, **arrays)
+    while not os.path.exists(sys.argv[3]):  # mid-save until the test says go
+        time.sleep(0.01)
+
+if sys.argv[3] != "-":
+    dlfs._write_npz = waiting
+dlfs.save(sys.argv[2], dlfs.network(int(sys.argv[4]), 3, [dlfs.dense(2)], dlfs.MeanSquaredError()))
+"""
+
+
 # References in 40-digit decimal arithmetic; inputs are the float32/float64 grid
 # values themselves (exact in Decimal), so the reference is the exact function
 # of the input the layer received.
@@ -1695,7 +1705,7 @@ def _hard_lookalikes(a: np.ndarray) -> dict:
     return {
         "matrix": np.asmatrix(a) if a.ndim == 2 else None,
         "masked": np.ma.masked_array(a, mask=np.zeros(a.shape, bool)),
-        "memmap-like subclass": a.view(type("Sub", (np.ndarray,), {})),
+        "unknown subclass": a.view(type("Sub", (np.ndarray,), {})),
     }
 
 
@@ -2044,6 +2054,62 @@ def test_ndarray_subclasses_are_refused_by_name():
         dlfs.SGD().update(grads, dlfs.SGD().init(params), params)
 
 
+def _memmaps(tmp_path, **arrays):
+    """Each array saved as .npy and loaded back memory-mapped, read-only ("r")."""
+    out = {}
+    for name, a in arrays.items():
+        np.save(tmp_path / f"{name}.npy", a)
+        out[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+        assert type(out[name]) is np.memmap and not out[name].flags.writeable
+    return out
+
+
+def _same_nets(a: dlfs.Network, b: dlfs.Network) -> bool:
+    return all(np.array_equal(p, q) for p, q in zip(a._flat_params(), b._flat_params()))
+
+
+def test_memmap_data_trains_predicts_and_evaluates_bit_identically(tmp_path):
+    # data larger than memory comes as np.memmap (np.load(..., mmap_mode="r")): accepted,
+    # with the results of its plain copy; matrix and masked arrays stay refused (above)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((37, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 37)
+    m = _memmaps(tmp_path, x=x, y=y, xv=x[:9], yv=y[:9])
+    net = dlfs.network(
+        1, 4, [dlfs.dense(5, dlfs.ReLU()), dlfs.dense(3)], dlfs.SoftmaxCrossEntropy()
+    )
+    kw = dict(epochs=2, batch_size=8, seed=3)
+    got, got_h = dlfs.fit(net, dlfs.Adam(1e-2), m["x"], m["y"], validation=(m["xv"], m["yv"]), **kw)
+    want, want_h = dlfs.fit(net, dlfs.Adam(1e-2), x, y, validation=(x[:9], y[:9]), **kw)
+    assert _same_nets(got, want) and got_h.as_dict() == want_h.as_dict()
+    for batch_size in (None, 10):
+        p = net.predict(m["x"], batch_size=batch_size)
+        assert type(p) is np.ndarray and np.array_equal(p, net.predict(x, batch_size=batch_size))
+    assert net.evaluate(m["x"], m["y"]) == net.evaluate(x, y)
+    out, _, _ = net.forward(m["x"])
+    assert type(out) is np.ndarray and np.array_equal(out, net.forward(x)[0])
+    state = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (m["x"], m["y"]))
+    plain = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (x, y))
+    assert _same_nets(state.net, plain.net)
+    for (xb, yb), (xp, yp) in zip(
+        dlfs.batches(m["x"], m["y"], 8, key=1), dlfs.batches(x, y, 8, key=1)
+    ):
+        assert type(xb) is np.ndarray and np.array_equal(xb, xp) and np.array_equal(yb, yp)
+    px, py = dlfs.permute(2, m["x"], m["y"])
+    assert type(py) is np.ndarray
+    assert type(px) is np.ndarray and np.array_equal(px, dlfs.permute(2, x, y)[0])
+    # layers: weights loaded memory-mapped become plain read-only copies that save;
+    # a sequence (N, T, D) memmap goes through Dense per step; token ids may be mapped too
+    w = _memmaps(tmp_path, w=net.layers[0].w, b=net.layers[0].b, seq=x.reshape(37, 1, 4))
+    dense = dlfs.Dense(w["w"], w["b"])
+    assert type(dense.w) is np.ndarray and not dense.w.flags.writeable
+    dlfs.save(tmp_path / "dense.npz", dlfs.Network([dense], dlfs.MeanSquaredError(), (4,)))
+    assert np.array_equal(dense.forward(w["seq"])[0], dense.forward(x.reshape(37, 1, 4))[0])
+    ids = rng.integers(0, 7, (5, 6))
+    lm = _char_lm()
+    assert np.array_equal(lm.predict(_memmaps(tmp_path, ids=ids)["ids"]), lm.predict(ids))
+
+
 def test_array_valued_options_get_a_type_error_by_name():
     option = np.array(["col", "row"])
     cases = [
@@ -2066,6 +2132,36 @@ def test_array_valued_options_get_a_type_error_by_name():
     with pytest.raises(ValueError, match="kind must be 'col' or 'row'"):
         dlfs.to_2d(np.zeros(3), kind="column")
     assert dlfs.to_2d(np.zeros(3), kind="row").shape == (1, 3)
+
+
+def test_direct_construction_checks_every_array_against_the_first():
+    """A layer built from ready arrays checks each one's shape and dtype against
+    the array that fixes them (gamma, w, w_hh): BatchNorm's beta, mean and var,
+    Conv2D's b, a recurrent layer's w_ih and b, GRU's b_hn."""
+    f32 = np.ones(3, np.float32)
+    good = {"gamma": f32, "beta": f32, "mean": f32, "var": f32}
+    assert dlfs.BatchNorm(**good).var.dtype == np.float32
+    for name in ("beta", "mean", "var"):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \(3,\), got \(4,\)"):
+            dlfs.BatchNorm(**{**good, name: np.ones(4, np.float32)})
+        with pytest.raises(
+            TypeError, match=rf"{name} must have dtype float32 \(the network's\), got float64"
+        ):
+            dlfs.BatchNorm(**{**good, name: np.ones(3)})
+    with pytest.raises(ValueError, match=r"gamma must be 1-D \(C,\), got shape \(1, 3\)"):
+        dlfs.BatchNorm(**{k: v[None] for k, v in good.items()})
+    w = np.ones((2, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"b must have shape \(2,\), got \(3,\)"):
+        dlfs.Conv2D(w, f32)
+    with pytest.raises(TypeError, match="b must have dtype float32"):
+        dlfs.Conv2D(w, np.ones(2))
+    rnn = dlfs.GRU.init(0, 4, 3)
+    arrays = {"w_ih": rnn.w_ih, "w_hh": rnn.w_hh, "b": rnn.b, "b_hn": rnn.b_hn}
+    for name, bad in [("w_ih", rnn.w_ih[:, :-1]), ("b", rnn.b[:-1]), ("b_hn", rnn.b_hn[:-1])]:
+        with pytest.raises(ValueError, match=rf"{name} must have shape"):
+            dlfs.GRU(**{**arrays, name: bad})
+        with pytest.raises(TypeError, match=rf"{name} must have dtype float32"):
+            dlfs.GRU(**{**arrays, name: arrays[name].astype(np.float64)})
 
 
 def test_construction_time_checks():
@@ -2382,6 +2478,40 @@ def test_initializer_statistics(dtype, shape):
         assert abs(mean) <= 5 * math.sqrt(var / n)
         assert abs(sample_var - var) <= 5 * math.sqrt(4 * bound**4 / (45 * n))
     assert not dlfs.zeros(rng, shape, dtype).any() and dlfs.zeros(rng, shape, dtype).dtype == dtype
+
+
+def _positive_zero(a: np.ndarray) -> bool:
+    """All entries are +0.0: ``==`` and the doctests' NUMBER flag cannot tell -0.0."""
+    return not a.any() and not np.signbit(a).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_zero_dlfs_starts_from_is_a_positive_zero(dtype):
+    rng = dlfs.make_rng(0)
+    z = dlfs.zeros(rng, (3, 4), dtype)
+    assert z.dtype == dtype and z.shape == (3, 4) and _positive_zero(z)
+    layers = [
+        dlfs.conv2d(2, 3, padding="same"),
+        dlfs.batch_norm(),
+        dlfs.Flatten(),
+        dlfs.dense(4),
+        dlfs.batch_norm(),
+        dlfs.dense(2),
+    ]
+    net = dlfs.network(0, (1, 4, 4), layers, dlfs.MeanSquaredError(), dtype=dtype)
+    conv, bn2d, _, dense, bn, _ = net.layers
+    for a in (conv.b, dense.b, bn2d.beta, bn2d.mean, bn.beta, bn.mean):
+        assert a.dtype == dtype and _positive_zero(a)
+    assert np.array_equal(bn.var, np.ones(4)) and np.array_equal(bn.gamma, np.ones(4))
+    rnn, lstm, gru = (cls.init(0, 3, 2, dtype=dtype) for cls in (dlfs.RNN, dlfs.LSTM, dlfs.GRU))
+    assert all(_positive_zero(b) for b in (rnn.b, gru.b, gru.b_hn, lstm.b[:2], lstm.b[4:]))
+    assert np.array_equal(lstm.b[2:4], np.ones(2))  # the forget gate's bias starts at 1
+    for layer in (rnn, lstm, gru):  # the zero initial state
+        assert all(_positive_zero(s) for s in layer._zeros(2))
+    params = net.params()
+    for opt in (dlfs.Momentum(), dlfs.AdaGrad(), dlfs.RMSProp(), dlfs.Adam()):
+        for slot in opt.init(params).slots:
+            assert all(_positive_zero(a) for layer in slot for a in layer)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -2931,6 +3061,31 @@ def test_scan_state_and_forward_agree(kind, dtype):
         (dx, *_parts(kind, d0), *grads), (again[0], *_parts(kind, again[1]), *again[2])
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_backward_scan_refuses_no_gradient_at_all():
+    """dys and dstate may not both be None, nor may an LSTM's dstate be (None, None):
+    zero gradients from no upstream gradient would hide a caller's bug.  One part of
+    the pair is enough."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    for cls, nothing in [
+        (dlfs.RNN, None),
+        (dlfs.GRU, None),
+        (dlfs.LSTM, None),
+        (dlfs.LSTM, (None, None)),
+    ]:
+        layer = cls.init(0, 4, 5)
+        _, _, cache = layer.scan(x)
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"backward_scan needs dys or dstate, got dys=None and dstate={nothing!r}"
+            ),
+        ):
+            layer.backward_scan(cache, None, nothing)
+    dh = np.ones((2, 5), np.float32)
+    dx, (_, dc0), _ = dlfs.LSTM.init(0, 4, 5).backward_scan(cache, None, (None, dh))
+    assert dx.shape == x.shape and np.abs(dx).sum() > 0 and dc0.shape == (2, 5)
 
 
 @pytest.mark.parametrize("kind", _KINDS)
@@ -3538,26 +3693,6 @@ def test_conv_and_pool_empty_batch():
         assert all(g.shape == p.shape and not g.any() for g, p in zip(grads, layer.params()))
 
 
-@pytest.mark.parametrize("gemm_small", [100, 1000])  # per sample 9 * 16 = 144: large; small
-def test_conv_forward_and_backward_share_one_thread_rule(monkeypatch, gemm_small):
-    """A layer whose GEMMs are large (OpenBLAS's threads) runs them on one dlfs
-    thread, forward and backward alike; small ones are shared by dlfs's threads."""
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
-    flags = []
-    in_parallel = dlfs._in_parallel
-    monkeypatch.setattr(
-        dlfs,
-        "_in_parallel",
-        lambda run, chunks, threads=True: (
-            flags.append(threads) or in_parallel(run, chunks, threads)
-        ),
-    )
-    conv = dlfs.Conv2D.init(0, 1, 1, 3, dtype=np.float64)  # w: 9 entries; 6x6 -> 4x4
-    y, cache, _ = conv.forward(np.random.default_rng(0).standard_normal((2, 1, 6, 6)))
-    conv.backward(cache, np.ones_like(y))
-    assert flags == [gemm_small >= 144] * 2
-
-
 def test_conv_param_grads_skip_the_input_gradient(monkeypatch):
     """_param_grads (a network's first layer) gives backward's (dw, db) bit for
     bit without computing dx (no col2im)."""
@@ -3713,86 +3848,45 @@ def test_pool_window_wider_than_the_input_is_refused():
             pool.forward(x)
 
 
-# ---------- threads and GEMM blocks: the same bits however the work is split
+# ---------- GEMM chunks and patch blocks: only the order of sums changes
+
+
+def test_dlfs_starts_no_thread_of_its_own():
+    """Convolutions, pools and ReLU run on the calling thread (numpy's BLAS has
+    its own threads): a CNN's training steps start no Python thread."""
+    net = _small_cnn()
+    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
+    y = np.random.default_rng(1).integers(0, net.output_shape[0], 12)
+    before = threading.enumerate()
+    state = dlfs.TrainState.create(net, dlfs.SGD(0.01))
+    functools.reduce(dlfs.train_step, [(x, y)] * 2, state)
+    _cnn_pass(net, x)
+    assert threading.enumerate() == before
 
 
 @pytest.mark.parametrize(
     ("gemm_small", "gemm_large"),
-    [(None, None), (5000, None), (100, 20000)],  # default; a chunk per sample; "large" pieces
+    [(5000, None), (100, 20000)],  # a chunk per sample; "large"
 )
-def test_threads_give_bit_identical_results(monkeypatch, restore_threads, gemm_small, gemm_large):
-    """Convolutions and pools split the batch over threads in pieces fixed by the
-    shapes: the thread count never changes a bit of the results."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)  # pools: a chunk per sample, shared by threads
-    if gemm_small:
-        monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
-    if gemm_large:
-        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
-    net = _threads_cnn()
-    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
-    runs = []
-    for n in (1, 2, 3):
-        dlfs.set_num_threads(n)
-        assert dlfs.get_num_threads() == n
-        runs.append(_cnn_pass(net, x))
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run, strict=True):
-            assert a.dtype == b.dtype and np.array_equal(a, b)
-
-
-def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, restore_threads):
-    dlfs.set_num_threads(2)
-    net = _threads_cnn()
+def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, gemm_small, gemm_large):
+    net = _small_cnn()
     x = np.random.default_rng(3).standard_normal((12, 2, 8, 8))
     whole = _cnn_pass(net, x)
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 5000)  # one chunk per sample
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
+    if gemm_large:
+        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
     for a, b in zip(whole, _cnn_pass(net, x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("padding", ["same", 1, "valid"])
-def test_conv_gradients_in_chunks_and_threads(monkeypatch, restore_threads, padding):
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample, shared by threads
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)
-    dlfs.set_num_threads(3)
+def test_conv_gradients_in_chunks(monkeypatch, padding):
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample
     conv = dlfs.Conv2D.init(1, 2, 3, 3, padding=padding, bias_init=dlfs.normal, dtype=np.float64)
     x = np.random.default_rng(4).standard_normal((5, 2, 6, 7))
     dlfs.check_layer(conv, x)
     pool = dlfs.MaxPool2D(2)
     dlfs.check_layer(pool, _conv_distinct((5, 2, 6, 7), 4))
-
-
-def test_set_num_threads_bad_input(restore_threads):
-    for bad in (0, -1):
-        with pytest.raises(ValueError, match="n must be >= 1"):
-            dlfs.set_num_threads(bad)
-    for bad in (1.5, "2", True, None):
-        with pytest.raises(TypeError, match="n must be an int"):
-            dlfs.set_num_threads(bad)
-    assert dlfs.get_num_threads() >= 1
-
-
-def test_threads_from_environment_and_clean_exit():
-    """DLFS_NUM_THREADS sets the default, which is 1 without it (BLAS's threads do
-    the parallel work); a bad value is a clear error; a process that used the
-    pool exits at once (its threads never keep it alive)."""
-    script = (
-        "import numpy as np, dlfs\n"
-        "print(dlfs.get_num_threads())\n"
-        "x = np.ones((8, 1, 6, 6))\n"
-        "dlfs.MaxPool2D(2).forward(x)\n"
-    )
-    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=HERE)
-    done = run([sys.executable, "-c", script], env={**os.environ, "DLFS_NUM_THREADS": "3"})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3"]
-    unset = {k: v for k, v in os.environ.items() if k != "DLFS_NUM_THREADS"}
-    default = run([sys.executable, "-c", script], env=unset)
-    assert default.returncode == 0, default.stderr
-    assert default.stdout.split() == ["1"]
-    bad = run([sys.executable, "-c", "import dlfs"], env={**os.environ, "DLFS_NUM_THREADS": "two"})
-    assert bad.returncode != 0
-    assert "DLFS_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
 
 
 def test_conv_patch_blocks_of_unequal_size(monkeypatch):
@@ -4215,6 +4309,29 @@ def test_network_backward_gives_the_input_gradient():
     dy = np.ones_like(y)
     dx, grads = net.backward(caches, dy)
     assert dx.shape == x.shape and [len(g) for g in grads] == [2, 0, 2, 2, 0]
+
+
+@pytest.mark.parametrize("last", [dlfs.ReLU(), dlfs.Tanh(), dlfs.Flatten(), dlfs.Dropout(0.5)])
+def test_network_backward_refuses_a_dy_of_another_dtype(monkeypatch, last):
+    """Network.backward checks dy's dtype against the network's before any layer
+    runs: float16 and integer dy are refused (not upcast or truncated), and so is
+    float64 for a float32 network, whatever the last layer (these four would not)."""
+    net = dlfs.network(0, 2, [dlfs.dense(3), last], dlfs.MeanSquaredError())
+    y, caches, _ = net.forward(np.ones((4, 2), np.float32), dlfs.train_context(0))
+    dense_backward, reached = dlfs.Dense.backward, []
+    monkeypatch.setattr(dlfs.Dense, "backward", lambda *a: reached.append(1) or dense_backward(*a))
+    for dtype in (np.float16, np.int64, np.int8):
+        with pytest.raises(
+            TypeError, match=rf"dy must be a float32 or float64 array, got dtype {np.dtype(dtype)}"
+        ):
+            net.backward(caches, np.ones(y.shape, dtype))
+    with pytest.raises(
+        TypeError, match=r"dy must have dtype float32 \(the network's\), got float64"
+    ):
+        net.backward(caches, np.ones(y.shape))
+    assert reached == []  # refused before the layers
+    dx, _ = net.backward(caches, np.ones(y.shape, np.float32))
+    assert dx.dtype == np.float32 and reached == [1]
 
 
 def test_network_prediction_helpers_at_their_edges():
@@ -4854,46 +4971,6 @@ def test_an_interrupt_in_a_steps_cleanup_leaves_recycling_working():
     dlfs._let_go_step_buffers()
 
 
-def test_set_num_threads_while_another_thread_trains():
-    """set_num_threads may shut the pool down while another thread's convolution
-    hands out work: that thread finishes the work itself, with the same bits."""
-    layers = [
-        dlfs.conv2d(8, 3, padding="same", activation=dlfs.ReLU()),
-        dlfs.Flatten(),
-        dlfs.dense(3),
-    ]
-    net = dlfs.network(5, (1, 12, 12), layers, dlfs.SoftmaxCrossEntropy())
-    batches = _speed_batches(net, 5, 256, 2) * 20  # big enough for the pool to share work
-    before = dlfs.get_num_threads()
-    errors, done = [], threading.Event()
-
-    def train():
-        try:
-            state = dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
-            results.append(functools.reduce(dlfs.train_step, batches, state))
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            done.set()
-
-    results: list = []
-    try:
-        dlfs.set_num_threads(2)
-        worker = threading.Thread(target=train)
-        worker.start()
-        while not done.is_set():
-            dlfs.set_num_threads(1)
-            dlfs.set_num_threads(2)
-        worker.join()
-    finally:
-        dlfs.set_num_threads(before)
-    assert errors == []
-    alone = functools.reduce(
-        dlfs.train_step, batches, dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
-    )
-    _assert_same_net(results[0].net, alone.net)
-
-
 @settings(max_examples=15, deadline=None)
 @given(seed=SEEDS, n=SIZES, loss=st.sampled_from(["mse", "sce"]), dtype=DTYPES, conv=st.booleans())
 def test_in_place_work_never_touches_the_callers_arrays(seed, n, loss, dtype, conv):
@@ -5072,41 +5149,20 @@ def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm(size):
             assert not dlfs._all_finite(((tree[0][1],), (a,)))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_relu_in_place_by_chunks_equals_relu(monkeypatch, threads):
-    """ReLU's in-place forward and backward, split by samples over threads, give the
-    bits of its plain forward and backward."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 8)
-    dlfs.set_num_threads(threads)
-    try:
-        rng = np.random.default_rng(threads)
-        x = rng.standard_normal((9, 3, 5)).astype(np.float32)
-        dy = rng.standard_normal(x.shape).astype(np.float32)
-        relu = dlfs.ReLU()
-        y, cache, _ = relu.forward(x)
-        dx, _ = relu.backward(cache, dy)
-        y2, cache2, _ = relu._forward_owned(x.copy())
-        dx2, _ = relu._backward_owned(cache2, dy.copy())
-        assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
-    finally:
-        dlfs.set_num_threads(dlfs._threads_from_env())
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows"])
-def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads, threads, layout):
+@pytest.mark.parametrize("row", [8, 512])
+@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows", "2-D"])
+def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, row, layout):
     """ReLU's in-place work runs along the memory of its arrays (a convolution's
-    channel-major output as contiguous rows), in chunks over threads: the same
-    bits as the plain forward and backward, whatever the layout."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 16)
-    monkeypatch.setattr(dlfs, "_ROW", 8)
-    dlfs.set_num_threads(threads)
-    rng = np.random.default_rng(threads)
+    channel-major output as contiguous rows): the same bits as the plain forward
+    and backward, whatever the layout."""
+    monkeypatch.setattr(dlfs, "_ROW", row)
+    rng = np.random.default_rng(row)
     base = rng.standard_normal((3, 5, 8, 6)).astype(np.float32)
     views = {
         "channel-major": lambda a: a.transpose(1, 0, 2, 3),
         "strided": lambda a: a[:, :, ::2, :],  # planes with gaps: no contiguous rows
         "rows": lambda a: a,
+        "2-D": lambda a: a.reshape(3, -1),
     }
     x, x_owned = views[layout](base), views[layout](base.copy())
     dy = rng.standard_normal(x.shape[::-1]).astype(np.float32).T  # another memory order
@@ -5120,48 +5176,14 @@ def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads,
     assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
 
 
-def test_in_parallel_runs_each_group_once_results_in_order(restore_threads):
-    """Threads claim groups as they come free: every group runs exactly once, the
-    results come back in group order, an error reaches the caller, and the pool
-    still works after it; without ``threads`` all runs on the calling thread."""
-    dlfs.set_num_threads(3)
-    groups = [[slice(i, i + 1)] for i in range(24)]
-    seen: list[int] = []
-
-    def run(group: list[slice]) -> int:
-        seen.append(group[0].start)
-        time.sleep(0.0005)
-        return 2 * group[0].start
-
-    assert dlfs._in_parallel(run, groups) == [2 * i for i in range(24)]
-    assert sorted(seen) == list(range(24))
-
-    def fails(group: list[slice]) -> int:
-        if group[0].start == 5:
-            raise KeyError("boom")
-        return 0
-
-    with pytest.raises(KeyError, match="boom"):
-        dlfs._in_parallel(fails, groups)
-    assert dlfs._in_parallel(run, groups[:3]) == [0, 2, 4]
-    caller = threading.get_ident()
-    assert dlfs._in_parallel(lambda g: threading.get_ident(), groups, threads=False) == [
-        caller
-    ] * len(groups)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [64, 1 << 18])
 @pytest.mark.parametrize("layout", ["channel-major", "rows"])
 @pytest.mark.parametrize("size", [2, (2, 3), 3])
-def test_tiled_max_pool_equals_a_plain_reference(
-    monkeypatch, restore_threads, threads, layout, size
-):
-    """A pool whose stride is its size deinterleaves its windows (by blocks, over
-    threads): its max and its first-maximum offsets are numpy's max and argmax
+def test_tiled_max_pool_equals_a_plain_reference(monkeypatch, block, layout, size):
+    """A pool whose stride is its size deinterleaves its windows (by blocks of
+    samples): its max and its first-maximum offsets are numpy's max and argmax
     over each window, ties included, incomplete windows dropped."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 32)
-    monkeypatch.setattr(dlfs, "_BLOCK", 64)
-    dlfs.set_num_threads(threads)
+    monkeypatch.setattr(dlfs, "_BLOCK", block)
     rng = np.random.default_rng(7)
     base = rng.integers(0, 3, (4, 5, 7, 8)).astype(np.float32)  # many ties
     x = base.transpose(1, 0, 2, 3) if layout == "channel-major" else base
@@ -5803,15 +5825,23 @@ def test_progress_one_bar_with_running_loss_and_validation():
         def close(self):
             self.closed = True
 
-    dlfs.fit(
+    _, history = dlfs.fit(
         _i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y), progress=Bar, **_I11_KW
     )
     (bar,) = bars
     assert (bar.total, bar.n, bar.closed, bar.desc) == (15, 15, True, "fit")
     assert list(bar.postfix[0]) == ["epoch", "loss"] and bar.postfix[0]["epoch"] == "1/3"
     assert list(bar.postfix[-1]) == ["epoch", "loss", "val_loss", "val_accuracy"]
-    assert bar.postfix[-1]["epoch"] == "3/3"
-    float(bar.postfix[-1]["loss"]), float(bar.postfix[-1]["val_accuracy"])
+    # 5 steps, then the epoch's own figures, per epoch; the next epoch's steps keep
+    # showing the last evaluation's values
+    assert len(bar.postfix) == 18
+    for e, record in enumerate(history.records, 1):
+        shown = {"val_loss": f"{record.val_loss:.4g}", "val_accuracy": f"{record.val_metric:.4g}"}
+        end = {"epoch": f"{e}/3", "loss": f"{record.train_loss:.4g}", **shown}
+        assert bar.postfix[6 * e - 1] == end
+        for step in bar.postfix[6 * e : 6 * e + 5]:
+            assert step["epoch"] == f"{e + 1}/3" and step["val_loss"] == shown["val_loss"]
+            assert step["val_accuracy"] == shown["val_accuracy"]
 
 
 def test_progress_true_uses_tqdm_auto_or_prints_a_line_per_epoch(monkeypatch, capsys):
@@ -6539,6 +6569,54 @@ def test_sync_state_running_mean_equals_one_process_with_equal_shards():
     assert not np.allclose(bn.var, one.var, rtol=1e-3)
 
 
+def test_sync_state_running_mean_is_one_process_only_before_any_batch_norm_or_dropout():
+    """With lr 0 (the same parameters in both runs) and equal shards of 5 + 5: the first
+    BatchNorm's synced running mean is one process's; the second one's is what
+    sync_state promises instead, the ranks' average of their shards' means of its
+    input as each rank computed it (after the first BatchNorm normalised each shard
+    by its own statistics), and not one process's."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((40, 5)) * 2 + 1, rng.integers(0, 3, 40)
+    layers = [dlfs.dense(6), dlfs.batch_norm(), dlfs.dense(4, dlfs.Tanh()), dlfs.batch_norm()]
+    net = dlfs.network(
+        3, (5,), [*layers, dlfs.dense(3)], dlfs.SoftmaxCrossEntropy(), dtype=np.float64
+    )
+    bns = [i for i, layer in enumerate(net.layers) if isinstance(layer, dlfs.BatchNorm)]
+
+    def train(comm=None):
+        sgd = dlfs.SGD(0.0)
+        opt = sgd if comm is None else dlfs.chain(dlfs.AllReduce(comm), sgd)
+        step = (
+            dlfs.train_step
+            if comm is None
+            else functools.partial(dlfs.data_parallel_step, comm=comm)
+        )
+        state = functools.reduce(
+            step, dlfs.batches(x, y, 10, key=1), dlfs.TrainState.create(net, opt)
+        )
+        return state.net if comm is None else dlfs.sync_state(state.net, comm)
+
+    one, synced = train(), _run_ranks(2, train)[0][0]
+    means = [net.layers[i].mean for i in bns]
+    for xb, _ in dlfs.batches(x, y, 10, key=1):
+        per_shard = []
+        for h in (xb[:5], xb[5:]):
+            inputs = []
+            for layer in net.layers[: bns[-1] + 1]:
+                inputs.append(h)
+                h = layer.forward(h, dlfs.train_context(0))[0]
+            per_shard.append([inputs[i].mean(axis=0) for i in bns])
+        means = [0.9 * m + 0.1 * (a + b) / 2 for m, a, b in zip(means, *per_shard)]
+    first, second = (synced.layers[i].mean for i in bns)
+    np.testing.assert_allclose(first, one.layers[bns[0]].mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(first, means[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(second, means[1], rtol=1e-12, atol=1e-14)
+    gap = np.abs(second - one.layers[bns[1]].mean).max() / np.abs(one.layers[bns[1]].mean).max()
+    assert gap > 0.1  # here about 1.7: the second BatchNorm sees per-shard normalised input
+    doc = " ".join(dlfs.sync_state.__doc__.split())
+    assert "no BatchNorm or Dropout before it" in doc
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step():
     """Only rank 1's shard (rows 5..9) holds a bad row, yet both ranks raise at step 0
     instead of rank 0 waiting in the next all-reduce: a NaN input, and a target so large
@@ -6590,6 +6668,27 @@ def test_data_parallel_step_rejects_bad_input():
     assert math.isnan(dlfs.global_mean_loss(state, comm))
     assert dlfs.sync_state(net, comm) is net  # no state to average: no Allreduce
     assert [[b.dtype for b in bufs] for bufs in comm.group["sent"]] == [[np.float64]]
+
+
+def test_steps_given_a_network_instead_of_a_train_state_say_how_to_make_one():
+    net, x, y = _dp_problem("mlp", n=10)
+    comm = _ThreadComm(_comm_group(1), 0)
+    calls = {
+        "train_step": lambda s: dlfs.train_step(s, (x, y)),
+        "train_epoch": lambda s: dlfs.train_epoch(s, [(x, y)]),
+        "data_parallel_step": lambda s: dlfs.data_parallel_step(s, (x, y), comm),
+        "global_mean_loss": lambda s: dlfs.global_mean_loss(s, comm),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError) as err:
+            call(net)
+        assert str(err.value) == (
+            "state must be a dlfs.TrainState, got Network: make one with "
+            "dlfs.TrainState.create(net, optimizer)"
+        ), name
+        with pytest.raises(TypeError, match=r"^state must be a dlfs\.TrainState, got tuple$"):
+            call((net, dlfs.SGD()))
+    assert comm.group["sent"] == [[]]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -6731,6 +6830,55 @@ def test_fit_with_comm_averages_batch_norm_statistics_every_epoch():
     want, _ = _run_ranks(2, by_hand)
     _assert_same_net(results[0][0], want[0])
     assert not np.array_equal(want[0].layers[2].mean, net.layers[2].mean)  # it trained
+
+
+def test_data_parallel_batch_norm_one_row_shards_are_refused_before_the_first_step():
+    # 50 rows in batches of 16 on 2 ranks: the last batch of 2 gives each rank 1 row;
+    # every rank refuses before training, as one process refuses a batch of 1
+    net, x, y = _dp_problem("bn", n=50)
+    calls = []
+    with pytest.raises(ValueError) as err:
+        _fit_on_ranks(2, net, x, y, epochs=1, batch_size=16, callback=calls.append)
+    assert calls == [] and str(err.value) == (
+        "layers[2] (BatchNorm) must see at least 2 rows in each training batch on every rank, "
+        "but 50 rows in batches of 16 leave a batch of 2, whose shards on 2 ranks have as few "
+        "as 1: pass drop_last=True to fit (it skips that batch), or pick another batch_size"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"16 rows in batches of 3 leave a batch of 1, whose .*"
+        r"3 ranks have as few as 1: use batch_size >= 6",
+    ):
+        _fit_on_ranks(3, net, x[:16], y[:16], epochs=1, batch_size=3)
+    for size, batch_size in ((2, 17), (3, 8)):  # last batches of 16 and 2: shards of >= 2 rows
+        results, _ = _fit_on_ranks(
+            size, net, x, y, epochs=1, batch_size=batch_size, drop_last=size == 3
+        )
+        _assert_ranks_agree(results)
+
+    # data_parallel_step alone: a batch of 3 on 2 ranks (shards of 2 and 1) fails on both
+    # ranks before the all-reduce, instead of rank 0 waiting there for rank 1
+    def step(comm):
+        state = dlfs.TrainState.create(net, _dp_optimizer(comm), key=7)
+        with pytest.raises(
+            ValueError,
+            match=r"layers\[2\] \(BatchNorm\) must see at least 2 rows "
+            r"on every rank, but a batch of 3 on 2 ranks has shards of 1: use "
+            r"batches of at least 4 rows",
+        ):
+            dlfs.data_parallel_step(state, (x[:3], y[:3]), comm)
+        return comm.group["sent"]
+
+    sent, _ = _run_ranks(2, step)
+    assert sent[0] == [[], []]
+    # a BatchNorm after a convolution sees H*W values per channel: one-row shards train
+    cnn = dlfs.network(
+        0, (1, 3, 3), [dlfs.conv2d(2, 2), dlfs.batch_norm(), dlfs.Flatten(), dlfs.dense(1)],
+        dlfs.MeanSquaredError(), dtype=np.float64,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    xi, yi = rng.random((5, 1, 3, 3)), rng.random((5, 1))
+    _assert_ranks_agree(_fit_on_ranks(2, cnn, xi, yi, epochs=1, batch_size=4)[0])
 
 
 def test_fit_with_comm_checks_its_optimizer_comm_and_rank_count(tmp_path):
@@ -7395,6 +7543,42 @@ def test_check_grads_default_directions_and_rtol():
         assert np.linalg.norm(plus - minus) == pytest.approx(2e-6, rel=1e-6)  # unit directions
 
 
+def test_check_grads_default_key_is_0_and_an_error_equal_to_the_tolerance_passes():
+    """Without a key the draws are key 0's (reproducible runs); the test is
+    err <= tol: at a = 0 with eps = 0.5 every step is exact and S = 0, so the
+    error is |fl(dy + 1e-3) - dy| exactly, and atol equal to it passes while the
+    next float below fails."""
+    seen = []
+
+    def f(a):
+        return a.copy(), lambda dy: (seen.append(dy) or dy + 1e-3,)
+
+    a, kw = np.zeros(1), dict(eps=0.5, rtol=0.0, directions=1)
+    err = dlfs.check_grads(f, [a], atol=1.0, **kw)
+    assert seen[-1] == dlfs.make_rng(0).standard_normal(1)  # key 0's first draw
+    assert err == abs((seen[-1][0] + 1e-3) - seen[-1][0]) > 0
+    assert dlfs.check_grads(f, [a], key=0, atol=1.0, **kw) == err
+    assert dlfs.check_grads(f, [a], atol=err, **kw) == err  # err == tol: passes
+    with pytest.raises(dlfs.GradientCheckError):
+        dlfs.check_grads(f, [a], atol=float(np.nextafter(err, 0.0)), **kw)
+    dlfs.check_grads(f, [a], key=1, atol=1.0, **kw)
+    assert seen[-1] != seen[0]  # another key, another dy
+
+
+def test_checkpoint_meta_is_stored_key_sorted(tmp_path):
+    """meta's keys come back sorted at every level, and the stored description does
+    not depend on the order meta's keys were given in."""
+    net = _key_net(0)
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    dlfs.save(one, net, meta={"b": 1, "a": {"z": [1, {"d": 0, "c": 1}], "y": 2}})
+    dlfs.save(two, net, meta={"a": {"y": 2, "z": [1, {"c": 1, "d": 0}]}, "b": 1})
+    meta = dlfs.load(one).meta
+    assert list(meta) == ["a", "b"] and list(meta["a"]) == ["y", "z"]
+    assert list(meta["a"]["z"][1]) == ["c", "d"]
+    with np.load(one) as a, np.load(two) as b:
+        assert a[dlfs._STRUCTURE].tobytes() == b[dlfs._STRUCTURE].tobytes()
+
+
 # ----- save/load: bit-exact round trips; save refuses what load would refuse
 
 
@@ -7887,6 +8071,88 @@ def test_stale_temp_cleanup_removes_only_this_checkpoints_temp_files(tmp_path):
     left = set(os.listdir(tmp_path))
     assert left == {*others, long_name, folder_like_ours.name}
     assert all((tmp_path / n).read_bytes() == b"stale" for n in others if n != "c.npz")
+
+
+def _key_net(key: int) -> dlfs.Network:
+    return dlfs.network(key, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+
+
+def test_concurrent_saves_from_threads_never_fail_and_the_last_rename_wins(tmp_path, monkeypatch):
+    # a save mid-write (thread 0) while three others save the same path from start to end:
+    # its temporary file is in use, so theirs must leave it; it finishes last and wins
+    path, go = tmp_path / "c.npz", threading.Event()
+
+    def writer(file, arrays):
+        np.savez(file, **arrays)
+        if threading.current_thread().name == "slow":
+            assert go.wait(30)
+
+    monkeypatch.setattr(dlfs, "_write_npz", writer)
+    errors = []
+
+    def save(key):
+        try:
+            dlfs.save(path, _key_net(key))
+        except BaseException as err:  # any failure is the test's failure
+            errors.append(err)
+
+    slow = threading.Thread(target=save, args=(0,), name="slow")
+    slow.start()
+    while len(os.listdir(tmp_path)) < 1:  # its temporary file exists
+        time.sleep(0.001)
+    others = [threading.Thread(target=save, args=(k,)) for k in (1, 2, 3)]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join()
+    go.set()
+    slow.join()
+    assert errors == [] and os.listdir(tmp_path) == ["c.npz"]
+    _assert_same_net(dlfs.load(path).net, _key_net(0))
+    # and free-running: 4 threads x 5 saves, each file complete, no temporary file left
+    monkeypatch.undo()
+    start = threading.Barrier(4)
+
+    def saves(key):
+        start.wait()
+        for _ in range(5):
+            save(key)
+            dlfs.load(path)  # always one complete checkpoint
+
+    threads = [threading.Thread(target=saves, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and os.listdir(tmp_path) == ["c.npz"]
+    net = dlfs.load(path).net
+    assert any(np.array_equal(net.layers[0].w, _key_net(k).layers[0].w) for k in range(4))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: Windows keeps a day-old rule")
+def test_concurrent_saves_from_processes_never_fail_and_the_last_rename_wins(tmp_path):
+    folder, sync = tmp_path / "ckpt", tmp_path / "sync"
+    folder.mkdir()
+    sync.mkdir()
+    path, go = folder / "c.npz", sync / "go"
+
+    def start(key, go_file):
+        args = [sys.executable, "-c", _WAITING_SAVE, str(HERE), str(path), go_file, str(key)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    slow = start(0, str(go))
+    deadline = time.monotonic() + 60
+    while not os.listdir(folder):  # the slow save's temporary file exists: it is writing
+        assert slow.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    others = [start(k, "-") for k in (1, 2, 3)]
+    outs = [p.communicate(timeout=120) for p in others]
+    assert [p.returncode for p in others] == [0, 0, 0], outs
+    go.touch()
+    out = slow.communicate(timeout=120)
+    assert slow.returncode == 0, out
+    assert os.listdir(folder) == ["c.npz"]
+    _assert_same_net(dlfs.load(path).net, _key_net(0))
 
 
 def test_name_limit_is_the_file_systems_when_it_gives_one(monkeypatch, tmp_path):
