@@ -1551,9 +1551,14 @@ class GELU(_NoParams):
         exact form: dx = dy * (Phi(x) + x exp(-x^2/2) / sqrt(2 pi))."""
         if self.approximate == "none":
             x, phi = cache
-            density = np.exp(x * x * x.dtype.type(-0.5))
-            density *= x.dtype.type(1 / math.sqrt(2 * math.pi))
-            return dy * (phi + x * density), ()
+            dx = x * x  # one array, in place: exp(-x^2/2) / sqrt(2 pi) x + Phi, times dy
+            dx *= x.dtype.type(-0.5)
+            np.exp(dx, out=dx)
+            dx *= x.dtype.type(1 / math.sqrt(2 * math.pi))
+            dx *= x
+            dx += phi
+            dx *= dy
+            return dx, ()
         x, s, c = cache
         du = (1 + 3 * 0.044715 * x * x) * (2 * _SQRT_2_OVER_PI)
         return dy * (s + x * s * c * du), ()
@@ -3613,16 +3618,17 @@ class SelfAttention(_ArrayRecord):
         dy_rows = _matrix(dy)
         do = _heads(np.dot(dy_rows, self.w_o.T).reshape(n, t, d), self.n_heads)
         a_kept = a if mask is None else a * mask
-        dqkv = np.empty((n, t, 3 * d), x.dtype)
-        _heads(dqkv[:, :, 2 * d :], self.n_heads)[...] = np.matmul(a_kept.transpose(0, 1, 3, 2), do)
+        dqkv = np.empty((n, t, 3 * d), x.dtype)  # dq, dk, dv written in place, head by head
+        dq, dk, dv = (_heads(dqkv[:, :, i * d : (i + 1) * d], self.n_heads) for i in range(3))
+        np.matmul(a_kept.transpose(0, 1, 3, 2), do, out=dv)
         da = np.matmul(do, v.transpose(0, 1, 3, 2))
         if mask is not None:
             da *= mask
         da -= np.add.reduce(da * a, axis=-1, keepdims=True)
         da *= a  # dS; entries hidden by the mask have A = 0, so no gradient
-        scale = x.dtype.type(1 / math.sqrt(d // self.n_heads))
-        _heads(dqkv[:, :, :d], self.n_heads)[...] = np.matmul(da, k) * scale
-        _heads(dqkv[:, :, d : 2 * d], self.n_heads)[...] = np.matmul(da.transpose(0, 1, 3, 2), q)
+        np.matmul(da, k, out=dq)
+        dq *= x.dtype.type(1 / math.sqrt(d // self.n_heads))
+        np.matmul(da.transpose(0, 1, 3, 2), q, out=dk)
         dqkv_rows = _matrix(dqkv)
         grads = [np.dot(_matrix(x).T, dqkv_rows)]
         if self.b_qkv is not None:
@@ -5759,17 +5765,40 @@ def _adam_step(
     opt: Any, lr: float, grads: NetParams, state: OptState, params: NetParams
 ) -> tuple[NetParams, OptState]:
     """Adam's moments and step: p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
-    b1, b2, t = opt.b1, opt.b2, state.count + 1
-    m = _tree_map(lambda m, g: m * b1 + g * (1 - b1), state.slots[0], grads)
-    v = _tree_map(lambda v, g: v * b2 + g * g * (1 - b2), state.slots[1], grads)
-    step_size = lr / (1 - b1**t)
-    root_c2 = math.sqrt(1 - b2**t)
-    new = _finish(
-        _tree_map(
-            lambda p, m, v: p - m * step_size / (np.sqrt(v) / root_c2 + opt.eps), params, m, v
-        )
-    )
-    return new, OptState(t, lr, (_finish(m), _finish(v)))
+    t = state.count + 1
+    step_size, root_c2 = lr / (1 - opt.b1**t), math.sqrt(1 - opt.b2**t)
+    new, ms, vs = [], [], []
+    for layer in zip(params, grads, *state.slots):
+        updated = [_adam_array(opt, step_size, root_c2, *arrays) for arrays in zip(*layer)]
+        new.append(tuple(u[0] for u in updated))
+        ms.append(tuple(u[1] for u in updated))
+        vs.append(tuple(u[2] for u in updated))
+    return tuple(new), OptState(t, lr, (tuple(ms), tuple(vs)))
+
+
+def _adam_array(
+    opt: Any,
+    step_size: float,
+    root_c2: float,
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One array's (p, m, v) after the step, read-only: the formula's operations in
+    its order, each in place on a fresh temporary (3 new arrays and 3 scratch, not 13)."""
+    m = m * opt.b1
+    m += g * (1 - opt.b1)
+    v = v * opt.b2
+    g2 = g * g
+    g2 *= 1 - opt.b2
+    v += g2
+    step = np.sqrt(v)
+    step /= root_c2
+    step += opt.eps
+    np.divide(m * step_size, step, out=step)
+    np.subtract(p, step, out=step)
+    return _freeze_new(step), _freeze_new(m), _freeze_new(v)
 
 
 def _beta_field(name: str, default: float) -> Any:
