@@ -60,7 +60,7 @@ def _layer_vs_torch(layer, x: np.ndarray, ref, params: tuple, rng, name: str) ->
 # ------------------------------------------------------------------ LayerNorm
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
     d=st.integers(1, 8),
@@ -127,7 +127,7 @@ def _attention_ref(n_heads: int, causal: bool, bias: bool, explicit: bool):
     return ref
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     n=st.integers(1, 3),
     t=st.integers(1, 7),
@@ -190,9 +190,10 @@ def test_self_attention_maps_to_multihead_attention(causal, bias):
 # ------------------------------------------------- Dense, GELU, positions
 
 
-@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 5), (2, 2, 3, 5)])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 5)])
 def test_dense_without_bias_matches_torch_linear(shape):
-    """Dense(w, None) on (N, ..., D) == F.linear(x, w.T) (nn.Linear(bias=False).weight = w.T)."""
+    """Dense(w, None) on (N, D) and (N, T, D) == F.linear(x, w.T): nn.Linear(bias=False)
+    holds weight = w.T."""
     rng = np.random.default_rng(11)
     w = rng.standard_normal((shape[-1], 7))
     layer = dlfs.Dense(w, None)
@@ -455,3 +456,44 @@ def test_two_layer_gpt_loss_and_every_gradient_match_torch(bias):
     assert len(grads) == 1 and len(grads[0]) == len(names)
     for n, g in zip(names, grads[0]):
         _close(g, torch_layout(n, own[n].grad.numpy()), f"GPT grad of {n}")
+
+
+def test_two_layer_gpt_training_steps_match_torch():
+    """Three ``train_step``s with chain(ClipByGlobalNorm(1), AdamW(weight_decay_mask=
+    "matrices")) == torch.optim.AdamW with nanoGPT's two param groups (decay on
+    ndim >= 2) after clip_grad_norm_(1.0): every step's loss and the final weights."""
+    v, t, d, n_layer, n_heads = 11, 8, 16, 2, 2
+    rng = np.random.default_rng(23)
+    net = _gpt(0, v, t, d, n_layer, n_heads, False)
+    names = gpt_param_names(net)
+    fresh = [
+        (1.0 if p.ndim == 1 else 0.0) + 0.4 * rng.standard_normal(p.shape) for p in net.params()[0]
+    ]
+    net = net.with_params((tuple(fresh),))
+    model = TorchGPT(v, t, d, n_layer, n_heads, False).double()
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, a in zip(names, fresh):
+            own[n].copy_(torch.from_numpy(np.ascontiguousarray(torch_layout(n, a))))
+    lr, wd = 1e-2, 0.1
+    groups = [
+        {"params": [p for p in own.values() if p.dim() >= 2], "weight_decay": wd},
+        {"params": [p for p in own.values() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt_t = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
+    adamw = dlfs.AdamW(lr, b1=0.9, b2=0.99, eps=1e-8, weight_decay=wd, weight_decay_mask="matrices")
+    state = dlfs.TrainState.create(net, dlfs.chain(dlfs.ClipByGlobalNorm(1.0), adamw), key=0)
+    norms = []
+    for _ in range(3):
+        x, y = rng.integers(0, v, (4, t)), rng.integers(0, v, (4, t))
+        before = state.loss_sum
+        state = dlfs.train_step(state, (x, y))
+        loss_t = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss_t.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt_t.step()
+        opt_t.zero_grad(set_to_none=True)
+        _close(np.float64((state.loss_sum - before) / len(x)), loss_t, "GPT step loss")
+    assert max(norms) > 1.0  # the clipping acted
+    for n, p in zip(names, state.net.params()[0]):
+        _close(p, torch_layout(n, own[n].detach().numpy()), f"GPT weight {n} after 3 steps")
