@@ -305,10 +305,19 @@ def _assert_same_net(a: dlfs.Network, b: dlfs.Network) -> None:
     assert a.input_shape == b.input_shape
     assert type(a.loss) is type(b.loss)
     assert _record_config(a.loss) == _record_config(b.loss)
-    assert len(a.layers) == len(b.layers)
-    for la, lb in zip(a.layers, b.layers):
+    _assert_same_layers(a.layers, b.layers)
+
+
+def _assert_same_layers(a: tuple, b: tuple) -> None:
+    """Same layer types, configuration and bit-identical (read-only) arrays; the
+    sub-layers of a Residual or TiedEmbedding alike."""
+    assert len(a) == len(b)
+    for la, lb in zip(a, b):
         assert type(la) is type(lb)
-        assert _record_config(la) == _record_config(lb)
+        if isinstance(la, dlfs._CHAINS):
+            _assert_same_layers(la.layers, lb.layers)
+        config = {k: v for k, v in _record_config(la).items() if k != "layers"}
+        assert config == {k: v for k, v in _record_config(lb).items() if k != "layers"}
         for f in attrs.fields(type(la)):
             u, v = getattr(la, f.name), getattr(lb, f.name)
             if isinstance(u, np.ndarray):
@@ -4877,6 +4886,25 @@ def test_sgd_writes_into_gradients_only_when_told_they_are_its_own():
     assert all(a.tobytes() == b.tobytes() for a, b in zip(owned[0], new[0]))
 
 
+def _tiny_gpt(
+    norm: object = None, attention: object = None, dtype: object = np.float32, vocab: int = 7
+) -> dlfs.Network:
+    """A 1-block pre-LN GPT on ids (N, 6): tied embedding, positions, attention and
+    an MLP in residual blocks (bias-free by default), a final LayerNorm."""
+    norm = norm or dlfs.layer_norm(bias=False)
+    attention = attention or dlfs.self_attention(2, bias=False)
+    mlp = [norm, dlfs.dense(16, dlfs.GELU("none"), bias=False), dlfs.dense(8, bias=False)]
+    body = [
+        dlfs.positional_embedding(6),
+        dlfs.residual([norm, attention]),
+        dlfs.residual(mlp),
+        norm,
+    ]
+    return dlfs.network(
+        0, (6,), [dlfs.tied_embedding(vocab, 8, body)], dlfs.SoftmaxCrossEntropy(), dtype=dtype
+    )
+
+
 def test_renewed_networks_equal_with_params():
     """``_renew`` (no checks, no copies) builds what ``with_params`` builds, for every
     kind of layer with parameters, whose ``_PARAMS`` name params() in order."""
@@ -4899,10 +4927,15 @@ def test_renewed_networks_equal_with_params():
             ],
             dlfs.MeanSquaredError(),
         ),
+        _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2)),  # with biases
+        _tiny_gpt(),  # without: params() holds the present arrays only
     ]
     for net in nets:
-        for layer in net.layers:
+        for layer in dlfs._all_layers(net.layers):
+            if isinstance(layer, dlfs._CHAINS):
+                continue
             fields = tuple(getattr(layer, name) for name in getattr(layer, "_PARAMS", ()))
+            fields = tuple(a for a in fields if a is not None)
             assert len(fields) == len(layer.params())
             assert all(a is b for a, b in zip(fields, layer.params()))
         new = dlfs._tree_map(lambda p: dlfs._freeze_new(p * 2), net.params())
@@ -4918,6 +4951,10 @@ def test_renewed_networks_equal_with_params():
                 dlfs.RNN,
                 dlfs.LSTM,
                 dlfs.GRU,
+                dlfs.LayerNorm,
+                dlfs.SelfAttention,
+                dlfs.PositionalEmbedding,
+                dlfs.TiedEmbedding,
             )
         )
 
@@ -6718,6 +6755,7 @@ def test_records_with_array_fields_are_array_records():
     for cls in (*dlfs._SAVABLE_LAYERS, dlfs.OptState):
         types = [str(f.type) for f in attrs.fields(cls)]
         holds_arrays = any("ndarray" in t or "NetParams" in t for t in types)
+        holds_arrays |= cls in dlfs._CHAINS  # layers of arrays
         assert holds_arrays == issubclass(cls, dlfs._ArrayRecord), cls.__name__
 
 
