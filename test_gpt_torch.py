@@ -5,7 +5,8 @@ PositionalEmbedding, Residual and TiedEmbedding; the documented mapping to
 ``nn.MultiheadAttention``; and a whole 2-layer GPT (loss and every gradient)
 against a nanoGPT-style ``nn.Module`` built from the same weights.
 
-Skipped where torch is not installed (``pip install -e '.[bench]'``).
+Each test skips where torch is not installed (``pip install -e '.[bench]'``); nothing
+imports torch at module level, so the tests can move into test_dlfs.py as they are.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from hypothesis import strategies as st
 
 import dlfs
 
-torch = pytest.importorskip("torch", reason="the PyTorch comparisons need torch")
-F = torch.nn.functional
 TOL = 1e-10
+
+
+def _torch():
+    """torch, or skip the calling test (each test asks: no module-level import)."""
+    return pytest.importorskip("torch", reason="the PyTorch comparisons need torch")
 
 
 def _close(ours, theirs, what: str) -> float:
     """|ours - theirs| <= 1e-10 * max(1, max|theirs|) elementwise; returns the max error."""
-    theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs)
+    theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
     ours = np.asarray(ours)
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != torch's {theirs.shape}"
     err = float(np.abs(ours - theirs).max()) if ours.size else 0.0
@@ -33,19 +37,19 @@ def _close(ours, theirs, what: str) -> float:
     return err
 
 
-def _t(a: np.ndarray, grad: bool = True):
+def _t(torch, a: np.ndarray, grad: bool = True):
     return torch.tensor(np.array(a), dtype=torch.float64, requires_grad=grad)
 
 
-def _layer_vs_torch(layer, x: np.ndarray, ref, params: tuple, rng, name: str) -> None:
+def _layer_vs_torch(torch, layer, x: np.ndarray, ref, params: tuple, rng, name: str) -> None:
     """dlfs layer on x against ``ref(x_t, *params_t)``: output, dx and every grad.
 
     ``params``: the layer's arrays in ``layer.params()``'s order and dlfs's layout
     (``ref`` transposes where torch's layout differs), so torch's gradients compare
     with dlfs's as they are."""
     y, cache, _ = layer.forward(x)
-    xt = _t(x)
-    pt = [_t(p) for p in params]
+    xt = _t(torch, x)
+    pt = [_t(torch, p) for p in params]
     yt = ref(xt, *pt)
     _close(y, yt, f"{name} output")
     dy = rng.standard_normal(y.shape)
@@ -69,6 +73,8 @@ def _layer_vs_torch(layer, x: np.ndarray, ref, params: tuple, rng, name: str) ->
 @pytest.mark.parametrize(("scale", "bias"), [(True, True), (True, False), (False, False)])
 def test_layer_norm_matches_torch(scale, bias, lead, d, seed):
     """dlfs.LayerNorm over the last axis == F.layer_norm(x, (D,), gamma, beta, 1e-5)."""
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(seed)
     layer = dlfs.LayerNorm.init(d, scale=scale, bias=bias, dtype=np.float64)
     fresh = [
@@ -83,11 +89,12 @@ def test_layer_norm_matches_torch(scale, bias, lead, d, seed):
         beta = ps[-1] if bias else None
         return F.layer_norm(xt, (d,), gamma, beta, 1e-5)
 
-    _layer_vs_torch(layer, x, ref, tuple(fresh), rng, "LayerNorm")
+    _layer_vs_torch(torch, layer, x, ref, tuple(fresh), rng, "LayerNorm")
 
 
 def test_layer_norm_module_mapping():
     """nn.LayerNorm(D, bias=False).weight is gamma (nanoGPT's LayerNorm without bias)."""
+    torch = _torch()
     rng = np.random.default_rng(3)
     d = 6
     gamma = rng.standard_normal(d)
@@ -102,8 +109,10 @@ def test_layer_norm_module_mapping():
 # -------------------------------------------------------------- SelfAttention
 
 
-def _attention_ref(n_heads: int, causal: bool, bias: bool, explicit: bool):
+def _attention_ref(torch, n_heads: int, causal: bool, bias: bool, explicit: bool):
     """torch: qkv = x W_qkv (+b), heads of D/H, softmax(q k^T / sqrt(D/H)) v, y = O W_o (+b)."""
+
+    F = torch.nn.functional
 
     def ref(xt, *ps):
         if bias:
@@ -140,6 +149,7 @@ def _attention_ref(n_heads: int, causal: bool, bias: bool, explicit: bool):
 def test_self_attention_matches_torch(causal, bias, n, t, n_heads, head_dim, seed):
     """SelfAttention == nanoGPT's CausalSelfAttention computed by torch (its
     scaled_dot_product_attention, and the explicit masked softmax), output and grads."""
+    torch = _torch()
     rng = np.random.default_rng(seed)
     d = n_heads * head_dim
     w_qkv, w_o = rng.standard_normal((d, 3 * d)) * 0.7, rng.standard_normal((d, d)) * 0.7
@@ -151,8 +161,8 @@ def test_self_attention_matches_torch(causal, bias, n, t, n_heads, head_dim, see
         np.testing.assert_array_equal(p, q)  # params() order: (w_qkv, b_qkv?, w_o, b_o?)
     x = rng.standard_normal((n, t, d))
     for explicit in (False, True):
-        ref = _attention_ref(n_heads, causal, bias, explicit)
-        _layer_vs_torch(layer, x, ref, params, rng, f"SelfAttention(explicit={explicit})")
+        ref = _attention_ref(torch, n_heads, causal, bias, explicit)
+        _layer_vs_torch(torch, layer, x, ref, params, rng, f"SelfAttention(explicit={explicit})")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -161,6 +171,7 @@ def test_self_attention_maps_to_multihead_attention(causal, bias):
     """The documented mapping: nn.MultiheadAttention(D, H, batch_first=True) with
     in_proj_weight = w_qkv.T, in_proj_bias = b_qkv, out_proj.weight = w_o.T,
     out_proj.bias = b_o, and a causal attn_mask gives dlfs's output (and dx)."""
+    torch = _torch()
     rng = np.random.default_rng(7)
     n, t, d, h = 2, 6, 12, 3
     w_qkv, w_o = rng.standard_normal((d, 3 * d)) * 0.5, rng.standard_normal((d, d)) * 0.5
@@ -174,7 +185,7 @@ def test_self_attention_maps_to_multihead_attention(causal, bias):
             mha.in_proj_bias.copy_(torch.from_numpy(b_qkv))
             mha.out_proj.bias.copy_(torch.from_numpy(b_o))
     x = rng.standard_normal((n, t, d))
-    xt = _t(x)
+    xt = _t(torch, x)
     mask = torch.ones(t, t, dtype=torch.bool).triu(1) if causal else None
     yt, _ = mha(xt, xt, xt, attn_mask=mask, need_weights=False)
     y, cache, _ = layer.forward(x)
@@ -194,11 +205,14 @@ def test_self_attention_maps_to_multihead_attention(causal, bias):
 def test_dense_without_bias_matches_torch_linear(shape):
     """Dense(w, None) on (N, D) and (N, T, D) == F.linear(x, w.T): nn.Linear(bias=False)
     holds weight = w.T."""
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(11)
     w = rng.standard_normal((shape[-1], 7))
     layer = dlfs.Dense(w, None)
     assert len(layer.params()) == 1
     _layer_vs_torch(
+        torch,
         layer,
         rng.standard_normal(shape),
         lambda xt, wt: F.linear(xt, wt.T),
@@ -210,11 +224,16 @@ def test_dense_without_bias_matches_torch_linear(shape):
 
 def test_exact_gelu_matches_torch():
     """GELU(approximate="none") == F.gelu (erf form) over [-40, 40], value and slope."""
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(5)
     x = np.concatenate([np.linspace(-40, 40, 4000), rng.standard_normal(500) * 4])
     x = x.reshape(9, -1)
-    _layer_vs_torch(dlfs.GELU(approximate="none"), x, lambda xt: F.gelu(xt), (), rng, "GELU(none)")
     _layer_vs_torch(
+        torch, dlfs.GELU(approximate="none"), x, lambda xt: F.gelu(xt), (), rng, "GELU(none)"
+    )
+    _layer_vs_torch(
+        torch,
         dlfs.GELU(approximate="tanh"),
         x,
         lambda xt: F.gelu(xt, approximate="tanh"),
@@ -227,11 +246,14 @@ def test_exact_gelu_matches_torch():
 @pytest.mark.parametrize("t", [1, 5, 8])
 def test_positional_embedding_matches_torch(t):
     """x + w[:T] for T <= T_max; the rows of w beyond T get a zero gradient."""
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(t)
     t_max, d = 8, 4
     w = rng.standard_normal((t_max, d))
     ref = lambda xt, wt: xt + F.embedding(torch.arange(xt.shape[1]), wt)  # noqa: E731
     _layer_vs_torch(
+        torch,
         dlfs.PositionalEmbedding(w),
         rng.standard_normal((3, t, d)),
         ref,
@@ -246,6 +268,8 @@ def test_positional_embedding_matches_torch(t):
 
 def test_residual_around_dense_chain_matches_torch():
     """Residual((LayerNorm, Dense, GELU, Dense)) == x + f(x); grads flattened in order."""
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(13)
     d, hidden = 5, 9
     gamma, beta = 1 + 0.3 * rng.standard_normal(d), 0.3 * rng.standard_normal(d)
@@ -264,13 +288,21 @@ def test_residual_around_dense_chain_matches_torch():
         return xt + F.gelu(h @ w1t + b1t) @ w2t
 
     _layer_vs_torch(
-        layer, rng.standard_normal((3, 4, d)), ref, (gamma, beta, w1, b1, w2), rng, "Residual"
+        torch,
+        layer,
+        rng.standard_normal((3, 4, d)),
+        ref,
+        (gamma, beta, w1, b1, w2),
+        rng,
+        "Residual",
     )
 
 
 def test_tied_embedding_matches_torch():
     """TiedEmbedding(w, (LayerNorm,)): logits = LN(w[ids]) w^T; the ONE w gets the
     sum of both uses' gradients, as nanoGPT's wte.weight = lm_head.weight."""
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(17)
     v, d, n, t = 11, 6, 3, 5
     w, gamma = rng.standard_normal((v, d)), 1 + 0.3 * rng.standard_normal(d)
@@ -278,7 +310,7 @@ def test_tied_embedding_matches_torch():
     assert len(layer.params()) == 2
     ids = rng.integers(0, v, (n, t))
     y, cache, _ = layer.forward(ids)
-    wt, gt = _t(w), _t(gamma)
+    wt, gt = _t(torch, w), _t(torch, gamma)
     yt = F.linear(F.layer_norm(F.embedding(torch.from_numpy(ids), wt), (d,), gt, None, 1e-5), wt)
     _close(y, yt, "TiedEmbedding logits")
     dy = rng.standard_normal(y.shape)
@@ -363,62 +395,67 @@ def torch_layout(name: str, a: np.ndarray) -> np.ndarray:
     return a.T if a.ndim == 2 and name.split(".")[-2] in ("c_attn", "c_proj", "c_fc") else a
 
 
-class _Attn(torch.nn.Module):
-    def __init__(self, d, n_heads, bias):
-        super().__init__()
-        self.c_attn = torch.nn.Linear(d, 3 * d, bias=bias)
-        self.c_proj = torch.nn.Linear(d, d, bias=bias)
-        self.n_heads = n_heads
+def _torch_gpt(torch, v: int, t: int, d: int, n_layer: int, n_heads: int, bias: bool):
+    """nanoGPT's GPT (pre-LN, tied wte/lm_head, learned positions, dropout 0) as
+    torch modules with its state_dict names, float64."""
+    F = torch.nn.functional
 
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = (
-            a.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2)
-            for a in self.c_attn(x).split(d, dim=2)
-        )
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(n, t, d))
+    class _Attn(torch.nn.Module):
+        def __init__(self, d, n_heads, bias):
+            super().__init__()
+            self.c_attn = torch.nn.Linear(d, 3 * d, bias=bias)
+            self.c_proj = torch.nn.Linear(d, d, bias=bias)
+            self.n_heads = n_heads
 
-
-class _Block(torch.nn.Module):
-    def __init__(self, d, n_heads, bias):
-        super().__init__()
-        self.ln_1 = torch.nn.LayerNorm(d, bias=bias)
-        self.attn = _Attn(d, n_heads, bias)
-        self.ln_2 = torch.nn.LayerNorm(d, bias=bias)
-        self.mlp = torch.nn.Sequential()
-        self.mlp.add_module("c_fc", torch.nn.Linear(d, 4 * d, bias=bias))
-        self.mlp.add_module("gelu", torch.nn.GELU())
-        self.mlp.add_module("c_proj", torch.nn.Linear(4 * d, d, bias=bias))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TorchGPT(torch.nn.Module):
-    """nanoGPT's GPT (pre-LN, tied wte/lm_head, learned positions), dropout 0."""
-
-    def __init__(self, v, t, d, n_layer, n_heads, bias):
-        super().__init__()
-        self.transformer = torch.nn.ModuleDict(
-            dict(
-                wte=torch.nn.Embedding(v, d),
-                wpe=torch.nn.Embedding(t, d),
-                h=torch.nn.ModuleList(_Block(d, n_heads, bias) for _ in range(n_layer)),
-                ln_f=torch.nn.LayerNorm(d, bias=bias),
+        def forward(self, x):
+            n, t, d = x.shape
+            q, k, v = (
+                a.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                for a in self.c_attn(x).split(d, dim=2)
             )
-        )
-        self.lm_head = torch.nn.Linear(d, v, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(n, t, d))
 
-    def forward(self, idx, targets):
-        tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
-        for block in tr.h:
-            x = block(x)
-        logits = self.lm_head(tr.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    class _Block(torch.nn.Module):
+        def __init__(self, d, n_heads, bias):
+            super().__init__()
+            self.ln_1 = torch.nn.LayerNorm(d, bias=bias)
+            self.attn = _Attn(d, n_heads, bias)
+            self.ln_2 = torch.nn.LayerNorm(d, bias=bias)
+            self.mlp = torch.nn.Sequential()
+            self.mlp.add_module("c_fc", torch.nn.Linear(d, 4 * d, bias=bias))
+            self.mlp.add_module("gelu", torch.nn.GELU())
+            self.mlp.add_module("c_proj", torch.nn.Linear(4 * d, d, bias=bias))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class TorchGPT(torch.nn.Module):
+        """nanoGPT's GPT (pre-LN, tied wte/lm_head, learned positions), dropout 0."""
+
+        def __init__(self, v, t, d, n_layer, n_heads, bias):
+            super().__init__()
+            self.transformer = torch.nn.ModuleDict(
+                dict(
+                    wte=torch.nn.Embedding(v, d),
+                    wpe=torch.nn.Embedding(t, d),
+                    h=torch.nn.ModuleList(_Block(d, n_heads, bias) for _ in range(n_layer)),
+                    ln_f=torch.nn.LayerNorm(d, bias=bias),
+                )
+            )
+            self.lm_head = torch.nn.Linear(d, v, bias=False)
+            self.transformer.wte.weight = self.lm_head.weight
+
+        def forward(self, idx, targets):
+            tr = self.transformer
+            x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
+            for block in tr.h:
+                x = block(x)
+            logits = self.lm_head(tr.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    return TorchGPT(v, t, d, n_layer, n_heads, bias).double()
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -426,6 +463,7 @@ def test_two_layer_gpt_loss_and_every_gradient_match_torch(bias):
     """api22's GPT builder (n_layer=2, D=16, 2 heads, T=8, V=11, float64), every
     weight redrawn at random, against a nanoGPT-style torch model holding the same
     weights: the loss and all gradients agree to 1e-10 (the tied matrix once)."""
+    torch = _torch()
     v, t, d, n_layer, n_heads = 11, 8, 16, 2, 2
     rng = np.random.default_rng(19)
     net = _gpt(0, v, t, d, n_layer, n_heads, bias)
@@ -440,7 +478,7 @@ def test_two_layer_gpt_loss_and_every_gradient_match_torch(bias):
         for n, p in zip(names, net.params()[0])
     ]
     net = net.with_params((tuple(fresh),))
-    model = TorchGPT(v, t, d, n_layer, n_heads, bias).double()
+    model = _torch_gpt(torch, v, t, d, n_layer, n_heads, bias)
     own = dict(model.named_parameters())
     assert sorted(own) == sorted(names)  # the tied matrix is one parameter on both sides
     with torch.no_grad():
@@ -462,6 +500,7 @@ def test_two_layer_gpt_training_steps_match_torch():
     """Three ``train_step``s with chain(ClipByGlobalNorm(1), AdamW(weight_decay_mask=
     "matrices")) == torch.optim.AdamW with nanoGPT's two param groups (decay on
     ndim >= 2) after clip_grad_norm_(1.0): every step's loss and the final weights."""
+    torch = _torch()
     v, t, d, n_layer, n_heads = 11, 8, 16, 2, 2
     rng = np.random.default_rng(23)
     net = _gpt(0, v, t, d, n_layer, n_heads, False)
@@ -470,7 +509,7 @@ def test_two_layer_gpt_training_steps_match_torch():
         (1.0 if p.ndim == 1 else 0.0) + 0.4 * rng.standard_normal(p.shape) for p in net.params()[0]
     ]
     net = net.with_params((tuple(fresh),))
-    model = TorchGPT(v, t, d, n_layer, n_heads, False).double()
+    model = _torch_gpt(torch, v, t, d, n_layer, n_heads, False)
     own = dict(model.named_parameters())
     with torch.no_grad():
         for n, a in zip(names, fresh):
