@@ -2635,6 +2635,103 @@ def test_softmax_small_probabilities_keep_relative_precision(dtype):
                 assert abs(yi) <= tiny
 
 
+def _math_erf(x: np.ndarray) -> np.ndarray:
+    return np.array([math.erf(v) for v in np.asarray(x, np.float64).ravel()]).reshape(x.shape)
+
+
+def _gelu_exact(x: np.ndarray) -> np.ndarray:
+    return dlfs.GELU("none").forward(x)[0]
+
+
+def _gelu_exact_grad(x: np.ndarray) -> np.ndarray:
+    gelu = dlfs.GELU("none")
+    return gelu.backward(gelu.forward(x)[1], np.ones_like(x))[0]
+
+
+def test_erf_float64_matches_math_erf_over_whole_range():
+    """Every interval of the msun method and its bounds, subnormals to huge: within 2 ulp."""
+    x = np.concatenate(
+        [
+            np.linspace(-6.0, 6.0, 120_001),
+            np.array([0.84375, 1.25, 1 / 0.35, 6.0, 2.0**-28]),
+            np.linspace(6.0, 40.0, 1001),
+            np.logspace(-310, 300, 6101),  # down to subnormals, up to huge
+            np.array([5e-324, 1e-320, 2.2250738585072014e-308, 1.7976931348623157e308]),
+        ]
+    )
+    x = np.concatenate([x, -x])
+    want = _math_erf(x)
+    assert (np.abs(dlfs._erf(x) - want) / np.spacing(np.abs(want))).max() <= 2.0
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, width=64))
+def test_erf_float64_matches_math_erf_on_any_float(v):
+    got, want = dlfs._erf(np.array([v]))[0], math.erf(v)
+    assert abs(got - want) <= 2 * np.spacing(abs(want))
+    assert math.copysign(1.0, got) == math.copysign(1.0, want)  # keeps the sign of -0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_erf_special_values_and_odd_symmetry(dtype):
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e30, -1e30], dtype=dtype)
+    y = dlfs._erf(x)
+    np.testing.assert_array_equal(y, np.array([0, 0, 1, -1, np.nan, 1, -1], dtype=dtype))
+    np.testing.assert_array_equal(np.signbit(y[:2]), [False, True])
+    z = np.random.default_rng(0).standard_normal((3, 50)).astype(dtype) * dtype(3)
+    np.testing.assert_array_equal(dlfs._erf(-z), -dlfs._erf(z))
+    assert dlfs._erf(z).dtype == dtype and dlfs._erf(z).shape == z.shape
+
+
+def test_erf_float32_accuracy():
+    """float32's one rational: within 4e-7 absolute, never beyond +-1, relative near 0."""
+    x = np.concatenate(
+        [np.linspace(-5.0, 5.0, 200_001, dtype=np.float32), np.float32([3.8325, 1e-30, 1e-45])]
+    )
+    y = dlfs._erf(x)
+    assert np.abs(y.astype(np.float64) - _math_erf(x)).max() <= 4e-7
+    assert np.abs(y).max() <= 1.0
+    tiny = np.logspace(-30, -4, 1001, dtype=np.float32)
+    assert np.abs(dlfs._erf(tiny).astype(np.float64) / _math_erf(tiny) - 1.0).max() <= 4e-7
+
+
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.1, 1.0, 3.0, 10.0]))
+def test_exact_gelu_matches_a_math_erf_reference(seed, scale):
+    """x Phi(x) in float64 (1 + erf cancels for negative x: the error is relative to
+    max(|x|, 1)); float32 within 4e-7 of it; input untouched, dtype kept."""
+    x = scale * np.random.default_rng(seed).standard_normal((3, 7))
+    want = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.ravel()])
+    want = want.reshape(x.shape)
+    x.setflags(write=False)
+    assert np.all(np.abs(_gelu_exact(x) - want) <= 1e-15 * np.maximum(np.abs(x), 1.0))
+    y32 = _gelu_exact(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    assert np.all(np.abs(y32 - want) <= 4e-7 * np.maximum(np.abs(x), 1.0) + 1e-6 * abs(want))
+
+
+def test_exact_gelu_slope_at_known_points():
+    """d/dx x Phi(x) = Phi(x) + x phi(x): 1/2 at 0, 1 far right, 0 far left."""
+    np.testing.assert_array_equal(_gelu_exact_grad(np.array([[0.0, 40.0, -40.0]])), [[0.5, 1, 0]])
+    assert repr(dlfs.GELU("none")) == "GELU(approximate='none')" and repr(dlfs.GELU()) == "GELU()"
+    with pytest.raises(ValueError, match="approximate"):
+        dlfs.GELU("exact")
+
+
+def test_exact_gelu_matches_torch_float64():
+    """Same values and autograd gradient as torch.nn.functional.gelu(approximate="none")."""
+    torch = pytest.importorskip("torch", reason="PyTorch is an optional comparison")
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [np.linspace(-40.0, 40.0, 8001)]
+        + [scale * rng.standard_normal(2000) for scale in (1e-8, 0.1, 1.0, 3.0, 10.0)]
+    )[None]
+    t = torch.tensor(x, requires_grad=True)
+    y = torch.nn.functional.gelu(t, approximate="none")
+    y.backward(torch.ones_like(t))
+    tol = 1e-15 * np.maximum(np.abs(x), 1.0)
+    assert np.all(np.abs(_gelu_exact(x) - y.detach().numpy()) <= tol)
+    assert np.all(np.abs(_gelu_exact_grad(x) - t.grad.numpy()) <= 1e-15)
+
+
 # --------------------------------- Dropout: drop probability, scale and keys
 
 
@@ -7955,6 +8052,30 @@ def test_char_rnn_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
     kv = _key_values(out)
     assert kv["loss_last"] == f"{losses[-1]:.4f}" and kv["vocab"] == str(len(set(text)))
     assert re.search(r"^epoch 4: loss=\S+ \(\S+ bits/char\)$", out, re.M)
+
+
+def test_char_gpt_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
+    """The baby-GPT example at toy size: the whole validation split is tiled by its
+    windows, the loss falls, and its key=value lines agree with what it returns."""
+    char_gpt = _example("char_gpt", monkeypatch)
+    x, y = char_gpt.whole_split(np.arange(23), 5)
+    assert x.shape == (4, 5) and (y == x + 1).all() and y.max() == 20
+    rng = np.random.default_rng(0)
+    words = ["abc", "abd", "xyz", "hello", "world"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 600))
+    path = tmp_path / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    sizes = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16"]
+    args = ["--text", str(path), "--iters", "60", "--eval-interval", "30", "--lr", "1e-2"]
+    result = char_gpt.main([*args, *sizes, "--eval-windows", "40", "--sample-length", "25"])
+    out = capsys.readouterr().out
+    kv = _key_values(out)
+    first = float(re.search(r"^step 0: train loss ([\d.]+), val loss ([\d.]+),", out, re.M)[2])
+    assert result["val_loss"] < 0.7 * first  # from about log(vocab) to well below
+    assert kv["val_loss"] == f"{result['val_loss']:.4f}" and kv["iters"] == "60"
+    assert kv["params"] == str(result["params"]) and float(kv["ms_per_iter"]) > 0
+    assert re.search(r"^step 60: train loss \S+, val loss \S+", out, re.M)
+    assert len(result["sample"]) == 25 and result["sample"].max() < len(set(text))
 
 
 # --------------------------------------------- README: its Python blocks run
