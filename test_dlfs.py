@@ -4543,6 +4543,14 @@ def test_random_windows_are_next_token_pairs(seed, extra, context, batch, steps)
     assert set(many.tolist()) == set(ids[:extra].tolist())  # the last window ends at ids[-1]
 
 
+def test_random_windows_draw_new_offsets_per_batch_and_per_key():
+    ids = np.arange(1000)
+    one = [x for x, _ in dlfs.random_windows(0, ids, 5, 8, 3)]
+    assert len({x.tobytes() for x in one}) == 3  # each batch its own offsets
+    other = [x for x, _ in dlfs.random_windows(1, ids, 5, 8, 3)]
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(one, other))
+
+
 def test_random_windows_bad_input():
     ids = np.arange(10)
     for kwargs, err, match in [
@@ -4699,6 +4707,23 @@ def test_transformer_bad_input_is_named():
         dlfs.PositionalEmbedding(np.zeros(3))
     with pytest.raises(ValueError, match="x must have shape"):
         dlfs.LayerNorm.init(3).forward(np.zeros((2, 4), f32))
+
+
+def test_sub_layers_draw_their_own_dropout_masks():
+    """Each layer of a sub-chain gets its own key, as a network's layers do: two
+    Dropout(0.5) in a row keep a quarter of the entries (at 1/0.5^2), not half;
+    two blocks of a network draw different masks."""
+    x, ctx = np.ones((50, 80)), dlfs.train_context(3)
+    fx = dlfs.Residual((dlfs.Dropout(0.5), dlfs.Dropout(0.5))).forward(x, ctx)[0] - x
+    assert set(np.unique(fx).tolist()) == {0.0, 4.0}
+    assert 0.22 < np.mean(fx == 4.0) < 0.28
+    tied = dlfs.TiedEmbedding(np.eye(4), (dlfs.Dropout(0.5), dlfs.Dropout(0.5)))
+    logits = tied.forward(np.zeros((50, 80), np.int64), ctx)[0]  # h[0] = 4 or 0
+    assert 0.22 < np.mean(logits[..., 0] == 4.0) < 0.28
+    blocks = [dlfs.residual([dlfs.Dropout(0.5)]), dlfs.residual([dlfs.Dropout(0.5)])]
+    net = dlfs.network(0, 80, blocks, dlfs.MeanSquaredError(), dtype=np.float64)
+    y = net.forward(x, ctx)[0]  # (1 + 2 m1)(1 + 2 m2): 3 only where the masks differ
+    assert set(np.unique(y).tolist()) == {1.0, 3.0, 9.0}
 
 
 def test_attention_dropout_needs_a_key_and_uses_it():
