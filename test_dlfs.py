@@ -4190,6 +4190,21 @@ def test_positional_embedding_and_residual_are_their_formulas():
     assert free.params() == (free.w,) and free.forward(x)[0].tobytes() == (x @ dense.w).tobytes()
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, rows=SIZES, cols=SIZES, dtype=DTYPES, factor=st.floats(-3, 3))
+def test_scaled_initializer_multiplies_the_draw(seed, rows, cols, dtype, factor):
+    """scaled(init, f) draws init's numbers from the same generator, times f, same dtype."""
+    for init in (dlfs.normal, dlfs.glorot_normal):
+        got = dlfs.scaled(init, factor)(np.random.default_rng(seed), (rows, cols), dtype)
+        want = init(np.random.default_rng(seed), (rows, cols), dtype)
+        assert got.dtype == np.dtype(dtype)
+        assert got.tobytes() == (want * np.dtype(dtype).type(factor)).tobytes()
+    with pytest.raises(TypeError, match="init must be an initializer"):
+        dlfs.scaled(0.02, dlfs.normal)
+    with pytest.raises((TypeError, ValueError), match="factor"):
+        dlfs.scaled(dlfs.normal, float("nan"))
+
+
 def test_exact_gelu_is_x_phi_x():
     """GELU("none") = x (1 + erf(x / sqrt 2)) / 2 (PyTorch's nn.GELU()), its
     derivative Phi(x) + x phi(x), against math.erf on a grid."""
@@ -4478,6 +4493,13 @@ def test_gpt_train_step_is_pure_deterministic_and_learns():
     first = dlfs.train_step(state, batches[0])
     assert [_snapshot(a) for a in [*_deep_arrays_net(net), *batches[0]]] == before
     assert state.step == 0 and first.step == 1
+    kept_opt, kept_net = (
+        copy.deepcopy(first.opt_state),
+        [_snapshot(a) for a in _deep_arrays_net(first.net)],
+    )
+    dlfs.train_step(first, batches[1])  # non-zero moments, a trained net: still untouched
+    _trust_assert_same_opt_state(first.opt_state, kept_opt)
+    assert [_snapshot(a) for a in _deep_arrays_net(first.net)] == kept_net
     for a in _deep_arrays_net(first.net):
         assert not a.flags.writeable and a.dtype == np.float32
     a = functools.reduce(dlfs.train_step, batches[:4], state)
