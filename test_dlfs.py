@@ -4643,14 +4643,10 @@ def test_generate_bad_input():
             dlfs.generate(**args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: generate's range check of prompt ids says 'x must hold ids in [0, V)', "
-    "naming x instead of the argument prompt",
-)
 def test_generate_names_prompt_ids_out_of_range():
-    with pytest.raises(ValueError, match=r"prompt.*\[0, 7\)"):
-        dlfs.generate(_tiny_gpt(), np.array([[1, 7]]), 2, key=0)
+    for prompt in (np.array([[1, 7]]), np.array([[-1, 2]])):
+        with pytest.raises(ValueError, match=r"prompt.*\[0, 7\)"):
+            dlfs.generate(_tiny_gpt(), prompt, 2, key=0)
 
 
 def test_transformer_bad_input_is_named():
@@ -4798,7 +4794,7 @@ _TRANSFORMER_TARGETS = [
     "layer_norm_bare",
     "layer_norm_arrays",
     "attention",
-    # "attention_arrays": 0-d arrays raise IndexError, see the xfail test below
+    "attention_arrays",
     "positions",
     "residual",
     "tied",
@@ -4834,16 +4830,12 @@ def test_transformer_api_fuzz(data):
     assert [_snapshot(x) for x in args] == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SelfAttention(w_qkv, w_o) reads w_o.shape[0] before checking w_o's rank: "
-    "a 0-d w_o raises IndexError('tuple index out of range') instead of a ValueError",
-)
 def test_self_attention_arrays_of_any_rank_are_checked():
     for w_qkv in (np.zeros(()), np.zeros((4, 12))):
-        with pytest.raises(ValueError, match="w_o") as err:
-            dlfs.SelfAttention(w_qkv, np.zeros(()))
-        _assert_clear_error(err.value)
+        for w_o in (np.zeros(()), np.zeros(4), np.zeros((4, 4, 1))):
+            with pytest.raises(ValueError, match="w_o") as err:
+                dlfs.SelfAttention(w_qkv, w_o)
+            _assert_clear_error(err.value)
 
 
 def test_attention_dropout_needs_a_key_and_uses_it():
