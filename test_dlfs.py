@@ -3924,6 +3924,934 @@ def test_gemm_chunks_are_small_gemms_up_to_the_small_size(per_sample):
             assert len(chunks) <= pieces and rows == -(-n // pieces)
 
 
+# ---- transformers: LayerNorm, attention, positions, residual and tied blocks
+
+
+def _rows_apart(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of distinct values at least 0.5 apart before scaling, shifted and scaled:
+    each row's variance stays away from 0 (LayerNorm's finite differences stay accurate)."""
+    base = np.argsort(rng.random(shape), axis=-1) + rng.uniform(0, 0.5, shape)
+    return base * rng.uniform(0.5, 2.0) + rng.normal()
+
+
+def _randomized(layer, rng: np.random.Generator, dtype):
+    """``layer`` with every parameter drawn N(0, 0.5^2): no zero bias or unit scale
+    hides a term of the forward pass or a gradient."""
+    return layer.with_params(
+        [(0.5 * rng.standard_normal(p.shape)).astype(dtype) for p in layer.params()]
+    )
+
+
+XF_CASES = [
+    "LayerNorm",
+    "LayerNorm-no-bias",
+    "LayerNorm-no-scale",
+    "LayerNorm-bare",
+    "SelfAttention-causal",
+    "SelfAttention-non-causal",
+    "SelfAttention-no-bias",
+    "SelfAttention-dropout",
+    "PositionalEmbedding",
+    "Residual-dense",
+    "Residual-conv",
+    "Residual-attention",
+    "Residual-nested",
+    "Dense-no-bias",
+    "Dense-no-bias-seq",
+    "GELU-none",
+]
+
+
+def _xf_case(name: str, seed: int, n: int, d: int, dtype):
+    """(layer, x, ctx) for one configuration of the transformer section's layers;
+    every parameter random, the output shaped like x except for Dense."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    t = int(rng.integers(1, 6))
+    if name.startswith("LayerNorm"):
+        lead = tuple(int(s) for s in rng.integers(1, 4, int(rng.integers(0, 3))))
+        scale, bias = (
+            name in ("LayerNorm", "LayerNorm-no-bias"),
+            name in ("LayerNorm", "LayerNorm-no-scale"),
+        )
+        layer = _randomized(dlfs.LayerNorm.init(d, scale=scale, bias=bias, dtype=dt), rng, dt)
+        if name == "LayerNorm-bare":
+            layer = dlfs.LayerNorm()  # no arrays: any D, the input's dtype
+        return layer, _rows_apart(rng, (n, *lead, d)).astype(dt), dlfs.EVAL
+    if name.startswith("SelfAttention"):
+        heads = seed % 4 + 1
+        dim = heads * (d % 2 + 1)
+        layer = dlfs.SelfAttention.init(
+            seed,
+            dim,
+            heads,
+            causal=name != "SelfAttention-non-causal",
+            bias=name != "SelfAttention-no-bias",
+            dropout=0.3 if name.endswith("dropout") else 0.0,
+            dtype=dt,
+        )
+        ctx = dlfs.train_context(seed % 1000) if name.endswith("dropout") else dlfs.EVAL
+        return _randomized(layer, rng, dt), rng.standard_normal((n, t, dim)).astype(dt), ctx
+    if name == "PositionalEmbedding":
+        max_len = t + int(rng.integers(0, 3))  # T <= max_len, often shorter
+        layer = dlfs.PositionalEmbedding.init(seed, max_len, d, dtype=dt)
+        return layer, rng.standard_normal((n, t, d)).astype(dt), dlfs.EVAL
+    if name == "Residual-dense":
+        hidden = int(rng.integers(1, 9))
+        sub = (
+            dlfs.Dense.init(seed, d, hidden, bias_init=dlfs.normal, dtype=dt),
+            dlfs.Tanh(),
+            dlfs.Dense.init(seed + 1, hidden, d, bias=False, dtype=dt),
+        )
+        return dlfs.Residual(sub), rng.standard_normal((n, t, d)).astype(dt), dlfs.EVAL
+    if name == "Residual-conv":
+        c, k = min(d, 3), (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        conv = dlfs.Conv2D.init(seed, c, c, k, padding="same", bias_init=dlfs.normal, dtype=dt)
+        x = rng.standard_normal((n, c, int(rng.integers(4, 7)), int(rng.integers(4, 7))))
+        return dlfs.Residual((conv, dlfs.Tanh())), x.astype(dt), dlfs.EVAL
+    if name == "Residual-attention":
+        heads = seed % 4 + 1
+        dim = heads * (d % 2 + 1)
+        norm = _randomized(dlfs.LayerNorm.init(dim, dtype=dt), rng, dt)
+        att = _randomized(dlfs.SelfAttention.init(seed, dim, heads, dtype=dt), rng, dt)
+        return dlfs.Residual((norm, att)), _rows_apart(rng, (n, t, dim)).astype(dt), dlfs.EVAL
+    if name == "Residual-nested":
+        inner = dlfs.Residual((dlfs.Dense.init(seed, d, d, bias=False, dtype=dt), dlfs.Tanh()))
+        sub = (inner, dlfs.Dense.init(seed + 1, d, d, bias_init=dlfs.normal, dtype=dt))
+        return dlfs.Residual(sub), rng.standard_normal((n, d)).astype(dt), dlfs.EVAL
+    if name.startswith("Dense-no-bias"):
+        layer = dlfs.Dense.init(seed, d, int(rng.integers(1, 9)), bias=False, dtype=dt)
+        shape = (n, t, d) if name.endswith("seq") else (n, d)
+        return layer, rng.standard_normal(shape).astype(dt), dlfs.EVAL
+    if name == "GELU-none":
+        return dlfs.GELU("none"), (2 * rng.standard_normal((n, t, d))).astype(dt), dlfs.EVAL
+    raise AssertionError(name)
+
+
+def _deep_arrays(layer) -> list[np.ndarray]:
+    """Every array of a layer and of the layers inside it, at any depth."""
+    return [a for sub in dlfs._all_layers([layer]) for a in _arrays(sub)]
+
+
+def _deep_arrays_net(net: dlfs.Network) -> list[np.ndarray]:
+    return [a for layer in net.layers for a in _deep_arrays(layer)]
+
+
+def _flat_params_check(net: dlfs.Network, x, y, ctx=dlfs.EVAL, key: int = 1) -> float:
+    """check_grads of ``net.loss_and_grads`` over every parameter array (float64)."""
+    sizes = [len(p) for p in net.params()]
+
+    def f(*ps):
+        it = iter(ps)
+        params = tuple(tuple(next(it) for _ in range(s)) for s in sizes)
+        loss, grads, _ = net.with_params(params).loss_and_grads(x, y, ctx)
+        return np.asarray(loss), lambda dy: [g * dy for g in _leaves(grads)]
+
+    return dlfs.check_grads(f, _leaves(net.params()), key=key)
+
+
+def _pre_ln_block(key: int, t: int, d: int, heads: int, *, causal: bool = True, dtype=np.float64):
+    """One pre-LN Transformer block on (N, T, D): x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    return dlfs.network(
+        key,
+        (t, d),
+        [
+            dlfs.residual([dlfs.layer_norm(), dlfs.self_attention(heads, causal=causal)]),
+            dlfs.residual([dlfs.layer_norm(), dlfs.dense(2 * d, dlfs.GELU("none")), dlfs.dense(d)]),
+        ],
+        dlfs.MeanSquaredError(),
+        dtype=dtype,
+    )
+
+
+def _randomized_net(net: dlfs.Network, seed: int) -> dlfs.Network:
+    rng = np.random.default_rng(seed)
+    return net.with_params(
+        tuple(
+            tuple((0.5 * rng.standard_normal(p.shape)).astype(p.dtype) for p in ps)
+            for ps in net.params()
+        )
+    )
+
+
+@pytest.mark.parametrize("name", XF_CASES)
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
+def test_transformer_layer_shapes_dtypes_and_purity(name, seed, n, d, dtype):
+    layer, x, ctx = _xf_case(name, seed, n, d, dtype)
+    x_copy = x.copy()
+    before = [a.copy() for a in _deep_arrays(layer)]
+
+    y, cache, new_layer = layer.forward(x, ctx)
+
+    out_shape = (*x.shape[:-1], layer.out_features) if name.startswith("Dense") else x.shape
+    assert y.shape == out_shape
+    assert tuple(layer.output_shape(x.shape[1:])) == out_shape[1:]
+    assert y.dtype == np.dtype(dtype)
+    assert new_layer is layer
+    np.testing.assert_array_equal(x, x_copy)
+    dy = np.random.default_rng(seed + 1).standard_normal(y.shape).astype(dtype)
+    dy_copy = dy.copy()
+    dx, grads = layer.backward(cache, dy)
+    dx2, grads2 = layer.backward(cache, dy)
+    np.testing.assert_array_equal(dy, dy_copy)
+    np.testing.assert_array_equal(x, x_copy)
+    assert dx.shape == x.shape and dx.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(dx, dx2)
+    assert len(grads) == len(layer.params()) == len(grads2)
+    for g, g2, p in zip(grads, grads2, layer.params()):
+        assert g.shape == p.shape and g.dtype == p.dtype
+        np.testing.assert_array_equal(g, g2)
+    after = _deep_arrays(layer)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        assert not a.flags.writeable
+
+
+@pytest.mark.parametrize("name", XF_CASES)
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES)
+def test_transformer_layer_gradients_match_finite_differences(name, seed, n, d):
+    """The input and every parameter array, random dy and directions, float64."""
+    layer, x, ctx = _xf_case(name, seed, n, d, np.float64)
+    assert dlfs.check_layer(layer, x, ctx, key=seed % 997) < 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
+def test_layer_norm_is_pytorchs_formula(seed, n, d, dtype):
+    """y = (x - mean) / sqrt(var + 1e-5) * gamma + beta over the last axis, biased variance."""
+    rng = np.random.default_rng(seed)
+    x = _rows_apart(rng, (n, 2, d))
+    gamma, beta = rng.standard_normal((2, d))
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for g, b in ((gamma, beta), (gamma, None), (None, beta), (None, None)):
+        layer = dlfs.LayerNorm(
+            None if g is None else g.astype(dtype), None if b is None else b.astype(dtype)
+        )
+        y, _, _ = layer.forward(x.astype(dtype))
+        expect = want * (1 if g is None else g) + (0 if b is None else b)
+        np.testing.assert_allclose(y, expect, rtol=tol, atol=tol)
+        assert len(layer.params()) == (g is not None) + (b is not None)
+
+
+def _attention_reference(x, w_qkv, b_qkv, w_o, b_o, heads: int, causal: bool) -> np.ndarray:
+    """GUIDE section 7's multi-head attention, one sample, one head at a time, in loops."""
+    n, t, d = x.shape
+    hd = d // heads
+    y = np.zeros_like(x)
+    for i in range(n):
+        qkv = x[i] @ w_qkv + (0 if b_qkv is None else b_qkv)
+        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+        outs = []
+        for h in range(heads):
+            cols = slice(h * hd, (h + 1) * hd)
+            s = q[:, cols] @ k[:, cols].T / math.sqrt(hd)
+            if causal:
+                s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+            a = np.exp(s - s.max(axis=1, keepdims=True))
+            outs.append(a / a.sum(axis=1, keepdims=True) @ v[:, cols])
+        y[i] = np.concatenate(outs, axis=1) @ w_o + (0 if b_o is None else b_o)
+    return y
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=SIZES, heads=st.integers(1, 4), hd=st.integers(1, 2), causal=st.booleans())
+def test_self_attention_is_the_reference_formula(seed, n, heads, hd, causal):
+    """q, k, v in that order, heads of consecutive features, scale 1/sqrt(D/H), mask
+    above the diagonal, heads concatenated in order: a per-head loop agrees."""
+    rng = np.random.default_rng(seed)
+    d, t = heads * hd, int(rng.integers(1, 6))
+    for bias in (True, False):
+        layer = _randomized(
+            dlfs.SelfAttention.init(seed, d, heads, causal=causal, bias=bias, dtype=np.float64),
+            rng,
+            np.float64,
+        )
+        x = rng.standard_normal((n, t, d))
+        y, _, _ = layer.forward(x)
+        want = _attention_reference(
+            x, layer.w_qkv, layer.b_qkv, layer.w_o, layer.b_o, heads, causal
+        )
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_positional_embedding_and_residual_are_their_formulas():
+    rng = np.random.default_rng(3)
+    pos = dlfs.PositionalEmbedding(rng.standard_normal((5, 4)))
+    x = rng.standard_normal((2, 3, 4))
+    assert pos.forward(x)[0].tobytes() == (x + pos.w[:3]).tobytes()  # the first T rows
+    dense = dlfs.Dense(rng.standard_normal((4, 4)), rng.standard_normal(4))
+    block = dlfs.Residual((dense, dlfs.Tanh()))
+    np.testing.assert_allclose(block.forward(x)[0], x + np.tanh(x @ dense.w + dense.b), rtol=1e-14)
+    free = dlfs.Dense(dense.w, None)
+    assert free.params() == (free.w,) and free.forward(x)[0].tobytes() == (x @ dense.w).tobytes()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, rows=SIZES, cols=SIZES, dtype=DTYPES, factor=st.floats(-3, 3))
+def test_scaled_initializer_multiplies_the_draw(seed, rows, cols, dtype, factor):
+    """scaled(init, f) draws init's numbers from the same generator, times f, same dtype."""
+    for init in (dlfs.normal, dlfs.glorot_normal):
+        got = dlfs.scaled(init, factor)(np.random.default_rng(seed), (rows, cols), dtype)
+        want = init(np.random.default_rng(seed), (rows, cols), dtype)
+        assert got.dtype == np.dtype(dtype)
+        assert got.tobytes() == (want * np.dtype(dtype).type(factor)).tobytes()
+    with pytest.raises(TypeError, match="init must be an initializer"):
+        dlfs.scaled(0.02, dlfs.normal)
+    with pytest.raises((TypeError, ValueError), match="factor"):
+        dlfs.scaled(dlfs.normal, float("nan"))
+
+
+def test_exact_gelu_is_x_phi_x():
+    """GELU("none") = x (1 + erf(x / sqrt 2)) / 2 (PyTorch's nn.GELU()), its
+    derivative Phi(x) + x phi(x), against math.erf on a grid."""
+    x = np.linspace(-6, 6, 97)
+    y, cache, _ = dlfs.GELU("none").forward(x[None])
+    want = [v * (1 + math.erf(v / math.sqrt(2))) / 2 for v in x]
+    np.testing.assert_allclose(y[0], want, rtol=1e-14, atol=1e-300)
+    slope = [
+        (1 + math.erf(v / math.sqrt(2))) / 2 + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+        for v in x
+    ]
+    np.testing.assert_allclose(
+        dlfs.GELU("none").backward(cache, np.ones((1, 97)))[0][0], slope, rtol=1e-13, atol=1e-300
+    )
+    assert dlfs.GELU("none").forward(x[None].astype(np.float32))[0].dtype == np.float32
+
+
+def _dx_per_position(forward_backward, x: np.ndarray, t: int, seed: int) -> np.ndarray:
+    """dL/dx for L = sum(y[:, t] * dy_t): the gradient of position t's output only."""
+    y, backward = forward_backward(x)
+    dy = np.zeros_like(y)
+    dy[:, t] = np.random.default_rng(seed).standard_normal(dy[:, t].shape)
+    return backward(dy)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, heads=st.integers(1, 4), t=st.integers(2, 6))
+def test_causal_masking_shown_by_gradients(seed, n, heads, t):
+    """Causal: d y[:, t] / d x[:, s] is exactly 0 for every s > t and nonzero for some
+    s <= t, for one attention layer and a whole pre-LN block; non-causal: later
+    positions do reach earlier outputs."""
+    rng = np.random.default_rng(seed)
+    d = 2 * heads
+    x = _rows_apart(rng, (n, t, d))
+    for causal in (True, False):
+        att = _randomized(
+            dlfs.SelfAttention.init(seed, d, heads, causal=causal, dtype=np.float64),
+            rng,
+            np.float64,
+        )
+        block = _randomized_net(_pre_ln_block(seed, t, d, heads, causal=causal), seed)
+
+        def run_att(x, att=att):
+            y, cache, _ = att.forward(x)
+            return y, lambda dy: att.backward(cache, dy)[0]
+
+        def run_block(x, block=block):
+            y, caches, _ = block.forward(x)
+            return y, lambda dy: block.backward(caches, dy)[0]
+
+        for run in (run_att, run_block):
+            for s in range(t):
+                dx = _dx_per_position(run, x, s, seed + s)
+                assert np.abs(dx[:, : s + 1]).max() > 0
+                later = dx[:, s + 1 :]
+                if causal:
+                    assert not later.any()  # exactly zero, not merely small
+                elif s < t - 1:
+                    assert np.abs(later).max() > 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 4), heads=st.integers(1, 2), t=st.integers(1, 4))
+def test_pre_ln_block_gradients_match_finite_differences(seed, n, heads, t):
+    """A whole pre-LN block: forward/backward for x and every parameter, and
+    loss_and_grads of its MSE, against central differences in float64."""
+    rng = np.random.default_rng(seed)
+    d = 2 * heads
+    net = _randomized_net(_pre_ln_block(seed, t, d, heads), seed)
+    x, y = _rows_apart(rng, (n, t, d)), rng.standard_normal((n, t, d))
+    sizes = [len(p) for p in net.params()]
+
+    def f(x, *ps):
+        it = iter(ps)
+        lay = net.with_params(tuple(tuple(next(it) for _ in range(s)) for s in sizes))
+        out, caches, _ = lay.forward(x)
+
+        def vjp(dy):
+            dx, grads = lay.backward(caches, dy)
+            return [dx, *_leaves(grads)]
+
+        return out, vjp
+
+    assert dlfs.check_grads(f, [x, *_leaves(net.params())], key=seed % 997) < 1e-6
+    assert _flat_params_check(net, x, y, key=seed % 991) < 1e-6
+
+
+@pytest.mark.parametrize("biases", [False, True])
+@settings(max_examples=5, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 4))
+def test_tiny_gpt_loss_and_grads_match_finite_differences(biases, seed, n):
+    """The whole 1-block GPT (tied embedding, positions, attention, MLP, final
+    LayerNorm): the loss's gradient for every parameter array, float64."""
+    args = (dlfs.layer_norm(), dlfs.self_attention(2)) if biases else ()
+    net = _randomized_net(_tiny_gpt(*args, dtype=np.float64), seed)
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 7, (n, 6)), rng.integers(0, 7, (n, 6))
+    assert _flat_params_check(net, x, y, key=seed % 997) < 1e-6
+
+
+def _tied_case(seed: int, n: int, dtype) -> tuple[dlfs.TiedEmbedding, np.ndarray]:
+    """A TiedEmbedding (V, D) around positions and a pre-LN attention block, random ids."""
+    rng = np.random.default_rng(seed)
+    v, heads, t = int(rng.integers(1, 9)), seed % 2 + 1, int(rng.integers(1, 6))
+    d = 2 * heads
+    dt = np.dtype(dtype)
+    sub = (
+        dlfs.PositionalEmbedding.init(seed, t + 1, d, dtype=dt),
+        dlfs.Residual(
+            (
+                _randomized(dlfs.LayerNorm.init(d, dtype=dt), rng, dt),
+                _randomized(dlfs.SelfAttention.init(seed, d, heads, dtype=dt), rng, dt),
+            )
+        ),
+    )
+    tied = dlfs.TiedEmbedding(rng.standard_normal((v, d)).astype(dt), sub)
+    return tied, rng.integers(0, v, (n, t))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, dtype=DTYPES)
+def test_tied_embedding_shapes_dtypes_purity_and_gradients(seed, n, dtype):
+    tied, ids = _tied_case(seed, n, dtype)
+    ids_copy, before = ids.copy(), [a.copy() for a in _deep_arrays(tied)]
+    logits, cache, new = tied.forward(ids)
+    assert new is tied
+    assert logits.shape == (*ids.shape, tied.n_vocab) and logits.dtype == np.dtype(dtype)
+    assert tied.output_shape(ids.shape[1:]) == (ids.shape[1], tied.n_vocab)
+    dy = np.random.default_rng(seed + 1).standard_normal(logits.shape).astype(dtype)
+    dx, grads = tied.backward(cache, dy)
+    assert dx is None  # ids have no gradient
+    np.testing.assert_array_equal(ids, ids_copy)
+    assert [(g.shape, g.dtype) for g in grads] == [(p.shape, p.dtype) for p in tied.params()]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(grads, tied.backward(cache, dy)[1]))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(_deep_arrays(tied), before))
+    if dtype == np.float64:
+
+        def f(*ps):
+            lay = tied.with_params(ps)
+            out, cache, _ = lay.forward(ids)
+            return out, lambda dy: lay.backward(cache, dy)[1]
+
+        assert dlfs.check_grads(f, list(tied.params()), key=seed % 997) < 1e-6
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES)
+def test_tied_embedding_is_one_parameter_with_the_summed_gradient(seed, n):
+    """params() holds ONE (V, D) array; its gradient is the embedding's gradient
+    plus the head's of the same model untied by hand: Embedding(w), the same
+    sub-chain, Dense(w.T) without bias."""
+    tied, ids = _tied_case(seed, n, np.float64)
+    assert [p is tied.w for p in tied.params()] == [True] + [False] * (len(tied.params()) - 1)
+    gpt = _tiny_gpt()
+    assert [p.shape for p in _leaves(gpt.params())].count((7, 8)) == 1
+    untied = [dlfs.Embedding(tied.w), *tied.layers, dlfs.Dense(tied.w.T, None)]
+    h, caches = ids, []
+    for layer in untied:
+        h, cache, _ = layer.forward(h)
+        caches.append(cache)
+    logits, cache, _ = tied.forward(ids)
+    np.testing.assert_allclose(logits, h, rtol=1e-12, atol=1e-12)
+    dy = np.random.default_rng(seed).standard_normal(logits.shape)
+    untied_grads, g = [], dy
+    for layer, c in zip(reversed(untied), reversed(caches)):
+        g, grads = layer.backward(c, g)
+        untied_grads.insert(0, grads)
+    _, tied_grads = tied.backward(cache, dy)
+    (d_emb,), (d_head,) = untied_grads[0], untied_grads[-1]
+    np.testing.assert_allclose(tied_grads[0], d_emb + d_head.T, rtol=1e-12, atol=1e-12)
+    assert np.abs(d_emb).max() > 0 and np.abs(d_head).max() > 0  # both uses count
+    sub = [g for grads in untied_grads[1:-1] for g in grads]
+    for a, b in zip(tied_grads[1:], sub, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _transformer_nets(dtype=np.float32) -> list[dlfs.Network]:
+    """Networks with every new layer: both tiny GPTs, nested Residuals around Dense
+    without bias, a LayerNorm without arrays, convolutions and attention."""
+    nested = dlfs.network(
+        3,
+        (5, 4),
+        [
+            dlfs.residual(
+                [
+                    dlfs.residual([dlfs.dense(6, dlfs.GELU("none"), bias=False), dlfs.dense(4)]),
+                    dlfs.layer_norm(scale=False, bias=False),
+                    dlfs.residual(
+                        [dlfs.layer_norm(scale=False), dlfs.self_attention(4, causal=False)]
+                    ),
+                ]
+            ),
+            dlfs.positional_embedding(7),
+            dlfs.layer_norm(bias=False),
+            dlfs.dense(3, bias=False),
+        ],
+        dlfs.MeanSquaredError(),
+        dtype=dtype,
+    )
+    conv = dlfs.network(
+        4,
+        (2, 5, 5),
+        [
+            dlfs.residual([dlfs.conv2d(2, 3, padding="same"), dlfs.ReLU()]),
+            dlfs.Flatten(),
+            dlfs.dense(3),
+        ],
+        dlfs.SoftmaxCrossEntropy(),
+        dtype=dtype,
+    )
+    biased = _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2, dropout=0.1), dtype=dtype)
+    return [_tiny_gpt(dtype=dtype), biased, nested, conv]
+
+
+def _net_input(net: dlfs.Network, rng: np.random.Generator, n: int = 3) -> np.ndarray:
+    if net._takes_ids():
+        return rng.integers(0, net.output_shape[-1], (n, *net.input_shape))
+    return rng.standard_normal((n, *net.input_shape)).astype(net.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transformer_networks_save_load_pickle_and_params_round_trip(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    for i, net in enumerate(_transformer_nets(dtype)):
+        net = _randomized_net(net, i)
+        x = _net_input(net, rng)
+        path = tmp_path / f"net{i}.npz"
+        dlfs.save(path, net)
+        loaded = dlfs.load(path).net
+        _assert_same_net(net, loaded)  # nested layers, configuration, bits, read-only
+        assert net.predict(x).tobytes() == loaded.predict(x).tobytes()
+        for copied in _pickle_copies(net):
+            _assert_same_net(net, copied)
+        _assert_same_net(net, net.with_params(net.params()))
+        doubled = tuple(tuple(p * 2 for p in ps) for ps in net.params())
+        new = net.with_params(doubled)
+        assert [p.tobytes() for p in _leaves(new.params())] == [
+            p.tobytes() for p in _leaves(doubled)
+        ]
+        assert all(not p.flags.writeable for p in _leaves(new.params()))
+        assert [p.tobytes() for p in _leaves(net.params())] != [
+            p.tobytes() for p in _leaves(new.params())
+        ]
+
+
+def _depths(layers, level: int = 0) -> list[int]:
+    """How deep each layer of ``dlfs._all_layers(layers)`` sits inside containers."""
+    out = []
+    for layer in layers:
+        out.append(level)
+        if isinstance(layer, dlfs._CHAINS):
+            out += _depths(layer.layers, level + 1)
+    return out
+
+
+def test_summary_rows_of_nested_layers():
+    """A row per layer at any depth, sub-layers indented below their container,
+    whose count is the sum of theirs; the total counts the tied matrix once."""
+    for net in _transformer_nets():
+        rows = net.summary().rows[1:]
+        layers = dlfs._all_layers(net.layers)
+        assert len(rows) == len(layers)
+        for (name, _, count), layer, depth in zip(rows, layers, _depths(net.layers)):
+            assert name == "  " * depth + repr(layer)
+            assert count == sum(p.size for p in layer.params())
+            if isinstance(layer, dlfs._CHAINS):
+                own = layer.w.size if isinstance(layer, dlfs.TiedEmbedding) else 0
+                assert count == own + sum(sum(p.size for p in s.params()) for s in layer.layers)
+        assert net.summary().total == sum(p.size for p in _leaves(net.params()))
+    gpt = _tiny_gpt()
+    assert [r[1] for r in gpt.summary().rows[:3]] == ["(N, 6)", "(N, 6, 7)", "(N, 6, 8)"]
+
+
+def _token_stream(n: int = 400, vocab: int = 7) -> np.ndarray:
+    """A learnable stream: a fixed cycle through the vocabulary, each id followed by one."""
+    return np.tile(np.random.default_rng(5).permutation(vocab), n // vocab + 1)[:n]
+
+
+def test_gpt_train_step_is_pure_deterministic_and_learns():
+    net = _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2, dropout=0.1))
+    opt = dlfs.AdamW(1e-2, weight_decay=0.1, weight_decay_mask="matrices")
+    ids = _token_stream()
+    batches = list(dlfs.random_windows(1, ids, 6, 8, 40))
+    state = dlfs.TrainState.create(net, opt, key=2)
+    before = [_snapshot(a) for a in [*_deep_arrays_net(net), *batches[0]]]
+    first = dlfs.train_step(state, batches[0])
+    assert [_snapshot(a) for a in [*_deep_arrays_net(net), *batches[0]]] == before
+    assert state.step == 0 and first.step == 1
+    kept_opt, kept_net = (
+        copy.deepcopy(first.opt_state),
+        [_snapshot(a) for a in _deep_arrays_net(first.net)],
+    )
+    dlfs.train_step(first, batches[1])  # non-zero moments, a trained net: still untouched
+    _trust_assert_same_opt_state(first.opt_state, kept_opt)
+    assert [_snapshot(a) for a in _deep_arrays_net(first.net)] == kept_net
+    for a in _deep_arrays_net(first.net):
+        assert not a.flags.writeable and a.dtype == np.float32
+    a = functools.reduce(dlfs.train_step, batches[:4], state)
+    b = functools.reduce(dlfs.train_step, batches[:4], dlfs.TrainState.create(net, opt, key=2))
+    _assert_same_net(a.net, b.net)
+    assert a.loss_sum == b.loss_sum
+    x, y = batches[0]
+    start = net.loss_and_grads(x, y)[0]
+    trained = functools.reduce(dlfs.train_step, batches, state).net
+    end = trained.loss_and_grads(x, y)[0]
+    assert end < 0.3 * start
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_decay_mask_decays_matrices_only(dtype):
+    """AdamW with zero gradients moves nothing but the decay: under "matrices" the
+    1-D arrays stay bit-identical and the 2-D shrink by exactly (1 - lr wd); a
+    function chooses its own arrays; "all" shrinks every array."""
+    net = _randomized_net(_tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2), dtype=dtype), 1)
+    params = net.params()
+    zeros = tuple(tuple(np.zeros_like(p) for p in ps) for ps in params)
+    lr, wd = 0.1, 0.3
+
+    def step(mask):
+        opt = dlfs.AdamW(lr, weight_decay=wd, weight_decay_mask=mask)
+        return _leaves(opt.update(zeros, opt.init(params), params)[0])
+
+    leaves = _leaves(params)
+    assert {p.ndim for p in leaves} == {1, 2}
+    for p, q in zip(leaves, step("matrices")):
+        want = p * (1 - lr * wd) if p.ndim >= 2 else p
+        assert q.dtype == p.dtype and q.tobytes() == want.tobytes()
+    for p, q in zip(leaves, step("all")):
+        assert q.tobytes() == (p * (1 - lr * wd)).tobytes()
+    vocab_only = step(lambda p: p.shape == (7, 8))
+    for p, q in zip(leaves, vocab_only):
+        assert q.tobytes() == (p * (1 - lr * wd) if p.shape == (7, 8) else p).tobytes()
+    l2 = dlfs.Adam(lr, weight_decay=wd, weight_decay_mask="matrices")  # coupled L2, masked
+    for p, q in zip(leaves, _leaves(l2.update(zeros, l2.init(params), params)[0])):
+        assert (q.tobytes() == p.tobytes()) == (p.ndim < 2)
+    for bad in ("vectors", 3, None):
+        with pytest.raises(ValueError, match="weight_decay_mask"):
+            dlfs.AdamW(weight_decay_mask=bad)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, extra=st.integers(1, 6), context=SIZES, batch=SIZES, steps=st.integers(0, 4))
+def test_random_windows_are_next_token_pairs(seed, extra, context, batch, steps):
+    """x = ids[o : o + T], y = ids[o + 1 : o + T + 1], o in [0, L - T); the same key
+    the same windows; every offset occurs, the last one reaching the stream's end."""
+    ids = np.arange(context + extra, dtype=np.uint8) * 3 % 251  # distinct ids
+    out = list(dlfs.random_windows(seed, ids, context, batch, steps))
+    assert len(out) == steps
+    for x, y in out:
+        assert x.shape == y.shape == (batch, context) and x.dtype == y.dtype == np.int64
+        offsets = [int(np.flatnonzero(ids == row[0])[0]) for row in x]
+        for o, xr, yr in zip(offsets, x, y):
+            assert 0 <= o < extra
+            assert (xr == ids[o : o + context]).all() and (yr == ids[o + 1 : o + context + 1]).all()
+    again = list(dlfs.random_windows(seed, ids, context, batch, steps))
+    assert all(a.tobytes() == b.tobytes() for p, q in zip(out, again) for a, b in zip(p, q))
+    many = np.concatenate([x[:, 0] for x, _ in dlfs.random_windows(seed, ids, context, 64, 4)])
+    assert set(many.tolist()) == set(ids[:extra].tolist())  # the last window ends at ids[-1]
+
+
+def test_random_windows_draw_new_offsets_per_batch_and_per_key():
+    ids = np.arange(1000)
+    one = [x for x, _ in dlfs.random_windows(0, ids, 5, 8, 3)]
+    assert len({x.tobytes() for x in one}) == 3  # each batch its own offsets
+    other = [x for x, _ in dlfs.random_windows(1, ids, 5, 8, 3)]
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(one, other))
+
+
+def test_random_windows_bad_input():
+    ids = np.arange(10)
+    for kwargs, err, match in [
+        ({"context": 10}, ValueError, "ids must hold more than context = 10"),
+        ({"ids": np.arange(10.0)}, TypeError, "ids must be an integer array"),
+        ({"ids": np.arange(10) - 1}, ValueError, "ids must be non-negative"),
+        ({"ids": np.arange(12).reshape(3, 4)}, ValueError, "ids"),
+        ({"steps": -1}, ValueError, "steps must be >= 0"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"context": 0}, ValueError, "context"),
+        ({"key": "a"}, TypeError, "key"),
+    ]:
+        args = {"key": 0, "ids": ids, "context": 3, "batch_size": 2, "steps": 1, **kwargs}
+        with pytest.raises(err, match=match):
+            dlfs.random_windows(**args)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 3), t0=st.integers(1, 9), n_new=st.integers(0, 8))
+def test_generate_shapes_keys_greedy_and_cropping(seed, n, t0, n_new):
+    net = _randomized_net(
+        _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2), dtype=np.float64), seed
+    )
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 7, (n, t0))
+    prompt_copy = prompt.copy()
+    new = dlfs.generate(net, prompt, n_new, key=seed, temperature=0.8, top_k=5)
+    assert new.shape == (n, n_new) and new.dtype == np.int64
+    assert ((new >= 0) & (new < 7)).all()
+    np.testing.assert_array_equal(prompt, prompt_copy)
+    again = dlfs.generate(net, prompt, n_new, key=seed, temperature=0.8, top_k=5)
+    assert new.tobytes() == again.tobytes()
+    cropped = dlfs.generate(net, prompt[:, -6:], n_new, key=seed, temperature=0.8, top_k=5)
+    assert new.tobytes() == cropped.tobytes()  # only the last 6 ids (the context) count
+    greedy, seq = dlfs.generate(net, prompt, n_new, key=seed, top_k=1), prompt
+    for j in range(n_new):
+        logits, _, _ = net.layers[0].forward(seq[:, -6:])
+        seq = np.concatenate([seq, logits[:, -1].argmax(axis=-1)[:, None]], axis=1)
+        assert (greedy[:, j] == seq[:, -1]).all()
+
+
+def test_generate_samples_differ_by_key_and_follow_temperature():
+    net = _randomized_net(_tiny_gpt(dtype=np.float64), 2)
+    prompt = np.zeros((4, 3), np.int64)
+    samples = [dlfs.generate(net, prompt, 20, key=k) for k in range(3)]
+    assert len({s.tobytes() for s in samples}) == 3
+    cold = dlfs.generate(net, prompt, 20, key=0, temperature=1e-6)
+    assert cold.tobytes() == dlfs.generate(net, prompt, 20, key=0, top_k=1).tobytes()
+
+
+def test_generate_bad_input():
+    net = _tiny_gpt()
+    prompt = np.array([[1, 2, 3]])
+    for kwargs, err, match in [
+        ({"prompt": prompt.astype(np.float64)}, TypeError, "prompt must be an integer array"),
+        ({"prompt": [[1, 2]]}, TypeError, "prompt must be a numpy array"),
+        ({"prompt": np.array([1, 2])}, ValueError, "prompt must have shape"),
+        ({"prompt": np.zeros((1, 0), np.int64)}, ValueError, "prompt"),
+        ({"net": _linear_net()}, TypeError, "net must be a language model"),
+        ({"net": "gpt"}, TypeError, "net must be a language model"),
+        ({"n_new": -1}, ValueError, "n_new"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"key": "k"}, TypeError, "key"),
+    ]:
+        args = {"net": net, "prompt": prompt, "n_new": 2, "key": 0, **kwargs}
+        with pytest.raises(err, match=match):
+            dlfs.generate(**args)
+
+
+def test_generate_names_prompt_ids_out_of_range():
+    for prompt in (np.array([[1, 7]]), np.array([[-1, 2]])):
+        with pytest.raises(ValueError, match=r"prompt.*\[0, 7\)"):
+            dlfs.generate(_tiny_gpt(), prompt, 2, key=0)
+
+
+def test_transformer_bad_input_is_named():
+    f32 = np.float32
+    with pytest.raises(ValueError, match=r"x has 5 positions, more than the 4 .*max_len"):
+        dlfs.PositionalEmbedding.init(0, 4, 3).forward(np.zeros((2, 5, 3), f32))
+    with pytest.raises(ValueError, match=r"T <= 4"):
+        dlfs.network(0, (5, 3), [dlfs.positional_embedding(4)], dlfs.MeanSquaredError())
+    gpt = _tiny_gpt()
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 6\), got \(2, 8\)"):
+        gpt.forward(np.zeros((2, 8), np.int64))
+    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 7\), got values in \[-1, 3\]"):
+        gpt.forward(np.array([[0, 1, 2, 3, -1, 0]]))
+    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 7\)"):
+        gpt.layers[0].forward(np.full((1, 6), 7))
+    with pytest.raises(TypeError, match="x must be an integer array of token ids"):
+        gpt.forward(np.zeros((1, 6), f32))
+    for make in (
+        lambda: dlfs.SelfAttention.init(0, 6, 4),
+        lambda: dlfs.network(0, (4, 6), [dlfs.self_attention(4)], dlfs.MeanSquaredError()),
+        lambda: dlfs.SelfAttention(np.zeros((6, 18)), np.zeros((6, 6)), n_heads=4),
+    ):
+        with pytest.raises(ValueError, match=r"divisible by n_heads.*(n_heads=4|n_heads)"):
+            make()
+    with pytest.raises(
+        ValueError, match=r"Residual's layers must keep the shape.*\(N, 4, 6\).*\(N, 4, 3\)"
+    ):
+        dlfs.network(0, (4, 6), [dlfs.residual([dlfs.dense(3)])], dlfs.MeanSquaredError())
+    with pytest.raises(ValueError, match="keep the shape"):
+        dlfs.Residual((dlfs.Dense.init(0, 4, 3),)).output_shape((4,))
+    with pytest.raises(ValueError, match=r"turned x of shape \(2, 4\) into \(2, 3\)"):
+        dlfs.Residual((dlfs.Dense.init(0, 4, 3),)).forward(np.zeros((2, 4), f32))
+    with pytest.raises(ValueError, match=r"Residual needs at least one layer"):
+        dlfs.Residual(())
+    with pytest.raises(
+        ValueError, match=r"TiedEmbedding's layers must keep the shape \(N, T, 6\).*\(N, 4, 3\)"
+    ):
+        dlfs.network(
+            0, (4,), [dlfs.tied_embedding(5, 6, [dlfs.dense(3)])], dlfs.SoftmaxCrossEntropy()
+        )
+    tied = dlfs.TiedEmbedding(np.zeros((5, 6)), (dlfs.Dense.init(0, 6, 3, dtype=np.float64),))
+    with pytest.raises(ValueError, match="keep the shape"):
+        tied.output_shape((4,))
+    with pytest.raises(ValueError, match=r"layers' output must have shape \(2, 4, 6\)"):
+        tied.forward(np.zeros((2, 4), np.int64))
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a layer"):
+        dlfs.Residual((dlfs.Tanh(), "tanh"))
+    half = {
+        "LayerNorm": (dlfs.LayerNorm.init(3), (2, 3)),
+        "LayerNorm-bare": (dlfs.LayerNorm(), (2, 3)),
+        "SelfAttention": (dlfs.SelfAttention.init(0, 4, 2), (2, 3, 4)),
+        "PositionalEmbedding": (dlfs.PositionalEmbedding.init(0, 4, 3), (2, 3, 3)),
+        "Residual": (dlfs.Residual((dlfs.Dense.init(0, 3, 3),)), (2, 3)),
+    }
+    for layer, shape in half.values():
+        with pytest.raises(
+            TypeError, match="x must be a float32 or float64 array, got dtype float16"
+        ):
+            layer.forward(np.zeros(shape, np.float16))
+    for layer, shape in list(half.values())[:-1]:
+        if layer.params():
+            with pytest.raises(TypeError, match="float32"):
+                layer.forward(np.zeros(shape, np.float64))
+    d64 = dlfs.Dense.init(0, 4, 4, dtype=np.float64)
+    with pytest.raises(TypeError, match=r"share one dtype.*float32.*float64"):
+        dlfs.Residual((dlfs.Dense.init(0, 4, 4), d64))
+    with pytest.raises(TypeError, match=r"share w's dtype float32"):
+        dlfs.TiedEmbedding(np.zeros((5, 4), f32), (d64,))
+    with pytest.raises(ValueError, match="gamma and beta must be 1-D"):
+        dlfs.LayerNorm(np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"beta must have shape \(3,\)"):
+        dlfs.LayerNorm(np.ones(3), np.zeros(4))
+    with pytest.raises(ValueError, match="dropout"):
+        dlfs.self_attention(2, dropout=1.0)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        dlfs.PositionalEmbedding(np.zeros(3))
+    with pytest.raises(ValueError, match="x must have shape"):
+        dlfs.LayerNorm.init(3).forward(np.zeros((2, 4), f32))
+
+
+def test_sub_layers_draw_their_own_dropout_masks():
+    """Each layer of a sub-chain gets its own key, as a network's layers do: two
+    Dropout(0.5) in a row keep a quarter of the entries (at 1/0.5^2), not half;
+    two blocks of a network draw different masks."""
+    x, ctx = np.ones((50, 80)), dlfs.train_context(3)
+    fx = dlfs.Residual((dlfs.Dropout(0.5), dlfs.Dropout(0.5))).forward(x, ctx)[0] - x
+    assert set(np.unique(fx).tolist()) == {0.0, 4.0}
+    assert 0.22 < np.mean(fx == 4.0) < 0.28
+    tied = dlfs.TiedEmbedding(np.eye(4), (dlfs.Dropout(0.5), dlfs.Dropout(0.5)))
+    logits = tied.forward(np.zeros((50, 80), np.int64), ctx)[0]  # h[0] = 4 or 0
+    assert 0.22 < np.mean(logits[..., 0] == 4.0) < 0.28
+    blocks = [dlfs.residual([dlfs.Dropout(0.5)]), dlfs.residual([dlfs.Dropout(0.5)])]
+    net = dlfs.network(0, 80, blocks, dlfs.MeanSquaredError(), dtype=np.float64)
+    y = net.forward(x, ctx)[0]  # (1 + 2 m1)(1 + 2 m2): 3 only where the masks differ
+    assert set(np.unique(y).tolist()) == {1.0, 3.0, 9.0}
+
+
+def _transformer_call(target: str, a, b, n):
+    """The call for ``target`` with bad inputs: arrays ``a``, ``b`` and a number ``n``."""
+    gpt = _tiny_gpt()
+    size = min(n, 64) if isinstance(n, int) and not isinstance(n, bool) else n
+    calls = {
+        "layer_norm": lambda: dlfs.LayerNorm.init(3).forward(a),
+        "layer_norm_bare": lambda: dlfs.LayerNorm().forward(a),
+        "layer_norm_arrays": lambda: dlfs.LayerNorm(a, b),
+        "attention": lambda: dlfs.SelfAttention.init(0, 4, 2).forward(a),
+        "attention_arrays": lambda: dlfs.SelfAttention(a, b),
+        "positions": lambda: dlfs.PositionalEmbedding.init(0, 4, 3).forward(a),
+        "residual": lambda: dlfs.Residual((dlfs.Dense.init(0, 3, 3),)).forward(a),
+        "tied": lambda: dlfs.TiedEmbedding(np.zeros((5, 4), np.float32)).forward(a),
+        "gpt_forward": lambda: gpt.forward(a),
+        "gpt_loss": lambda: gpt.loss_and_grads(a, b),
+        "generate": lambda: dlfs.generate(gpt, a, 2, key=0),
+        "generate_n": lambda: dlfs.generate(gpt, np.array([[1, 2]]), size, key=0),
+        "generate_temperature": lambda: dlfs.generate(
+            gpt, np.array([[1]]), 1, key=0, temperature=n
+        ),
+        "generate_top_k": lambda: dlfs.generate(gpt, np.array([[1]]), 1, key=0, top_k=n),
+        "windows": lambda: list(dlfs.random_windows(0, a, 2, 2, 1)),
+        "windows_n": lambda: list(dlfs.random_windows(0, np.arange(100), size, size, 1)),
+        "specs": lambda: dlfs.network(
+            0,
+            (4, 4),
+            [
+                dlfs.layer_norm(eps=n),
+                dlfs.self_attention(size),
+                dlfs.positional_embedding(size),
+            ],
+            dlfs.MeanSquaredError(),
+        ),
+        "tied_spec": lambda: dlfs.tied_embedding(size, 4),
+        "scaled": lambda: dlfs.scaled(dlfs.normal, n)(np.random.default_rng(0), (2, 2)),
+        "decay_mask": lambda: dlfs.AdamW(weight_decay_mask=n),
+        "inits": lambda: (
+            dlfs.LayerNorm.init(size),
+            dlfs.SelfAttention.init(0, 4, size),
+            dlfs.PositionalEmbedding.init(0, size, 3),
+        ),
+    }
+    return calls[target]
+
+
+_TRANSFORMER_TARGETS = [
+    "layer_norm",
+    "layer_norm_bare",
+    "layer_norm_arrays",
+    "attention",
+    "attention_arrays",
+    "positions",
+    "residual",
+    "tied",
+    "gpt_forward",
+    "gpt_loss",
+    "generate",
+    "generate_n",
+    "generate_temperature",
+    "generate_top_k",
+    "windows",
+    "windows_n",
+    "specs",
+    "tied_spec",
+    "scaled",
+    "decay_mask",
+    "inits",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_transformer_api_fuzz(data):
+    """Odd arrays and numbers into the new layers and functions: a result or a clear
+    ValueError/TypeError, never an internal error; the inputs untouched."""
+    target = data.draw(st.sampled_from(_TRANSFORMER_TARGETS))
+    args = [data.draw(_trust_arrays()), data.draw(_trust_arrays()), data.draw(_TRUST_BAD_NUMBERS)]
+    before = [_snapshot(x) for x in args]
+    with np.errstate(all="ignore"):
+        try:
+            _transformer_call(target, *args)()
+        except (ValueError, TypeError) as err:
+            _assert_clear_error(err)
+    assert [_snapshot(x) for x in args] == before
+
+
+def test_self_attention_arrays_of_any_rank_are_checked():
+    for w_qkv in (np.zeros(()), np.zeros((4, 12))):
+        for w_o in (np.zeros(()), np.zeros(4), np.zeros((4, 4, 1))):
+            with pytest.raises(ValueError, match="w_o") as err:
+                dlfs.SelfAttention(w_qkv, w_o)
+            _assert_clear_error(err.value)
+
+
+def test_attention_dropout_needs_a_key_and_uses_it():
+    """Dropout on the attention weights: evaluation ignores it, training draws it
+    from the context's key (same key, same output; another key, another)."""
+    layer = dlfs.SelfAttention.init(0, 4, 2, dropout=0.5, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((3, 5, 4))
+    plain = dlfs.SelfAttention.init(0, 4, 2, dtype=np.float64).forward(x)[0]
+    assert layer.forward(x)[0].tobytes() == plain.tobytes()
+    a, b, c = (layer.forward(x, dlfs.train_context(k))[0] for k in (1, 1, 2))
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    assert a.tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="key"):
+        layer.forward(x, dlfs.Context(train=True))
+
+
 # ---------- losses: values, gradients, dtypes, stable tails, targets checked
 
 
