@@ -6625,45 +6625,53 @@ def binary_accuracy(logits: np.ndarray, target: np.ndarray) -> float:
 
 
 def confusion_matrix(
-    pred: np.ndarray, labels: np.ndarray, n_classes: int | None = None
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None
 ) -> np.ndarray:
-    """Counts C[i, j] = #{n : labels_n = i and pred_n = j}: rows are the true
-    classes, columns the predicted ones (scikit-learn's layout).
+    """Counts C[i, j] = #{n : y_true_n = i and y_pred_n = j}: rows are the true
+    classes, columns the predicted ones.  Same call and layout as scikit-learn's
+    ``confusion_matrix(y_true, y_pred)``: true labels first.
 
-    pred: class ids (N,) (e.g. ``net.predict_classes(x)``) or scores (N, K),
-    K > 1, whose argmax is taken; labels: integer labels (N,); ``n_classes``:
-    K (default: the scores' K, else the largest id + 1).  -> (K, K) int64.
+    y_true: integer labels (N,); y_pred: class ids (N,) (e.g.
+    ``net.predict_classes(x)``) or scores (N, K), K > 1, whose argmax is taken;
+    ``n_classes``: K (default: the scores' K, else the largest id + 1).
+    -> (K, K) int64.
 
-    >>> dlfs.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
+    >>> dlfs.confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]))
     array([[1, 0, 0],
            [0, 1, 0],
            [0, 1, 1]])
     """
-    _check_ndarray("pred", pred)
-    _check_ndarray("labels", labels)
-    if pred.dtype.kind == "f" and pred.ndim == 2 and pred.shape[1] > 1:
-        _check_finite("pred", pred)
-        k_scores: int | None = pred.shape[1]
-        pred = pred.argmax(axis=1)
-    elif pred.dtype.kind in "iu" and pred.ndim == 1:
+    _check_ndarray("y_true", y_true)
+    _check_ndarray("y_pred", y_pred)
+    if y_true.dtype.kind == "f" and y_true.ndim == 2 and y_pred.dtype.kind in "iu":
+        raise TypeError(
+            f"y_true must be integer labels (N,), got {y_true.dtype} scores of shape "
+            f"{y_true.shape}: the arguments are (y_true, y_pred), true labels first, as in "
+            "scikit-learn; write confusion_matrix(labels, scores)"
+        )
+    if y_pred.dtype.kind == "f" and y_pred.ndim == 2 and y_pred.shape[1] > 1:
+        _check_finite("y_pred", y_pred)
+        k_scores: int | None = y_pred.shape[1]
+        y_pred = y_pred.argmax(axis=1)
+    elif y_pred.dtype.kind in "iu" and y_pred.ndim == 1:
         k_scores = None
     else:
         raise TypeError(
-            f"pred must be integer class ids (N,) or float scores (N, K) with K > 1, got "
-            f"{pred.dtype} of shape {pred.shape}; for one binary logit per row pass "
+            f"y_pred must be integer class ids (N,) or float scores (N, K) with K > 1, got "
+            f"{y_pred.dtype} of shape {y_pred.shape}; for one binary logit per row pass "
             "net.predict_classes(x)"
         )
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integer labels, got dtype {labels.dtype}")
-    if labels.shape != pred.shape:
+    if y_true.dtype.kind not in "iu":
+        raise TypeError(f"y_true must be integer labels, got dtype {y_true.dtype}")
+    if y_true.shape != y_pred.shape:
         raise ValueError(
-            f"labels must be integer labels of shape {pred.shape} (one per prediction), "
-            f"got {labels.dtype} of shape {labels.shape}"
+            f"y_true must be integer labels of shape {y_pred.shape} (one per prediction), "
+            f"got {y_true.dtype} of shape {y_true.shape}"
         )
-    _check_nonempty("labels", labels)
-    if pred.min() < 0 or labels.min() < 0:
-        raise ValueError("pred and labels must be class ids >= 0")
-    needed = max(int(pred.max()), int(labels.max())) + 1
+    _check_nonempty("y_true", y_true)
+    if y_pred.min() < 0 or y_true.min() < 0:
+        raise ValueError("y_true and y_pred must be class ids >= 0")
+    needed = max(int(y_pred.max()), int(y_true.max())) + 1
     if n_classes is None:
         k = k_scores or needed
     else:
@@ -6674,7 +6682,7 @@ def confusion_matrix(
             )
         if k_scores is not None and k != k_scores:
             raise ValueError(f"n_classes must match the scores' K={k_scores}, got {k}")
-    flat = labels.astype(np.int64) * k + pred.astype(np.int64)
+    flat = y_true.astype(np.int64) * k + y_pred.astype(np.int64)
     counts = np.bincount(flat, minlength=k * k)
     return counts.reshape(k, k)
 

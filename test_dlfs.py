@@ -6829,26 +6829,36 @@ def test_confusion_matrix():
     want = np.zeros((3, 3), np.int64)
     for t, p in zip(labels, pred):
         want[t, p] += 1
-    got = dlfs.confusion_matrix(pred, labels)
+    got = dlfs.confusion_matrix(labels, pred)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(dlfs.confusion_matrix(y_true=labels, y_pred=pred), want)
     scores = np.eye(4, dtype=np.float32)[pred]  # K = 4 from the scores
-    np.testing.assert_array_equal(dlfs.confusion_matrix(scores, labels)[:3, :3], want)
-    assert dlfs.confusion_matrix(scores, labels).shape == (4, 4)
-    assert dlfs.confusion_matrix(pred.astype(np.uint8), labels, n_classes=5).shape == (5, 5)
+    np.testing.assert_array_equal(dlfs.confusion_matrix(labels, scores)[:3, :3], want)
+    assert dlfs.confusion_matrix(labels, scores).shape == (4, 4)
+    assert dlfs.confusion_matrix(labels, pred.astype(np.uint8), n_classes=5).shape == (5, 5)
     for args, exc, words in [
-        ((pred, labels, 2), ValueError, r"n_classes must be at least 3"),
-        ((scores, labels, 5), ValueError, "match the scores' K=4"),
-        ((pred.astype(float), labels), TypeError, r"pred must be integer class ids"),
-        ((scores[:, :1], labels), TypeError, r"predict_classes"),
-        ((pred, labels[:3]), ValueError, r"labels must be integer labels of shape \(7,\)"),
-        ((pred, labels.astype(float)), TypeError, "labels must be integer"),
-        ((pred - 1, labels), ValueError, ">= 0"),
-        ((pred.tolist(), labels), TypeError, "pred must be a numpy array"),
-        ((pred[:0], labels[:0]), ValueError, "labels must not be empty"),
+        ((labels, pred, 2), ValueError, r"n_classes must be at least 3"),
+        ((labels, scores, 5), ValueError, "match the scores' K=4"),
+        ((labels, pred.astype(float)), TypeError, r"y_pred must be integer class ids"),
+        ((labels, scores[:, :1]), TypeError, r"predict_classes"),
+        ((labels[:3], pred), ValueError, r"y_true must be integer labels of shape \(7,\)"),
+        ((labels.astype(float), pred), TypeError, "y_true must be integer"),
+        ((labels, pred - 1), ValueError, ">= 0"),
+        ((labels, pred.tolist()), TypeError, "y_pred must be a numpy array"),
+        ((labels[:0], pred[:0]), ValueError, "y_true must not be empty"),
     ]:
         with pytest.raises(exc, match=words):
             dlfs.confusion_matrix(*args)
+
+
+def test_confusion_matrix_takes_scikit_learns_order():
+    # rows are the true class, as sklearn.metrics.confusion_matrix(y_true, y_pred)
+    y_true, y_pred = np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1])
+    np.testing.assert_array_equal(dlfs.confusion_matrix(y_true, y_pred), [[1, 2], [0, 1]])
+    scores = np.eye(2, dtype=np.float32)[y_pred]
+    with pytest.raises(TypeError, match=r"\(y_true, y_pred\), true labels first"):
+        dlfs.confusion_matrix(scores, y_true)  # the old (pred, labels) order
 
 
 @pytest.mark.parametrize("dtype", ["<U1", "S1", "complex128", "datetime64[D]", "object"])
@@ -6864,8 +6874,8 @@ def test_accuracy_refuses_non_numeric_targets(dtype):
         dlfs.binary_accuracy(scores[:, 0], labels)
     with pytest.raises(TypeError, match="target must be"):
         dlfs.accuracy(scores[:, :1], labels[:, None])
-    with pytest.raises(TypeError, match="labels must be integer labels, got dtype"):
-        dlfs.confusion_matrix(scores, labels)
+    with pytest.raises(TypeError, match="y_true must be integer labels, got dtype"):
+        dlfs.confusion_matrix(labels, scores)
     assert dlfs.accuracy(scores, np.array([[1, 0, 0], [0, 1, 0]], bool)) == 1.0
 
 
@@ -6880,11 +6890,11 @@ def test_metric_edge_cases():
 def test_confusion_matrix_class_count_edges():
     pred, labels = np.array([0, 0, 1]), np.array([0, 2, 1])  # the largest id is a label
     np.testing.assert_array_equal(
-        dlfs.confusion_matrix(pred, labels), [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
+        dlfs.confusion_matrix(labels, pred), [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
     )
-    assert dlfs.confusion_matrix(pred, labels, n_classes=3).shape == (3, 3)  # exactly enough
+    assert dlfs.confusion_matrix(labels, pred, n_classes=3).shape == (3, 3)  # exactly enough
     with pytest.raises(ValueError, match="n_classes must be at least 3"):
-        dlfs.confusion_matrix(pred, labels, n_classes=2)
+        dlfs.confusion_matrix(labels, pred, n_classes=2)
 
 
 # -------------------------- data utilities: to_2d, one_hot, permute, batches
