@@ -7242,8 +7242,12 @@ class Checkpoint:
     shapes and dtypes); ``opt_state``:
     the saved OptState or None (use ``opt_state_for(optimizer)`` to check it
     against an optimizer); ``meta``: the JSON-decoded ``meta`` given to
-    ``save`` (tuples come back as lists), ``{}`` if none; ``best``: the best
-    network so far of an early-stopping ``fit`` checkpoint, else None;
+    ``save`` (tuples come back as lists), ``{}`` if none; ``best``: in a
+    checkpoint ``fit`` wrote while validating (with or without early stopping),
+    the network of the evaluated epoch with the lowest validation loss so far
+    (``meta["dlfs.fit"]["best_epoch"]``) when it is not ``net`` itself; None
+    when it is, before the first evaluation (an untrained network is never
+    "best"), without validation, and for ``save``'s own checkpoints;
     ``version``/``dlfs_version``: the file format and the dlfs that wrote it.
 
     >>> import os, tempfile
@@ -7973,7 +7977,7 @@ def _save_fit(path: str, run: _FitRun, plan: _FitPlan, running: np.ndarray) -> N
         "bad": run.bad,
     }
     nets = {"net": state.net}
-    if plan.validation is not None and run.best is not state.net:
+    if h.best_epoch is not None and run.best is not state.net:  # only an evaluated best
         nets["best"] = run.best
     _save(path, nets, state.opt_state, {_FIT_META: record})
 

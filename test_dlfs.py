@@ -5791,6 +5791,20 @@ def test_interrupt_from_the_callback_checkpoints_first_and_equals_a_shorter_run(
     assert (saved["epoch"], saved["batch"], saved["stop_reason"]) == (2, 0, "interrupted")
 
 
+def test_a_checkpoint_holds_no_best_network_before_the_first_evaluation(tmp_path, monkeypatch):
+    # validation without early stopping, Ctrl-C in epoch 1: nothing was evaluated, so
+    # the untrained input network must not come back as "best"
+    net, opt = _i11_net(), dlfs.Adam(1e-2)
+    x, y = _trust_fit_data()
+    path = tmp_path / "run.npz"
+    _i11_interrupt_source(monkeypatch, 3)
+    with pytest.warns(UserWarning, match="interrupted"):
+        dlfs.fit(net, opt, x, y, epochs=3, validation=(x, y), checkpoint=path, **_I11_KW)
+    ckpt = dlfs.load(path)
+    assert ckpt.meta["dlfs.fit"]["best_epoch"] is None and ckpt.best is None
+    assert "best" not in repr(ckpt)
+
+
 def test_interrupted_checkpoint_resumes_bit_identically_mid_epoch(tmp_path, monkeypatch):
     net, opt = _i11_net(), dlfs.Adam(1e-2)
     x, y = _trust_fit_data()
