@@ -415,9 +415,38 @@ class _ArrayRecord:
 
     __slots__ = ()
     __getstate__: Callable[[], dict[str, Any]]  # what attrs gives its slotted classes
+    # A layer's builders from sizes, (spec inside network, classmethod), for the
+    # Keras habit ``LSTM(64)``: "{sizes}" becomes the numbers the caller gave.
+    _BUILDERS: tuple[str, str] | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls._BUILDERS is not None and _sizes_not_arrays(cls, args, kwargs):
+            raise TypeError(_sizes_hint(cls, args, kwargs))
+        return super().__new__(cls)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _restore_record, (type(self), self.__getstate__())  # attrs' field dict
+
+
+def _sizes_not_arrays(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a layer class is called Keras-style: a size first (``LSTM(64)``), or
+    none of its fields at all (``BatchNorm()``, ``LSTM(units=64)``)."""
+    if args:
+        return isinstance(args[0], (int, np.integer)) and not isinstance(args[0], bool)
+    return not set(kwargs) & set(_field_names(cls))
+
+
+def _sizes_hint(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The fix for ``LSTM(64)`` (sizes where a layer class takes weight arrays)."""
+    spec, init = cls._BUILDERS
+    given = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    arrays = ", ".join(f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING)
+    return (
+        f"dlfs.{cls.__name__}(...) must be given its weight arrays ({arrays}), got "
+        f"{cls.__name__}({given}); inside dlfs.network(...) write "
+        f"{spec.format(sizes=given if args else '...')} (it infers the input size), or "
+        f"draw the weights with {init.format(sizes=given if args else '...')}"
+    )
 
 
 def _restore_record(cls: type, state: dict[str, Any]) -> Any:
@@ -1364,6 +1393,8 @@ class BatchNorm(_ArrayRecord):
     ([0.2, 2.0], [0.0, 0.0])
     """
 
+    _BUILDERS = ("dlfs.batch_norm()", "dlfs.BatchNorm.init({sizes})")
+
     _PARAMS = ("gamma", "beta")  # the fields params() returns, in order
 
     gamma: np.ndarray = attrs.field(converter=_frozen_field)
@@ -1517,6 +1548,8 @@ class Embedding(_ArrayRecord):
     >>> y.shape, bool((y[0, 0] == emb.w[1]).all())
     ((2, 3, 4), True)
     """
+
+    _BUILDERS = ("dlfs.embedding({sizes})", "dlfs.Embedding.init(key, {sizes})")
 
     _PARAMS = ("w",)  # the fields params() returns, in order
 
@@ -1908,6 +1941,8 @@ class RNN(_Recurrent):
     ((2, 5, 8), (2, 8), True)
     """
 
+    _BUILDERS = ("dlfs.rnn({sizes})", "dlfs.RNN.init(key, n_in, {sizes})")
+
     def _steps(
         self, a: np.ndarray, state: tuple, w_hh: np.ndarray
     ) -> tuple[np.ndarray, tuple, Any]:
@@ -1954,6 +1989,8 @@ class LSTM(_Recurrent):
     >>> ys.shape, h.shape, c.shape
     ((2, 3, 16), (2, 16), (2, 16))
     """
+
+    _BUILDERS = ("dlfs.lstm({sizes})", "dlfs.LSTM.init(key, n_in, {sizes})")
 
     _GATES = 4
     _STATES = 2
@@ -2051,6 +2088,8 @@ class GRU(_Recurrent):
     >>> ys.shape, dx.shape, [g.shape for g in grads]
     ((2, 5, 4), (2, 5, 3), [(3, 12), (4, 12), (12,), (4,)])
     """
+
+    _BUILDERS = ("dlfs.gru({sizes})", "dlfs.GRU.init(key, n_in, {sizes})")
 
     _GATES = 3
     _EXTRA_BIASES = 1
@@ -2802,6 +2841,8 @@ class Conv2D(_ArrayRecord):
     >>> dlfs.Conv2D.init(0, 1, 4, (3, 3), stride=2).output_shape((1, 8, 8))  # (8 - 3) // 2 + 1
     (4, 3, 3)
     """
+
+    _BUILDERS = ("dlfs.conv2d({sizes})", "dlfs.Conv2D.init(key, c_in, {sizes})")
 
     _PARAMS = ("w", "b")  # the fields params() returns, in order
 
@@ -4161,21 +4202,72 @@ def network(
         raise TypeError(f"layers must be a list of layers or specs, got {type(layers).__name__}")
     built: list[Any] = []
     for i, (item, sub) in enumerate(zip(layers, split(key, max(len(layers), 1)))):
-        if isinstance(item, LayerSpec):  # it has a build method
-            try:
-                new, shape = item.build(sub, shape, dtype)
-            except ValueError as err:
-                raise ValueError(f"layers[{i}] ({type(item).__name__}): {err}") from None
-            built.extend(new)
-        elif _is_layer(item):
-            built.append(item)
-            shape = _chain_shapes([item], shape)[-1]
-        else:
+        if not (isinstance(item, LayerSpec) or _is_layer(item)):
             raise TypeError(
                 f"layers[{i}] must be a layer or a spec such as dlfs.dense(10), got {item!r}"
                 + _not_called(item)
             )
-    return Network(built, loss, _as_shape("input_shape", input_shape))
+        where, hint = f"layers[{i}] ({type(item).__name__})", _channels_last_hint(input_shape)
+        if not built and hint and isinstance(item, (Conv2DSpec, Conv2D)):
+            raise ValueError(f"{where}: input_shape must be channels-first (C, H, W){hint}")
+        try:
+            if isinstance(item, LayerSpec):  # it has a build method
+                new, shape = item.build(sub, shape, dtype)
+            else:
+                new, shape = (item,), tuple(item.output_shape(shape))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}{hint if not built else ''}") from None
+        built.extend(new)
+    net = Network(built, loss, _as_shape("input_shape", input_shape))
+    _check_head(net)
+    return net
+
+
+def _channels_last_hint(input_shape: Any) -> str:
+    """For a first layer that refuses ``input_shape``: the fix if it reads as one
+    channels-last image (H, W, C)."""
+    shape = _as_shape("input_shape", input_shape)
+    if len(shape) != 3 or shape[2] not in (1, 3, 4) or min(shape[:2]) <= 4:
+        return ""
+    first = (shape[2], shape[0], shape[1])
+    return (
+        f"; input_shape {shape} looks channels-last (H, W, C): dlfs wants images "
+        f"channels-first, input_shape={first}, with x of shape (N, {', '.join(map(str, first))})"
+        " (x.transpose(0, 3, 1, 2))"
+    )
+
+
+def _last_layer(layers: Sequence[Any]) -> Any:
+    """The last layer that computes something (shape-only layers such as Flatten
+    and Dropout skipped), or None."""
+    for layer in reversed(layers):
+        if not isinstance(layer, (Flatten, Dropout)):
+            return layer
+    return None
+
+
+def _check_head(net: Network) -> None:
+    """Refuse the Keras reflex of an output activation before a loss that takes
+    logits (it trains badly, silently), and softmax over a single output."""
+    loss = type(net.loss).__name__
+    if not isinstance(net.loss, (SoftmaxCrossEntropy, BinaryCrossEntropy)):
+        return
+    last = _last_layer(net.layers)
+    if isinstance(last, (Sigmoid, Softmax)):
+        act, k = type(last).__name__, net.output_shape[-1] if net.output_shape else 1
+        raise ValueError(
+            f"layers must end in logits for {loss}, but the last layer is {act}(): the "
+            f"loss applies the {act.lower()} itself (stably) and works on logits; drop "
+            f"the final {act}() (end in dlfs.dense({k}) alone) and use "
+            f"net.predict_proba(x) for probabilities"
+        )
+    if isinstance(net.loss, SoftmaxCrossEntropy) and net.output_shape[-1:] == (1,):
+        raise ValueError(
+            "layers must end in at least 2 outputs for SoftmaxCrossEntropy (a softmax "
+            "over one output is always 1, so nothing trains), got output shape "
+            f"{net.output_shape}: use dense(2) with SoftmaxCrossEntropy (labels 0 and 1), "
+            "or dense(1) with BinaryCrossEntropy"
+        )
 
 
 # -------------------------------------------------- optimizers and schedules
@@ -6445,6 +6537,7 @@ def fit(
     """
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    _check_head(net)
     ranks = _Ranks.of(comm)
     optimizer = _fit_optimizer(optimizer, comm)
     epochs = _check_int("epochs", epochs)

@@ -5487,6 +5487,106 @@ def test_common_mistakes_name_the_argument_and_the_fix(case, exc, names, fix):
     _assert_clear_error(info.value)
 
 
+def _i21_hand_built_sigmoid_bce():
+    layers = (dlfs.Dense.init(0, 4, 1), dlfs.Sigmoid())
+    net = dlfs.Network(layers, dlfs.BinaryCrossEntropy(), (4,))  # building it is allowed
+    x = np.ones((6, 4), np.float32)
+    return dlfs.fit(net, dlfs.SGD(), x, np.ones((6, 1), np.float32), epochs=1)
+
+
+_I21_MISTAKES = {
+    # name: (call, exception, what the message names, the fix it gives)
+    "sigmoid before BCE": (
+        lambda: dlfs.network(0, 4, [dlfs.dense(1, dlfs.Sigmoid())], dlfs.BinaryCrossEntropy()),
+        ValueError,
+        "the last layer is Sigmoid(): the loss applies the sigmoid itself",
+        "drop the final Sigmoid() (end in dlfs.dense(1) alone) and use net.predict_proba(x)",
+    ),
+    "softmax before SCE": (
+        lambda: dlfs.network(
+            0, 4, [dlfs.dense(10), dlfs.Softmax(), dlfs.Dropout(0.5)], dlfs.SoftmaxCrossEntropy()
+        ),
+        ValueError,
+        "layers must end in logits for SoftmaxCrossEntropy, but the last layer is Softmax()",
+        "drop the final Softmax() (end in dlfs.dense(10) alone)",
+    ),
+    "sigmoid before BCE, hand-built, in fit": (
+        _i21_hand_built_sigmoid_bce,
+        ValueError,
+        "layers must end in logits for BinaryCrossEntropy",
+        "predict_proba",
+    ),
+    "SCE on one output": (
+        lambda: dlfs.network(0, 4, [dlfs.dense(1)], dlfs.SoftmaxCrossEntropy()),
+        ValueError,
+        "at least 2 outputs for SoftmaxCrossEntropy",
+        "use dense(2) with SoftmaxCrossEntropy (labels 0 and 1), or dense(1) with BinaryCrossEntropy",
+    ),
+    "Conv2D(8, 3)": (
+        lambda: dlfs.Conv2D(8, 3),
+        TypeError,
+        "dlfs.Conv2D(...) must be given its weight arrays (w, b), got Conv2D(8, 3)",
+        "write dlfs.conv2d(8, 3) (it infers the input size), or draw the weights with "
+        "dlfs.Conv2D.init(key, c_in, 8, 3)",
+    ),
+    "LSTM(64)": (
+        lambda: dlfs.LSTM(64, return_sequences=True),
+        TypeError,
+        "dlfs.LSTM(...) must be given its weight arrays (w_ih, w_hh, b)",
+        "dlfs.lstm(64, return_sequences=True)",
+    ),
+    "RNN(64)": (lambda: dlfs.RNN(64), TypeError, "got RNN(64)", "dlfs.rnn(64)"),
+    "GRU(64)": (lambda: dlfs.GRU(64), TypeError, "(w_ih, w_hh, b, b_hn)", "dlfs.gru(64)"),
+    "Embedding(100, 8)": (
+        lambda: dlfs.Embedding(100, 8),
+        TypeError,
+        "got Embedding(100, 8)",
+        "dlfs.embedding(100, 8) (it infers the input size), or draw the weights with "
+        "dlfs.Embedding.init(key, 100, 8)",
+    ),
+    "BatchNorm(8)": (lambda: dlfs.BatchNorm(8), TypeError, "got BatchNorm(8)", "batch_norm()"),
+    "BatchNorm()": (lambda: dlfs.BatchNorm(), TypeError, "(gamma, beta, mean, var)", "init(...)"),
+    "bad ready layer's real index": (
+        lambda: dlfs.network(
+            0, 4, [dlfs.dense(3), dlfs.ReLU(), dlfs.MaxPool2D(2)], dlfs.MeanSquaredError()
+        ),
+        ValueError,
+        "layers[2] (MaxPool2D): MaxPool2D expects images",
+        "reshape flat inputs",
+    ),
+    "channels-last input_shape": (
+        lambda: dlfs.network(0, (28, 28, 1), [dlfs.conv2d(8, 3)], dlfs.MeanSquaredError()),
+        ValueError,
+        "input_shape (28, 28, 1) looks channels-last",
+        "input_shape=(1, 28, 28), with x of shape (N, 1, 28, 28) (x.transpose(0, 3, 1, 2))",
+    ),
+    "channels-last RGB input_shape that would build": (
+        lambda: dlfs.network(0, (28, 28, 3), [dlfs.conv2d(8, 3)], dlfs.MeanSquaredError()),
+        ValueError,
+        "input_shape must be channels-first (C, H, W); input_shape (28, 28, 3) looks",
+        "input_shape=(3, 28, 28)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_I21_MISTAKES))
+def test_everyday_mistakes_round_two(case):
+    call, exc, names, fix = _I21_MISTAKES[case]
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    assert names in message and fix in message, message
+    _assert_clear_error(info.value)
+
+
+def test_logit_loss_heads_that_stay_allowed():
+    sce, bce = dlfs.SoftmaxCrossEntropy(), dlfs.BinaryCrossEntropy()
+    dlfs.network(0, 4, [dlfs.dense(3, dlfs.Sigmoid()), dlfs.dense(2)], sce)  # hidden sigmoid
+    dlfs.network(0, 4, [dlfs.dense(1, dlfs.Sigmoid())], dlfs.MeanSquaredError())
+    dlfs.network(0, (3, 5, 5), [dlfs.conv2d(2, 3), dlfs.Flatten(), dlfs.dense(1)], bce)
+    dlfs.network(0, (28, 28, 1), [dlfs.Flatten(), dlfs.dense(2)], sce)  # no convolution
+
+
 def test_input_hints_only_where_they_fit():
     rgb = dlfs.network(0, (3, 4, 4), [dlfs.Flatten(), dlfs.dense(2)], dlfs.MeanSquaredError())
     with pytest.raises(ValueError, match=r"must have shape \(N, 3, 4, 4\), got \(6, 4, 4\)$"):
