@@ -7002,7 +7002,20 @@ def _check_mnist(data: dict[str, np.ndarray], source: str) -> dict[str, np.ndarr
 
 def _mnist_from_npz(path: str) -> dict[str, np.ndarray]:
     # Open the file ourselves: np.load(path) leaks its handle when a damaged zip fails.
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head != b"PK\x03\x04":  # not a zip: a CSV, an image, a single IDX file, ...
+            raise ValueError(
+                f"path must be MNIST as an .npz (a zip of x_train, y_train, x_test, y_test) "
+                f"or a folder of the four IDX files; {path!r} is neither (it starts with "
+                f"{head!r}); leave path out to download MNIST"
+            )
+        return _mnist_from_zip(path, f)
+
+
+def _mnist_from_zip(path: str, f: Any) -> dict[str, np.ndarray]:
+    with np.load(f, allow_pickle=False) as z:
         missing = [k for k in _MNIST_FILES if k not in z.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(z.files)}")
@@ -7062,30 +7075,55 @@ def _download_mnist(folder: str) -> str:
     """The four ``.gz`` files in ``folder`` with their published md5s, fetched from the
     mirrors in turn when missing or damaged.  ValueError on a checksum mismatch,
     OSError when no mirror answers; a bad file is never kept."""
+    made = _missing_folders(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        _download_mnist_files(folder)
+    except BaseException:
+        for path in made:  # deepest first: leave no empty cache folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
+    return folder
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def _download_mnist_files(folder: str) -> None:
     import http.client
     import urllib.error
 
-    os.makedirs(folder, exist_ok=True)
     for base in _MNIST_FILES.values():
         name = f"{base}.gz"
         dest = os.path.join(folder, name)
         if os.path.isfile(dest) and _md5_of(dest) == _MNIST_MD5[name]:
             continue
-        errors: list[Exception] = []
+        errors: list[tuple[str, Exception]] = []
         for prefix in _MNIST_MIRRORS:
+            url = prefix.rstrip("/") + "/" + name
             try:
-                _fetch(prefix.rstrip("/") + "/" + name, dest, _MNIST_MD5[name])
+                _fetch(url, dest, _MNIST_MD5[name])
                 break
             # URLError/HTTPError/timeouts are OSErrors; IncompleteRead is an HTTPException.
             except (OSError, ValueError, http.client.HTTPException) as err:
                 if isinstance(err, urllib.error.HTTPError):
                     err.close()  # an HTTPError holds the open response
-                errors.append(err)
+                errors.append((url, err))
         else:
-            detail = "; ".join(str(e) for e in errors)
-            kind = ValueError if all(isinstance(e, ValueError) for e in errors) else OSError
-            raise kind(f"could not download {name} into {folder}: {detail}")
-    return folder
+            detail = "; ".join(f"{url}: {e}" for url, e in errors)
+            kind = ValueError if all(isinstance(e, ValueError) for _, e in errors) else OSError
+            raise kind(
+                f"could not download {name} into {folder} (tried {detail}); offline? load a "
+                f'copy you have: dlfs.load_mnist("mnist.npz") (or a folder of the IDX files; '
+                f"the examples take it as --data PATH)"
+            )
 
 
 def load_mnist(

@@ -7155,7 +7155,7 @@ def test_mnist_corrupt_download_is_not_cached(_mnist_server, tmp_path, monkeypat
     monkeypatch.setattr(dlfs, "_MNIST_MD5", published)
     with pytest.raises(ValueError, match="checksum mismatch"):
         dlfs.load_mnist(cache_dir=tmp_path / "cache2")
-    assert list((tmp_path / "cache2").iterdir()) == []
+    assert not (tmp_path / "cache2").exists()  # nothing cached: no empty folder either
 
 
 def test_mnist_damaged_cache_file_is_downloaded_again(_mnist_server, tmp_path):
@@ -7178,9 +7178,35 @@ def test_mnist_unreachable_mirror_falls_back_then_errors(_mnist_server, tmp_path
     monkeypatch.setattr(dlfs, "_MNIST_MIRRORS", (missing, url))
     _mnist_equal(dlfs.load_mnist(cache_dir=tmp_path / "c1"), arrays)
     monkeypatch.setattr(dlfs, "_MNIST_MIRRORS", (missing,))
-    with pytest.raises(OSError, match="could not download train-images"):
-        dlfs.load_mnist(cache_dir=tmp_path / "c2")
-    assert list((tmp_path / "c2").iterdir()) == []
+    with pytest.raises(OSError, match="could not download train-images") as info:
+        dlfs.load_mnist(cache_dir=tmp_path / "c2" / "mnist")
+    # the URLs tried, the offline fix, and no empty cache folders left behind
+    assert f"tried {missing}train-images-idx3-ubyte.gz: " in str(info.value)
+    assert 'dlfs.load_mnist("mnist.npz")' in str(info.value) and "--data" in str(info.value)
+    assert "pickle" not in str(info.value) and not (tmp_path / "c2").exists()
+
+
+def test_mnist_from_a_file_that_is_not_mnist_says_what_was_expected(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("label,pixel0\n5,0\n")
+    with pytest.raises(ValueError) as info:
+        dlfs.load_mnist(csv)
+    message = str(info.value)
+    assert "an .npz (a zip of x_train, y_train, x_test, y_test)" in message
+    assert "folder of the four IDX files" in message and "pickle" not in message.lower()
+    _assert_clear_error(info.value)
+
+
+def test_mnist_examples_print_a_download_failure_as_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dlfs, "_MNIST_MIRRORS", ("http://127.0.0.1:9/",))  # refused at once
+    monkeypatch.setenv("DLFS_DATA", str(tmp_path / "data"))
+    for name in ("mnist_mlp", "mnist_cnn", "mnist_lstm"):
+        with pytest.raises(SystemExit) as info:
+            _example(name, monkeypatch).main(["--epochs", "1"])
+        text = str(info.value.code)
+        assert text.startswith(f"{name}.py: could not download") and "\n" not in text
+        assert "--data PATH" in text
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("gz", [False, True])

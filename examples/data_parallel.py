@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
 
     comm = MPI.COMM_WORLD
     rank, ranks = comm.Get_rank(), comm.Get_size()
-    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    try:
+        (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
     steps = args.epochs * -(-len(x_train) // args.batch_size)
     net, optimizer = build("default", args.seed, steps)

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # float32 (N, 1, 28, 28) in [0, 1], int64 labels; standardized, then (N, 28, 28):
     # 28 steps of one row each
-    (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    try:
+        (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     x_all = (x_all[:, 0] - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     x_test = (x_test[:, 0] - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     n_train = len(x_all) - args.holdout

@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batch_size = args.batch_size or (32 if tutorial else 128)
 
     # float32 (N, 784) in [0, 1], int64 labels; downloads and caches when --data is not given
-    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    try:
+        (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     if not 0 < args.val_size < len(x_train):
         parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
     x_fit, y_fit = x_train[: -args.val_size], y_train[: -args.val_size]

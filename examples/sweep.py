@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.workers is not None and (args.workers < 1 or args.scheduler is not None):
         parser.error("--workers must be >= 1, and not given with --scheduler")
 
-    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    try:
+        (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     if not 0 < args.val_size < len(x_train):
         parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
     n_fit = len(x_train) - args.val_size
