@@ -87,7 +87,16 @@ import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Literal,
+    Protocol,
+    TypeGuard,
+    TypeVar,
+    cast,
+    runtime_checkable,
+)
 
 import attrs
 import numpy as np
@@ -229,6 +238,38 @@ Params = tuple[np.ndarray, ...]
 NetParams = tuple[Params, ...]
 FloatDType = type[np.float32] | type[np.float64] | np.dtype | str  # np.float32, "float64", ...
 
+# Names Keras and PyTorch users reach for, and the dlfs way (see __getattr__).
+_OTHER_NAMES = {
+    **{
+        name: f"activations are layers in dlfs: dlfs.{cls}() (e.g. dlfs.dense(64, dlfs.{cls}()))"
+        for name, cls in [
+            ("relu", "ReLU"),
+            ("sigmoid", "Sigmoid"),
+            ("tanh", "Tanh"),
+            ("softmax", "Softmax"),
+            ("gelu", "GELU"),
+            ("elu", "ELU"),
+            ("silu", "SiLU"),
+            ("swish", "SiLU"),
+            ("leaky_relu", "LeakyReLU"),
+        ]
+    },
+    **{
+        name: "dlfs builds a model with dlfs.network(key, input_shape, [layers...], loss)"
+        for name in ("Sequential", "Model", "Module")
+    },
+}
+
+if not TYPE_CHECKING:  # invisible to type checkers, so a typo still shows there
+
+    def __getattr__(name: str) -> Any:
+        """``dlfs.relu`` and other names from Keras/PyTorch: an AttributeError
+        that says the dlfs way; any other unknown name: Python's usual one."""
+        fix = _OTHER_NAMES.get(name)
+        if fix is None:
+            raise AttributeError(f"module 'dlfs' has no attribute {name!r}")
+        raise AttributeError(f"module 'dlfs' has no attribute {name!r}: {fix}")
+
 # ---------------------------------------------------------------- validation
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -302,13 +343,15 @@ def _check_xy(x: np.ndarray, y: Any, prefix: str = "") -> None:
     """``y`` is an array with one row per row of ``x`` (x already checked)."""
     _check_ndarray(f"{prefix}y", y)
     if y.ndim == 0 or len(y) != len(x):
+        rows = f"{len(y)} in y" if y.ndim else "y is a scalar"
         raise ValueError(
-            f"{prefix}x and y must have the same length (rows), got x of shape "
-            f"{x.shape} and y of shape {y.shape}"
+            f"{prefix}x and y must have the same length (one target per sample), got "
+            f"{len(x)} rows in x and {rows} (x of shape {x.shape}, y of shape {y.shape})"
         )
 
 
-def _check_finite(name: str, x: np.ndarray) -> None:
+def _check_finite(name: str, x: np.ndarray, first_row: int = 0) -> None:
+    """ValueError naming the rows (numbered from ``first_row``) with NaN or inf."""
     # Rows in chunks of about 1M elements: a whole-array mask would be a
     # (transient) bool copy of a whole dataset, a quarter of its float32 size.
     if x.ndim == 0 or x.size <= 1 << 20:
@@ -317,7 +360,17 @@ def _check_finite(name: str, x: np.ndarray) -> None:
         rows = max(1, (1 << 20) // (x.size // len(x)))
         chunks = (x[i : i + rows] for i in range(0, len(x), rows))
     if not all(np.isfinite(c).all() for c in chunks):
-        raise ValueError(f"{name} contains NaN or inf; it must be finite")
+        raise ValueError(f"{name} contains NaN or inf{_bad_rows(x, first_row)}; it must be finite")
+
+
+def _bad_rows(x: np.ndarray, first_row: int) -> str:
+    """Where a non-finite array has NaN/inf: " in rows 3, 7 (of 20)" (the first five)."""
+    if x.ndim == 0:
+        return ""
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) + first_row
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    count = "" if first_row else f" ({len(bad)} of {len(x)} rows)"  # a chunk's count misleads
+    return f" in row{'s' if len(bad) > 1 else ''} {shown}{count}"
 
 
 def _check_input(
@@ -4088,7 +4141,7 @@ class Network:
         out = np.empty((len(x), *self.output_shape), dtype=self._forward(x[:1], EVAL)[0].dtype)
         for start in range(0, len(x), batch_size):
             chunk = x[start : start + batch_size]
-            _check_finite("x", chunk)  # per chunk: the rows are still in cache for the GEMM
+            _check_finite("x", chunk, start)  # per chunk: still in cache for the GEMM
             out[start : start + batch_size] = self._forward(chunk, EVAL)[0]
         return out
 
@@ -4117,6 +4170,14 @@ class Network:
 
     def _repr_html_(self) -> str:
         return self.summary()._repr_html_()
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Not a method (Keras's ``model.fit`` trains in place; a dlfs network never
+        changes): raises a TypeError that shows ``dlfs.fit(net, optimizer, x, y, ...)``."""
+        raise TypeError(
+            "Network.fit must not be used: a dlfs network never changes in place; train with "
+            "trained, history = dlfs.fit(net, dlfs.Adam(), x, y, epochs=10) and use `trained`"
+        )
 
     def _classifier(self, what: str) -> str:
         """How this network's outputs become probabilities: "softmax" or "sigmoid"."""
@@ -4560,6 +4621,23 @@ def _finish(new_params: NetParams) -> NetParams:
     return _tree_map(_freeze_new, new_params)
 
 
+class _Optimizer:
+    """Base of the dlfs optimizer classes: Keras's ``learning_rate=`` gets a message
+    naming ``lr`` (the book's and PyTorch's name) instead of Python's."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if "learning_rate" in kwargs:
+            rate = kwargs["learning_rate"]
+            raise TypeError(
+                f"{cls.__name__} must be given lr=, not learning_rate= (dlfs names it as the "
+                f"book and PyTorch do): dlfs.{cls.__name__}(lr={rate!r}), or "
+                f"dlfs.{cls.__name__}({rate!r})"
+            )
+        return super().__new__(cls)
+
+
 def _sgd_layer(ps: Params, gs: Params, lr: float, owned: bool) -> Params:
     """p - g * lr for each of a layer's arrays, read-only: written into g when
     ``owned`` (no new array), else into the fresh array g * lr."""
@@ -4573,7 +4651,7 @@ def _sgd_layer(ps: Params, gs: Params, lr: float, owned: bool) -> Params:
 
 
 @attrs.frozen
-class SGD:
+class SGD(_Optimizer):
     """Plain SGD (the book's): p <- p - lr * (g + wd * p).  ``lr`` may be a schedule.
 
     params, grads: one tuple of arrays per layer (``Network.params()``'s
@@ -4610,7 +4688,7 @@ class SGD:
 
 
 @attrs.frozen
-class Momentum:
+class Momentum(_Optimizer):
     """SGD with momentum (PyTorch): b <- mu b + g (b_1 = g), p <- p - lr b;
     Nesterov: p <- p - lr (g + mu b).  The velocity b is shaped like the params.
 
@@ -4670,7 +4748,7 @@ def Nesterov(  # noqa: N802
 
 
 @attrs.frozen
-class AdaGrad:
+class AdaGrad(_Optimizer):
     """AdaGrad (PyTorch): s <- s + g^2 (s_0 = 0), p <- p - lr g / (sqrt(s) + eps).
 
     s is shaped like the params; params and grads as for ``SGD``.
@@ -4709,7 +4787,7 @@ class AdaGrad:
 
 
 @attrs.frozen
-class RMSProp:
+class RMSProp(_Optimizer):
     """RMSProp (PyTorch, no bias correction): v <- a v + (1 - a) g^2,
     p <- p - lr g / (sqrt(v) + eps).  v is shaped like the params; params
     and grads as for ``SGD``.
@@ -4776,7 +4854,7 @@ def _beta_field(name: str, default: float) -> Any:
 
 
 @attrs.frozen
-class Adam:
+class Adam(_Optimizer):
     """Adam (PyTorch): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
     p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps).  ``weight_decay``
     is L2 (adds wd p to g) unless ``decoupled``, which is AdamW: p <- p (1 - lr wd)
@@ -5638,6 +5716,16 @@ class History:
     steps: int = 0
 
     @property
+    def history(self) -> dict[str, list[Any]]:
+        """The columns under Keras's keys, for code written against Keras's
+        ``History.history``: ``loss`` (training), and once anything was evaluated
+        ``val_loss`` and ``val_<metric>``, NaN where an epoch was not."""
+        columns = self.as_dict()
+        del columns["epoch"]
+        columns["loss"] = columns.pop("train_loss")
+        return {"loss": columns.pop("loss"), **columns}
+
+    @property
     def stopped_early(self) -> bool:
         """True when early stopping ended training."""
         return self.stop_reason == "early_stopping"
@@ -5745,6 +5833,10 @@ def _check_dataset(net: Network, x: Any, y: Any, prefix: str = "") -> None:
     xname, yname = f"{prefix}x", f"{prefix}y"
     net._check_x(x, xname)
     _check_finite(xname, x)
+    if type(y) is not np.ndarray and not isinstance(y, np.ndarray):  # a list, a pandas Series
+        raise TypeError(
+            f"{yname} must be a numpy array, got {type(y).__name__}; {_y_fix(net, y, yname)}"
+        )
     _check_xy(x, y, prefix)
     if y.dtype.kind not in "biuf":
         raise TypeError(f"{yname} must be a float or integer array, got dtype {y.dtype}")
@@ -5759,12 +5851,29 @@ def _check_dataset(net: Network, x: Any, y: Any, prefix: str = "") -> None:
         _check_other_targets(yname, y, net, x)
 
 
+def _y_fix(net: Network, y: Any, name: str) -> str:
+    """How to turn targets ``y`` given as a list or pandas object into the array
+    ``net``'s loss takes: int64 class labels, else floats of the network's dtype."""
+    var = name.split()[-1]  # "validation y" -> y
+    to = f"{var}.to_numpy" if hasattr(y, "to_numpy") else "np.asarray"
+    arg = "" if to.endswith("to_numpy") else f"{var}, "
+    if isinstance(net.loss, SoftmaxCrossEntropy):
+        return f"SoftmaxCrossEntropy takes class labels: convert with {to}({arg}dtype=np.int64)"
+    dtype = net.dtype or np.dtype(np.float32)
+    column = ".reshape(-1, 1)" if net.output_shape == (1,) and np.ndim(y) == 1 else ""
+    return (
+        f"{type(net.loss).__name__} takes float targets: convert with "
+        f"{to}({arg}dtype=np.{dtype}){column}"
+    )
+
+
 def _check_label_range(name: str, y: np.ndarray, k: int) -> None:
     lo, hi = y.min(), y.max()
     if lo < 0 or hi >= k:
+        hint = f": they look numbered from 1, pass {name} - 1" if (lo, hi) == (1, k) else ""
         raise ValueError(
             f"{name} labels must be in [0, {k}) for a network with {k} outputs, "
-            f"got values in [{lo}, {hi}]"
+            f"got values in [{lo}, {hi}]{hint}"
         )
 
 
@@ -6435,6 +6544,33 @@ def _fit_optimizer(optimizer: Any, comm: Any) -> Any:
     return optimizer
 
 
+# Keras's fit keywords and what dlfs.fit takes instead.
+_KERAS_FIT = {
+    "validation_data": "validation=(x_val, y_val)",
+    "validation_split": (
+        "validation=(x_val, y_val) with rows you hold out, e.g. x, y = dlfs.permute(0, x, y); "
+        "n = len(x) // 5; dlfs.fit(net, opt, x[n:], y[n:], validation=(x[:n], y[:n]), ...)"
+    ),
+    "callbacks": "callback=fn, one function called with each EpochRecord",
+    "learning_rate": "the optimizer's lr, e.g. dlfs.fit(net, dlfs.Adam(lr=1e-3), ...)",
+    "lr": "the optimizer's lr, e.g. dlfs.fit(net, dlfs.Adam(lr=1e-3), ...)",
+}
+
+
+def _fit_keyword_fix(name: str) -> str:
+    """fit's message for a keyword it does not take: the dlfs spelling of a Keras
+    keyword, else the closest of its own."""
+    import difflib
+    import inspect
+
+    if name in _KERAS_FIT:
+        return f"fit must not be given {name}= (a Keras keyword); dlfs takes {_KERAS_FIT[name]}"
+    known = [p for p in inspect.signature(fit).parameters if p != "unknown"]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f": did you mean {close[0]}=?" if close else f"; it takes {', '.join(known)}"
+    return f"fit got an unexpected keyword argument {name!r}, it must be one of its own{hint}"
+
+
 def fit(
     net: Network,
     optimizer: Optimizer,
@@ -6458,6 +6594,7 @@ def fit(
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
     comm: Comm | None = None,
+    **unknown: Any,
 ) -> tuple[Network, History]:
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
@@ -6523,6 +6660,10 @@ def fit(
     SIGINT raises KeyboardInterrupt on that rank, which aborts).  Dropout masks
     and BatchNorm batch statistics are per rank: see ``data_parallel_step``.
 
+    Any other keyword raises a TypeError with the dlfs spelling: Keras's
+    ``validation_data=``/``validation_split=`` (use ``validation=``),
+    ``callbacks=`` (``callback=``), a learning rate (the optimizer's ``lr``).
+
     >>> rng = dlfs.make_rng(0)
     >>> x = rng.standard_normal((200, 2), dtype=np.float32)
     >>> y = (x[:, 0] > x[:, 1]).astype(np.int64)  # two classes, split by a line
@@ -6535,6 +6676,8 @@ def fit(
     >>> trained.evaluate(x[150:], y[150:])["accuracy"] == history.val_metric[-1]
     True
     """
+    if unknown:
+        raise TypeError(_fit_keyword_fix(next(iter(unknown))))
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
     _check_head(net)

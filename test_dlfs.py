@@ -3856,7 +3856,7 @@ def test_bce_rejects_targets_outside_0_1_anywhere(bad):
 def test_loss_and_grads_checks_targets_as_the_loss_does(loss):
     """The fused in-place loss of a network refuses what the loss's forward
     refuses, with its message: a column (N,) for (N, 1), another dtype, N = 1 too."""
-    net = dlfs.network(0, 2, [dlfs.dense(1)], loss)
+    net = dlfs.Network([dlfs.Dense.init(0, 2, 1)], loss, (2,))  # network() refuses SCE on 1
     for n in (1, 3):
         x = np.ones((n, 2), np.float32)
         for y in (np.ones(n, np.float32), np.ones((n, 1))):
@@ -5566,7 +5566,145 @@ _I21_MISTAKES = {
         "input_shape must be channels-first (C, H, W); input_shape (28, 28, 3) looks",
         "input_shape=(3, 28, 28)",
     ),
+    "list labels": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, list(range(10)) * 2, epochs=1),
+        TypeError,
+        "y must be a numpy array, got list; SoftmaxCrossEntropy takes class labels",
+        "np.asarray(y, dtype=np.int64)",
+    ),
+    "list regression targets": (
+        lambda: dlfs.fit(_I21_MSE, dlfs.SGD(), _I21_X, [0.5] * 20, epochs=1),
+        TypeError,
+        "MeanSquaredError takes float targets",
+        "np.asarray(y, dtype=np.float32).reshape(-1, 1)",
+    ),
+    "pandas-like labels": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, _Series(np.arange(20) % 10), epochs=1),
+        TypeError,
+        "y must be a numpy array, got _Series",
+        "y.to_numpy(dtype=np.int64)",
+    ),
+    "pandas-like validation targets": (
+        lambda: dlfs.fit(
+            _I21_MSE,
+            dlfs.SGD(),
+            _I21_X,
+            np.ones((20, 1), np.float32),
+            validation=(_I21_X, _Series(np.ones(20))),
+            epochs=1,
+        ),
+        TypeError,
+        "validation y must be a numpy array, got _Series",
+        "convert with y.to_numpy(dtype=np.float32).reshape(-1, 1)",
+    ),
+    "labels 1..10": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, np.arange(20) % 10 + 1, epochs=1),
+        ValueError,
+        "y labels must be in [0, 10) for a network with 10 outputs, got values in [1, 10]",
+        "they look numbered from 1, pass y - 1",
+    ),
+    "x and y lengths": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, np.arange(19) % 10, epochs=1),
+        ValueError,
+        "x and y must have the same length (one target per sample)",
+        "got 20 rows in x and 19 in y",
+    ),
+    "NaN in x": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _i21_nan_x(), np.arange(20) % 10, epochs=1),
+        ValueError,
+        "x contains NaN or inf",
+        "in rows 3, 7 (2 of 20 rows)",
+    ),
+    "NaN in a later predict chunk": (
+        lambda: _I21_SCE.predict(_i21_nan_x()[4:], batch_size=2),
+        ValueError,
+        "x contains NaN or inf",
+        "in row 3;",  # numbered in the whole x, not in its chunk
+    ),
+    "net.fit": (
+        lambda: _I21_SCE.fit(_I21_X, np.arange(20) % 10),
+        TypeError,
+        "Network.fit must not be used",
+        "trained, history = dlfs.fit(net, dlfs.Adam(), x, y, epochs=10)",
+    ),
+    "validation_data=": (
+        lambda: dlfs.fit(
+            _I21_SCE,
+            dlfs.SGD(),
+            _I21_X,
+            np.arange(20) % 10,
+            epochs=1,
+            validation_data=(_I21_X, np.arange(20) % 10),
+        ),
+        TypeError,
+        "fit must not be given validation_data= (a Keras keyword)",
+        "dlfs takes validation=(x_val, y_val)",
+    ),
+    "validation_split=": (
+        lambda: dlfs.fit(
+            _I21_SCE, dlfs.SGD(), _I21_X, np.arange(20) % 10, epochs=1, validation_split=0.2
+        ),
+        TypeError,
+        "fit must not be given validation_split=",
+        "validation=(x[:n], y[:n])",
+    ),
+    "callbacks=": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, np.arange(20) % 10, epochs=1, callbacks=[]),
+        TypeError,
+        "fit must not be given callbacks=",
+        "callback=fn",
+    ),
+    "a misspelt fit keyword": (
+        lambda: dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, np.arange(20) % 10, epochs=1, batchsize=4),
+        TypeError,
+        "unexpected keyword argument 'batchsize', it must be one of its own",
+        "did you mean batch_size=?",
+    ),
+    "Adam(learning_rate=...)": (
+        lambda: dlfs.Adam(learning_rate=1e-3),
+        TypeError,
+        "Adam must be given lr=, not learning_rate=",
+        "dlfs.Adam(lr=0.001)",
+    ),
 }
+
+
+class _Series:
+    """A stand-in for a pandas Series (pandas is not a test dependency)."""
+
+    ndim = 1
+
+    def __init__(self, values):
+        self.values = values
+
+    def to_numpy(self, dtype=None):
+        return np.asarray(self.values, dtype=dtype)
+
+
+_I21_X = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+_I21_SCE = dlfs.network(0, 4, [dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+_I21_MSE = dlfs.network(0, 4, [dlfs.dense(1)], dlfs.MeanSquaredError())
+
+
+def _i21_nan_x():
+    x = _I21_X.copy()
+    x[3, 1], x[7, 0] = np.nan, np.inf
+    return x
+
+
+def test_keras_names_answered():
+    with pytest.raises(AttributeError, match=r"no attribute 'relu': activations are layers"):
+        dlfs.relu  # noqa: B018
+    with pytest.raises(AttributeError, match=r"dlfs.network\(key, input_shape"):
+        dlfs.Sequential  # noqa: B018
+    assert not hasattr(dlfs, "relu") and not hasattr(dlfs, "no_such_name")
+    # Keras's History.history is accepted: the same columns under Keras's keys
+    y = np.arange(20) % 10
+    _, h = dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, y, epochs=2, validation=(_I21_X, y))
+    assert list(h.history) == ["loss", "val_loss", "val_accuracy"]
+    assert h.history["loss"] == h.train_loss and h.history["val_accuracy"] == h.val_metric
+    _, h = dlfs.fit(_I21_SCE, dlfs.SGD(), _I21_X, y, epochs=1)
+    assert h.history == {"loss": h.train_loss}
 
 
 @pytest.mark.parametrize("case", list(_I21_MISTAKES))
