@@ -6052,9 +6052,9 @@ def _check_fit_options(**options: Any) -> None:
     if options["callback"] is not None and not callable(options["callback"]):
         raise TypeError(f"callback must be callable or None, got {options['callback']!r}")
     progress = options["progress"]
-    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+    if not (progress in (None, "auto") or isinstance(progress, bool) or callable(progress)):
         raise TypeError(
-            f"progress must be True, False, None or a tqdm-like factory, got {progress!r}"
+            f'progress must be "auto", True, False, None or a tqdm-like factory, got {progress!r}'
         )
 
 
@@ -6246,7 +6246,7 @@ class ProgressBar(Protocol):
 
 
 class ProgressFactory(Protocol):
-    """What ``fit(progress=...)`` takes besides True/False/None:
+    """What ``fit(progress=...)`` takes besides "auto"/True/False/None:
     ``progress(total=steps, desc="fit")`` returns a ``ProgressBar``
     (``tqdm.tqdm`` and ``tqdm.auto.tqdm`` are such factories).
 
@@ -6275,6 +6275,23 @@ def _tqdm_auto() -> Any:
     except ImportError:
         return None
     return tqdm
+
+
+def _interactive() -> bool:
+    """Whether someone watches this process's output: a Jupyter kernel, or
+    stderr (where tqdm draws) is a terminal; not CI logs, pipes or files."""
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    if type(get_ipython and get_ipython()).__name__ == "ZMQInteractiveShell":  # a notebook
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _resolve_progress(progress: Any) -> Any:
+    """fit's ``progress="auto"``: True when ``_interactive()``, else None."""
+    if isinstance(progress, str):  # "auto", the only string _check_fit_options lets by
+        return True if _interactive() else None
+    return progress
 
 
 def _bar_factory(progress: Any) -> Any:
@@ -6589,7 +6606,7 @@ def fit(
     metric: Metric | Literal["auto"] | None = "auto",
     verbose: bool = False,
     callback: Callable[[EpochRecord], Any] | None = None,
-    progress: bool | ProgressFactory | None = None,
+    progress: bool | ProgressFactory | Literal["auto"] | None = "auto",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
@@ -6617,8 +6634,11 @@ def fit(
     (not None or another falsy value) or raising ``StopTraining`` ends
     training.  ``verbose`` prints a line per epoch; ``progress=True`` shows
     one bar over all steps (tqdm.auto; a line per epoch without tqdm) with
-    the running loss and the last validation figures, or pass a tqdm-like
-    factory called as
+    the running loss and the last validation figures; the default
+    ``progress="auto"`` does that only where someone watches (a Jupyter
+    notebook, or stderr is a terminal), and shows nothing in CI logs, pipes,
+    files or on MPI ranks other than 0; ``False``/``None``: nothing.  Or pass
+    a tqdm-like factory called as
     ``progress(total=steps, desc="fit")`` (``update``, ``close``, and
     ``set_postfix(dict, refresh=False)`` if it has one).  A KeyboardInterrupt
     (Ctrl-C, Jupyter's stop button) ends training cleanly: fit warns
@@ -6707,6 +6727,7 @@ def fit(
     _check_batch_rows(net, len(x), batch_size, bool(drop_last))
     metric = _resolve_metric(metric, net.loss)
     shuffle_key, step_key = split(key, 2)
+    progress = _resolve_progress(progress) if ranks.lead else None
     factory = _bar_factory(progress) if ranks.lead else None
     plan = _FitPlan(
         x=x,

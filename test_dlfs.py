@@ -5934,8 +5934,38 @@ def test_progress_true_uses_tqdm_auto_or_prints_a_line_per_epoch(monkeypatch, ca
         dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, verbose=verbose, **kw)
         out = capsys.readouterr().out.splitlines()
         assert [line.split(":")[0] for line in out] == ["epoch 1", "epoch 2"]  # not twice
-    with pytest.raises(TypeError, match="progress must be True, False, None or a tqdm-like"):
+    with pytest.raises(TypeError, match='progress must be "auto", True, False, None or a tqdm'):
         dlfs.fit(_i11_net(), dlfs.Adam(), x, y, epochs=1, progress="bar")
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("where", ["terminal", "pipe", "notebook"])
+def test_progress_auto_shows_a_bar_only_where_someone_watches(monkeypatch, capsys, where):
+    pytest.importorskip("tqdm")
+    x, y = _trust_fit_data()
+    err = _Stderr(tty=where == "terminal")
+    monkeypatch.setattr(sys, "stderr", err)
+    if where == "notebook":
+
+        class ZMQInteractiveShell:  # what get_ipython() returns in a Jupyter kernel
+            pass
+
+        fake = types.ModuleType("IPython")
+        fake.get_ipython = ZMQInteractiveShell  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "IPython", fake)
+        monkeypatch.setitem(sys.modules, "tqdm.auto", importlib.import_module("tqdm.std"))
+    dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, epochs=2, **_I11_KW)  # the default: "auto"
+    shown = err.getvalue()
+    assert ("fit: 100%" in shown) == (where != "pipe"), shown
+    assert capsys.readouterr().out == ""
 
 
 def test_quiet_fit_prints_nothing(capsys, tmp_path):
@@ -8419,7 +8449,7 @@ def test_public_signatures_name_protocols_not_any():
         (dlfs.network, "loss"): "Loss",
         (dlfs.fit, "optimizer"): "Optimizer",
         (dlfs.fit, "metric"): "Metric | Literal['auto'] | None",
-        (dlfs.fit, "progress"): "bool | ProgressFactory | None",
+        (dlfs.fit, "progress"): "bool | ProgressFactory | Literal['auto'] | None",
         (dlfs.fit, "comm"): "Comm | None",
         (dlfs.dense, "activation"): "Layer | None",
         (dlfs.TrainState.create, "optimizer"): "Optimizer",
