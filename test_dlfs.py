@@ -8344,6 +8344,38 @@ def test_file_works_alone(tmp_path):
     assert result.stdout.startswith("ok " + dlfs.__version__)
 
 
+def test_installed_dlfs_imports_from_the_folder_holding_a_clone_named_dlfs(tmp_path):
+    """A notebook started in the folder that holds a clone called ``dlfs`` (so ``dlfs/``,
+    without ``__init__.py``, sits in the current directory) must import the installed
+    module, not an empty namespace package: ``pip install -e .`` must put this checkout
+    on sys.path (a .pth entry) rather than behind an import hook that runs after the
+    path search.  Needs dlfs installed, as CI's ``pip install -e`` does."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("dlfs")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("dlfs is not installed here (CI installs it with pip install -e .)")
+    (tmp_path / "dlfs").mkdir()
+    (tmp_path / "dlfs" / "README.md").write_text("a clone of dlfs, seen from its parent\n")
+    # this checkout off PYTHONPATH, so that the installed dlfs is the one found
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    kept = [p for p in paths if p and not (Path(p) / "dlfs.py").is_file()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(kept)}
+    script = "import dlfs; print(dlfs.__file__); print(dlfs.network.__name__)"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[1:] == ["network"]
+    assert result.stdout.split()[0].endswith("dlfs.py")
+
+
 def test_file_imports_only_stdlib_numpy_attrs():
     """At import: numpy and attrs only.  Inside functions, for optional extras only,
     tqdm (progress=True) and matplotlib (History.plot), each behind an ImportError."""
