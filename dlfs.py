@@ -1063,7 +1063,7 @@ class Dense(_ArrayRecord):
         return y, x, self
 
     def _forward_seq(self, x: np.ndarray) -> np.ndarray:
-        """(N, T, D_in) -> (N, T, D_out): all N*T rows in one GEMM."""
+        """(N, T, D_in) -> (N, T, D_out): all ``N*T`` rows in one GEMM."""
         _check_input("x", x, (None, "T", self.in_features), self.w.dtype)
         y = np.dot(x.reshape(-1, self.in_features), self.w)
         y += self.b
@@ -1405,14 +1405,14 @@ class Dropout(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class Flatten(_NoParams):
-    """Flatten all but the batch axis: (N, C, H, W) -> (N, C*H*W) (any (N, ...) -> (N, prod(...))).
+    """Flatten all but the batch axis: (N, C, H, W) -> ``(N, C*H*W)``; any (N, ...) -> (N, prod(...)).
 
     >>> dlfs.Flatten().forward(np.zeros((2, 3, 4, 4)))[0].shape
     (2, 48)
     """
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(C, H, W) -> (C*H*W,)."""
+        """(C, H, W) -> ``(C*H*W,)``."""
         return (int(math.prod(in_shape)),)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Flatten]:
@@ -2871,8 +2871,8 @@ def _frozen_kernel(w: Any) -> np.ndarray:
 @attrs.frozen(eq=False, repr=False)
 class Conv2D(_ArrayRecord):
     """2-D convolution (cross-correlation, as in PyTorch) on NCHW images:
-    y[n, o, p, q] = b[o] + sum_{c,i,j} w[o, c, i, j] * xp[n, c, p*sh + i, q*sw + j],
-    xp = x zero-padded by ``padding``.
+    ``y[n, o, p, q] = b[o] + sum_{c,i,j} w[o, c, i, j] * xp[n, c, p*sh + i, q*sw + j]``,
+    ``xp`` = x zero-padded by ``padding``.
 
     x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), Ho = (H + top + bottom - kh) // sh + 1;
     w: (C_out, C_in, kh, kw), b: (C_out,).  ``stride`` is an int or (sh, sw);
@@ -2882,7 +2882,7 @@ class Conv2D(_ArrayRecord):
     Forward is im2col + GEMM, in batch chunks that threads share (see
     ``set_num_threads``); y is a transposed view of a channel-major array.
     The cache is x: backward builds the patches again, block by block, which
-    is cheaper than holding C_in*kh*kw values per output position.
+    is cheaper than holding ``C_in*kh*kw`` values per output position.
 
     >>> conv = dlfs.Conv2D.init(0, c_in=1, c_out=4, kernel=3, padding="same")
     >>> conv
@@ -3118,7 +3118,7 @@ def _at(arrays: Sequence[np.ndarray], s: slice) -> np.ndarray | None:
 
 @attrs.frozen(eq=False, repr=False)
 class MaxPool2D(_NoParams):
-    """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
+    """Max pooling: ``y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j]``.
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
@@ -3196,7 +3196,7 @@ class MaxPool2D(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class AvgPool2D(_NoParams):
-    """Average pooling: y[n, c, p, q] = mean_{i,j} x[n, c, p*sh + i, q*sw + j].
+    """Average pooling: ``y[n, c, p, q] = mean_{i,j} x[n, c, p*sh + i, q*sw + j]``.
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
@@ -3347,7 +3347,7 @@ class SoftmaxCrossEntropy:
     probabilities/one-hot (N, K).  ``label_smoothing`` e gives
     q = (1 - e) q + e / K (PyTorch's convention); dL/dz = (softmax(z) - q) / N.
     Sequences: logits (N, T, K) with labels (N, T) or one-hot (N, T, K) are
-    N*T rows, and the mean is over all N*T positions.
+    ``N*T`` rows, and the mean is over all ``N*T`` positions.
 
     >>> ce = dlfs.SoftmaxCrossEntropy()
     >>> logits = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
@@ -3402,7 +3402,7 @@ class SoftmaxCrossEntropy:
         return z.dtype.type(loss), (z, labels)
 
     def _forward_seq(self, logits: np.ndarray, target: Any) -> tuple[Any, tuple]:
-        """(N, T, K) logits as N*T rows; the cache keeps softmax(z) as (N, T, K)."""
+        """(N, T, K) logits as ``N*T`` rows; the cache keeps softmax(z) as (N, T, K)."""
         n, t, k = logits.shape
         _check_ndarray("target", target)
         if target.dtype.kind in "iu":

@@ -8376,6 +8376,34 @@ def test_installed_dlfs_imports_from_the_folder_holding_a_clone_named_dlfs(tmp_p
     assert result.stdout.split()[0].endswith("dlfs.py")
 
 
+def _public_docstrings():
+    """(name, docstring) of the module, each public name, and each class's own
+    methods and properties: what the API reference shows."""
+    yield "dlfs", dlfs.__doc__
+    for name in dlfs.__all__:
+        obj = getattr(dlfs, name)
+        yield name, getattr(obj, "__doc__", None) if callable(obj) else None
+        if isinstance(obj, type) and obj.__module__ == "dlfs":
+            for attr, member in vars(obj).items():
+                if not attr.startswith("_") and (callable(member) or isinstance(member, property)):
+                    yield f"{name}.{attr}", member.__doc__
+
+
+def test_api_reference_renders_formulas_as_written():
+    """pdoc's Markdown reads a*b*c as a<em>b</em>c: formulas with * go in code spans, so
+    no docstring renders with emphasis glued to a word or a bracket."""
+    pytest.importorskip("pdoc")
+    from pdoc import docstrings, render_helpers
+
+    glued = re.compile(r"[\w)\]]<em>|</em>[\w(\[]")
+    bad = []
+    for name, doc in _public_docstrings():
+        if doc:
+            html = render_helpers.to_html(docstrings.convert(doc, "restructuredtext", None))
+            bad += [f"{name}: {line}" for line in html.splitlines() if glued.search(line)]
+    assert not bad, "\n".join(bad)
+
+
 def test_file_imports_only_stdlib_numpy_attrs():
     """At import: numpy and attrs only.  Inside functions, for optional extras only,
     tqdm (progress=True) and matplotlib (History.plot), each behind an ImportError."""
