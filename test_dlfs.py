@@ -327,10 +327,10 @@ def _imported(nodes) -> set[str]:
     return {n for n in names if n not in sys.stdlib_module_names}
 
 
-def _readme_blocks() -> list[str]:
-    readme = HERE / "README.md"
+def _readme_blocks(name: str = "README.md") -> list[str]:
+    readme = HERE / name
     if not readme.is_file():
-        pytest.fail(f"README.md not found next to the tests ({readme})")
+        pytest.fail(f"{name} not found next to the tests ({readme})")
     return re.findall(r"^```python[ \t]*\n(.*?)^```", readme.read_text(), re.M | re.S)
 
 
@@ -8249,6 +8249,35 @@ def test_readme_python_blocks_run(monkeypatch):
             exec(compile(code, f"README.md[python block {i}]", "exec"), {"__name__": "__readme__"})
         except Exception as err:
             pytest.fail(f"README python block {i} failed: {err!r}\n{code}")
+
+
+@pytest.mark.parametrize("name", ["docs/examples.md", "docs/performance.md", "docs/distributed.md"])
+def test_docs_python_blocks_run(monkeypatch, name):
+    monkeypatch.chdir(HERE)
+    for i, code in enumerate(_readme_blocks(name)):
+        try:
+            exec(compile(code, f"{name}[python block {i}]", "exec"), {"__name__": "__docs__"})
+        except Exception as err:
+            pytest.fail(f"{name} python block {i} failed: {err!r}\n{code}")
+
+
+def test_readme_is_a_short_guide_linking_the_long_material():
+    """Read top to bottom in ten minutes: a table of contents whose links all land,
+    and the docs it points to exist; the two commands stay at the top."""
+    text = (HERE / "README.md").read_text()
+    anchors = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", text, re.M)
+    }
+    for target in re.findall(r"\]\(#([^)]+)\)", text):
+        assert target in anchors, f"README links to #{target}, which is no heading"
+    for path in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (HERE / path).is_file(), path
+    assert len(text.splitlines()) < 500
+    top = text.split("## Contents")[0]
+    assert 'pip install -e ".[examples]" && python examples/boston.py' in top
+    ci = (HERE / ".ci" / "run").read_text().splitlines()
+    assert "python -m pytest -q" in ci and top.count("&& python -m pytest -q\n") == 1
 
 
 @pytest.mark.parametrize(
