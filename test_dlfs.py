@@ -8192,7 +8192,36 @@ def test_adding_example_data_and_smoke(monkeypatch, capsys):
     for name, value in results.items():
         assert kv[name] == f"{value:.5f}" and math.isfinite(value)
     assert {"baseline_mse", "steps", "epochs", "seed"} <= set(kv)
-    assert re.search(r"^LSTM +\d+ +\d\.\d{5} +\d+$", out, re.M)
+    assert re.search(r"^LSTM +\d+ +\d\.\d{5} +\d+\.\d$", out, re.M)  # train_s to 0.1 s
+    adding.main([*args, "--hidden", "3", "--batch-size", "20", "--cells", "gru", "--verbose"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("cell"))
+    assert lines[header - 2] == "GRU:" and lines[header + 1].startswith("GRU ")
+    assert [i for i, line in enumerate(lines) if line.startswith("epoch ")] == [header - 1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adding",
+        "boston",
+        "char_rnn",
+        "data_parallel",
+        "mnist_cnn",
+        "mnist_lstm",
+        "mnist_mlp",
+        "sweep",
+        "xor",
+    ],
+)
+def test_example_help_shows_the_defaults(monkeypatch, capsys, name):
+    with pytest.raises(SystemExit) as info:
+        _example(name, monkeypatch).main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--seed SEED" in out
+    seed = out[out.index("\n  --seed SEED") + 1 :].split("\n  -")[0]  # its help, not usage
+    assert re.search(r"\(default: \d+\)", seed), seed  # the seed's default, written out
+    assert "(default: None)" not in out
 
 
 def test_mnist_lstm_example_smoke(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -56,7 +57,7 @@ def build(seed: int, width: int = 32) -> dlfs.Network:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="dlfs CNN on MNIST")
+    ap = argparse.ArgumentParser(description="dlfs CNN on MNIST", formatter_class=Defaults)
     ap.add_argument(
         "--data",
         default=None,

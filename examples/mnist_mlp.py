@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -93,7 +94,10 @@ def save_plots(plot_dir: Path, history: dlfs.History, images, labels, pred) -> l
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--epochs", type=int, default=None, help="default 20 (tutorial: 10)")
     parser.add_argument("--seed", type=int, default=0)

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # mnist_mlp and dask_runs, next to this file
 sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
+from _help import Defaults  # noqa: E402
 from dask_runs import map_tasks, write_csv  # noqa: E402  (Dask itself: only in map_tasks)
 from mnist_mlp import build  # noqa: E402
 
@@ -70,7 +71,10 @@ def numbers(kind: type, text: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--lrs", default="0.001,0.003", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="64,256", help="comma-separated batch sizes")
