@@ -9,8 +9,8 @@ import copy
 
 class Defaults(argparse.HelpFormatter):
     def _format_action(self, action: argparse.Action) -> str:
-        if action.option_strings and action.default not in (None, argparse.SUPPRESS):
-            if "default" not in (action.help or ""):
-                action = copy.copy(action)
-                action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        shown = action.default not in (None, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in (action.help or ""):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
         return super()._format_action(action)
