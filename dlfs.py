@@ -2886,7 +2886,7 @@ class Conv2D(_ArrayRecord):
 
     >>> conv = dlfs.Conv2D.init(0, c_in=1, c_out=4, kernel=3, padding="same")
     >>> conv
-    Conv2D(1 -> 4, 3x3, stride=(1, 1), padding=((1, 1), (1, 1)), float32)
+    Conv2D(1 -> 4, 3x3, padding="same", float32)
     >>> y, cache, _ = conv.forward(np.ones((2, 1, 8, 8), np.float32))
     >>> dx, (dw, db) = conv.backward(cache, np.ones_like(y))
     >>> y.shape, dx.shape, dw.shape, db.shape
@@ -2991,11 +2991,20 @@ class Conv2D(_ArrayRecord):
         return dw, db
 
     def __repr__(self) -> str:
+        """Short enough for a summary row: stride only when not 1, padding by name
+        ("same", or nothing for "valid") when it is one, else as the fewest numbers."""
         kh, kw = self.kernel_size
-        return (
-            f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw}, "
-            f"stride={self.stride}, padding={self.padding}, {self.w.dtype})"
-        )
+        parts = [f"{self.in_channels} -> {self.out_channels}", f"{kh}x{kw}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride[0] if len(set(self.stride)) == 1 else self.stride}")
+        (top, bottom), (left, right) = self.padding
+        if self.stride == (1, 1) and self.padding == _resolve_padding("same", (kh, kw), (1, 1)):
+            parts.append('padding="same"' if self.padding != ((0, 0), (0, 0)) else "")
+        elif top == bottom and left == right:
+            parts.append(f"padding={top if top == left else (top, left)}" if top or left else "")
+        else:
+            parts.append(f"padding={self.padding}")
+        return f"Conv2D({', '.join(p for p in [*parts, str(self.w.dtype)] if p)})"
 
 
 def _pool_stride(stride: int | tuple[int, int] | None, pool: Any) -> tuple[int, int]:
@@ -3719,7 +3728,7 @@ def conv2d(
     ...     dlfs.SoftmaxCrossEntropy(),
     ... )
     >>> net.layers[0], net.output_shape
-    (Conv2D(1 -> 4, 3x3, stride=(1, 1), padding=((0, 0), (0, 0)), float32), (2,))
+    (Conv2D(1 -> 4, 3x3, float32), (2,))
     """
     _check_activation(activation)
     _check_initializer("init", init)

@@ -3373,6 +3373,32 @@ def test_conv_with_params_keeps_config_and_is_read_only():
     assert "Conv2D(2 -> 3, 3x3" in repr(conv)
 
 
+def test_conv_repr_is_short_and_names_same_padding():
+    """A summary row stays narrow: stride only when not 1, "same"/"valid" by name."""
+    cases = [
+        (dict(kernel=3, padding="same"), 'Conv2D(1 -> 32, 3x3, padding="same", float32)'),
+        (dict(kernel=2, padding="same"), 'Conv2D(1 -> 32, 2x2, padding="same", float32)'),
+        (dict(kernel=3), "Conv2D(1 -> 32, 3x3, float32)"),
+        (dict(kernel=3, stride=2, padding=1), "Conv2D(1 -> 32, 3x3, stride=2, padding=1, float32)"),
+        (dict(kernel=3, stride=(1, 2), padding=(1, 0)), "stride=(1, 2), padding=(1, 0)"),
+        (dict(kernel=3, padding=((1, 2), (0, 0))), "padding=((1, 2), (0, 0)), float32)"),
+    ]
+    for kw, want in cases:
+        assert want in repr(dlfs.Conv2D.init(0, 1, 32, **kw))
+    net = dlfs.network(
+        0,
+        (1, 28, 28),
+        [
+            dlfs.conv2d(32, 3, padding="same", activation=dlfs.ReLU()),
+            dlfs.Flatten(),
+            dlfs.dense(10),
+        ],
+        dlfs.SoftmaxCrossEntropy(),
+    )
+    rows = str(net.summary()).splitlines()[1:]
+    assert max(map(len, rows)) <= 80, rows
+
+
 def test_conv_bad_inputs():
     conv = dlfs.Conv2D.init(0, 2, 3, 3)
     good = np.zeros((1, 2, 5, 5), np.float32)
