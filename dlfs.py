@@ -7597,7 +7597,7 @@ class Checkpoint:
             facts.append(
                 ("fit", where + (f", {run['stop_reason']}" if run.get("stop_reason") else ""))
             )
-        others = [str(k) for k in self.meta if k != _FIT_META]
+        others = [f"{k}={_short_value(v)}" for k, v in self.meta.items() if k != _FIT_META]
         if others:
             facts.append(("meta", ", ".join(others)))
         facts.append(("format", f"version {self.version}, written by dlfs {self.dlfs_version}"))
@@ -7611,6 +7611,12 @@ class Checkpoint:
 
     def _repr_html_(self) -> str:
         return _html_table(("field", "value"), self._facts(), caption="dlfs checkpoint")
+
+
+def _short_value(value: Any, width: int = 24) -> str:
+    """``repr(value)`` cut to ``width`` characters (a meta value in a one-line repr)."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _check_path(name: str, path: Any) -> str:

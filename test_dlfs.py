@@ -2320,10 +2320,14 @@ def test_checkpoint_repr_and_html(tmp_path):
     table = _parse_html(ckpt._repr_html_())
     assert table["header"] == ["field", "value"]
     assert [r[0] for r in table["rows"]] == ["net", "opt_state", "best", "fit", "format"]
-    dlfs.save(path, net, meta={"note": "<x>", "run": 3})
+    dlfs.save(path, net, meta={"note": "<x>", "run": 3, "long": "y" * 100, "lr": [0.1, 0.01]})
     plain = dlfs.load(path)
-    assert repr(plain).endswith("; meta note, run; format version 1, written by dlfs 0.1.0)")
-    assert "&lt;x&gt;" not in plain._repr_html_()  # meta values are not shown, only keys
+    assert repr(plain).endswith(  # keys in the file's (sorted) order, long values cut
+        "; meta long='yyyyyyyyyyyyyyyyyyyy..., lr=[0.1, 0.01], note='<x>', run=3; "
+        f"format version 1, written by dlfs {dlfs.__version__})"
+    )
+    rows = dict(_parse_html(plain._repr_html_())["rows"])  # values shown, escaped
+    assert rows["meta"].endswith("note='<x>', run=3") and "<x>" not in plain._repr_html_()
 
 
 def test_summary_table_is_aligned():
