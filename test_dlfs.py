@@ -3946,8 +3946,10 @@ def test_layers_that_do_not_chain_raise():
         dlfs.Network([dlfs.Dense.init(0, 3, 4), dlfs.Dense.init(0, 5, 2)], mse, 3)
     with pytest.raises(ValueError, match="Flatten"):
         dlfs.network(0, (1, 4, 4), [dlfs.dense(3)], mse)
-    with pytest.raises(ValueError, match="layer 0"):
+    with pytest.raises(ValueError, match=r"layers\[0\] \(Dense\)"):
         dlfs.network(0, 5, [dlfs.Dense.init(0, 3, 2)], mse)
+    with pytest.raises(ValueError, match=r"layers\[1\] \(Dense\)"):  # its real index
+        dlfs.network(0, 5, [dlfs.dense(4), dlfs.Dense.init(0, 3, 2)], mse)
     with pytest.raises(TypeError, match="layers"):
         dlfs.network(0, 3, [dlfs.dense(2), "relu"], mse)
     with pytest.raises(TypeError, match="loss"):
