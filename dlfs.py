@@ -5661,7 +5661,7 @@ def _decay(grads: NetParams, params: NetParams, wd: float) -> NetParams:
     return _tree_map(lambda g, p: g + p * wd, grads, params)
 
 
-DecayMask = Literal["all", "matrices"] | Callable[[np.ndarray], bool]
+DecayMask = str | Callable[[np.ndarray], bool]  # "all", "matrices" or f(p) -> bool
 
 
 def _check_decay_mask(instance: Any, attribute: Any, mask: Any) -> None:
@@ -9135,7 +9135,8 @@ def _record_structure(
     if cls not in known:
         names = ", ".join(c.__name__ for c in known)
         raise TypeError(f"cannot save {kind} {cls.__name__}: save knows dlfs's {kind}s {names}")
-    config, refs, record = {}, {}, {"type": cls.__name__}
+    config, refs = {}, {}
+    record: dict[str, Any] = {"type": cls.__name__}
     for f in attrs.fields(cls):
         if not f.init:
             continue

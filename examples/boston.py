@@ -49,10 +49,10 @@ TITLES = {
 
 def model_layers(name: str) -> list[dlfs.DenseSpec]:
     """The book's three models; weights and biases ~ N(0, 1) as in chapter 3."""
-    init = {"init": dlfs.normal, "bias_init": dlfs.normal}
     hidden = {"linear": 0, "nn": 1, "dl": 2}[name]
-    return [dlfs.dense(13, dlfs.Sigmoid(), **init) for _ in range(hidden)] + [
-        dlfs.dense(1, None, **init)
+    return [
+        dlfs.dense(n, activation, init=dlfs.normal, bias_init=dlfs.normal)
+        for n, activation in [(13, dlfs.Sigmoid())] * hidden + [(1, None)]
     ]
 
 

@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
     y = np.array([[0], [1], [1], [0]], dtype=np.float64)
 
-    init = {"init": uniform_half, "bias_init": uniform_half}
     init_key, fit_key = dlfs.split(args.seed, 2)
     net = dlfs.network(
         init_key,
         2,
-        [dlfs.dense(3, dlfs.Tanh(), **init), dlfs.dense(1, dlfs.Tanh(), **init)],
+        [
+            dlfs.dense(3, dlfs.Tanh(), init=uniform_half, bias_init=uniform_half),
+            dlfs.dense(1, dlfs.Tanh(), init=uniform_half, bias_init=uniform_half),
+        ],
         dlfs.MeanSquaredError(),
         dtype=np.float64,
     )
