@@ -1939,8 +1939,39 @@ def _lookup(w: np.ndarray, ids: np.ndarray, name: str = "x") -> np.ndarray:
     return np.take(w, ids, axis=0)
 
 
+_T = TypeVar("_T", bound="_Table")
+
+
 @attrs.frozen(eq=False, repr=False)
-class Embedding(_ArrayRecord):
+class _Table(_ArrayRecord):
+    """Base of the layers that hold one (rows, dim) matrix ``w``: Embedding (a
+    row per token id) and PositionalEmbedding (a row per position)."""
+
+    _PARAMS = ("w",)  # the fields params() returns, in order
+    _ROWS = "rows"  # what a row is, for messages
+
+    w: np.ndarray = attrs.field(converter=_frozen_field)
+
+    def __attrs_post_init__(self) -> None:
+        if self.w.ndim != 2:
+            raise ValueError(f"w must be 2-D ({self._ROWS}, dim), got shape {self.w.shape}")
+
+    @property
+    def dim(self) -> int:
+        return self.w.shape[1]
+
+    def params(self) -> Params:
+        """(w,)."""
+        return (self.w,)
+
+    def with_params(self: _T, params: Sequence[np.ndarray]) -> _T:
+        """A new layer of this type with ``params = (w,)``."""
+        (w,) = _check_new_params(self, params)
+        return type(self)(w)
+
+
+@attrs.frozen(eq=False, repr=False)
+class Embedding(_Table):
     """Lookup table of token vectors: y[n, t] = w[x[n, t]] (PyTorch's
     ``nn.Embedding``, whose ``weight`` is ``w``).
 
@@ -1956,14 +1987,7 @@ class Embedding(_ArrayRecord):
     """
 
     _BUILDERS = ("dlfs.embedding({sizes})", "dlfs.Embedding.init(key, {sizes})")
-
-    _PARAMS = ("w",)  # the fields params() returns, in order
-
-    w: np.ndarray = attrs.field(converter=_frozen_field)
-
-    def __attrs_post_init__(self) -> None:
-        if self.w.ndim != 2:
-            raise ValueError(f"w must be 2-D (n_vocab, dim), got shape {self.w.shape}")
+    _ROWS = "n_vocab"
 
     @classmethod
     def init(
@@ -1982,19 +2006,6 @@ class Embedding(_ArrayRecord):
     @property
     def n_vocab(self) -> int:
         return self.w.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.w.shape[1]
-
-    def params(self) -> Params:
-        """(w,)."""
-        return (self.w,)
-
-    def with_params(self, params: Sequence[np.ndarray]) -> Embedding:
-        """A new Embedding with ``params = (w,)``."""
-        (w,) = _check_new_params(self, params)
-        return Embedding(w)
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(T,) -> (T, dim): one vector per id."""
@@ -3423,6 +3434,28 @@ _optional_field = attrs.Converter(
 )
 
 
+def _layer_norm_scale(gamma: Any) -> np.ndarray | None:
+    """LayerNorm's ``gamma``; an int there is the Keras habit ``LayerNorm(D)``."""
+    if isinstance(gamma, (int, np.integer)) and not isinstance(gamma, bool):
+        raise TypeError(
+            f"LayerNorm(gamma, beta) must be given arrays (or none), got gamma={gamma}: for "
+            f"a LayerNorm of {gamma} features write dlfs.layer_norm() inside dlfs.network(...) "
+            f"(it infers the size), or dlfs.LayerNorm.init({gamma})"
+        )
+    return None if gamma is None else _frozen(gamma, "gamma")
+
+
+def _sub_chain(layers: Any) -> tuple[Any, ...]:
+    """A container's ``layers``: a sequence of layers, as a tuple."""
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(
+            f"layers must be a list of layers, got {type(layers).__name__}; inside "
+            "dlfs.network(...) build the block from specs: dlfs.residual([...]) or "
+            "dlfs.tied_embedding(n_vocab, dim, [...])"
+        )
+    return tuple(layers)
+
+
 def _check_vector(name: str, a: np.ndarray | None, n: int, dtype: np.dtype) -> None:
     if a is not None:
         _check_input(name, a, (n,), dtype)
@@ -3455,7 +3488,7 @@ class LayerNorm(_ArrayRecord):
 
     _PARAMS = ("gamma", "beta")  # the fields params() returns (those not None), in order
 
-    gamma: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
+    gamma: np.ndarray | None = attrs.field(default=None, converter=_layer_norm_scale)
     beta: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
     eps: float = attrs.field(
         default=1e-5, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
@@ -3557,8 +3590,9 @@ class LayerNorm(_ArrayRecord):
         off = [
             f"{name}=False" for name, a in (("scale", self.gamma), ("bias", self.beta)) if a is None
         ]
+        dim = [str(self.dim)] if self.dim is not None else []
         dtype = [str(self.params()[0].dtype)] if self.params() else []
-        return f"LayerNorm({', '.join([str(self.dim), *off, f'eps={self.eps}', *dtype])})"
+        return f"LayerNorm({', '.join([*dim, *off, f'eps={self.eps}', *dtype])})"
 
 
 def _heads(a: np.ndarray, n_heads: int) -> np.ndarray:
@@ -3610,6 +3644,7 @@ class SelfAttention(_ArrayRecord):
     """
 
     _PARAMS = ("w_qkv", "b_qkv", "w_o", "b_o")  # params(): those not None, in order
+    _BUILDERS = ("dlfs.self_attention(n_heads)", "dlfs.SelfAttention.init(key, dim, n_heads)")
 
     w_qkv: np.ndarray = attrs.field(converter=_frozen_field)
     w_o: np.ndarray = attrs.field(converter=_frozen_field)
@@ -3752,7 +3787,7 @@ class SelfAttention(_ArrayRecord):
 
 
 @attrs.frozen(eq=False, repr=False)
-class PositionalEmbedding(_ArrayRecord):
+class PositionalEmbedding(_Table):
     """Learned positions (GPT-2's ``wpe``), added to a sequence: y[n, t] = x[n, t] + w[t].
 
     x: (N, T, D) with T <= max_len -> y: (N, T, D); w: (max_len, D).  Shorter
@@ -3764,13 +3799,11 @@ class PositionalEmbedding(_ArrayRecord):
     ((2, 5, 4), True)
     """
 
-    _PARAMS = ("w",)  # the fields params() returns, in order
-
-    w: np.ndarray = attrs.field(converter=_frozen_field)
-
-    def __attrs_post_init__(self) -> None:
-        if self.w.ndim != 2:
-            raise ValueError(f"w must be 2-D (max_len, dim), got shape {self.w.shape}")
+    _ROWS = "max_len"
+    _BUILDERS = (
+        "dlfs.positional_embedding({sizes})",
+        "dlfs.PositionalEmbedding.init(key, {sizes}, dim)",
+    )
 
     @classmethod
     def init(
@@ -3789,15 +3822,6 @@ class PositionalEmbedding(_ArrayRecord):
     @property
     def max_len(self) -> int:
         return self.w.shape[0]
-
-    def params(self) -> Params:
-        """(w,)."""
-        return (self.w,)
-
-    def with_params(self, params: Sequence[np.ndarray]) -> PositionalEmbedding:
-        """A new PositionalEmbedding with ``params = (w,)``."""
-        (w,) = _check_new_params(self, params)
-        return PositionalEmbedding(w)
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(T, D) -> (T, D), T <= max_len."""
@@ -3923,7 +3947,7 @@ class Residual(_ArrayRecord):
     ((2, 4), 0.0)
     """
 
-    layers: tuple[Layer, ...] = attrs.field(converter=tuple)
+    layers: tuple[Layer, ...] = attrs.field(converter=_sub_chain)
 
     def __attrs_post_init__(self) -> None:
         if not self.layers:
@@ -3990,7 +4014,7 @@ class TiedEmbedding(_ArrayRecord):
     _PARAMS = ("w",)  # the first of params(); the sub-layers' follow
 
     w: np.ndarray = attrs.field(converter=_frozen_field)
-    layers: tuple[Layer, ...] = attrs.field(default=(), converter=tuple)
+    layers: tuple[Layer, ...] = attrs.field(default=(), converter=_sub_chain)
 
     def __attrs_post_init__(self) -> None:
         if self.w.ndim != 2:

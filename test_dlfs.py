@@ -4882,6 +4882,25 @@ def test_attention_dropout_needs_a_key_and_uses_it():
         layer.forward(x, dlfs.Context(train=True))
 
 
+@pytest.mark.parametrize(
+    "call, names, fix",
+    [
+        (lambda: dlfs.PositionalEmbedding(64), "PositionalEmbedding", "positional_embedding(64)"),
+        (lambda: dlfs.LayerNorm(128), "gamma=128", "dlfs.LayerNorm.init(128)"),
+        (lambda: dlfs.SelfAttention(128, 4), "SelfAttention", "SelfAttention.init(key, dim"),
+        (lambda: dlfs.Residual(64), "layers must be a list of layers", "dlfs.residual([...])"),
+        (lambda: dlfs.TiedEmbedding(np.eye(3), 5), "layers must be a list", "tied_embedding("),
+    ],
+)
+def test_transformer_classes_called_keras_style_name_the_spec(call, names, fix):
+    """Sizes where a class takes arrays (``LayerNorm(128)``): the spec and init to use."""
+    with pytest.raises(TypeError) as info:
+        call()
+    assert names in str(info.value) and fix in str(info.value), str(info.value)
+    _assert_clear_error(info.value)
+    assert repr(dlfs.LayerNorm()) == "LayerNorm(scale=False, bias=False, eps=1e-05)"
+
+
 # ---- transformers against PyTorch (float64, 1e-10): layers, MultiheadAttention, a GPT
 # Each test skips where torch is not installed (``pip install -e '.[bench]'``): the
 # new layers, forward and every gradient from a random upstream dy, equal PyTorch's
