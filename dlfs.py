@@ -874,6 +874,17 @@ class _NoParams:
         return f"{type(self).__name__}({args})"
 
 
+def _check_dy(dy: Any, shape: tuple[int, ...] | None, dtype: np.dtype | None) -> None:
+    """A layer's public backward: dy shaped and typed like the forward's output,
+    never broadcast or cast (``None``: what the cache does not tell; then any
+    shape, or float32/float64)."""
+    if type(dy) is np.ndarray and dy.shape == shape and dy.dtype == dtype:
+        return  # the common case, in a few attribute reads
+    _check_float("dy", dy, dtype)
+    if shape is not None:
+        _check_shape("dy", dy, shape)
+
+
 def _dense_weights(w: Any) -> np.ndarray:
     """Dense's ``w`` converter; an int there is the Keras habit ``Dense(units)``."""
     if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
@@ -1029,6 +1040,7 @@ class Linear(_NoParams):
 
     def backward(self, cache: None, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy."""
+        _check_dy(dy, None, None)
         return dy, ()
 
 
@@ -1072,6 +1084,7 @@ class Sigmoid(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * y * (1 - y) (PyTorch's; where y rounds to 1 the slope is 0)."""
         y = cache
+        _check_dy(dy, y.shape, y.dtype)
         return dy * y * (1 - y), ()
 
 
@@ -1091,6 +1104,7 @@ class Tanh(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * (1 - y**2)."""
+        _check_dy(dy, cache.shape, cache.dtype)
         return dy * (1 - cache * cache), ()
 
 
@@ -1116,6 +1130,7 @@ class ReLU(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0 (i.e. y > 0), else 0."""
+        _check_dy(dy, cache.shape, cache.dtype)
         return dy * (cache > 0), ()
 
     # In place, for a network's own arrays (see Network._forward / _param_backward):
@@ -1164,6 +1179,7 @@ class LeakyReLU(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else alpha * dy."""
+        _check_dy(dy, cache.shape, None)  # the cache is a mask: dy's float dtype is kept
         return np.where(cache, dy, dy * self.alpha), ()
 
 
@@ -1191,6 +1207,7 @@ class ELU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else dy * alpha * exp(x)."""
         positive, e = cache
+        _check_dy(dy, e.shape, e.dtype)
         return np.where(positive, dy, dy * e * self.alpha), ()
 
 
@@ -1218,6 +1235,7 @@ class GELU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * (s + 2 x s (1 - s) u'), s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
         x, s, c = cache
+        _check_dy(dy, x.shape, x.dtype)
         du = (1 + 3 * 0.044715 * x * x) * (2 * _SQRT_2_OVER_PI)
         return dy * (s + x * s * c * du), ()
 
@@ -1242,6 +1260,7 @@ class SiLU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * s * (1 + x (1 - s)), s = sigmoid(x)."""
         x, s, c = cache
+        _check_dy(dy, x.shape, x.dtype)
         return dy * s * (1 + x * c), ()
 
 
@@ -1280,6 +1299,7 @@ class Softmax(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = y * (dy - sum_k dy_k y_k)."""
         y = cache
+        _check_dy(dy, y.shape, y.dtype)
         return y * (dy - (dy * y).sum(axis=1, keepdims=True)), ()
 
 
@@ -1316,7 +1336,11 @@ class Dropout(_NoParams):
 
     def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * mask / (1 - p) (dy in evaluation mode)."""
-        return (dy if cache is None else dy * cache), ()
+        if cache is None:
+            _check_dy(dy, None, None)
+            return dy, ()
+        _check_dy(dy, cache.shape, cache.dtype)
+        return dy * cache, ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1338,6 +1362,7 @@ class Flatten(_NoParams):
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy reshaped to the input shape."""
+        _check_dy(dy, (cache[0], math.prod(cache[1:])), None)
         return dy.reshape(cache), ()
 
 
@@ -1451,6 +1476,7 @@ class BatchNorm(_ArrayRecord):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """Full batch-statistics backward in training, affine backward in evaluation."""
         xhat, inv, train = cache
+        _check_dy(dy, xhat.shape, xhat.dtype)
         axes, bshape = self._axes(dy)
         dgamma = (dy * xhat).sum(axis=axes)
         dbeta = dy.sum(axis=axes)

@@ -4205,6 +4205,39 @@ def test_network_backward_gives_the_input_gradient():
     assert dx.shape == x.shape and [len(g) for g in grads] == [2, 0, 2, 2, 0]
 
 
+_ELEMENTWISE = [
+    dlfs.ReLU(), dlfs.LeakyReLU(), dlfs.Sigmoid(), dlfs.Tanh(), dlfs.ELU(), dlfs.GELU(),
+    dlfs.SiLU(), dlfs.Softmax(), dlfs.Linear(), dlfs.Dropout(0.5), dlfs.Flatten(),
+    dlfs.BatchNorm(*(np.ones(3, np.float32) for _ in range(4))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", _ELEMENTWISE, ids=lambda layer: type(layer).__name__)
+def test_layer_backward_refuses_a_dy_it_would_broadcast_or_cast(layer):
+    """Every layer's public backward checks dy: a (1, ...) dy is not broadcast over
+    the batch (where the cache knows the output's shape: all but Linear and
+    evaluation-mode Dropout, whose dx is dy), float16 and integer dy are refused,
+    and float64 for float32 where the cache knows the dtype."""
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    for ctx in (dlfs.train_context(0), dlfs.EVAL):
+        y, cache, _ = layer.forward(x, ctx)
+        identity = isinstance(layer, dlfs.Linear) or (
+            isinstance(layer, dlfs.Dropout) and not ctx.train
+        )
+        if not identity:
+            with pytest.raises(ValueError, match=r"dy must have shape \(4, 3\), got \(1, 3\)"):
+                layer.backward(cache, np.ones((1, 3), np.float32))
+        for dtype in (np.float16, np.int64):
+            with pytest.raises(TypeError, match="dy must be a float32 or float64 array"):
+                layer.backward(cache, np.ones(y.shape, dtype))
+        masked = identity or isinstance(layer, (dlfs.LeakyReLU, dlfs.Flatten))
+        if not masked:
+            with pytest.raises(TypeError, match="dy must have dtype float32"):
+                layer.backward(cache, np.ones(y.shape))
+        dx, _ = layer.backward(cache, np.ones(y.shape, np.float32))
+        assert dx.shape == x.shape and dx.dtype == np.float32
+
+
 @pytest.mark.parametrize("last", [dlfs.ReLU(), dlfs.Tanh(), dlfs.Flatten(), dlfs.Dropout(0.5)])
 def test_network_backward_refuses_a_dy_of_another_dtype(monkeypatch, last):
     """Network.backward checks dy's dtype against the network's before any layer
