@@ -2155,6 +2155,23 @@ def test_direct_construction_checks_every_array_against_the_first():
             dlfs.GRU(**{**arrays, name: arrays[name].astype(np.float64)})
 
 
+def test_dense_refuses_inputs_and_dys_of_other_ranks_by_name():
+    """Dense's per-call fast path takes only (N, D) rows: 1-D and 4-D x and dy get
+    dlfs's messages (mutation seed 1207), never numpy's IndexError or a silent
+    GEMM over the wrong axes."""
+    dense = dlfs.Dense.init(0, 3, 2)
+    for x, shape in [
+        (np.ones(3, np.float32), r"\(N, 3\), got \(3,\)"),
+        (np.ones((2, 3, 4, 3), np.float32), r"\(N, 3\), got \(2, 3, 4, 3\)"),
+    ]:
+        with pytest.raises(ValueError, match=rf"x must have shape {shape}"):
+            dense.forward(x)
+    _, cache, _ = dense.forward(np.ones((4, 3), np.float32))
+    for dy in (np.ones(2, np.float32), np.ones((4, 2, 2), np.float32)):
+        with pytest.raises(ValueError, match=r"dy must have shape \(4, 2\), got"):
+            dense.backward(cache, dy)
+
+
 def test_construction_time_checks():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 2)).astype(np.float32)
