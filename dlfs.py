@@ -4307,10 +4307,10 @@ class _Optimizer:
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
         _check_update(self, grads, state, params, self._N_SLOTS)
-        return self._apply(grads, state, params)
+        return self._apply(grads, state, params, False)
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         raise NotImplementedError
 
@@ -4349,7 +4349,7 @@ class SGD(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, decayed = _start(self, grads, state, params)
         owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
@@ -4385,7 +4385,7 @@ class Momentum(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         mu = self.momentum
@@ -4434,7 +4434,7 @@ class AdaGrad(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
@@ -4470,7 +4470,7 @@ class RMSProp(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         a = self.alpha
@@ -4533,7 +4533,7 @@ class Adam(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 2))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params, l2=not self.decoupled)
         if self.decoupled and self.weight_decay:
@@ -4833,7 +4833,7 @@ class Chain:
         return new, state
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         """``update`` without the checks, for a chain of dlfs's own parts."""
         own: Any = self  # all of its parts are dlfs's own, with their private _apply

@@ -3604,6 +3604,32 @@ def test_conv_and_pool_empty_batch():
         assert all(g.shape == p.shape and not g.any() for g, p in zip(grads, layer.params()))
 
 
+def test_a_network_skips_the_input_gradient_of_its_first_layer_with_parameters(monkeypatch):
+    """Parameter-free layers in front (Flatten, ReLU) do not count as the first layer
+    with parameters: training asks that Dense for (dw, db) only, never for its dx,
+    and the layers before it are not run backward (survivor 25 of mutation seed 1207)."""
+    net = dlfs.network(
+        0,
+        (2, 3),
+        [dlfs.Flatten(), dlfs.ReLU(), dlfs.dense(4), dlfs.dense(2)],
+        dlfs.MeanSquaredError(),
+    )
+    called = []
+    for cls in (dlfs.Flatten, dlfs.ReLU, dlfs.Dense):
+        backward = cls.backward
+        monkeypatch.setattr(
+            cls,
+            "backward",
+            lambda s, c, dy, b=backward: called.append(type(s).__name__) or b(s, c, dy),
+        )
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    _, grads, _ = net.loss_and_grads(x, np.zeros((5, 2), np.float32), dlfs.train_context(0))
+    assert called == ["Dense"]  # the last Dense's full backward; the first gives no dx
+    _, full = net.backward(net.forward(x, dlfs.train_context(0))[1], 2 * net.predict(x) / 5)
+    for g, f in zip(grads, full, strict=True):
+        assert all(np.allclose(a, b, rtol=1e-6) for a, b in zip(g, f, strict=True))
+
+
 def test_conv_param_grads_skip_the_input_gradient(monkeypatch):
     """_param_grads (a network's first layer) gives backward's (dw, db) bit for
     bit without computing dx (no col2im)."""
@@ -4638,6 +4664,41 @@ def test_transforms_check_their_gradients():
             transform(bad, params)
         with pytest.raises(TypeError, match=r"params\[0\]\[0\] must be a float"):
             transform(ints, ints)
+
+
+class _HalvedClip(dlfs.ClipByGlobalNorm):
+    """A user's subclass of a dlfs transform: clips, then halves."""
+
+    def __call__(self, grads, params):
+        return tuple(tuple(g / 2 for g in gs) for gs in super().__call__(grads, params))
+
+
+def test_a_chain_with_a_users_part_runs_the_users_code_at_every_step():
+    """A chain is trusted (its parts' unchecked _apply) only when every part is
+    dlfs's own: a user's optimizer inside (which has no _apply) and a user's
+    subclass of a transform (whose __call__ is its own) run as the user wrote them
+    (survivor 36 of mutation seed 1207)."""
+    net, x, y = _dp_problem("mlp", n=10)
+    calls = []
+
+    class Counting(_IdentityOptimizer):
+        def update(self, grads, state, params):
+            calls.append(1)
+            return dlfs.SGD(0.1).update(grads, state, params)
+
+    for opt in (
+        dlfs.chain(dlfs.ClipByGlobalNorm(1.0), Counting()),
+        dlfs.chain(_HalvedClip(1.0), dlfs.SGD(0.1)),
+    ):
+        state = dlfs.TrainState.create(net, opt, key=0)
+        got = functools.reduce(dlfs.train_step, [(x, y)] * 2, state)
+        want, opt_state = net, opt.init(net.params())
+        for _ in range(2):  # the chain by hand: its public update, the user's code
+            _, grads, _ = want.loss_and_grads(x, y, dlfs.train_context(0))
+            params, opt_state = opt.update(grads, opt_state, want.params())
+            want = want.with_params(params)
+        _assert_same_net(got.net, want)
+    assert len(calls) == 4  # two steps, then two by hand
 
 
 def test_constraints_and_chains_check_their_inputs():
