@@ -1016,6 +1016,17 @@ class _NoParams:
         return f"{type(self).__name__}({args})"
 
 
+def _check_dy(dy: Any, shape: tuple[int, ...] | None, dtype: np.dtype | None) -> None:
+    """A layer's public backward: dy shaped and typed like the forward's output,
+    never broadcast or cast (``None``: what the cache does not tell; then any
+    shape, or float32/float64)."""
+    if type(dy) is np.ndarray and dy.shape == shape and dy.dtype == dtype:
+        return  # the common case, in a few attribute reads
+    _check_float("dy", dy, dtype)
+    if shape is not None:
+        _check_shape("dy", dy, shape)
+
+
 def _dense_weights(w: Any) -> np.ndarray:
     """Dense's ``w`` converter; an int there is the Keras habit ``Dense(units)``."""
     if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
@@ -1196,6 +1207,7 @@ class Linear(_NoParams):
 
     def backward(self, cache: None, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy."""
+        _check_dy(dy, None, None)
         return dy, ()
 
 
@@ -1239,6 +1251,7 @@ class Sigmoid(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * y * (1 - y) (PyTorch's; where y rounds to 1 the slope is 0)."""
         y = cache
+        _check_dy(dy, y.shape, y.dtype)
         return dy * y * (1 - y), ()
 
 
@@ -1258,6 +1271,7 @@ class Tanh(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * (1 - y**2)."""
+        _check_dy(dy, cache.shape, cache.dtype)
         return dy * (1 - cache * cache), ()
 
 
@@ -1283,6 +1297,7 @@ class ReLU(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0 (i.e. y > 0), else 0."""
+        _check_dy(dy, cache.shape, cache.dtype)
         return dy * (cache > 0), ()
 
     # In place, for a network's own arrays (see Network._forward / _param_backward):
@@ -1331,6 +1346,7 @@ class LeakyReLU(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else alpha * dy."""
+        _check_dy(dy, cache.shape, None)  # the cache is a mask: dy's float dtype is kept
         return np.where(cache, dy, dy * self.alpha), ()
 
 
@@ -1358,6 +1374,7 @@ class ELU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else dy * alpha * exp(x)."""
         positive, e = cache
+        _check_dy(dy, e.shape, e.dtype)
         return np.where(positive, dy, dy * e * self.alpha), ()
 
 
@@ -1643,6 +1660,7 @@ class GELU(_NoParams):
             dx *= dy
             return dx, ()
         x, s, c = cache
+        _check_dy(dy, x.shape, x.dtype)
         du = (1 + 3 * 0.044715 * x * x) * (2 * _SQRT_2_OVER_PI)
         return dy * (s + x * s * c * du), ()
 
@@ -1670,6 +1688,7 @@ class SiLU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * s * (1 + x (1 - s)), s = sigmoid(x)."""
         x, s, c = cache
+        _check_dy(dy, x.shape, x.dtype)
         return dy * s * (1 + x * c), ()
 
 
@@ -1708,6 +1727,7 @@ class Softmax(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = y * (dy - sum_k dy_k y_k)."""
         y = cache
+        _check_dy(dy, y.shape, y.dtype)
         return y * (dy - (dy * y).sum(axis=1, keepdims=True)), ()
 
 
@@ -1744,7 +1764,11 @@ class Dropout(_NoParams):
 
     def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * mask / (1 - p) (dy in evaluation mode)."""
-        return (dy if cache is None else dy * cache), ()
+        if cache is None:
+            _check_dy(dy, None, None)
+            return dy, ()
+        _check_dy(dy, cache.shape, cache.dtype)
+        return dy * cache, ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1766,6 +1790,7 @@ class Flatten(_NoParams):
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy reshaped to the input shape."""
+        _check_dy(dy, (cache[0], math.prod(cache[1:])), None)
         return dy.reshape(cache), ()
 
 
@@ -1881,6 +1906,7 @@ class BatchNorm(_ArrayRecord):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """Full batch-statistics backward in training, affine backward in evaluation."""
         xhat, inv, train = cache
+        _check_dy(dy, xhat.shape, xhat.dtype)
         axes, bshape = self._axes(dy)
         dgamma = (dy * xhat).sum(axis=axes)
         dbeta = dy.sum(axis=axes)
@@ -5793,10 +5819,10 @@ class _Optimizer:
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
         _check_update(self, grads, state, params, self._N_SLOTS)
-        return self._apply(grads, state, params)
+        return self._apply(grads, state, params, False)
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         raise NotImplementedError
 
@@ -5835,7 +5861,7 @@ class SGD(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, decayed = _start(self, grads, state, params)
         owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
@@ -5871,7 +5897,7 @@ class Momentum(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         mu = self.momentum
@@ -5920,7 +5946,7 @@ class AdaGrad(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
@@ -5956,7 +5982,7 @@ class RMSProp(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         a = self.alpha
@@ -6045,7 +6071,7 @@ class Adam(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 2))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params, l2=False)
         wd, mask = self.weight_decay, self.weight_decay_mask
@@ -6350,7 +6376,7 @@ class Chain:
         return new, state
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         """``update`` without the checks, for a chain of dlfs's own parts."""
         own: Any = self  # all of its parts are dlfs's own, with their private _apply
