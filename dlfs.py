@@ -7585,11 +7585,16 @@ def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
     a crash leaves either the old file or the new one, never a mix.  An existing
     file keeps its permissions; a new one gets the umask's.  Temporary files
     that earlier, killed saves of ``path`` left are removed first."""
+    _atomic_write_with(path, lambda f: _write_npz(f, arrays))
+
+
+def _atomic_write_with(path: str, write: Callable[[Any], Any]) -> None:
+    """``_atomic_write`` of whatever ``write(file)`` writes into the open binary file."""
     _remove_stale_temps(path)
     fd, tmp = _open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_npz(f, arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):
@@ -8031,3 +8036,358 @@ def _resume_fit(path: Any, net: Network, optimizer: Any, step_key: Key, plan: _F
         return _FitRun(state, epoch, history, best, best_loss, bad, batch, _saved_stop(saved))
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None
+
+
+# ------------------------------------------------------ export: ONNX and PyTorch
+
+_ONNX_OPSET = 17  # LayerNormalization's first opset; every other op here is older
+_ONNX_IR_VERSION = 8  # the oldest IR that opset 17 allows: readable by older runtimes
+
+
+class _OnnxGraph:
+    """The graph ``export_onnx`` builds: nodes and weights (initializers) in
+    order, each with a fresh name.  ``prefix`` names the nodes of the layer
+    being exported (``layer3.Dense``), so a runtime's error points at it.
+    Private and local to one export."""
+
+    def __init__(self, onnx: Any, dtype: np.dtype):
+        self.onnx, self.dtype = onnx, dtype
+        self.nodes: list[Any] = []
+        self.weights: list[Any] = []
+        self.prefix = "graph"
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}.{hint}_{self._count}"
+
+    def weight(self, hint: str, a: np.ndarray) -> str:
+        """A constant array (a copy of ``a``, C order) as an initializer; returns its name."""
+        name = self.name(hint)
+        self.weights.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(a), name))
+        return name
+
+    def const(self, hint: str, value: float) -> str:
+        """A scalar of the network's dtype."""
+        return self.weight(hint, np.asarray(value, self.dtype))
+
+    def ints(self, hint: str, values: Sequence[int]) -> str:
+        """An int64 vector (axes and shapes are tensors since opset 13)."""
+        return self.weight(hint, np.asarray(values, np.int64))
+
+    def outputs(self, op: str, inputs: Sequence[str], n: int, **attributes: Any) -> list[str]:
+        """Add one ``op`` node with ``n`` outputs; returns their names."""
+        names = [self.name(f"{op}_out{k}") for k in range(n)]
+        node = self.onnx.helper.make_node(
+            op, list(inputs), names, name=self.name(op), **attributes
+        )
+        self.nodes.append(node)
+        return names
+
+    def op(self, op: str, *inputs: str, **attributes: Any) -> str:
+        """Add one ``op`` node with one output; returns its name."""
+        return self.outputs(op, inputs, 1, **attributes)[0]
+
+
+# One function per layer type: (graph, layer, x, per-sample input shape) ->
+# the name of the layer's output.  ``export_onnx`` looks the layer's exact
+# type up in ``_ONNX_EXPORTERS``; a new layer kind is one function and one entry.
+
+
+def _onnx_dense(g: _OnnxGraph, layer: Dense, x: str, shape: tuple[int, ...]) -> str:
+    """y = x @ w + b: MatMul then Add, for (N, D) and (N, T, D) alike."""
+    return g.op("Add", g.op("MatMul", x, g.weight("w", layer.w)), g.weight("b", layer.b))
+
+
+def _onnx_identity(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+    """Linear, and Dropout (the identity in evaluation mode)."""
+    return g.op("Identity", x)
+
+
+def _onnx_unary(op: str) -> Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]:
+    """One ONNX op without attributes: Sigmoid, Tanh, Relu."""
+
+    def export(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+        return g.op(op, x)
+
+    export.__doc__ = f"y = {op}(x)."
+    return export
+
+
+# ONNX's float attributes are float32: alpha = 0.01 as an attribute is off by
+# 2e-10, invisible in float32 and large in float64.  So float64 graphs spell
+# LeakyRelu and Elu out with alpha as a float64 constant (which also runs
+# where a runtime has no float64 Elu kernel, as ONNX Runtime 1.32).
+
+
+def _onnx_where_positive(g: _OnnxGraph, x: str, negative: str) -> str:
+    """y = x where x > 0, else ``negative``."""
+    return g.op("Where", g.op("Greater", x, g.const("zero", 0.0)), x, negative)
+
+
+def _onnx_leaky_relu(g: _OnnxGraph, layer: LeakyReLU, x: str, shape: tuple[int, ...]) -> str:
+    """LeakyRelu; float64: Where(x > 0, x, x * alpha)."""
+    if g.dtype == np.float32:
+        return g.op("LeakyRelu", x, alpha=float(layer.alpha))
+    return _onnx_where_positive(g, x, g.op("Mul", x, g.const("alpha", layer.alpha)))
+
+
+def _onnx_elu(g: _OnnxGraph, layer: ELU, x: str, shape: tuple[int, ...]) -> str:
+    """Elu; float64: Where(x > 0, x, alpha * (exp(min(x, 0)) - 1))."""
+    if g.dtype == np.float32:
+        return g.op("Elu", x, alpha=float(layer.alpha))
+    em1 = g.op("Sub", g.op("Exp", g.op("Min", x, g.const("zero", 0.0))), g.const("one", 1.0))
+    return _onnx_where_positive(g, x, g.op("Mul", em1, g.const("alpha", layer.alpha)))
+
+
+def _onnx_gelu(g: _OnnxGraph, layer: GELU, x: str, shape: tuple[int, ...]) -> str:
+    """dlfs's own formula, x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), in
+    Mul/Add/Sigmoid (ONNX's Gelu op arrived only in opset 20)."""
+    cube = g.op("Mul", x, g.op("Mul", x, x))
+    inner = g.op("Add", x, g.op("Mul", cube, g.const("c", 0.044715)))
+    s = g.op("Sigmoid", g.op("Mul", inner, g.const("two_sqrt_2_over_pi", 2 * _SQRT_2_OVER_PI)))
+    return g.op("Mul", x, s)
+
+
+def _onnx_silu(g: _OnnxGraph, layer: SiLU, x: str, shape: tuple[int, ...]) -> str:
+    return g.op("Mul", x, g.op("Sigmoid", x))
+
+
+def _onnx_softmax(g: _OnnxGraph, layer: Softmax, x: str, shape: tuple[int, ...]) -> str:
+    return g.op("Softmax", x, axis=-1)
+
+
+def _onnx_flatten(g: _OnnxGraph, layer: Flatten, x: str, shape: tuple[int, ...]) -> str:
+    return g.op("Flatten", x, axis=1)
+
+
+def _onnx_batch_norm(g: _OnnxGraph, layer: BatchNorm, x: str, shape: tuple[int, ...]) -> str:
+    """Evaluation mode: BatchNormalization with the running statistics, on
+    (N, C) and (N, C, H, W) alike."""
+    ws = [g.weight(n, getattr(layer, n)) for n in ("gamma", "beta", "mean", "var")]
+    return g.op("BatchNormalization", x, *ws, epsilon=float(layer.eps))
+
+
+def _onnx_embedding(g: _OnnxGraph, layer: Embedding, x: str, shape: tuple[int, ...]) -> str:
+    """y = w[x]: Gather along w's rows (ids are int64 in the graph)."""
+    return g.op("Gather", g.weight("w", layer.w), x, axis=0)
+
+
+def _onnx_conv(g: _OnnxGraph, layer: Conv2D, x: str, shape: tuple[int, ...]) -> str:
+    """Conv; dlfs's ((top, bottom), (left, right)) pads are ONNX's [top, left, bottom, right]."""
+    (top, bottom), (left, right) = layer.padding
+    return g.op(
+        "Conv",
+        x,
+        g.weight("w", layer.w),
+        g.weight("b", layer.b),
+        kernel_shape=list(layer.kernel_size),
+        strides=list(layer.stride),
+        pads=[top, left, bottom, right],
+    )
+
+
+def _onnx_pool(op: str) -> Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]:
+    """MaxPool / AveragePool without padding: ONNX's floor rounding drops
+    incomplete windows, as dlfs does."""
+
+    def export(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+        return g.op(op, x, kernel_shape=list(layer.size), strides=list(layer.stride))
+
+    export.__doc__ = f"{op} over windows ``size`` with ``stride``, no padding."
+    return export
+
+
+def _gate_blocks(a: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """The (..., G*H) gate blocks of ``a`` along its last axis, in ``order``."""
+    blocks = np.split(a, len(order), axis=-1)
+    return np.concatenate([blocks[k] for k in order], axis=-1)
+
+
+# dlfs keeps PyTorch's gate order; ONNX's own is LSTM i, o, f, c and GRU z, r, h.
+_ONNX_GATES = {"RNN": (0,), "LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2)}
+
+
+def _onnx_recurrent(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+    """RNN/LSTM/GRU as ONNX's op of that name, time-major inside.
+
+    W = w_ih.T (G*H, D) and R = w_hh.T (G*H, H) with the gate blocks in ONNX's
+    order (LSTM i, o, f, c from dlfs's i, f, g, o; GRU z, r, h from r, z, n);
+    B = [Wb, Rb] with Wb = b in that order and Rb = 0, except the GRU's Rbh =
+    b_hn (``linear_before_reset=1``: the reset gate multiplies
+    h W_hn + b_hn, as in dlfs and PyTorch).  x (N, T, D) is transposed to
+    (T, N, D); the op's Y (T, 1, N, H) becomes (N, T, H), its Y_h (1, N, H)
+    the last h (N, H).
+    """
+    kind = type(layer).__name__
+    order = _ONNX_GATES[kind]
+    rb = np.zeros_like(layer.b)
+    if isinstance(layer, GRU):
+        rb[2 * layer.n_hidden :] = layer.b_hn
+    attributes: dict[str, Any] = {"hidden_size": layer.n_hidden}
+    if isinstance(layer, GRU):
+        attributes["linear_before_reset"] = 1
+    w = g.weight("W", _gate_blocks(layer.w_ih, order).T[None])
+    r = g.weight("R", _gate_blocks(layer.w_hh, order).T[None])
+    b = g.weight("B", np.concatenate([_gate_blocks(layer.b, order), rb])[None])
+    xt = g.op("Transpose", x, perm=[1, 0, 2])
+    ys, h_last = g.outputs(kind, [xt, w, r, b], 2, **attributes)
+    if layer.return_sequences:
+        return g.op("Transpose", g.op("Squeeze", ys, g.ints("axes", [1])), perm=[1, 0, 2])
+    return g.op("Squeeze", h_last, g.ints("axes", [0]))
+
+
+_OnnxExporter = Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]
+
+_ONNX_EXPORTERS: dict[type, _OnnxExporter] = {
+    Dense: _onnx_dense,
+    Linear: _onnx_identity,
+    Sigmoid: _onnx_unary("Sigmoid"),
+    Tanh: _onnx_unary("Tanh"),
+    ReLU: _onnx_unary("Relu"),
+    LeakyReLU: _onnx_leaky_relu,
+    ELU: _onnx_elu,
+    GELU: _onnx_gelu,
+    SiLU: _onnx_silu,
+    Softmax: _onnx_softmax,
+    Dropout: _onnx_identity,
+    Flatten: _onnx_flatten,
+    BatchNorm: _onnx_batch_norm,
+    Embedding: _onnx_embedding,
+    RNN: _onnx_recurrent,
+    LSTM: _onnx_recurrent,
+    GRU: _onnx_recurrent,
+    Conv2D: _onnx_conv,
+    MaxPool2D: _onnx_pool("MaxPool"),
+    AvgPool2D: _onnx_pool("AveragePool"),
+}
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+        import onnx.checker
+        import onnx.helper
+        import onnx.numpy_helper
+    except ImportError as err:
+        raise ImportError(
+            "export_onnx needs the onnx package: pip install onnx (and onnxruntime to run "
+            "the file), or pip install 'dlfs[onnx]'"
+        ) from err
+    return onnx
+
+
+def _check_network(name: str, net: Any) -> Network:
+    if not isinstance(net, Network):
+        raise TypeError(f"{name} must be a dlfs.Network, got {type(net).__name__}")
+    return net
+
+
+def _check_exportable(net: Network) -> None:
+    """Every layer must have an exporter: TypeError naming the first that has none."""
+    for i, layer in enumerate(net.layers):
+        if type(layer) not in _ONNX_EXPORTERS:
+            known = ", ".join(sorted(t.__name__ for t in _ONNX_EXPORTERS))
+            raise TypeError(
+                f"export_onnx cannot export layer {i} ({type(layer).__name__}): dlfs has no "
+                f"ONNX exporter for it (it exports {known})"
+            )
+
+
+def _onnx_model(net: Network, input_name: str, output_name: str) -> Any:
+    """The checked ModelProto of ``net``'s inference graph."""
+    onnx = _import_onnx()
+    dtype = net.dtype or np.dtype(np.float32)
+    g = _OnnxGraph(onnx, dtype)
+    takes_ids = bool(net.layers) and isinstance(net.layers[0], Embedding)
+    x, shape = input_name, net.input_shape
+    for i, layer in enumerate(net.layers):
+        g.prefix = f"layer{i}.{type(layer).__name__}"
+        x = _ONNX_EXPORTERS[type(layer)](g, layer, x, shape)
+        shape = tuple(layer.output_shape(shape))
+    g.prefix = "graph"
+    g.nodes.append(onnx.helper.make_node("Identity", [x], [output_name], name="output"))
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64) if takes_ids else dtype)
+    out_elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    graph = onnx.helper.make_graph(
+        g.nodes,
+        "dlfs",
+        [onnx.helper.make_tensor_value_info(input_name, elem, ["N", *net.input_shape])],
+        [onnx.helper.make_tensor_value_info(output_name, out_elem, ["N", *net.output_shape])],
+        initializer=g.weights,
+        doc_string=repr(net),
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", _ONNX_OPSET)],
+        producer_name="dlfs",
+        producer_version=__version__,
+    )
+    model.ir_version = _ONNX_IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _check_io_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+    return value
+
+
+def export_onnx(
+    net: Network,
+    path: str | os.PathLike,
+    *,
+    input_name: str = "x",
+    output_name: str = "y",
+) -> Any:
+    """Write ``net``'s inference graph (evaluation mode: what ``net.predict``
+    computes) to an ONNX file at ``path``, and return the ``onnx.ModelProto``.
+
+    The graph takes ``input_name``: (N, *net.input_shape) of the network's
+    dtype (float32 or float64; int64 token ids for a network that starts
+    with an Embedding) and gives ``output_name``: (N, *net.output_shape); the
+    batch axis N is dynamic.  Opset 17, IR version 8; the model passes
+    ``onnx.checker.check_model(full_check=True)`` before it is written
+    (atomically, as ``save`` writes).  Layer by layer: Dense -> MatMul + Add
+    (2-D and 3-D inputs); Sigmoid, Tanh, ReLU, LeakyReLU, ELU, Softmax
+    (last axis) -> the ops of those names; GELU (tanh form) and SiLU -> Mul,
+    Add and Sigmoid; Linear and Dropout -> Identity; Flatten -> Flatten;
+    BatchNorm -> BatchNormalization with the running statistics; Conv2D ->
+    Conv (pads [top, left, bottom, right]); MaxPool2D, AvgPool2D -> MaxPool,
+    AveragePool; Embedding -> Gather; RNN, LSTM, GRU -> ONNX's RNN, LSTM,
+    GRU, with the gate blocks reordered to ONNX's (LSTM i, o, f, c; GRU z, r,
+    h with ``linear_before_reset=1``).  Any other layer is a TypeError
+    naming it; nothing is written then.
+
+    float64 graphs write LeakyReLU and ELU as Where/Mul/Exp with alpha in
+    float64 (ONNX's own ops take it as a float32 attribute).  ONNX Runtime
+    (1.32) runs every such float32 graph; in float64 it has no kernels for
+    Conv, AveragePool, RNN, LSTM and GRU (the graph is still valid ONNX, and
+    onnx's reference evaluator runs it).  Needs the
+    ``onnx`` package, imported here (``pip install 'dlfs[onnx]'`` adds
+    onnxruntime to run the file).
+
+    >>> import os, tempfile
+    >>> import onnxruntime
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> x = np.linspace(-1, 1, 15, dtype=np.float32).reshape(5, 3)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "net.onnx")
+    ...     model = dlfs.export_onnx(net, path)
+    ...     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ...     (y,) = session.run(None, {"x": x})
+    >>> bool(np.allclose(y, net.predict(x), rtol=1e-5, atol=1e-6)), [n.op_type for n in model.graph.node]
+    (True, ['MatMul', 'Add', 'Relu', 'MatMul', 'Add', 'Identity'])
+    """
+    net = _check_network("net", net)
+    path = _check_save_path("path", path)
+    input_name = _check_io_name("input_name", input_name)
+    output_name = _check_io_name("output_name", output_name)
+    if input_name == output_name:
+        raise ValueError(f"input_name and output_name must differ, both are {input_name!r}")
+    _check_exportable(net)
+    model = _onnx_model(net, input_name, output_name)
+    data = model.SerializeToString()
+    _atomic_write_with(path, lambda f: f.write(data))
+    return model
