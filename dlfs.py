@@ -49,6 +49,8 @@ reference lists them:
 14. **gradient checks**: `GradientCheckError`, `check_grads`,
     `check_layer`, `check_loss`.
 15. **save/load** (checkpoints): `Checkpoint`, `save`, `load`.
+16. **export: ONNX and PyTorch**: `export_onnx`, `to_torch_state_dict`,
+    `from_torch_state_dict`.
 
 Type aliases in signatures: ``Key = tuple[int, ...]`` (an int seed is
 accepted wherever a key is), ``Params = tuple[np.ndarray, ...]`` (one
@@ -86,7 +88,7 @@ import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
 
 import attrs
@@ -222,6 +224,10 @@ __all__ = [
     "Checkpoint",
     "save",
     "load",
+    # export: ONNX and PyTorch
+    "export_onnx",
+    "to_torch_state_dict",
+    "from_torch_state_dict",
 ]
 
 Key = tuple[int, ...]
@@ -8078,9 +8084,7 @@ class _OnnxGraph:
     def outputs(self, op: str, inputs: Sequence[str], n: int, **attributes: Any) -> list[str]:
         """Add one ``op`` node with ``n`` outputs; returns their names."""
         names = [self.name(f"{op}_out{k}") for k in range(n)]
-        node = self.onnx.helper.make_node(
-            op, list(inputs), names, name=self.name(op), **attributes
-        )
+        node = self.onnx.helper.make_node(op, list(inputs), names, name=self.name(op), **attributes)
         self.nodes.append(node)
         return names
 
@@ -8391,3 +8395,235 @@ def export_onnx(
     data = model.SerializeToString()
     _atomic_write_with(path, lambda f: f.write(data))
     return model
+
+
+# PyTorch: per layer type, (to, back).  ``to(layer)`` gives the layer's arrays
+# in PyTorch's names and layouts, fresh and writable; ``back(layer, arrays)``
+# builds a layer of the same config from such arrays, already checked against
+# ``to(layer)``'s names, shapes and dtypes.  Layers without arrays need no entry.
+
+
+def _torch_dense(layer: Dense) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w.T), "bias": np.array(layer.b)}
+
+
+def _dense_from_torch(layer: Dense, a: dict[str, np.ndarray]) -> Dense:
+    return Dense(a["weight"].T, a["bias"])
+
+
+def _torch_conv(layer: Conv2D) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w), "bias": np.array(layer.b)}
+
+
+def _conv_from_torch(layer: Conv2D, a: dict[str, np.ndarray]) -> Conv2D:
+    return Conv2D(a["weight"], a["bias"], stride=layer.stride, padding=layer.padding)
+
+
+def _torch_batch_norm(layer: BatchNorm) -> dict[str, np.ndarray]:
+    return {
+        "weight": np.array(layer.gamma),
+        "bias": np.array(layer.beta),
+        "running_mean": np.array(layer.mean),
+        "running_var": np.array(layer.var),
+        "num_batches_tracked": np.array(0, np.int64),
+    }
+
+
+def _batch_norm_from_torch(layer: BatchNorm, a: dict[str, np.ndarray]) -> BatchNorm:
+    """``num_batches_tracked`` is read and dropped: dlfs's momentum is fixed."""
+    return attrs.evolve(
+        layer, gamma=a["weight"], beta=a["bias"], mean=a["running_mean"], var=a["running_var"]
+    )
+
+
+def _torch_embedding(layer: Embedding) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w)}
+
+
+def _embedding_from_torch(layer: Embedding, a: dict[str, np.ndarray]) -> Embedding:
+    return Embedding(a["weight"])
+
+
+def _torch_recurrent(layer: Any) -> dict[str, np.ndarray]:
+    """weight_ih_l0 = w_ih.T, weight_hh_l0 = w_hh.T, bias_ih_l0 = b, bias_hh_l0 = 0
+    (the GRU's: [0, 0, b_hn])."""
+    bias_hh = np.zeros_like(layer.b)
+    if isinstance(layer, GRU):
+        bias_hh[2 * layer.n_hidden :] = layer.b_hn
+    return {
+        "weight_ih_l0": np.array(layer.w_ih.T),
+        "weight_hh_l0": np.array(layer.w_hh.T),
+        "bias_ih_l0": np.array(layer.b),
+        "bias_hh_l0": bias_hh,
+    }
+
+
+def _plus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b, but a itself where b is 0: a round trip's zero never turns -0.0 into 0.0."""
+    return np.where(b == 0, a, a + b)
+
+
+def _recurrent_from_torch(layer: Any, a: dict[str, np.ndarray]) -> Any:
+    """b = bias_ih_l0 + bias_hh_l0 (the GRU: + its r and z parts, b_hn = its n part)."""
+    w_ih, w_hh = a["weight_ih_l0"].T, a["weight_hh_l0"].T
+    bias_ih, bias_hh = a["bias_ih_l0"], a["bias_hh_l0"]
+    if not isinstance(layer, GRU):
+        b = _plus(bias_ih, bias_hh)
+        return type(layer)(w_ih, w_hh, b, return_sequences=layer.return_sequences)
+    two_h = 2 * layer.n_hidden
+    b = np.concatenate([_plus(bias_ih[:two_h], bias_hh[:two_h]), bias_ih[two_h:]])
+    return GRU(w_ih, w_hh, b, bias_hh[two_h:], return_sequences=layer.return_sequences)
+
+
+_TorchTo = Callable[[Any], dict[str, np.ndarray]]
+_TorchBack = Callable[[Any, dict[str, np.ndarray]], Any]
+
+_TORCH_LAYERS: dict[type, tuple[_TorchTo, _TorchBack]] = {
+    Dense: (_torch_dense, _dense_from_torch),
+    Conv2D: (_torch_conv, _conv_from_torch),
+    BatchNorm: (_torch_batch_norm, _batch_norm_from_torch),
+    Embedding: (_torch_embedding, _embedding_from_torch),
+    RNN: (_torch_recurrent, _recurrent_from_torch),
+    LSTM: (_torch_recurrent, _recurrent_from_torch),
+    GRU: (_torch_recurrent, _recurrent_from_torch),
+}
+
+
+# dlfs's layers whose PyTorch counterparts hold no state_dict entries.
+_TORCH_WITHOUT_ARRAYS: tuple[type, ...] = (
+    Linear,
+    Sigmoid,
+    Tanh,
+    ReLU,
+    LeakyReLU,
+    ELU,
+    GELU,
+    SiLU,
+    Softmax,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    AvgPool2D,
+)
+
+
+def _torch_arrays(i: int, layer: Any) -> dict[str, np.ndarray]:
+    """Layer ``i``'s arrays under PyTorch's names; TypeError for a layer with
+    parameters that has no mapping."""
+    entry = _TORCH_LAYERS.get(type(layer))
+    if entry is not None:
+        return entry[0](layer)
+    if type(layer) in _TORCH_WITHOUT_ARRAYS:
+        return {}
+    raise TypeError(
+        f"layer {i} ({type(layer).__name__}) has no PyTorch mapping in dlfs; it maps "
+        + ", ".join(sorted(t.__name__ for t in _TORCH_LAYERS))
+        + " and the layers without parameters"
+    )
+
+
+def to_torch_state_dict(net: Network) -> dict[str, np.ndarray]:
+    """``net``'s arrays as a PyTorch ``state_dict`` of numpy arrays (fresh,
+    writable copies): ``model.load_state_dict({k: torch.from_numpy(v) for k, v
+    in sd.items()})`` loads them into the equivalent ``nn.Sequential``.
+
+    Keys are ``"{i}.{name}"`` for layer i of ``net.layers``, so module i of the
+    Sequential is layer i's counterpart: Dense -> ``nn.Linear`` (weight =
+    w.T (D_out, D_in), bias = b); Conv2D -> ``nn.Conv2d`` (weight = w
+    (C_out, C_in, kh, kw), bias = b; padding as dlfs's, which for pads
+    that are neither symmetric nor ``"same"`` means an ``F.pad`` before the
+    convolution); BatchNorm -> ``nn.BatchNorm1d``/``2d`` (weight = gamma,
+    bias = beta, running_mean, running_var, num_batches_tracked = 0);
+    Embedding -> ``nn.Embedding`` (weight = w); RNN, LSTM, GRU ->
+    ``nn.RNN``/``nn.LSTM``/``nn.GRU`` with ``batch_first=True`` (weight_ih_l0 =
+    w_ih.T (G*H, D), weight_hh_l0 = w_hh.T (G*H, H), gate blocks in the same
+    order, bias_ih_l0 = b, bias_hh_l0 = 0, except the GRU's bias_hh_l0 =
+    [0, 0, b_hn]; in a Sequential such a module needs a wrapper that keeps its
+    output sequence, or the last h without ``return_sequences``).  Layers
+    without parameters have no keys: Linear -> ``nn.Identity``, Sigmoid,
+    Tanh, ReLU, LeakyReLU(alpha) -> ``negative_slope``, ELU(alpha), GELU ->
+    ``nn.GELU(approximate="tanh")``, SiLU, Softmax -> ``nn.Softmax(-1)``,
+    Dropout(p), Flatten, MaxPool2D, AvgPool2D -> ``nn.MaxPool2d``/``nn.AvgPool2d``
+    (kernel_size=size, stride).  ``from_torch_state_dict`` reads it back.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> sd = dlfs.to_torch_state_dict(net)
+    >>> {k: v.shape for k, v in sd.items()}  # nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    {'0.weight': (4, 3), '0.bias': (4,), '2.weight': (2, 4), '2.bias': (2,)}
+    """
+    net = _check_network("net", net)
+    return {
+        f"{i}.{name}": a
+        for i, layer in enumerate(net.layers)
+        for name, a in _torch_arrays(i, layer).items()
+    }
+
+
+def _state_array(key: str, value: Any, like: np.ndarray, layer: Any) -> np.ndarray:
+    """``value`` as an ndarray shaped and typed like ``like``; ValueError or
+    TypeError naming ``key``.  Torch tensors convert through ``np.asarray``."""
+    try:
+        a = np.asarray(value)
+    except Exception as err:  # e.g. a tensor that requires grad
+        raise TypeError(
+            f"state_dict[{key!r}] must be an array (a numpy array or a CPU tensor, "
+            f"detached), got {type(value).__name__}: {err}"
+        ) from None
+    if a.shape != like.shape:
+        raise ValueError(
+            f"state_dict[{key!r}] must have shape {like.shape} for layer {layer!r}, got {a.shape}"
+        )
+    if a.dtype != like.dtype:
+        raise TypeError(
+            f"state_dict[{key!r}] must be {like.dtype} like the network's arrays, got "
+            f"{a.dtype}; dlfs never casts silently: convert it (e.g. tensor.double() or "
+            f".astype(np.{like.dtype}))"
+        )
+    return a
+
+
+def from_torch_state_dict(net: Network, state_dict: Any) -> Network:
+    """A new network shaped like ``net`` with the arrays of a PyTorch
+    ``state_dict`` in it: the inverse of ``to_torch_state_dict`` (same keys,
+    names and layouts; see there), with ``net``'s config (strides, padding,
+    ``return_sequences``, loss) kept.  Values are numpy arrays or CPU tensors
+    (``model.state_dict()`` as it is; ``np.asarray`` reads them).
+
+    Every key is checked, in ``to_torch_state_dict``'s order: a missing key,
+    an extra one, a wrong shape or dtype (nothing is cast) is an error
+    naming the first such key.  Recurrent biases add up: b = bias_ih_l0 +
+    bias_hh_l0 (GRU: the r and z parts; b_hn = bias_hh_l0's n part), so
+    dlfs -> PyTorch -> dlfs is bit-exact, and PyTorch -> dlfs -> PyTorch
+    gives the same function with bias_hh_l0 folded into bias_ih_l0.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> back = dlfs.from_torch_state_dict(net, dlfs.to_torch_state_dict(net))
+    >>> all((p == q).all() for ps, qs in zip(net.params(), back.params()) for p, q in zip(ps, qs))
+    True
+    """
+    net = _check_network("net", net)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}"
+        )
+    expected = {i: _torch_arrays(i, layer) for i, layer in enumerate(net.layers)}
+    names = {f"{i}.{name}" for i, arrays in expected.items() for name in arrays}
+    extra = [k for k in state_dict if k not in names]
+    if extra:
+        raise ValueError(
+            f"state_dict has key {extra[0]!r}, which no layer of {net!r} takes "
+            f"(it takes {sorted(names) or 'none'})"
+        )
+    layers: list[Any] = []
+    for i, layer in enumerate(net.layers):
+        arrays = {}
+        for name, like in expected[i].items():
+            key = f"{i}.{name}"
+            if key not in state_dict:
+                raise ValueError(
+                    f"state_dict has no {key!r} ({name} of layer {i}, {layer!r}, shape "
+                    f"{like.shape})"
+                )
+            arrays[name] = _state_array(key, state_dict[key], like, layer)
+        layers.append(_TORCH_LAYERS[type(layer)][1](layer, arrays) if arrays else layer)
+    return Network(layers, net.loss, net.input_shape)
