@@ -8166,10 +8166,21 @@ def _onnx_flatten(g: _OnnxGraph, layer: Flatten, x: str, shape: tuple[int, ...])
 
 
 def _onnx_batch_norm(g: _OnnxGraph, layer: BatchNorm, x: str, shape: tuple[int, ...]) -> str:
-    """Evaluation mode: BatchNormalization with the running statistics, on
-    (N, C) and (N, C, H, W) alike."""
-    ws = [g.weight(n, getattr(layer, n)) for n in ("gamma", "beta", "mean", "var")]
-    return g.op("BatchNormalization", x, *ws, epsilon=float(layer.eps))
+    """Evaluation mode, with the running statistics, on (N, C) and (N, C, H, W):
+    BatchNormalization; float64 (its epsilon is a float32 attribute): dlfs's own
+    arithmetic, (x - mean) * inv * gamma + beta with inv = 1 / sqrt(var + eps)."""
+    if g.dtype == np.float32:
+        ws = [g.weight(n, getattr(layer, n)) for n in ("gamma", "beta", "mean", "var")]
+        return g.op("BatchNormalization", x, *ws, epsilon=float(layer.eps))
+    bshape = (-1,) if len(shape) == 1 else (-1, 1, 1)
+    inv = 1 / np.sqrt(layer.var + layer.eps)
+    xhat = g.op(
+        "Mul",
+        g.op("Sub", x, g.weight("mean", layer.mean.reshape(bshape))),
+        g.weight("inv", inv.reshape(bshape)),
+    )
+    y = g.op("Mul", xhat, g.weight("gamma", layer.gamma.reshape(bshape)))
+    return g.op("Add", y, g.weight("beta", layer.beta.reshape(bshape)))
 
 
 def _onnx_embedding(g: _OnnxGraph, layer: Embedding, x: str, shape: tuple[int, ...]) -> str:
@@ -8298,10 +8309,23 @@ def _check_exportable(net: Network) -> None:
             )
 
 
-def _onnx_model(net: Network, input_name: str, output_name: str) -> Any:
+def _export_dtype(net: Network, dtype: Any) -> np.dtype:
+    """The graph's float dtype: the network's; ``dtype`` (default float32) for a
+    network without parameters."""
+    if dtype is None:
+        return net.dtype or np.dtype(np.float32)
+    dtype = _check_dtype(dtype)
+    if net.dtype is not None and dtype != net.dtype:
+        raise ValueError(
+            f"dtype must be the network's ({net.dtype}) or None, got {dtype}; "
+            "dlfs never casts silently"
+        )
+    return dtype
+
+
+def _onnx_model(net: Network, input_name: str, output_name: str, dtype: np.dtype) -> Any:
     """The checked ModelProto of ``net``'s inference graph."""
     onnx = _import_onnx()
-    dtype = net.dtype or np.dtype(np.float32)
     g = _OnnxGraph(onnx, dtype)
     takes_ids = bool(net.layers) and isinstance(net.layers[0], Embedding)
     x, shape = input_name, net.input_shape
@@ -8344,6 +8368,7 @@ def export_onnx(
     *,
     input_name: str = "x",
     output_name: str = "y",
+    dtype: FloatDType | None = None,
 ) -> Any:
     """Write ``net``'s inference graph (evaluation mode: what ``net.predict``
     computes) to an ONNX file at ``path``, and return the ``onnx.ModelProto``.
@@ -8351,7 +8376,8 @@ def export_onnx(
     The graph takes ``input_name``: (N, *net.input_shape) of the network's
     dtype (float32 or float64; int64 token ids for a network that starts
     with an Embedding) and gives ``output_name``: (N, *net.output_shape); the
-    batch axis N is dynamic.  Opset 17, IR version 8; the model passes
+    batch axis N is dynamic.  ``dtype`` is for a network without parameters
+    (default float32); for any other it may only repeat the network's.  Opset 17, IR version 8; the model passes
     ``onnx.checker.check_model(full_check=True)`` before it is written
     (atomically, as ``save`` writes).  Layer by layer: Dense -> MatMul + Add
     (2-D and 3-D inputs); Sigmoid, Tanh, ReLU, LeakyReLU, ELU, Softmax
@@ -8364,8 +8390,9 @@ def export_onnx(
     h with ``linear_before_reset=1``).  Any other layer is a TypeError
     naming it; nothing is written then.
 
-    float64 graphs write LeakyReLU and ELU as Where/Mul/Exp with alpha in
-    float64 (ONNX's own ops take it as a float32 attribute).  ONNX Runtime
+    float64 graphs write LeakyReLU, ELU and BatchNorm out in Where, Mul,
+    Exp, Sub and Add with alpha and eps in float64 (ONNX's own ops take them
+    as float32 attributes).  ONNX Runtime
     (1.32) runs every such float32 graph; in float64 it has no kernels for
     Conv, AveragePool, RNN, LSTM and GRU (the graph is still valid ONNX, and
     onnx's reference evaluator runs it).  Needs the
@@ -8391,7 +8418,7 @@ def export_onnx(
     if input_name == output_name:
         raise ValueError(f"input_name and output_name must differ, both are {input_name!r}")
     _check_exportable(net)
-    model = _onnx_model(net, input_name, output_name)
+    model = _onnx_model(net, input_name, output_name, _export_dtype(net, dtype))
     data = model.SerializeToString()
     _atomic_write_with(path, lambda f: f.write(data))
     return model
