@@ -8004,7 +8004,7 @@ def test_export_onnx_refuses_what_it_cannot_export(tmp_path):
         dlfs.export_onnx(net, path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
     good = dlfs.Network([dense], dlfs.MeanSquaredError(), (3,))
-    with pytest.raises(TypeError, match="net must be a dlfs.Network, got Dense"):
+    with pytest.raises(TypeError, match=r"net must be a dlfs\.Network, got Dense"):
         dlfs.export_onnx(dense, path)  # type: ignore[arg-type]
     with pytest.raises(IsADirectoryError, match="path must be a file path"):
         dlfs.export_onnx(good, tmp_path)
@@ -8120,7 +8120,7 @@ def test_from_torch_state_dict_names_the_first_mismatch():
         dlfs.from_torch_state_dict(net, {**sd, "0.bias": sd["0.bias"].astype(np.float64)})
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         dlfs.from_torch_state_dict(net, list(sd.items()))
-    with pytest.raises(TypeError, match="net must be a dlfs.Network"):
+    with pytest.raises(TypeError, match=r"net must be a dlfs\.Network"):
         dlfs.from_torch_state_dict(sd, sd)  # type: ignore[arg-type]
     custom = dlfs.Network([_MyDense(np.ones((3, 2)), np.zeros(2))], dlfs.MeanSquaredError(), (3,))
     with pytest.raises(TypeError, match=r"layer 0 \(_MyDense\) has no PyTorch mapping"):
