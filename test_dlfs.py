@@ -8223,6 +8223,29 @@ def test_mnist_mlp_example_smoke(tmp_path, monkeypatch, capsys, preset):
     assert 0.0 <= result["test_acc"] <= 1.0 and 1 <= result["epochs"] <= 2
 
 
+@pytest.mark.parametrize("model", ["mlp", "lstm"])
+def test_export_onnx_example_smoke(tmp_path, monkeypatch, capsys, model):
+    """Train one epoch on a tiny npz, export, run ONNX Runtime: key=value lines
+    with the agreement figures; then the same from a saved checkpoint."""
+    pytest.importorskip("onnxruntime")
+    export_onnx = _example("export_onnx", monkeypatch)
+    npz, out = str(_tiny_mnist_npz(tmp_path)), str(tmp_path / "net.onnx")
+    common = ["--data", npz, "--out", out, "--repeat", "1", "--batch", "4"]
+    result = export_onnx.main([*common, "--model", model])
+    kv = _key_values(capsys.readouterr().out)
+    keys = {"max_rel_err", "argmax_agree", "test_acc", "onnx_test_acc"}
+    assert keys | {"dlfs_samples_per_s", "onnxruntime_samples_per_s", "model"} <= set(kv)
+    assert result["max_rel_err"] <= 1e-5 and result["argmax_agree"] == 1.0
+    assert result["test_acc"] == result["onnx_test_acc"] and kv["model"] == model
+    assert Path(out).stat().st_size > 0
+
+    net = dlfs.network(4, (784,), [dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    dlfs.save(tmp_path / "ckpt.npz", net)
+    again = export_onnx.main([*common, "--checkpoint", str(tmp_path / "ckpt.npz")])
+    assert again["max_rel_err"] <= 1e-5 and again["argmax_agree"] == 1.0
+    assert _key_values(capsys.readouterr().out)["model"] == "checkpoint"
+
+
 def test_xor_example_smoke(monkeypatch, capsys):
     """A few epochs: four predictions and an xor_correct count; the default run solves XOR."""
     xor = _example("xor", monkeypatch)
