@@ -19,7 +19,7 @@ reference lists them:
 2. **randomness**: `split`, `make_rng`, `Context`, `EVAL`, `train_context`.
 3. **display**: private helpers for reprs and HTML tables.
 4. **initializers**: `Initializer`, `normal`, `zeros`, `glorot_normal`,
-   `glorot_uniform`, `he_normal`, `he_uniform`, `orthogonal`.
+   `glorot_uniform`, `he_normal`, `he_uniform`, `orthogonal`, `scaled`.
 5. **layers**: the `Layer` protocol, `Dense`, `Linear`, `Sigmoid`, `Tanh`,
    `ReLU`, `LeakyReLU`, `ELU`, `GELU`, `SiLU`, `Softmax`, `Dropout`,
    `Flatten`, `BatchNorm`.
@@ -27,29 +27,32 @@ reference lists them:
    `LSTM`, `GRU`.
 7. **convolutions and pools**: `set_num_threads`, `get_num_threads`,
    `Conv2D`, `MaxPool2D`, `AvgPool2D`.
-8. **losses**: the `Loss` protocol, `MeanSquaredError`,
+8. **transformers: norms, attention, residual blocks**: `LayerNorm`,
+   `SelfAttention`, `PositionalEmbedding`, `Residual`, `TiedEmbedding`.
+9. **losses**: the `Loss` protocol, `MeanSquaredError`,
    `SoftmaxCrossEntropy`, `BinaryCrossEntropy`.
-9. **networks**: the `LayerSpec` protocol, `DenseSpec`, `dense`,
-   `Conv2DSpec`, `conv2d`, `batch_norm`, `embedding`, `rnn`, `lstm`, `gru`,
-   `Summary`, `Network`, `network`.
-10. **optimizers and schedules**: the `Schedule` protocol, `Constant`,
+10. **networks**: the `LayerSpec` protocol, `DenseSpec`, `dense`,
+    `Conv2DSpec`, `conv2d`, `batch_norm`, `embedding`, `rnn`, `lstm`, `gru`,
+    `layer_norm`, `self_attention`, `positional_embedding`, `residual`,
+    `tied_embedding`, `Summary`, `Network`, `network`, `generate`.
+11. **optimizers and schedules**: the `Schedule` protocol, `Constant`,
     `StepDecay`, `ExponentialDecay`, `LinearDecay`, `CosineDecay`; the
     `Optimizer` protocol, `OptState`, `SGD`, `Momentum`, `Nesterov`,
     `AdaGrad`, `RMSProp`, `Adam`, `AdamW`; the `GradientTransform` and
     `Constraint` protocols, `ClipByGlobalNorm`, `WeightDecay`, the `Comm`
     protocol, `AllReduce`, `MaxNorm`, `Chain`, `chain`.
-11. **training**: `NonFiniteError`, `TrainState`, `shard`, `train_step`,
+12. **training**: `NonFiniteError`, `TrainState`, `shard`, `train_step`,
     `train_epoch`, `data_parallel_step`, `global_mean_loss`, `sync_state`,
     `StopTraining`, `EpochRecord`, `History`, the `ProgressBar` and
     `ProgressFactory` protocols, `fit`.
-12. **metrics**: the `Metric` protocol, `mae`, `rmse`, `accuracy`,
+13. **metrics**: the `Metric` protocol, `mae`, `rmse`, `accuracy`,
     `binary_accuracy`, `confusion_matrix`.
-13. **data utilities**: `to_2d`, `one_hot`, `permute`, `batches`,
+14. **data utilities**: `to_2d`, `one_hot`, `permute`, `batches`, `random_windows`,
     `load_mnist`.
-14. **gradient checks**: `GradientCheckError`, `check_grads`,
+15. **gradient checks**: `GradientCheckError`, `check_grads`,
     `check_layer`, `check_loss`.
-15. **save/load** (checkpoints): `Checkpoint`, `save`, `load`.
-16. **export: ONNX and PyTorch**: `export_onnx`, `to_torch_state_dict`,
+16. **save/load** (checkpoints): `Checkpoint`, `save`, `load`.
+17. **export: ONNX and PyTorch**: `export_onnx`, `to_torch_state_dict`,
     `from_torch_state_dict`.
 
 Type aliases in signatures: ``Key = tuple[int, ...]`` (an int seed is
@@ -117,6 +120,7 @@ __all__ = [
     "he_normal",
     "he_uniform",
     "orthogonal",
+    "scaled",
     # layers
     "Layer",
     "Dense",
@@ -143,6 +147,12 @@ __all__ = [
     "Conv2D",
     "MaxPool2D",
     "AvgPool2D",
+    # transformers: norms, attention, residual blocks
+    "LayerNorm",
+    "SelfAttention",
+    "PositionalEmbedding",
+    "Residual",
+    "TiedEmbedding",
     # losses
     "Loss",
     "MeanSquaredError",
@@ -159,9 +169,15 @@ __all__ = [
     "rnn",
     "lstm",
     "gru",
+    "layer_norm",
+    "self_attention",
+    "positional_embedding",
+    "residual",
+    "tied_embedding",
     "Summary",
     "Network",
     "network",
+    "generate",
     # optimizers and schedules
     "Schedule",
     "Constant",
@@ -214,6 +230,7 @@ __all__ = [
     "one_hot",
     "permute",
     "batches",
+    "random_windows",
     "load_mnist",
     # gradient checks
     "GradientCheckError",
@@ -367,6 +384,12 @@ def _check_int(name: str, value: Any, *, low: int = 1) -> int:
     return int(value)
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_dtype(dtype: Any) -> np.dtype:
     try:
         dt = np.dtype(dtype)
@@ -460,11 +483,26 @@ def _with_arrays(layer: Any, params: Params) -> Any:
     """``_replace(layer, dict(zip(layer._PARAMS, params)))`` for a dlfs layer
     (``_PARAMS`` names the fields params() returns), set field by field."""
     new = object.__new__(type(layer))
-    for name, value in zip(layer._PARAMS, params):
+    names = layer._PARAMS
+    if len(names) != len(params):  # a layer without some optional arrays (no bias)
+        names = tuple(name for name in names if getattr(layer, name) is not None)
+        for name in set(layer._PARAMS) - set(names):
+            _set_field(new, name, None)
+    for name, value in zip(names, params):
         _set_field(new, name, value)
     for name in _other_fields(type(layer)):
         _set_field(new, name, getattr(layer, name))
     return new
+
+
+def _renew_layer(layer: Any, params: Params) -> Any:
+    """``layer.with_params(params)`` for arrays known to fit (see Network._renew):
+    dlfs's own layers set field by field, a container's sub-layers likewise."""
+    if not params:
+        return layer
+    if isinstance(layer, _CHAINS):
+        return layer._renew(params)
+    return _with_arrays(layer, params) if _is_own(layer) else layer.with_params(params)
 
 
 @functools.cache
@@ -761,6 +799,27 @@ def orthogonal(
     return (q if rows >= cols else q.T).astype(dtype)
 
 
+def scaled(init: Initializer, factor: float) -> Initializer:
+    """The initializer ``init`` times ``factor``: w = factor * init(rng, shape, dtype);
+    ``scaled(normal, 0.02)`` is GPT-2's N(0, 0.02^2).
+
+    >>> w = dlfs.scaled(dlfs.normal, 0.02)(dlfs.make_rng(0), (200, 300))
+    >>> w.dtype, round(float(w.std()), 3)
+    (dtype('float32'), 0.02)
+    """
+    _check_initializer("init", init)
+    factor = _check_number("factor", factor)
+
+    def draw(
+        rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float32
+    ) -> np.ndarray:
+        w = init(rng, shape, dtype)
+        return w * w.dtype.type(factor)
+
+    draw.__qualname__ = f"scaled({getattr(init, '__name__', 'init')}, {factor})"
+    return draw
+
+
 def _check_initializer(name: str, init: Any) -> None:
     if not callable(init):
         raise TypeError(
@@ -888,13 +947,24 @@ def _dense_weights(w: Any) -> np.ndarray:
     return _frozen(w, "w")
 
 
-def _dense_bias(b: Any) -> np.ndarray:
-    if b is None:
+class _Missing:
+    """The default of an argument that must be given, so that its converter can
+    say how (``Dense(w)`` without ``b``)."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+def _dense_bias(b: Any) -> np.ndarray | None:
+    if b is _MISSING:
         raise TypeError(
-            "Dense must be given both w and b, Dense(w, b); "
+            "Dense must be given both w and b, Dense(w, b) (b=None: no bias); "
             "dlfs.Dense.init(key, n_in, n_out) draws new ones"
         )
-    return _frozen(b, "b")
+    return None if b is None else _frozen(b, "b")
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -903,8 +973,9 @@ class Dense(_ArrayRecord):
 
     x: (N, D_in) -> y: (N, D_out); w: (D_in, D_out), b: (D_out,).  Sequences
     x: (N, T, D_in) -> y: (N, T, D_out) apply it at every step (as ``nn.Linear``).
-    ``Dense(w, b)`` takes ready arrays; ``Dense.init`` draws them; inside
-    ``network``, ``dense(n_out)`` infers D_in.
+    ``Dense(w, b)`` takes ready arrays (``b=None``: no bias, y = x @ w, as
+    ``nn.Linear(bias=False)``; params() is then (w,)); ``Dense.init`` draws
+    them; inside ``network``, ``dense(n_out)`` infers D_in.
 
     >>> layer = dlfs.Dense.init(0, n_in=3, n_out=2)
     >>> layer
@@ -917,12 +988,13 @@ class Dense(_ArrayRecord):
     """
 
     w: np.ndarray = attrs.field(converter=_dense_weights)
-    b: np.ndarray = attrs.field(default=None, converter=_dense_bias)
+    b: np.ndarray | None = attrs.field(default=_MISSING, converter=_dense_bias)
 
     def __attrs_post_init__(self) -> None:
         if self.w.ndim != 2:
             raise ValueError(f"w must be 2-D (D_in, D_out), got shape {self.w.shape}")
-        _check_input("b", self.b, (self.w.shape[1],), self.w.dtype)
+        if self.b is not None:
+            _check_input("b", self.b, (self.w.shape[1],), self.w.dtype)
 
     @classmethod
     def init(
@@ -933,14 +1005,20 @@ class Dense(_ArrayRecord):
         *,
         init: Initializer = glorot_normal,
         bias_init: Initializer = zeros,
+        bias: bool = True,
         dtype: FloatDType = np.float32,
     ) -> Dense:
-        """Draw w (n_in, n_out) with ``init`` and b (n_out,) with ``bias_init`` from ``key``."""
+        """Draw w (n_in, n_out) with ``init`` and b (n_out,) with ``bias_init`` from
+        ``key``; ``bias=False``: no b."""
         n_in, n_out = _check_int("n_in", n_in), _check_int("n_out", n_out)
         dtype = _check_dtype(dtype)
         rng = make_rng(key)
         w = _draw("init", init, rng, (n_in, n_out), dtype)
-        b = _draw("bias_init", bias_init, rng, (n_out,), dtype)
+        b = (
+            _draw("bias_init", bias_init, rng, (n_out,), dtype)
+            if _check_bool("bias", bias)
+            else None
+        )
         return cls(w=w, b=b)  # the converter copies and freezes
 
     @property
@@ -952,13 +1030,13 @@ class Dense(_ArrayRecord):
         return self.w.shape[1]
 
     def params(self) -> Params:
-        """(w, b)."""
-        return (self.w, self.b)
+        """(w, b), or (w,) without bias."""
+        return (self.w,) if self.b is None else (self.w, self.b)
 
     def with_params(self, params: Sequence[np.ndarray]) -> Dense:
-        """A new Dense with ``params = (w, b)`` (shapes and dtypes checked)."""
-        w, b = _check_new_params(self, params)
-        return Dense(w, b)
+        """A new Dense with ``params = (w, b)`` (or ``(w,)``), shapes and dtypes checked."""
+        w, *b = _check_new_params(self, params)
+        return Dense(w, b[0] if b else None)
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(D_in,) -> (D_out,); (T, D_in) -> (T, D_out)."""
@@ -983,18 +1061,21 @@ class Dense(_ArrayRecord):
                 return self._forward_seq(x), x, self
             _check_input("x", x, (None, self.in_features), w.dtype)
         y = np.dot(x, w)  # np.dot: numpy 2.4's @ is slower on small and outer products
-        y += self.b  # y is a fresh array of ours; adding in place saves a copy
+        if self.b is not None:
+            y += self.b  # y is a fresh array of ours; adding in place saves a copy
         return y, x, self
 
     def _forward_seq(self, x: np.ndarray) -> np.ndarray:
         """(N, T, D_in) -> (N, T, D_out): all N*T rows in one GEMM."""
         _check_input("x", x, (None, "T", self.in_features), self.w.dtype)
         y = np.dot(x.reshape(-1, self.in_features), self.w)
-        y += self.b
+        if self.b is not None:
+            y += self.b
         return y.reshape(*x.shape[:2], self.out_features)
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy (over N and T for sequences)."""
+        """dx = dy @ w.T, dw = x.T @ dy, db = sum_n dy (over N and T for sequences);
+        grads (dw, db), or (dw,) without bias."""
         if cache.ndim == 3:
             return self._backward_seq(cache, dy)
         w = self.w
@@ -1011,10 +1092,13 @@ class Dense(_ArrayRecord):
         """(dw, db) without dx: a network skips the input gradient of its first layer."""
         if cache.ndim == 3:  # sequences: every step is a row
             cache, dy = cache.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
+        if self.b is None:
+            return (np.dot(cache.T, dy),)
         return (np.dot(cache.T, dy), np.add.reduce(dy, axis=0))
 
     def __repr__(self) -> str:
-        return f"Dense({self.in_features} -> {self.out_features}, {self.w.dtype})"
+        bias = "" if self.b is not None else ", bias=False"
+        return f"Dense({self.in_features} -> {self.out_features}{bias}, {self.w.dtype})"
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1205,29 +1289,61 @@ class ELU(_NoParams):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def _erf(x: np.ndarray) -> np.ndarray:
+    """PLACEHOLDER: replaced by the accurate numpy erf."""
+    return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard normal CDF."""
+    phi = _erf(x * x.dtype.type(1 / math.sqrt(2)))
+    phi += 1
+    phi *= x.dtype.type(0.5)
+    return phi
+
+
 @attrs.frozen(eq=False, repr=False)
 class GELU(_NoParams):
-    """GELU, tanh form (PyTorch ``approximate='tanh'``):
+    """GELU.  ``approximate="tanh"`` (the default here; PyTorch's ``approximate='tanh'``):
     y = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3), computed as
     x * sigmoid(2u) (the same function: (1 + tanh(u)) / 2 = sigmoid(2u)), which
-    keeps the left tail that 1 + tanh(u) rounds away.  x: (N, ...) -> y: same shape.
+    keeps the left tail that 1 + tanh(u) rounds away.  ``approximate="none"``:
+    the exact y = x Phi(x) = x/2 * (1 + erf(x / sqrt 2)), PyTorch's ``nn.GELU()``
+    (whose default it is) to float64 rounding.  x: (N, ...) -> y: same shape.
 
     >>> y, _, _ = dlfs.GELU().forward(np.array([[-1.0, 0.0, 1.0]]))
     >>> np.round(y, 4).tolist()
     [[-0.1588, 0.0, 0.8412]]
+    >>> np.round(dlfs.GELU("none").forward(np.array([[-1.0, 0.0, 1.0]]))[0], 4).tolist()
+    [[-0.1587, 0.0, 0.8413]]
     """
 
+    approximate: str = attrs.field(default="tanh", validator=attrs.validators.in_(("tanh", "none")))
+
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, GELU]:
-        """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(2u), 1 - sigmoid(2u))."""
+        """x: (N, ...) -> y: same shape; the cache is (x, sigmoid(2u), 1 - sigmoid(2u)),
+        or (x, Phi(x)) for the exact form."""
         self._check(x)
+        if self.approximate == "none":
+            phi = _normal_cdf(x)
+            return x * phi, (x, phi), self
         s, c = _sigmoid_pair((x + 0.044715 * x**3) * (2 * _SQRT_2_OVER_PI))
         return x * s, (x, s, c), self
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
-        """dx = dy * (s + 2 x s (1 - s) u'), s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+        """dx = dy * (s + 2 x s (1 - s) u'), s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2);
+        exact form: dx = dy * (Phi(x) + x exp(-x^2/2) / sqrt(2 pi))."""
+        if self.approximate == "none":
+            x, phi = cache
+            density = np.exp(x * x * x.dtype.type(-0.5))
+            density *= x.dtype.type(1 / math.sqrt(2 * math.pi))
+            return dy * (phi + x * density), ()
         x, s, c = cache
         du = (1 + 3 * 0.044715 * x * x) * (2 * _SQRT_2_OVER_PI)
         return dy * (s + x * s * c * du), ()
+
+    def __repr__(self) -> str:
+        return "GELU()" if self.approximate == "tanh" else f"GELU(approximate={self.approximate!r})"
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1508,6 +1624,15 @@ def _scatter_add_rows(n_rows: int, idx: np.ndarray, values: np.ndarray) -> np.nd
     return out
 
 
+def _lookup(w: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """w[ids], the rows of a (V, D) table: ids (N, ...) in [0, V) -> (N, ..., D)."""
+    _check_nonempty("x", ids)
+    lo, hi = ids.min(), ids.max()
+    if lo < 0 or hi >= len(w):
+        raise ValueError(f"x must hold ids in [0, {len(w)}), got values in [{lo}, {hi}]")
+    return np.take(w, ids, axis=0)
+
+
 @attrs.frozen(eq=False, repr=False)
 class Embedding(_ArrayRecord):
     """Lookup table of token vectors: y[n, t] = w[x[n, t]] (PyTorch's
@@ -1572,11 +1697,7 @@ class Embedding(_ArrayRecord):
     ) -> tuple[np.ndarray, np.ndarray, Embedding]:
         """y = w[x]; the cache is x.  Ids out of [0, n_vocab) are a ValueError."""
         _check_ids("x", x, (None, *np.shape(x)[1:]))  # any (N, ...) of ints
-        _check_nonempty("x", x)
-        lo, hi = x.min(), x.max()
-        if lo < 0 or hi >= self.n_vocab:
-            raise ValueError(f"x must hold ids in [0, {self.n_vocab}), got values in [{lo}, {hi}]")
-        return np.take(self.w, x, axis=0), x, self
+        return _lookup(self.w, x), x, self
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[Any, Params]:
         """dx = None (ids have no gradient); dw = scatter-add of dy by id.
@@ -3148,6 +3269,675 @@ class AvgPool2D(_NoParams):
         return dx, ()
 
 
+# ------------------------------------ transformers: norms, attention, residual blocks
+
+
+def _present(layer: Any) -> tuple[str, ...]:
+    """The names in ``layer._PARAMS`` whose arrays the layer has (not None), in order:
+    a layer with optional arrays (no bias, no scale) has only those as params()."""
+    return tuple(name for name in layer._PARAMS if getattr(layer, name) is not None)
+
+
+def _present_params(layer: Any) -> Params:
+    return tuple(getattr(layer, name) for name in _present(layer))
+
+
+def _with_present(layer: Any, params: Sequence[np.ndarray]) -> Any:
+    """``with_params`` of a layer with optional arrays: the present ones replaced,
+    through the constructor's converters (copied, read-only)."""
+    new = _check_new_params(layer, params)
+    return attrs.evolve(layer, **dict(zip(_present(layer), new)))
+
+
+_optional_field = attrs.Converter(
+    lambda a, field: None if a is None else _frozen(a, field.name), takes_field=True
+)
+
+
+def _check_vector(name: str, a: np.ndarray | None, n: int, dtype: np.dtype) -> None:
+    if a is not None:
+        _check_input(name, a, (n,), dtype)
+
+
+def _matrix(a: np.ndarray) -> np.ndarray:
+    """(..., D) as (M, D) rows (a view for contiguous input)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+@attrs.frozen(eq=False, repr=False)
+class LayerNorm(_ArrayRecord):
+    """Layer normalization over the last axis (PyTorch's ``nn.LayerNorm(D)``):
+    y = (x - mean) / sqrt(var + eps) * gamma + beta, with the mean and the
+    biased variance of each row of D features.
+
+    x: (N, ..., D) -> y: same shape; gamma, beta: (D,).  Either may be None:
+    no scale (``elementwise_affine=False``), no bias (``bias=False``, as in
+    GPT-2 without biases); params() holds the present ones, (gamma, beta).
+    ``LayerNorm.init(D)`` starts at gamma = 1, beta = 0; in ``network``,
+    ``layer_norm()`` infers D.
+
+    >>> ln = dlfs.LayerNorm.init(3, bias=False, dtype=np.float64)
+    >>> ln
+    LayerNorm(3, bias=False, eps=1e-05, float64)
+    >>> y, _, _ = ln.forward(np.array([[1.0, 2.0, 6.0]]))
+    >>> np.round(y, 4).tolist()  # mean 3, variance 14/3
+    [[-0.9258, -0.4629, 1.3887]]
+    """
+
+    _PARAMS = ("gamma", "beta")  # the fields params() returns (those not None), in order
+
+    gamma: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
+    beta: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
+    eps: float = attrs.field(
+        default=1e-5, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        first = self.gamma if self.gamma is not None else self.beta
+        if first is not None:
+            if first.ndim != 1:
+                raise ValueError(f"gamma and beta must be 1-D (D,), got shape {first.shape}")
+            _check_vector("beta", self.beta, first.shape[0], first.dtype)
+
+    @classmethod
+    def init(
+        cls,
+        dim: int,
+        *,
+        scale: bool = True,
+        bias: bool = True,
+        eps: float = 1e-5,
+        dtype: FloatDType = np.float32,
+    ) -> LayerNorm:
+        """gamma = 1 (if ``scale``) and beta = 0 (if ``bias``), each (dim,)."""
+        dim, dtype = _check_int("dim", dim), _check_dtype(dtype)
+        _check_bool("scale", scale)
+        _check_bool("bias", bias)
+        gamma = np.ones(dim, dtype) if scale else None
+        return cls(gamma, np.zeros(dim, dtype) if bias else None, eps)
+
+    @property
+    def dim(self) -> int | None:
+        """D, or None for a LayerNorm without arrays (it takes any D)."""
+        first = self.gamma if self.gamma is not None else self.beta
+        return None if first is None else first.shape[0]
+
+    def params(self) -> Params:
+        """(gamma, beta), without the absent ones."""
+        return _present_params(self)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> LayerNorm:
+        """A new LayerNorm with the present arrays replaced (shapes and dtypes checked)."""
+        return _with_present(self, params)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(..., D) -> (..., D)."""
+        in_shape = tuple(in_shape)
+        if not in_shape or (self.dim is not None and in_shape[-1] != self.dim):
+            raise ValueError(
+                f"LayerNorm({self.dim}) expects inputs (N, ..., {self.dim}), the previous "
+                f"layer gives {_shape_str((None, *in_shape))}"
+            )
+        return in_shape
+
+    def _check_x(self, x: Any) -> None:
+        dtype = None if self.dim is None else self.params()[0].dtype
+        fine = type(x) is np.ndarray and x.ndim >= 2 and x.dtype == dtype
+        if not (fine and x.shape[-1] == self.dim):
+            _check_float("x", x, dtype)
+            if x.ndim < 2 or (self.dim is not None and x.shape[-1] != self.dim):
+                want = "D" if self.dim is None else self.dim
+                raise ValueError(f"x must have shape (N, ..., {want}), got {x.shape}")
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, LayerNorm]:
+        """The cache is (x_hat, 1 / sqrt(var + eps)), x_hat the normalized x."""
+        self._check_x(x)
+        d = x.shape[-1]
+        xc = x - np.add.reduce(x, axis=-1, keepdims=True) / d
+        rstd = np.add.reduce(xc * xc, axis=-1, keepdims=True)
+        rstd /= d
+        rstd += self.eps
+        np.sqrt(rstd, out=rstd)
+        np.divide(1, rstd, out=rstd)
+        xc *= rstd  # x_hat
+        y = xc * self.gamma if self.gamma is not None else xc.copy()
+        if self.beta is not None:
+            y += self.beta
+        return y, (xc, rstd), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """g = dy * gamma; dx = (g - mean(g) - x_hat mean(g x_hat)) / sqrt(var + eps),
+        means over the last axis; dgamma = sum(dy x_hat), dbeta = sum(dy) over all rows."""
+        x_hat, rstd = cache
+        _check_input("dy", dy, x_hat.shape, x_hat.dtype)
+        d = x_hat.shape[-1]
+        grads = []
+        if self.gamma is not None:
+            grads.append(np.add.reduce(_matrix(dy * x_hat), axis=0))
+        if self.beta is not None:
+            grads.append(np.add.reduce(_matrix(dy), axis=0))
+        g = dy * self.gamma if self.gamma is not None else dy.copy()
+        proj = np.add.reduce(g * x_hat, axis=-1, keepdims=True)
+        proj /= d
+        g -= np.add.reduce(g, axis=-1, keepdims=True) / d
+        g -= x_hat * proj
+        g *= rstd
+        return g, tuple(grads)
+
+    def __repr__(self) -> str:
+        off = [
+            f"{name}=False" for name, a in (("scale", self.gamma), ("bias", self.beta)) if a is None
+        ]
+        dtype = [str(self.params()[0].dtype)] if self.params() else []
+        return f"LayerNorm({', '.join([str(self.dim), *off, f'eps={self.eps}', *dtype])})"
+
+
+def _heads(a: np.ndarray, n_heads: int) -> np.ndarray:
+    """(N, T, D) -> (N, H, T, D/H): a view, head h = features h*D/H ... (h+1)*D/H - 1."""
+    n, t, d = a.shape
+    return a.reshape(n, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+
+
+def _causal_mask(t: int, dtype: np.dtype) -> np.ndarray:
+    """(T, T): 0 on and below the diagonal, -inf above (a later position is hidden)."""
+    return np.triu(np.full((t, t), -np.inf, dtype), k=1)
+
+
+def _softmax_last(s: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place on ``s`` (its rows' max subtracted
+    first; an entry at -inf becomes exactly 0)."""
+    s -= np.maximum.reduce(s, axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= np.add.reduce(s, axis=-1, keepdims=True)
+    return s
+
+
+@attrs.frozen(eq=False, repr=False)
+class SelfAttention(_ArrayRecord):
+    """Multi-head self-attention (nanoGPT's ``CausalSelfAttention``; PyTorch's
+    ``scaled_dot_product_attention``): qkv = x w_qkv (+ b_qkv), split into q, k, v
+    in that order, each into H heads of D/H features (head h = features
+    h D/H ... (h+1) D/H - 1);  A = softmax(q k^T / sqrt(D/H)) per head, with
+    -inf above the diagonal when ``causal`` (position t sees positions <= t);
+    dropout (the probability of *dropping*) on A in training; O = A v, heads
+    concatenated in order; y = O w_o (+ b_o).
+
+    x: (N, T, D) -> y: (N, T, D); w_qkv: (D, 3D), b_qkv: (3D,), w_o: (D, D),
+    b_o: (D,); the biases may be None (nanoGPT's ``bias=False``).  params():
+    (w_qkv, b_qkv, w_o, b_o) without the absent biases.
+
+    PyTorch's weights: nanoGPT's ``c_attn.weight`` is w_qkv.T and ``c_proj.weight``
+    is w_o.T; ``nn.MultiheadAttention(D, H, batch_first=True)`` has
+    ``in_proj_weight`` = w_qkv.T (3D, D), ``in_proj_bias`` = b_qkv,
+    ``out_proj.weight`` = w_o.T, ``out_proj.bias`` = b_o, and its causal
+    ``attn_mask`` is ``torch.triu(torch.ones(T, T, dtype=torch.bool), 1)``.
+
+    >>> att = dlfs.SelfAttention.init(0, dim=8, n_heads=2, bias=False)
+    >>> att
+    SelfAttention(8, n_heads=2, causal=True, bias=False, float32)
+    >>> y, cache, _ = att.forward(np.ones((3, 5, 8), np.float32))
+    >>> y.shape
+    (3, 5, 8)
+    """
+
+    _PARAMS = ("w_qkv", "b_qkv", "w_o", "b_o")  # params(): those not None, in order
+
+    w_qkv: np.ndarray = attrs.field(converter=_frozen_field)
+    w_o: np.ndarray = attrs.field(converter=_frozen_field)
+    b_qkv: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
+    b_o: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
+    n_heads: int = attrs.field(default=1, converter=lambda n: _check_int("n_heads", n))
+    causal: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    dropout: float = attrs.field(
+        default=0.0,
+        converter=lambda p: _check_number("dropout", p, low=0.0, high=1.0, high_open=True),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        d, dtype = self.w_o.shape[0], self.w_o.dtype
+        _check_input("w_o", self.w_o, (d, d), dtype)
+        _check_input("w_qkv", self.w_qkv, (d, 3 * d), dtype)
+        _check_vector("b_qkv", self.b_qkv, 3 * d, dtype)
+        _check_vector("b_o", self.b_o, d, dtype)
+        if d % self.n_heads:
+            raise ValueError(
+                f"the model width D = {d} must be divisible by n_heads, got n_heads={self.n_heads}"
+            )
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        dim: int,
+        n_heads: int,
+        *,
+        causal: bool = True,
+        bias: bool = True,
+        dropout: float = 0.0,
+        init: Initializer = glorot_normal,
+        out_init: Initializer | None = None,
+        dtype: FloatDType = np.float32,
+    ) -> SelfAttention:
+        """Draw w_qkv (dim, 3 dim) with ``init`` and w_o (dim, dim) with ``out_init``
+        (default: ``init``) from ``key``; biases zero if ``bias``."""
+        dim, n_heads, dtype = (
+            _check_int("dim", dim),
+            _check_int("n_heads", n_heads),
+            _check_dtype(dtype),
+        )
+        _check_bool("bias", bias)
+        if dim % n_heads:
+            raise ValueError(f"dim must be divisible by n_heads, got dim={dim}, n_heads={n_heads}")
+        rng = make_rng(key)
+        w_qkv = _draw("init", init, rng, (dim, 3 * dim), dtype)
+        w_o = _draw("out_init", init if out_init is None else out_init, rng, (dim, dim), dtype)
+        b_qkv, b_o = (np.zeros(3 * dim, dtype), np.zeros(dim, dtype)) if bias else (None, None)
+        return cls(w_qkv, w_o, b_qkv, b_o, n_heads, causal, dropout)
+
+    @property
+    def dim(self) -> int:
+        return self.w_o.shape[0]
+
+    def params(self) -> Params:
+        """(w_qkv, b_qkv, w_o, b_o), without absent biases."""
+        return _present_params(self)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> SelfAttention:
+        """A new SelfAttention with ``params`` in place (shapes and dtypes checked)."""
+        return _with_present(self, params)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(T, D) -> (T, D)."""
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 2 or in_shape[1] != self.dim:
+            raise ValueError(
+                f"SelfAttention expects sequences (N, T, {self.dim}), the previous layer "
+                f"gives {_shape_str((None, *in_shape))}"
+            )
+        return in_shape
+
+    def forward(
+        self, x: np.ndarray, ctx: Context = EVAL
+    ) -> tuple[np.ndarray, tuple, SelfAttention]:
+        """The cache is (x, q scaled by 1/sqrt(D/H), k, v, A, dropout mask, O)."""
+        d, dtype = self.dim, self.w_o.dtype
+        if not (type(x) is np.ndarray and x.ndim == 3 and x.shape[2] == d and x.dtype == dtype):
+            _check_input("x", x, (None, "T", d), dtype)
+        n, t, _ = x.shape
+        qkv = np.dot(_matrix(x), self.w_qkv)
+        if self.b_qkv is not None:
+            qkv += self.b_qkv
+        qkv = qkv.reshape(n, t, 3 * d)
+        q = _heads(qkv[:, :, :d], self.n_heads) * dtype.type(1 / math.sqrt(d // self.n_heads))
+        k, v = _heads(qkv[:, :, d : 2 * d], self.n_heads), _heads(qkv[:, :, 2 * d :], self.n_heads)
+        a = np.matmul(q, k.transpose(0, 1, 3, 2))  # (N, H, T, T) scores
+        if self.causal:
+            a += _causal_mask(t, dtype)
+        _softmax_last(a)
+        a_kept, mask, _ = Dropout(self.dropout).forward(a, ctx) if self.dropout else (a, None, 0)
+        o = np.matmul(a_kept, v).transpose(0, 2, 1, 3).reshape(n * t, d)  # heads side by side
+        y = np.dot(o, self.w_o)
+        if self.b_o is not None:
+            y += self.b_o
+        return y.reshape(n, t, d), (x, q, k, v, a, mask, o), self
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """Back through y = O w_o, O = A v, A = softmax(S), S = q k^T / sqrt(D/H):
+        dS = A (dA - sum_j dA A) per row; dq = dS k, dk = dS^T q (both scaled),
+        dv = A^T dO; dx = dqkv w_qkv^T, dw_qkv = x^T dqkv, dw_o = O^T dy."""
+        x, q, k, v, a, mask, o = cache
+        n, t, d = x.shape
+        _check_input("dy", dy, x.shape, x.dtype)
+        dy_rows = _matrix(dy)
+        do = _heads(np.dot(dy_rows, self.w_o.T).reshape(n, t, d), self.n_heads)
+        a_kept = a if mask is None else a * mask
+        dqkv = np.empty((n, t, 3 * d), x.dtype)
+        _heads(dqkv[:, :, 2 * d :], self.n_heads)[...] = np.matmul(a_kept.transpose(0, 1, 3, 2), do)
+        da = np.matmul(do, v.transpose(0, 1, 3, 2))
+        if mask is not None:
+            da *= mask
+        da -= np.add.reduce(da * a, axis=-1, keepdims=True)
+        da *= a  # dS; entries hidden by the mask have A = 0, so no gradient
+        scale = x.dtype.type(1 / math.sqrt(d // self.n_heads))
+        _heads(dqkv[:, :, :d], self.n_heads)[...] = np.matmul(da, k) * scale
+        _heads(dqkv[:, :, d : 2 * d], self.n_heads)[...] = np.matmul(da.transpose(0, 1, 3, 2), q)
+        dqkv_rows = _matrix(dqkv)
+        grads = [np.dot(_matrix(x).T, dqkv_rows)]
+        if self.b_qkv is not None:
+            grads.append(np.add.reduce(dqkv_rows, axis=0))
+        grads.append(np.dot(o.T, dy_rows))
+        if self.b_o is not None:
+            grads.append(np.add.reduce(dy_rows, axis=0))
+        return np.dot(dqkv_rows, self.w_qkv.T).reshape(x.shape), tuple(grads)
+
+    def __repr__(self) -> str:
+        parts = [str(self.dim), f"n_heads={self.n_heads}", f"causal={self.causal}"]
+        if self.b_o is None:
+            parts.append("bias=False")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        return f"SelfAttention({', '.join([*parts, str(self.w_o.dtype)])})"
+
+
+@attrs.frozen(eq=False, repr=False)
+class PositionalEmbedding(_ArrayRecord):
+    """Learned positions (GPT-2's ``wpe``), added to a sequence: y[n, t] = x[n, t] + w[t].
+
+    x: (N, T, D) with T <= max_len -> y: (N, T, D); w: (max_len, D).  Shorter
+    sequences use the first T rows (a prompt shorter than the context).
+
+    >>> pos = dlfs.PositionalEmbedding.init(0, max_len=8, dim=4)
+    >>> y, _, _ = pos.forward(np.zeros((2, 5, 4), np.float32))
+    >>> y.shape, bool((y[1] == pos.w[:5]).all())
+    ((2, 5, 4), True)
+    """
+
+    _PARAMS = ("w",)  # the fields params() returns, in order
+
+    w: np.ndarray = attrs.field(converter=_frozen_field)
+
+    def __attrs_post_init__(self) -> None:
+        if self.w.ndim != 2:
+            raise ValueError(f"w must be 2-D (max_len, dim), got shape {self.w.shape}")
+
+    @classmethod
+    def init(
+        cls,
+        key: int | Key,
+        max_len: int,
+        dim: int,
+        *,
+        init: Initializer = normal,
+        dtype: FloatDType = np.float32,
+    ) -> PositionalEmbedding:
+        """Draw w (max_len, dim) with ``init`` (N(0, 1), as ``nn.Embedding``) from ``key``."""
+        max_len, dim = _check_int("max_len", max_len), _check_int("dim", dim)
+        return cls(_draw("init", init, make_rng(key), (max_len, dim), _check_dtype(dtype)))
+
+    @property
+    def max_len(self) -> int:
+        return self.w.shape[0]
+
+    def params(self) -> Params:
+        """(w,)."""
+        return (self.w,)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> PositionalEmbedding:
+        """A new PositionalEmbedding with ``params = (w,)``."""
+        (w,) = _check_new_params(self, params)
+        return PositionalEmbedding(w)
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(T, D) -> (T, D), T <= max_len."""
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 2 or in_shape[1] != self.w.shape[1] or in_shape[0] > self.max_len:
+            raise ValueError(
+                f"PositionalEmbedding expects sequences (N, T, {self.w.shape[1]}) with T <= "
+                f"{self.max_len}, the previous layer gives {_shape_str((None, *in_shape))}"
+            )
+        return in_shape
+
+    def _check_x(self, x: Any) -> None:
+        _check_input("x", x, (None, "T", self.w.shape[1]), self.w.dtype)
+        if x.shape[1] > self.max_len:
+            raise ValueError(
+                f"x has {x.shape[1]} positions, more than the {self.max_len} this "
+                f"PositionalEmbedding was built for (max_len, the context length): crop "
+                f"the sequence to its last {self.max_len} positions, x[:, -{self.max_len}:]"
+            )
+
+    def forward(
+        self, x: np.ndarray, ctx: Context = EVAL
+    ) -> tuple[np.ndarray, int, PositionalEmbedding]:
+        """The cache is T."""
+        self._check_x(x)
+        return x + self.w[: x.shape[1]], x.shape[1], self
+
+    def backward(self, cache: int, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy (the same array); dw[t] = sum_n dy[n, t] for t < T, 0 beyond."""
+        _check_input("dy", dy, (None, cache, self.w.shape[1]), self.w.dtype)
+        dw = np.zeros_like(self.w)
+        dw[:cache] = np.add.reduce(dy, axis=0)
+        return dy, (dw,)
+
+    def __repr__(self) -> str:
+        return f"PositionalEmbedding({self.max_len} x {self.w.shape[1]}, {self.w.dtype})"
+
+
+# Layers that hold a sub-chain of layers (Residual, TiedEmbedding) run it with
+# these: each sub-layer gets its own sub-key, as a network's layers do, and its
+# params are the sub-layers' params, flattened in order.
+
+
+def _check_sub_layers(name: str, layers: tuple[Any, ...]) -> None:
+    for i, layer in enumerate(layers):
+        if not _is_layer(layer):
+            raise TypeError(
+                f"{name}[{i}] must be a layer (params/with_params/forward/backward/"
+                f"output_shape), got {type(layer).__name__}" + _not_called(layer)
+            )
+    dtypes = {p.dtype for layer in layers for p in layer.params()}
+    if len(dtypes) > 1:
+        raise TypeError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+
+
+def _chain_forward(
+    layers: tuple[Any, ...], x: Any, ctx: Context
+) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
+    """(output, caches, layers with their new state) of a sub-chain."""
+    caches, new = [], []
+    for j, layer in enumerate(layers):
+        sub = ctx if ctx.key is None else _sub_context(ctx.train, ctx.key + (j,))
+        x, cache, layer = layer.forward(x, sub)
+        caches.append(cache)
+        new.append(layer)
+    same = all(a is b for a, b in zip(new, layers))
+    return x, tuple(caches), layers if same else tuple(new)
+
+
+def _chain_backward(
+    layers: tuple[Any, ...], caches: tuple[Any, ...], dy: np.ndarray
+) -> tuple[Any, Params]:
+    """(dx, the sub-layers' grads flattened in params() order) of a sub-chain."""
+    grads = []
+    for layer, cache in zip(reversed(layers), reversed(caches)):
+        dy, g = layer.backward(cache, dy)
+        grads.append(g)
+    return dy, tuple(g for layer_grads in reversed(grads) for g in layer_grads)
+
+
+def _chain_params(layers: tuple[Any, ...]) -> Params:
+    return tuple(p for layer in layers for p in layer.params())
+
+
+def _chain_with_params(layers: tuple[Any, ...], params: Sequence[np.ndarray]) -> tuple[Any, ...]:
+    """The sub-layers with ``params`` (flattened, as ``_chain_params`` gives them) in place."""
+    new, start = [], 0
+    for layer in layers:
+        n = len(layer.params())
+        new.append(layer.with_params(tuple(params[start : start + n])))
+        start += n
+    return tuple(new)
+
+
+def _chain_renew(layers: tuple[Any, ...], params: Params) -> tuple[Any, ...]:
+    """``_chain_with_params`` for arrays known to fit (see Network._renew)."""
+    new, start = [], 0
+    for layer in layers:
+        n = len(layer.params())
+        new.append(_renew_layer(layer, params[start : start + n]))
+        start += n
+    return tuple(new)
+
+
+def _chain_repr(layers: tuple[Any, ...]) -> str:
+    return ", ".join(type(layer).__name__ for layer in layers)
+
+
+@attrs.frozen(eq=False, repr=False)
+class Residual(_ArrayRecord):
+    """A skip connection around a sub-chain f of layers: y = x + f(x) (ResNet;
+    a pre-LN Transformer block is ``Residual((LayerNorm, SelfAttention))``).
+
+    x: (N, *S) -> y: (N, *S): f must keep the shape.  params(): the
+    sub-layers' params, flattened in order; grads likewise.  dx = dy + df/dx dy.
+    In ``network``, ``residual([...])`` builds the sub-chain from specs.
+
+    >>> block = dlfs.Residual((dlfs.Dense.init(0, 4, 4), dlfs.Tanh()))
+    >>> block
+    Residual(Dense, Tanh)
+    >>> y, _, _ = block.forward(np.zeros((2, 4), np.float32))  # x + tanh(x w + b)
+    >>> y.shape, float(abs(y).max())
+    ((2, 4), 0.0)
+    """
+
+    layers: tuple[Layer, ...] = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("Residual needs at least one layer, got ()")
+        _check_sub_layers("layers", self.layers)
+
+    def params(self) -> Params:
+        """The sub-layers' params, flattened in order."""
+        return _chain_params(self.layers)
+
+    def with_params(self, params: Sequence[np.ndarray]) -> Residual:
+        """A new Residual whose sub-layers take ``params`` (flattened, in order)."""
+        return Residual(_chain_with_params(self.layers, _check_new_params(self, params)))
+
+    def _renew(self, params: Params) -> Residual:
+        return _replace(self, {"layers": _chain_renew(self.layers, params)})
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """S -> S: the sub-chain must give back its input's shape."""
+        in_shape = tuple(in_shape)
+        shape = _chain_shapes(self.layers, in_shape)[-1]
+        if shape != in_shape:
+            raise ValueError(
+                f"a Residual's layers must keep the shape of their input for x + f(x): "
+                f"they take {_shape_str((None, *in_shape))} and give {_shape_str((None, *shape))}"
+            )
+        return in_shape
+
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Residual]:
+        """The cache is the sub-layers' caches."""
+        fx, caches, layers = _chain_forward(self.layers, x, ctx)
+        if fx.shape != x.shape:
+            raise ValueError(f"a Residual's layers turned x of shape {x.shape} into {fx.shape}")
+        new = self if layers is self.layers else _replace(self, {"layers": layers})
+        return x + fx, caches, new
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
+        """dx = dy + (the sub-chain's dx for dy); grads: the sub-layers', flattened."""
+        dx, grads = _chain_backward(self.layers, cache, dy)
+        return dx + dy, grads
+
+    def __repr__(self) -> str:
+        return f"Residual({_chain_repr(self.layers)})"
+
+
+@attrs.frozen(eq=False, repr=False)
+class TiedEmbedding(_ArrayRecord):
+    """A token embedding whose matrix is also the output head (weight tying, as
+    GPT-2 and nanoGPT): h = w[ids]; h = f(h) through the sub-chain ``layers``;
+    logits = h w^T.  One parameter used twice: dw = (scatter-add of dh_0 by id)
+    + dlogits^T h.
+
+    ids: integer (N, T) in [0, V) -> logits: (N, T, V); w: (V, D); the
+    sub-chain maps (N, T, D) to (N, T, D).  params(): (w, *the sub-layers'
+    params, flattened).  A network that starts with it takes token ids.  In
+    ``network``, ``tied_embedding(V, D, [...])`` builds the sub-chain from specs.
+
+    >>> tied = dlfs.TiedEmbedding(np.eye(3, 2), (dlfs.Tanh(),))
+    >>> logits, _, _ = tied.forward(np.array([[0, 1, 2]]))
+    >>> logits.shape, np.round(logits[0, 0], 4).tolist()  # tanh(w[0]) w^T
+    ((1, 3, 3), [0.7616, 0.0, 0.0])
+    """
+
+    _PARAMS = ("w",)  # the first of params(); the sub-layers' follow
+
+    w: np.ndarray = attrs.field(converter=_frozen_field)
+    layers: tuple[Layer, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.w.ndim != 2:
+            raise ValueError(f"w must be 2-D (n_vocab, dim), got shape {self.w.shape}")
+        _check_sub_layers("layers", self.layers)
+        dtypes = {p.dtype for p in _chain_params(self.layers)}
+        if dtypes - {self.w.dtype}:
+            raise TypeError(f"all parameters must share w's dtype {self.w.dtype}, got {dtypes}")
+
+    @property
+    def n_vocab(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.w.shape[1]
+
+    def params(self) -> Params:
+        """(w, *the sub-layers' params)."""
+        return (self.w, *_chain_params(self.layers))
+
+    def with_params(self, params: Sequence[np.ndarray]) -> TiedEmbedding:
+        """A new TiedEmbedding with ``params = (w, *sub-layer params)``."""
+        new = _check_new_params(self, params)
+        return TiedEmbedding(new[0], _chain_with_params(self.layers, new[1:]))
+
+    def _renew(self, params: Params) -> TiedEmbedding:
+        return _replace(self, {"w": params[0], "layers": _chain_renew(self.layers, params[1:])})
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(T,) -> (T, V)."""
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 1:
+            raise ValueError(
+                f"TiedEmbedding takes token ids (N, T), got {_shape_str((None, *in_shape))}"
+            )
+        shapes = _chain_shapes(self.layers, (*in_shape, self.dim))
+        if shapes and shapes[-1] != (*in_shape, self.dim):
+            raise ValueError(
+                f"a TiedEmbedding's layers must keep the shape (N, T, {self.dim}) for the "
+                f"output head, they give {_shape_str((None, *shapes[-1]))}"
+            )
+        return (*in_shape, self.n_vocab)
+
+    def forward(
+        self, x: np.ndarray, ctx: Context = EVAL
+    ) -> tuple[np.ndarray, tuple, TiedEmbedding]:
+        """The cache is (ids, the last hidden h, the sub-layers' caches)."""
+        _check_ids("x", x, (None, "T"))
+        h, caches, layers = _chain_forward(self.layers, _lookup(self.w, x), ctx)
+        _check_input("the layers' output", h, (*x.shape, self.dim), self.w.dtype)
+        logits = np.dot(_matrix(h), self.w.T).reshape(*x.shape, self.n_vocab)
+        new = self if layers is self.layers else _replace(self, {"layers": layers})
+        return logits, (x, h, caches), new
+
+    def backward(self, cache: tuple, dy: np.ndarray) -> tuple[Any, Params]:
+        """dx = None (ids); dw = dy^T h + scatter-add of the sub-chain's dh_0."""
+        ids, h, caches = cache
+        _check_input("dy", dy, (*ids.shape, self.n_vocab), self.w.dtype)
+        dy_rows = _matrix(dy)
+        dw = np.dot(dy_rows.T, _matrix(h))
+        dh, grads = _chain_backward(self.layers, caches, np.dot(dy_rows, self.w).reshape(h.shape))
+        dw += _scatter_add_rows(self.n_vocab, ids.reshape(-1), _matrix(dh))
+        return None, (dw, *grads)
+
+    def __repr__(self) -> str:
+        n = len(self.layers)
+        inner = f", {n} layer{'' if n == 1 else 's'}" if n else ""
+        return f"TiedEmbedding({self.n_vocab} -> {self.dim}{inner}, {self.w.dtype})"
+
+
+_CHAINS = (Residual, TiedEmbedding)  # the layers whose ``layers`` field is a sub-chain
+
+
+def _sub_chain_input(layer: Any, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape a container layer's sub-chain takes, given the layer's own."""
+    return (*in_shape, layer.dim) if isinstance(layer, TiedEmbedding) else in_shape
+
+
 # -------------------------------------------------------------------- losses
 
 
@@ -3427,8 +4217,11 @@ class LayerSpec(Protocol):
 
 def _uses_key(layer: type) -> bool:
     """Whether a layer type's forward may draw random numbers (needs its own
-    sub-key): Dropout and any layer dlfs does not know."""
-    return layer is Dropout or layer.__module__ != __name__
+    sub-key): Dropout, the layers that may hold one (attention, blocks) and any
+    layer dlfs does not know."""
+    return (
+        layer in (Dropout, SelfAttention, Residual, TiedEmbedding) or layer.__module__ != __name__
+    )
 
 
 def _fresh_output(layer: type) -> bool:
@@ -3443,7 +4236,7 @@ def _fresh_input_grad(layer: Any, fresh: bool) -> bool:
     (Linear, Flatten, Dropout); a user's layer may return anything."""
     if not _is_own(layer):
         return False
-    return fresh or not isinstance(layer, (Linear, Flatten, Dropout))
+    return fresh or not isinstance(layer, (Linear, Flatten, Dropout, PositionalEmbedding))
 
 
 @attrs.frozen
@@ -3479,7 +4272,7 @@ def _plan(types: tuple[type, ...]) -> _Plan:
     return _Plan(
         forward=tuple(forward),
         fresh=fresh,
-        stateful=not all(own) or BatchNorm in types,
+        stateful=not all(own) or any(t in (BatchNorm, Residual, TiedEmbedding) for t in types),
         first=first if all(own[:first]) else None,
         recycles=Conv2D in types or MaxPool2D in types,
     )
@@ -3528,6 +4321,7 @@ class DenseSpec:
     activation: Layer | None = None
     init: Initializer = glorot_normal
     bias_init: Initializer = zeros
+    bias: bool = True
 
     def build(
         self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
@@ -3540,7 +4334,13 @@ class DenseSpec:
                 f"{_shape_str((None, *in_shape))}; put dlfs.Flatten() before it"
             )
         layer = Dense.init(
-            key, in_shape[-1], self.n_out, init=self.init, bias_init=self.bias_init, dtype=dtype
+            key,
+            in_shape[-1],
+            self.n_out,
+            init=self.init,
+            bias_init=self.bias_init,
+            bias=self.bias,
+            dtype=dtype,
         )
         return _then_activation(layer, layer.output_shape(in_shape), self.activation)
 
@@ -3551,10 +4351,11 @@ def dense(
     *,
     init: Initializer = glorot_normal,
     bias_init: Initializer = zeros,
+    bias: bool = True,
 ) -> DenseSpec:
     """The book's ``Dense(neurons, activation)``: a Dense layer of ``n_out`` units
     followed by ``activation``; its input size comes from the previous layer.
-    y = activation(x @ w + b): (N, D) -> (N, n_out).
+    y = activation(x @ w + b): (N, D) -> (N, n_out); ``bias=False``: y = activation(x @ w).
 
     >>> net = dlfs.network(0, 5, [dlfs.dense(3, dlfs.Sigmoid())], dlfs.MeanSquaredError())
     >>> net.layers
@@ -3563,7 +4364,7 @@ def dense(
     _check_activation(activation)
     _check_initializer("init", init)
     _check_initializer("bias_init", bias_init)
-    return DenseSpec(n_out, activation, init, bias_init)
+    return DenseSpec(n_out, activation, init, bias_init, _check_bool("bias", bias))
 
 
 @attrs.frozen
@@ -3749,6 +4550,186 @@ def gru(n_hidden: int, *, return_sequences: bool = False) -> LayerSpec:
     return _RecurrentSpec(GRU, n_hidden, return_sequences)
 
 
+@attrs.frozen
+class _LayerNormSpec:
+    scale: bool
+    bias: bool
+    eps: float
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
+        layer = LayerNorm.init(
+            in_shape[-1], scale=self.scale, bias=self.bias, eps=self.eps, dtype=dtype
+        )
+        return (layer,), layer.output_shape(in_shape)
+
+
+def layer_norm(*, scale: bool = True, bias: bool = True, eps: float = 1e-5) -> LayerSpec:
+    """A LayerNorm over the last axis, sized by the builder: (N, ..., D) -> same
+    shape; ``scale``/``bias``: whether it has gamma / beta (GPT-2 without
+    biases: ``layer_norm(bias=False)``).
+
+    >>> net = dlfs.network(0, (5, 8), [dlfs.layer_norm(bias=False)], dlfs.MeanSquaredError())
+    >>> net.layers
+    (LayerNorm(8, bias=False, eps=1e-05, float32),)
+    """
+    _check_bool("scale", scale)
+    _check_bool("bias", bias)
+    return _LayerNormSpec(scale, bias, _check_number("eps", eps, low=0.0, low_open=True))
+
+
+@attrs.frozen
+class _SelfAttentionSpec:
+    n_heads: int
+    causal: bool
+    bias: bool
+    dropout: float
+    init: Initializer
+    out_init: Initializer | None
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
+        if len(in_shape) != 2:
+            raise ValueError(
+                f"self_attention expects sequences (N, T, D), got {_shape_str((None, *in_shape))}"
+            )
+        layer = SelfAttention.init(
+            key,
+            in_shape[1],
+            self.n_heads,
+            causal=self.causal,
+            bias=self.bias,
+            dropout=self.dropout,
+            init=self.init,
+            out_init=self.out_init,
+            dtype=dtype,
+        )
+        return (layer,), layer.output_shape(in_shape)
+
+
+def self_attention(
+    n_heads: int,
+    *,
+    causal: bool = True,
+    bias: bool = True,
+    dropout: float = 0.0,
+    init: Initializer = glorot_normal,
+    out_init: Initializer | None = None,
+) -> LayerSpec:
+    """Multi-head self-attention (``SelfAttention``) sized by the builder:
+    (N, T, D) -> (N, T, D), D divisible by ``n_heads``; ``init`` draws w_qkv,
+    ``out_init`` (default ``init``) w_o.
+
+    >>> net = dlfs.network(0, (6, 8), [dlfs.self_attention(2)], dlfs.MeanSquaredError())
+    >>> net.layers[0], net.output_shape
+    (SelfAttention(8, n_heads=2, causal=True, float32), (6, 8))
+    """
+    n_heads = _check_int("n_heads", n_heads)
+    _check_bool("causal", causal)
+    _check_bool("bias", bias)
+    dropout = _check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
+    _check_initializer("init", init)
+    if out_init is not None:
+        _check_initializer("out_init", out_init)
+    return _SelfAttentionSpec(n_heads, causal, bias, dropout, init, out_init)
+
+
+@attrs.frozen
+class _PositionalSpec:
+    max_len: int
+    init: Initializer
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
+        if len(in_shape) != 2:
+            raise ValueError(
+                f"positional_embedding expects sequences (N, T, D), got "
+                f"{_shape_str((None, *in_shape))}"
+            )
+        layer = PositionalEmbedding.init(
+            key, self.max_len, in_shape[1], init=self.init, dtype=dtype
+        )
+        return (layer,), layer.output_shape(in_shape)
+
+
+def positional_embedding(max_len: int, *, init: Initializer = normal) -> LayerSpec:
+    """Learned positions for sequences of up to ``max_len`` steps (the context
+    length), D from the builder: (N, T, D) -> (N, T, D), x[:, t] + w[t].
+
+    >>> net = dlfs.network(0, (6, 4), [dlfs.positional_embedding(8)], dlfs.MeanSquaredError())
+    >>> net.layers
+    (PositionalEmbedding(8 x 4, float32),)
+    """
+    _check_initializer("init", init)
+    return _PositionalSpec(_check_int("max_len", max_len), init)
+
+
+@attrs.frozen
+class _ResidualSpec:
+    layers: tuple[Any, ...]
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
+        layers, _ = _build_layers(key, in_shape, self.layers, dtype, "residual layers")
+        layer = Residual(layers)
+        return (layer,), layer.output_shape(in_shape)
+
+
+def residual(layers: Sequence[Layer | LayerSpec]) -> LayerSpec:
+    """A skip connection y = x + f(x) around the sub-chain f built from ``layers``
+    (specs and layers, as ``network`` takes them); f must keep the shape.
+
+    >>> block = dlfs.residual([dlfs.layer_norm(), dlfs.dense(16, dlfs.ReLU()), dlfs.dense(4)])
+    >>> net = dlfs.network(0, 4, [block], dlfs.MeanSquaredError())
+    >>> net.layers
+    (Residual(LayerNorm, Dense, ReLU, Dense),)
+    """
+    return _ResidualSpec(_check_items("layers", layers))
+
+
+@attrs.frozen
+class _TiedEmbeddingSpec:
+    n_vocab: int
+    dim: int
+    layers: tuple[Any, ...]
+    init: Initializer
+
+    def build(
+        self, key: Key, in_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[tuple[Layer, ...], tuple[int, ...]]:
+        if len(in_shape) != 1:
+            raise ValueError(
+                f"tied_embedding takes token ids (N, T), got {_shape_str((None, *in_shape))}"
+            )
+        own, sub = split(key, 2)
+        w = _draw("init", self.init, make_rng(own), (self.n_vocab, self.dim), dtype)
+        shape = (*in_shape, self.dim)
+        layers, _ = _build_layers(sub, shape, self.layers, dtype, "tied_embedding layers")
+        layer = TiedEmbedding(w, layers)
+        return (layer,), layer.output_shape(in_shape)
+
+
+def tied_embedding(
+    n_vocab: int, dim: int, layers: Sequence[Layer | LayerSpec] = (), *, init: Initializer = normal
+) -> LayerSpec:
+    """A token embedding of ``n_vocab`` ids into ``dim``-vectors whose matrix is
+    also the output head (``TiedEmbedding``), around the sub-chain built from
+    ``layers``: ids (N, T) -> logits (N, T, n_vocab).  First in a network.
+
+    >>> net = dlfs.network(0, (8,), [dlfs.tied_embedding(11, 4, [dlfs.positional_embedding(8)])],
+    ...                    dlfs.SoftmaxCrossEntropy())
+    >>> net.output_shape, [p.shape for p in net.params()[0]]  # one (11, 4) matrix, used twice
+    ((8, 11), [(11, 4), (8, 4)])
+    """
+    _check_initializer("init", init)
+    n_vocab, dim = _check_int("n_vocab", n_vocab), _check_int("dim", dim)
+    return _TiedEmbeddingSpec(n_vocab, dim, _check_items("layers", layers), init)
+
+
 def _is_layer(obj: Any) -> TypeGuard[Layer]:
     return not isinstance(obj, type) and all(
         hasattr(obj, m) for m in ("params", "with_params", "forward", "backward", "output_shape")
@@ -3807,7 +4788,8 @@ def _input_error(net: Any, name: str, x: Any, err: Exception) -> Exception:
 class Summary:
     """What ``Network.summary()`` returns: the network's one-line description
     (``title``), one row per layer (name, output shape, parameter count; the
-    input row has None) and the total.  ``print`` it for the table; Jupyter
+    input row has None; the layers inside a Residual or TiedEmbedding follow
+    its row, indented, their counts part of its own) and the total.  ``print`` it for the table; Jupyter
     renders it as an HTML table.  Shapes read (N, ...) per row.
 
     >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(1)], dlfs.MeanSquaredError())
@@ -3836,6 +4818,18 @@ class Summary:
         rows = [(name, shape, _people(n)) for name, shape, n in self.rows]
         rows.append(("Total params", "", _people(self.total)))
         return _html_table(("Layer", "Output shape", "Params"), rows, caption=self.title)
+
+
+def _summary_rows(
+    rows: list[tuple[str, str, int | None]], layers: Any, in_shape: tuple[int, ...], indent: str
+) -> None:
+    """Append a row per layer (a container's sub-layers indented below it)."""
+    for layer, shape in zip(layers, _chain_shapes(layers, in_shape)):
+        n = sum(p.size for p in layer.params())
+        rows.append((indent + repr(layer), _shape_str((None, *shape)), n))
+        if isinstance(layer, _CHAINS):
+            _summary_rows(rows, layer.layers, _sub_chain_input(layer, in_shape), indent + "  ")
+        in_shape = shape
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -3893,11 +4887,7 @@ class Network:
         """``with_params`` for parameters known to fit: fresh read-only arrays that
         a dlfs optimizer made from this network's own (same tree, shapes and
         dtypes), for a network of dlfs's own layers.  No checks, no copies."""
-        layers = []
-        layer: Any  # dlfs's own: _PARAMS names the fields params() returns
-        for layer, ps in zip(self.layers, params):
-            layers.append(_with_arrays(layer, ps) if ps else layer)
-        return self._evolve_layers(tuple(layers))
+        return self._evolve_layers(tuple(map(_renew_layer, self.layers, params)))
 
     @property
     def dtype(self) -> np.dtype | None:
@@ -3933,13 +4923,17 @@ class Network:
         if plain and x.dtype == self.dtype:  # the common case, in a few attribute reads
             return
         try:
-            if self.layers and isinstance(self.layers[0], Embedding):  # token ids, not floats
+            if self._takes_ids():  # token ids, not floats
                 _check_ids(name, x, (None, *self.input_shape))
             else:
                 _check_input(name, x, (None, *self.input_shape), self.dtype)
         except (TypeError, ValueError) as err:
             raise _input_error(self, name, x, err) from None
         _check_nonempty(name, x)
+
+    def _takes_ids(self) -> bool:
+        """Whether the first layer takes integer token ids (an embedding)."""
+        return bool(self.layers) and isinstance(self.layers[0], (Embedding, TiedEmbedding))
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Network]:
         """Run every layer; returns (output, caches, network with new layer state)."""
@@ -4060,13 +5054,10 @@ class Network:
     def summary(self) -> Summary:
         """The layer table: each layer, its output shape and parameter count, and
         the total; prints as text, renders as an HTML table in Jupyter."""
-        shapes = _chain_shapes(self.layers, self.input_shape)
         rows: list[tuple[str, str, int | None]] = [
             ("Input", _shape_str((None, *self.input_shape)), None)
         ]
-        for layer, shape in zip(self.layers, shapes):
-            n = sum(p.size for p in layer.params())
-            rows.append((repr(layer), _shape_str((None, *shape)), n))
+        _summary_rows(rows, self.layers, self.input_shape, "")
         return Summary(repr(self), tuple(rows), sum(p.size for p in self._flat_params()))
 
     def __repr__(self) -> str:
@@ -4163,25 +5154,89 @@ def network(
     key = _as_key("key", key)
     shape = _as_shape("input_shape", input_shape)
     dtype = _check_dtype(dtype)
+    built, _ = _build_layers(key, shape, _check_items("layers", layers), dtype, "layers")
+    return Network(built, loss, shape)
+
+
+def generate(
+    net: Network,
+    prompt: np.ndarray,
+    n_new: int,
+    *,
+    key: int | Key,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> np.ndarray:
+    """Sample ``n_new`` tokens from a language model, one at a time (nanoGPT's
+    ``generate``): the network sees the last ``input_shape[0]`` ids (the
+    context; a shorter prompt as it is), its logits at the last position are
+    divided by ``temperature``, cut to the ``top_k`` largest if given, and
+    the next id is drawn from their softmax; it joins the sequence.
+
+    net: ids (N, T) -> logits (N, T, V), in evaluation mode; prompt: integer
+    ids (N, T0), T0 >= 1 -> the new ids (N, n_new) int64.  Same key, same
+    sample; ``top_k=1`` is greedy decoding.
+
+    >>> net = dlfs.network(0, (8,), [dlfs.tied_embedding(5, 4, [dlfs.positional_embedding(8)])],
+    ...                    dlfs.SoftmaxCrossEntropy())
+    >>> new = dlfs.generate(net, np.array([[1, 2]]), 10, key=0)
+    >>> new.shape, new.dtype, bool((new == dlfs.generate(net, np.array([[1, 2]]), 10, key=0)).all())
+    ((1, 10), dtype('int64'), True)
+    """
+    if not isinstance(net, Network) or not net._takes_ids() or len(net.output_shape) != 2:
+        raise TypeError(
+            f"net must be a language model: a dlfs.Network from token ids (N, T) to logits "
+            f"(N, T, V), got {net!r:.120}"
+        )
+    context, n_vocab = net.input_shape[0], net.output_shape[-1]
+    _check_ids("prompt", prompt, (None, "T"))
+    _check_nonempty("prompt", prompt)
+    _lookup(np.empty((n_vocab, 0)), prompt)  # the ids' range, with its message
+    n_new, rng = _check_int("n_new", n_new, low=0), make_rng(key)
+    temperature = _check_number("temperature", temperature, low=0.0, low_open=True)
+    if top_k is not None:
+        top_k = min(_check_int("top_k", top_k), n_vocab)
+    seq = prompt.astype(np.int64)
+    for _ in range(n_new):
+        logits = net._forward(seq[:, -context:], EVAL)[0][:, -1].astype(np.float64)
+        logits /= temperature
+        if top_k is not None:
+            kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
+            logits[logits < kth] = -np.inf
+        p = _softmax(logits).cumsum(axis=-1)
+        u = rng.random((len(seq), 1)) * p[:, -1:]  # inverse CDF, exact at the top
+        seq = np.concatenate([seq, np.minimum((p <= u).sum(axis=-1), n_vocab - 1)[:, None]], 1)
+    return seq[:, prompt.shape[1] :]
+
+
+def _check_items(name: str, layers: Any) -> tuple[Any, ...]:
     if not isinstance(layers, (list, tuple)):
-        raise TypeError(f"layers must be a list of layers or specs, got {type(layers).__name__}")
+        raise TypeError(f"{name} must be a list of layers or specs, got {type(layers).__name__}")
+    return tuple(layers)
+
+
+def _build_layers(
+    key: Key, shape: tuple[int, ...], items: tuple[Any, ...], dtype: np.dtype, name: str
+) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """(layers, per-sample output shape) from specs and ready layers: each spec
+    draws its weights from its own sub-key of ``key``."""
     built: list[Any] = []
-    for i, (item, sub) in enumerate(zip(layers, split(key, max(len(layers), 1)))):
+    for i, (item, sub) in enumerate(zip(items, split(key, max(len(items), 1)))):
         if isinstance(item, LayerSpec):  # it has a build method
             try:
                 new, shape = item.build(sub, shape, dtype)
             except ValueError as err:
-                raise ValueError(f"layers[{i}] ({type(item).__name__}): {err}") from None
+                raise ValueError(f"{name}[{i}] ({type(item).__name__}): {err}") from None
             built.extend(new)
         elif _is_layer(item):
             built.append(item)
             shape = _chain_shapes([item], shape)[-1]
         else:
             raise TypeError(
-                f"layers[{i}] must be a layer or a spec such as dlfs.dense(10), got {item!r}"
+                f"{name}[{i}] must be a layer or a spec such as dlfs.dense(10), got {item!r}"
                 + _not_called(item)
             )
-    return Network(built, loss, _as_shape("input_shape", input_shape))
+    return tuple(built), shape
 
 
 # -------------------------------------------------- optimizers and schedules
@@ -4407,6 +5462,26 @@ def _decay(grads: NetParams, params: NetParams, wd: float) -> NetParams:
     if not wd:
         return grads
     return _tree_map(lambda g, p: g + p * wd, grads, params)
+
+
+DecayMask = Literal["all", "matrices"] | Callable[[np.ndarray], bool]
+
+
+def _check_decay_mask(instance: Any, attribute: Any, mask: Any) -> None:
+    if mask not in ("all", "matrices") and (isinstance(mask, str) or not callable(mask)):
+        raise ValueError(
+            f"weight_decay_mask must be 'all', 'matrices' (arrays with ndim >= 2) or a "
+            f"function of the array returning True where it decays, got {mask!r}"
+        )
+
+
+def _decays(mask: Any, p: np.ndarray) -> bool:
+    """Whether weight decay applies to the parameter array ``p`` under ``mask``."""
+    if mask == "all":
+        return True
+    if mask == "matrices":
+        return p.ndim >= 2
+    return bool(mask(p))
 
 
 def _lr_field(default: float) -> Any:
@@ -4694,8 +5769,10 @@ class Adam:
     """Adam (PyTorch): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
     p <- p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps).  ``weight_decay``
     is L2 (adds wd p to g) unless ``decoupled``, which is AdamW: p <- p (1 - lr wd)
-    before the Adam step.  m and v are shaped like the params; params and grads
-    as for ``SGD``.
+    before the Adam step.  ``weight_decay_mask`` says which arrays decay: "all",
+    "matrices" (ndim >= 2: weights and embeddings, not biases or norm scales,
+    nanoGPT's and optax's usual rule) or a function ``f(p) -> bool``.  m and v
+    are shaped like the params; params and grads as for ``SGD``.
 
     >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
     >>> opt = dlfs.Adam(lr=0.1)
@@ -4710,6 +5787,7 @@ class Adam:
     eps: float = _eps_field(1e-8)
     weight_decay: float = _wd_field()
     decoupled: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    weight_decay_mask: DecayMask = attrs.field(default="all", validator=_check_decay_mask)
 
     def init(self, params: NetParams) -> OptState:
         """Moments m = v = 0."""
@@ -4725,10 +5803,13 @@ class Adam:
     def _apply(
         self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
     ) -> tuple[NetParams, OptState]:
-        lr, grads = _start(self, grads, state, params, l2=not self.decoupled)
-        if self.decoupled and self.weight_decay:
-            shrink = 1 - lr * self.weight_decay
-            params = _tree_map(lambda p: p * shrink, params)
+        lr, grads = _start(self, grads, state, params, l2=False)
+        wd, mask = self.weight_decay, self.weight_decay_mask
+        if wd and self.decoupled:
+            shrink = 1 - lr * wd
+            params = _tree_map(lambda p: p * shrink if _decays(mask, p) else p, params)
+        elif wd:
+            grads = _tree_map(lambda g, p: g + p * wd if _decays(mask, p) else g, grads, params)
         return _adam_step(self, lr, grads, state, params)
 
 
@@ -4738,10 +5819,12 @@ def AdamW(  # noqa: N802
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.01,
+    weight_decay_mask: DecayMask = "all",
 ) -> Adam:
     """AdamW (PyTorch): p <- p (1 - lr wd) first, then the Adam step (default wd 0.01);
-    ``Adam(..., decoupled=True)``.  params, grads: one tuple of arrays per
-    layer, grads, m and v shaped like params.
+    ``Adam(..., decoupled=True)``; ``weight_decay_mask`` as for ``Adam``
+    ("matrices": nanoGPT's groups, decay on arrays with ndim >= 2 only).
+    params, grads: one tuple of arrays per layer, grads, m and v shaped like params.
 
     >>> params, grads = ((np.array([1.0, -1.0]),),), ((np.array([0.5, 0.5]),),)
     >>> opt = dlfs.AdamW(lr=0.1)
@@ -4749,7 +5832,7 @@ def AdamW(  # noqa: N802
     >>> np.round(new[0][0], 4).tolist()  # shrunk by 1 - 0.1 * 0.01, then moved by 0.1
     [0.899, -1.099]
     """
-    return Adam(lr, b1, b2, eps, weight_decay, decoupled=True)
+    return Adam(lr, b1, b2, eps, weight_decay, decoupled=True, weight_decay_mask=weight_decay_mask)
 
 
 class GradientTransform(Protocol):
@@ -5157,11 +6240,21 @@ class TrainState:
         return self.loss_sum / self.seen if self.seen else math.nan
 
 
+def _all_layers(layers: Sequence[Any]) -> list[Any]:
+    """The layers, each container's sub-layers after it, at any depth."""
+    found = []
+    for layer in layers:
+        found.append(layer)
+        if isinstance(layer, _CHAINS):
+            found += _all_layers(layer.layers)
+    return found
+
+
 def _own_parts(net: Network, optimizer: Any) -> bool:
     """Whether the network, its loss, its layers and the optimizer (a chain's
     every part) are dlfs's own, so their gradients and updates are known to fit
     the parameters (a user's loss or Network subclass is checked at every step)."""
-    parts = [net, net.loss, *net.layers, optimizer]
+    parts = [net, net.loss, *_all_layers(net.layers), optimizer]
     if type(optimizer) is Chain:
         parts += [optimizer.optimizer, *optimizer.before, *optimizer.after]
     return all(map(_is_own, parts))
@@ -6794,6 +7887,48 @@ def _epoch_batches(
     )
 
 
+def random_windows(
+    key: int | Key, ids: np.ndarray, context: int, batch_size: int, steps: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``steps`` batches of random windows of a token stream, for training a
+    language model by iterations (nanoGPT's ``get_batch``): batch i draws
+    ``batch_size`` offsets o uniformly in [0, len(ids) - context) from its own
+    key, ``split``-style (key + (i,)), and pairs x = ids[o : o + context] with
+    the next ids y = ids[o + 1 : o + context + 1].
+
+    ids: (L,) integer tokens, L > context -> pairs x, y: (batch_size, context)
+    int64.  Same key, same batches; an epoch-free fold:
+    ``functools.reduce(dlfs.train_step, dlfs.random_windows(key, ids, T, B, steps), state)``.
+
+    >>> ids = np.arange(100)
+    >>> x, y = next(dlfs.random_windows(0, ids, context=5, batch_size=2, steps=1))
+    >>> x.shape, bool((y == x + 1).all())
+    ((2, 5), True)
+    """
+    key = _as_key("key", key)
+    _check_ids("ids", ids, ("L",))
+    context, batch_size = _check_int("context", context), _check_int("batch_size", batch_size)
+    steps = _check_int("steps", steps, low=0)
+    if len(ids) <= context:
+        raise ValueError(
+            f"ids must hold more than context = {context} tokens (a window and its next "
+            f"token), got {len(ids)}"
+        )
+    if ids.min() < 0:
+        raise ValueError(f"ids must be non-negative token ids, got a minimum of {ids.min()}")
+    return _windows(key, ids, context, batch_size, steps)
+
+
+def _windows(
+    key: Key, ids: np.ndarray, context: int, batch_size: int, steps: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    span = np.arange(context + 1)
+    for i in range(steps):
+        offsets = _rng(key + (i,)).integers(0, len(ids) - context, batch_size)
+        window = np.take(ids, offsets[:, None] + span).astype(np.int64)
+        yield window[:, :-1], window[:, 1:]
+
+
 # datasets: MNIST (standard library and numpy; heavy modules imported when used)
 
 # Mirrors of the original MNIST files (yann.lecun.com often refuses downloads), tried in order.
@@ -7222,6 +8357,11 @@ _SAVABLE_LAYERS: tuple[type, ...] = (
     RNN,
     LSTM,
     GRU,
+    LayerNorm,
+    SelfAttention,
+    PositionalEmbedding,
+    Residual,
+    TiedEmbedding,
 )
 _SAVABLE_LOSSES: tuple[type, ...] = (MeanSquaredError, SoftmaxCrossEntropy, BinaryCrossEntropy)
 
@@ -7525,21 +8665,28 @@ def _add_array(arrays: dict[str, np.ndarray], name: str, a: Any) -> str:
 def _record_structure(
     kind: str, obj: Any, known: tuple[type, ...], prefix: str, arrays: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    """{"type", "config", "arrays"} of an attrs layer/loss; its arrays go into ``arrays``."""
+    """{"type", "config", "arrays"} of an attrs layer/loss; its arrays go into
+    ``arrays``.  A layer holding a sub-chain (Residual, TiedEmbedding) adds
+    {"layers": [its layers' records]}."""
     cls = type(obj)
     if cls not in known:
         names = ", ".join(c.__name__ for c in known)
         raise TypeError(f"cannot save {kind} {cls.__name__}: save knows dlfs's {kind}s {names}")
-    config, refs = {}, {}
+    config, refs, record = {}, {}, {"type": cls.__name__}
     for f in attrs.fields(cls):
         if not f.init:
             continue
         value = getattr(obj, f.name)
         if isinstance(value, np.ndarray):
             refs[f.name] = _add_array(arrays, f"{prefix}.{f.name}", value)
+        elif cls in _CHAINS and f.name == "layers":
+            record["layers"] = [
+                _record_structure(kind, sub, known, f"{prefix}.layers.{j}", arrays)
+                for j, sub in enumerate(value)
+            ]
         else:
             config[f.name] = _json_value(f"{cls.__name__}.{f.name}", value)
-    return {"type": cls.__name__, "config": config, "arrays": refs}
+    return {**record, "config": config, "arrays": refs}
 
 
 def _network_structure(net: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -7796,6 +8943,12 @@ def _rebuild_record(
         if name not in arrays:
             raise ValueError(f"{where}.arrays[{k!r}] names {name!r}, which the file does not hold")
         kwargs[k] = arrays[name]
+    if cls in _CHAINS:
+        records = _get(where, entry, "layers", "a list")
+        kwargs["layers"] = tuple(
+            _rebuild_record(f"{where}.layers[{j}]", kind, e, known, arrays)
+            for j, e in enumerate(records)
+        )
     fields = {f.name for f in attrs.fields(cls) if f.init}
     if set(kwargs) - fields:
         raise ValueError(f"{where}: {cls.__name__} has no fields {sorted(set(kwargs) - fields)}")
@@ -7860,9 +9013,15 @@ def _slot_array(where: str, names: list[Any], arrays: dict[str, np.ndarray]) -> 
 def _used_arrays(structure: dict[str, Any]) -> list[str]:
     """Every array name the (already validated) description refers to."""
     names = []
-    for net in structure["networks"].values():
-        for record in [*net["layers"], net["loss"]]:
+
+    def add(records: list[dict[str, Any]]) -> None:
+        for record in records:
             names.extend(record["arrays"].values())
+            if record["type"] in {cls.__name__ for cls in _CHAINS}:
+                add(record["layers"])  # a Residual's or TiedEmbedding's sub-layers
+
+    for net in structure["networks"].values():
+        add([*net["layers"], net["loss"]])
     if structure["opt_state"] is not None:
         names.extend(n for tree in structure["opt_state"]["slots"] for layer in tree for n in layer)
     return names
@@ -8099,8 +9258,9 @@ class _OnnxGraph:
 
 
 def _onnx_dense(g: _OnnxGraph, layer: Dense, x: str, shape: tuple[int, ...]) -> str:
-    """y = x @ w + b: MatMul then Add, for (N, D) and (N, T, D) alike."""
-    return g.op("Add", g.op("MatMul", x, g.weight("w", layer.w)), g.weight("b", layer.b))
+    """y = x @ w + b: MatMul then Add (none without a bias), for (N, D) and (N, T, D)."""
+    y = g.op("MatMul", x, g.weight("w", layer.w))
+    return y if layer.b is None else g.op("Add", y, g.weight("b", layer.b))
 
 
 def _onnx_identity(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
@@ -8146,7 +9306,12 @@ def _onnx_elu(g: _OnnxGraph, layer: ELU, x: str, shape: tuple[int, ...]) -> str:
 
 def _onnx_gelu(g: _OnnxGraph, layer: GELU, x: str, shape: tuple[int, ...]) -> str:
     """dlfs's own formula, x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), in
-    Mul/Add/Sigmoid (ONNX's Gelu op arrived only in opset 20)."""
+    Mul/Add/Sigmoid (ONNX's Gelu op arrived only in opset 20); the exact form
+    x * (erf(x / sqrt 2) + 1) / 2 with Erf."""
+    if layer.approximate == "none":
+        erf = g.op("Erf", g.op("Mul", x, g.const("inv_sqrt_2", 1 / math.sqrt(2))))
+        phi = g.op("Mul", g.op("Add", erf, g.const("one", 1.0)), g.const("half", 0.5))
+        return g.op("Mul", x, phi)
     cube = g.op("Mul", x, g.op("Mul", x, x))
     inner = g.op("Add", x, g.op("Mul", cube, g.const("c", 0.044715)))
     s = g.op("Sigmoid", g.op("Mul", inner, g.const("two_sqrt_2_over_pi", 2 * _SQRT_2_OVER_PI)))
@@ -8252,6 +9417,75 @@ def _onnx_recurrent(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -
     return g.op("Squeeze", h_last, g.ints("axes", [0]))
 
 
+def _onnx_layer_norm(g: _OnnxGraph, layer: LayerNorm, x: str, shape: tuple[int, ...]) -> str:
+    """LayerNormalization over the last axis (scale 1 where gamma is None); float64
+    (its epsilon is a float32 attribute): dlfs's arithmetic, xc = x - mean(x),
+    y = xc / sqrt(mean(xc^2) + eps) * gamma + beta, means over the last axis."""
+    if g.dtype == np.float32:
+        gamma = np.ones(shape[-1], g.dtype) if layer.gamma is None else layer.gamma
+        inputs = [x, g.weight("gamma", gamma)]
+        if layer.beta is not None:
+            inputs.append(g.weight("beta", layer.beta))
+        return g.op("LayerNormalization", *inputs, axis=-1, epsilon=float(layer.eps))
+    xc = g.op("Sub", x, g.op("ReduceMean", x, axes=[-1], keepdims=1))
+    var = g.op("ReduceMean", g.op("Mul", xc, xc), axes=[-1], keepdims=1)
+    std = g.op("Sqrt", g.op("Add", var, g.const("eps", layer.eps)))
+    y = g.op("Mul", xc, g.op("Div", g.const("one", 1.0), std))
+    if layer.gamma is not None:
+        y = g.op("Mul", y, g.weight("gamma", layer.gamma))
+    return y if layer.beta is None else g.op("Add", y, g.weight("beta", layer.beta))
+
+
+def _onnx_heads(g: _OnnxGraph, a: str, n_heads: int, d: int) -> str:
+    """(N, T, D) -> (N, H, T, D/H): Reshape (0 keeps N and T) and Transpose."""
+    split = g.op("Reshape", a, g.ints("shape", [0, 0, n_heads, d // n_heads]))
+    return g.op("Transpose", split, perm=[0, 2, 1, 3])
+
+
+def _onnx_attention(g: _OnnxGraph, layer: SelfAttention, x: str, shape: tuple[int, ...]) -> str:
+    """MatMul, Split and Softmax: qkv = x w_qkv (+ b) split into q, k, v (D each),
+    heads by Reshape/Transpose, A = softmax(q k^T / sqrt(D/H) + mask), the causal
+    mask a (T, T) constant with -inf above the diagonal (T is the network's);
+    O = A v, heads side by side, y = O w_o (+ b_o).  Dropout: none (evaluation)."""
+    t, d = shape
+    h = layer.n_heads
+    qkv = g.op("MatMul", x, g.weight("w_qkv", layer.w_qkv))
+    if layer.b_qkv is not None:
+        qkv = g.op("Add", qkv, g.weight("b_qkv", layer.b_qkv))
+    q, k, v = (
+        _onnx_heads(g, a, h, d)
+        for a in g.outputs("Split", [qkv, g.ints("split", [d, d, d])], 3, axis=2)
+    )
+    q = g.op("Mul", q, g.const("scale", 1 / math.sqrt(d // h)))
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    if layer.causal:
+        scores = g.op("Add", scores, g.weight("causal_mask", _causal_mask(t, g.dtype)))
+    o = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    o = g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.ints("shape", [0, 0, d]))
+    y = g.op("MatMul", o, g.weight("w_o", layer.w_o))
+    return y if layer.b_o is None else g.op("Add", y, g.weight("b_o", layer.b_o))
+
+
+def _onnx_positions(
+    g: _OnnxGraph, layer: PositionalEmbedding, x: str, shape: tuple[int, ...]
+) -> str:
+    """y = x + w[:T], T the network's sequence length."""
+    return g.op("Add", x, g.weight("w", layer.w[: shape[0]]))
+
+
+def _onnx_residual(g: _OnnxGraph, layer: Residual, x: str, shape: tuple[int, ...]) -> str:
+    """y = x + f(x): the sub-chain's graph, then Add."""
+    return g.op("Add", x, _onnx_chain(g, layer.layers, x, shape, f"{g.prefix}/"))
+
+
+def _onnx_tied(g: _OnnxGraph, layer: TiedEmbedding, x: str, shape: tuple[int, ...]) -> str:
+    """h = Gather(w, ids), the sub-chain, logits = h @ Transpose(w) (one w in the file)."""
+    w = g.weight("w", layer.w)
+    h = g.op("Gather", w, x, axis=0)
+    h = _onnx_chain(g, layer.layers, h, _sub_chain_input(layer, shape), f"{g.prefix}/")
+    return g.op("MatMul", h, g.op("Transpose", w, perm=[1, 0]))
+
+
 _OnnxExporter = Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]
 
 _ONNX_EXPORTERS: dict[type, _OnnxExporter] = {
@@ -8275,7 +9509,26 @@ _ONNX_EXPORTERS: dict[type, _OnnxExporter] = {
     Conv2D: _onnx_conv,
     MaxPool2D: _onnx_pool("MaxPool"),
     AvgPool2D: _onnx_pool("AveragePool"),
+    LayerNorm: _onnx_layer_norm,
+    SelfAttention: _onnx_attention,
+    PositionalEmbedding: _onnx_positions,
+    Residual: _onnx_residual,
+    TiedEmbedding: _onnx_tied,
 }
+
+
+def _onnx_chain(
+    g: _OnnxGraph, layers: Sequence[Any], x: str, shape: tuple[int, ...], where: str
+) -> str:
+    """Each layer's exporter in turn, from input ``x`` of per-sample ``shape``;
+    ``where`` prefixes the node names (a sub-chain's: its container's)."""
+    outer = g.prefix
+    for i, layer in enumerate(layers):
+        g.prefix = f"{where}layer{i}.{type(layer).__name__}"
+        x = _ONNX_EXPORTERS[type(layer)](g, layer, x, shape)
+        shape = tuple(layer.output_shape(shape))
+    g.prefix = outer
+    return x
 
 
 def _import_onnx() -> Any:
@@ -8298,15 +9551,28 @@ def _check_network(name: str, net: Any) -> Network:
     return net
 
 
+def _unexportable(layers: Sequence[Any], where: str = "") -> str | None:
+    """The first layer without an exporter, sub-chains included, in words; None if none."""
+    for i, layer in enumerate(layers):
+        here = f"{where}layer {i} ({type(layer).__name__})"
+        if type(layer) not in _ONNX_EXPORTERS:
+            return here
+        if isinstance(layer, _CHAINS):
+            inside = _unexportable(layer.layers, f"{here} > ")
+            if inside is not None:
+                return inside
+    return None
+
+
 def _check_exportable(net: Network) -> None:
     """Every layer must have an exporter: TypeError naming the first that has none."""
-    for i, layer in enumerate(net.layers):
-        if type(layer) not in _ONNX_EXPORTERS:
-            known = ", ".join(sorted(t.__name__ for t in _ONNX_EXPORTERS))
-            raise TypeError(
-                f"export_onnx cannot export layer {i} ({type(layer).__name__}): dlfs has no "
-                f"ONNX exporter for it (it exports {known})"
-            )
+    missing = _unexportable(net.layers)
+    if missing is not None:
+        known = ", ".join(sorted(t.__name__ for t in _ONNX_EXPORTERS))
+        raise TypeError(
+            f"export_onnx cannot export {missing}: dlfs has no ONNX exporter for it "
+            f"(it exports {known})"
+        )
 
 
 def _export_dtype(net: Network, dtype: Any) -> np.dtype:
@@ -8327,13 +9593,8 @@ def _onnx_model(net: Network, input_name: str, output_name: str, dtype: np.dtype
     """The checked ModelProto of ``net``'s inference graph."""
     onnx = _import_onnx()
     g = _OnnxGraph(onnx, dtype)
-    takes_ids = bool(net.layers) and isinstance(net.layers[0], Embedding)
-    x, shape = input_name, net.input_shape
-    for i, layer in enumerate(net.layers):
-        g.prefix = f"layer{i}.{type(layer).__name__}"
-        x = _ONNX_EXPORTERS[type(layer)](g, layer, x, shape)
-        shape = tuple(layer.output_shape(shape))
-    g.prefix = "graph"
+    takes_ids = net._takes_ids()
+    x = _onnx_chain(g, net.layers, input_name, net.input_shape, "")
     g.nodes.append(onnx.helper.make_node("Identity", [x], [output_name], name="output"))
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64) if takes_ids else dtype)
     out_elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
@@ -8380,22 +9641,28 @@ def export_onnx(
     (default float32); for any other it may only repeat the network's.  Opset 17, IR version 8; the model passes
     ``onnx.checker.check_model(full_check=True)`` before it is written
     (atomically, as ``save`` writes).  Layer by layer: Dense -> MatMul + Add
-    (2-D and 3-D inputs); Sigmoid, Tanh, ReLU, LeakyReLU, ELU, Softmax
-    (last axis) -> the ops of those names; GELU (tanh form) and SiLU -> Mul,
-    Add and Sigmoid; Linear and Dropout -> Identity; Flatten -> Flatten;
+    (2-D and 3-D inputs; no Add without a bias); Sigmoid, Tanh, ReLU,
+    LeakyReLU, ELU, Softmax (last axis) -> the ops of those names; GELU (tanh
+    form) and SiLU -> Mul, Add and Sigmoid, exact GELU -> Erf; Linear and
+    Dropout -> Identity; Flatten -> Flatten;
     BatchNorm -> BatchNormalization with the running statistics; Conv2D ->
     Conv (pads [top, left, bottom, right]); MaxPool2D, AvgPool2D -> MaxPool,
     AveragePool; Embedding -> Gather; RNN, LSTM, GRU -> ONNX's RNN, LSTM,
     GRU, with the gate blocks reordered to ONNX's (LSTM i, o, f, c; GRU z, r,
-    h with ``linear_before_reset=1``).  Any other layer is a TypeError
-    naming it; nothing is written then.
+    h with ``linear_before_reset=1``); LayerNorm -> LayerNormalization;
+    SelfAttention -> MatMul, Split, Reshape/Transpose into heads, Softmax,
+    with the causal mask a constant (T, T) -inf above the diagonal (T is the
+    network's: only the batch axis is dynamic); PositionalEmbedding -> Add
+    of w[:T]; Residual -> its layers' graph, then Add; TiedEmbedding ->
+    Gather, its layers, MatMul with Transpose(w).  Any other layer (in a
+    sub-chain too) is a TypeError naming it; nothing is written then.
 
-    float64 graphs write LeakyReLU, ELU and BatchNorm out in Where, Mul,
-    Exp, Sub and Add with alpha and eps in float64 (ONNX's own ops take them
-    as float32 attributes).  ONNX Runtime
-    (1.32) runs every such float32 graph; in float64 it has no kernels for
-    Conv, AveragePool, RNN, LSTM and GRU (the graph is still valid ONNX, and
-    onnx's reference evaluator runs it).  Needs the
+    float64 graphs write LeakyReLU, ELU, BatchNorm and LayerNorm out in
+    Where, Mul, Exp, Sub, ReduceMean and Add with alpha and eps in float64
+    (ONNX's own ops take them as float32 attributes).  ONNX Runtime (1.32)
+    runs every such float32 graph; in float64 it has no kernels for Conv,
+    AveragePool, RNN, LSTM, GRU and Erf (exact GELU): the graph is still
+    valid ONNX, and onnx's reference evaluator runs it.  Needs the
     ``onnx`` package, imported here (``pip install 'dlfs[onnx]'`` adds
     onnxruntime to run the file).
 
@@ -8430,12 +9697,18 @@ def export_onnx(
 # ``to(layer)``'s names, shapes and dtypes.  Layers without arrays need no entry.
 
 
+def _present_arrays(pairs: Sequence[tuple[str, np.ndarray | None]]) -> dict[str, np.ndarray]:
+    """Fresh copies of the arrays that are there (an absent bias has no key)."""
+    return {name: np.array(a) for name, a in pairs if a is not None}
+
+
 def _torch_dense(layer: Dense) -> dict[str, np.ndarray]:
-    return {"weight": np.array(layer.w.T), "bias": np.array(layer.b)}
+    """weight = w.T (D_out, D_in), bias = b (none for ``bias=False``)."""
+    return _present_arrays([("weight", layer.w.T), ("bias", layer.b)])
 
 
 def _dense_from_torch(layer: Dense, a: dict[str, np.ndarray]) -> Dense:
-    return Dense(a["weight"].T, a["bias"])
+    return Dense(a["weight"].T, a.get("bias"))
 
 
 def _torch_conv(layer: Conv2D) -> dict[str, np.ndarray]:
@@ -8502,6 +9775,85 @@ def _recurrent_from_torch(layer: Any, a: dict[str, np.ndarray]) -> Any:
     return GRU(w_ih, w_hh, b, bias_hh[two_h:], return_sequences=layer.return_sequences)
 
 
+def _torch_layer_norm(layer: LayerNorm) -> dict[str, np.ndarray]:
+    """weight = gamma, bias = beta (each only if present)."""
+    return _present_arrays([("weight", layer.gamma), ("bias", layer.beta)])
+
+
+def _layer_norm_from_torch(layer: LayerNorm, a: dict[str, np.ndarray]) -> LayerNorm:
+    return attrs.evolve(layer, gamma=a.get("weight"), beta=a.get("bias"))
+
+
+def _torch_attention(layer: SelfAttention) -> dict[str, np.ndarray]:
+    """nn.MultiheadAttention's: in_proj_weight = w_qkv.T (3D, D), in_proj_bias =
+    b_qkv, out_proj.weight = w_o.T, out_proj.bias = b_o (biases only if present)."""
+    return _present_arrays(
+        [
+            ("in_proj_weight", layer.w_qkv.T),
+            ("in_proj_bias", layer.b_qkv),
+            ("out_proj.weight", layer.w_o.T),
+            ("out_proj.bias", layer.b_o),
+        ]
+    )
+
+
+def _attention_from_torch(layer: SelfAttention, a: dict[str, np.ndarray]) -> SelfAttention:
+    return attrs.evolve(
+        layer,
+        w_qkv=a["in_proj_weight"].T,
+        w_o=a["out_proj.weight"].T,
+        b_qkv=a.get("in_proj_bias"),
+        b_o=a.get("out_proj.bias"),
+    )
+
+
+def _torch_positions(layer: PositionalEmbedding) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w)}
+
+
+def _positions_from_torch(
+    layer: PositionalEmbedding, a: dict[str, np.ndarray]
+) -> PositionalEmbedding:
+    return PositionalEmbedding(a["weight"])
+
+
+def _torch_chain(layers: Sequence[Any]) -> dict[str, np.ndarray]:
+    """A sub-chain's arrays as an nn.Sequential's: ``"{j}.{name}"`` for sub-layer j."""
+    return {
+        f"{j}.{name}": a
+        for j, layer in enumerate(layers)
+        for name, a in _torch_arrays(j, layer).items()
+    }
+
+
+def _chain_from_torch(layers: Sequence[Any], a: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    """The sub-layers rebuilt from ``_torch_chain``'s keys."""
+    new = []
+    for j, layer in enumerate(layers):
+        head = f"{j}."
+        mine = {k[len(head) :]: v for k, v in a.items() if k.startswith(head)}
+        new.append(_TORCH_LAYERS[type(layer)][1](layer, mine) if mine else layer)
+    return tuple(new)
+
+
+def _torch_residual(layer: Residual) -> dict[str, np.ndarray]:
+    return _torch_chain(layer.layers)
+
+
+def _residual_from_torch(layer: Residual, a: dict[str, np.ndarray]) -> Residual:
+    return Residual(_chain_from_torch(layer.layers, a))
+
+
+def _torch_tied(layer: TiedEmbedding) -> dict[str, np.ndarray]:
+    """weight = w (V, D), then the sub-chain's keys."""
+    return {"weight": np.array(layer.w), **_torch_chain(layer.layers)}
+
+
+def _tied_from_torch(layer: TiedEmbedding, a: dict[str, np.ndarray]) -> TiedEmbedding:
+    rest = {k: v for k, v in a.items() if k != "weight"}
+    return TiedEmbedding(a["weight"], _chain_from_torch(layer.layers, rest))
+
+
 _TorchTo = Callable[[Any], dict[str, np.ndarray]]
 _TorchBack = Callable[[Any, dict[str, np.ndarray]], Any]
 
@@ -8513,6 +9865,11 @@ _TORCH_LAYERS: dict[type, tuple[_TorchTo, _TorchBack]] = {
     RNN: (_torch_recurrent, _recurrent_from_torch),
     LSTM: (_torch_recurrent, _recurrent_from_torch),
     GRU: (_torch_recurrent, _recurrent_from_torch),
+    LayerNorm: (_torch_layer_norm, _layer_norm_from_torch),
+    SelfAttention: (_torch_attention, _attention_from_torch),
+    PositionalEmbedding: (_torch_positions, _positions_from_torch),
+    Residual: (_torch_residual, _residual_from_torch),
+    TiedEmbedding: (_torch_tied, _tied_from_torch),
 }
 
 
@@ -8556,7 +9913,7 @@ def to_torch_state_dict(net: Network) -> dict[str, np.ndarray]:
 
     Keys are ``"{i}.{name}"`` for layer i of ``net.layers``, so module i of the
     Sequential is layer i's counterpart: Dense -> ``nn.Linear`` (weight =
-    w.T (D_out, D_in), bias = b); Conv2D -> ``nn.Conv2d`` (weight = w
+    w.T (D_out, D_in), bias = b; ``bias=False`` without b); Conv2D -> ``nn.Conv2d`` (weight = w
     (C_out, C_in, kh, kw), bias = b; padding as dlfs's, which for pads
     that are neither symmetric nor ``"same"`` means an ``F.pad`` before the
     convolution); BatchNorm -> ``nn.BatchNorm1d``/``2d`` (weight = gamma,
@@ -8566,10 +9923,20 @@ def to_torch_state_dict(net: Network) -> dict[str, np.ndarray]:
     w_ih.T (G*H, D), weight_hh_l0 = w_hh.T (G*H, H), gate blocks in the same
     order, bias_ih_l0 = b, bias_hh_l0 = 0, except the GRU's bias_hh_l0 =
     [0, 0, b_hn]; in a Sequential such a module needs a wrapper that keeps its
-    output sequence, or the last h without ``return_sequences``).  Layers
+    output sequence, or the last h without ``return_sequences``); LayerNorm
+    -> ``nn.LayerNorm(D, eps)`` (weight = gamma, bias = beta, each if
+    present); SelfAttention -> ``nn.MultiheadAttention(D, n_heads,
+    batch_first=True)`` called as self-attention with the causal
+    ``attn_mask`` (in_proj_weight = w_qkv.T (3D, D), in_proj_bias = b_qkv,
+    out_proj.weight = w_o.T, out_proj.bias = b_o; nanoGPT's c_attn and c_proj
+    hold the same transposes); PositionalEmbedding -> an ``nn.Embedding(max_len,
+    D)`` whose weight w[:T] is added to x (GPT-2's wpe); Residual -> a
+    Sequential of its layers, ``"{i}.{j}.{name}"``, whose output is added to
+    x; TiedEmbedding -> weight = w (V, D) plus its layers as
+    ``"{i}.{j}.{name}"``, logits = h @ weight.T.  Layers
     without parameters have no keys: Linear -> ``nn.Identity``, Sigmoid,
     Tanh, ReLU, LeakyReLU(alpha) -> ``negative_slope``, ELU(alpha), GELU ->
-    ``nn.GELU(approximate="tanh")``, SiLU, Softmax -> ``nn.Softmax(-1)``,
+    ``nn.GELU(approximate="tanh")`` (exact: ``nn.GELU()``), SiLU, Softmax -> ``nn.Softmax(-1)``,
     Dropout(p), Flatten, MaxPool2D, AvgPool2D -> ``nn.MaxPool2d``/``nn.AvgPool2d``
     (kernel_size=size, stride).  ``from_torch_state_dict`` reads it back.
 

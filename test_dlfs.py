@@ -305,10 +305,19 @@ def _assert_same_net(a: dlfs.Network, b: dlfs.Network) -> None:
     assert a.input_shape == b.input_shape
     assert type(a.loss) is type(b.loss)
     assert _record_config(a.loss) == _record_config(b.loss)
-    assert len(a.layers) == len(b.layers)
-    for la, lb in zip(a.layers, b.layers):
+    _assert_same_layers(a.layers, b.layers)
+
+
+def _assert_same_layers(a: tuple, b: tuple) -> None:
+    """Same layer types, configuration and bit-identical (read-only) arrays; the
+    sub-layers of a Residual or TiedEmbedding alike."""
+    assert len(a) == len(b)
+    for la, lb in zip(a, b):
         assert type(la) is type(lb)
-        assert _record_config(la) == _record_config(lb)
+        if isinstance(la, dlfs._CHAINS):
+            _assert_same_layers(la.layers, lb.layers)
+        config = {k: v for k, v in _record_config(la).items() if k != "layers"}
+        assert config == {k: v for k, v in _record_config(lb).items() if k != "layers"}
         for f in attrs.fields(type(la)):
             u, v = getattr(la, f.name), getattr(lb, f.name)
             if isinstance(u, np.ndarray):
@@ -4877,6 +4886,25 @@ def test_sgd_writes_into_gradients_only_when_told_they_are_its_own():
     assert all(a.tobytes() == b.tobytes() for a, b in zip(owned[0], new[0]))
 
 
+def _tiny_gpt(
+    norm: object = None, attention: object = None, dtype: object = np.float32, vocab: int = 7
+) -> dlfs.Network:
+    """A 1-block pre-LN GPT on ids (N, 6): tied embedding, positions, attention and
+    an MLP in residual blocks (bias-free by default), a final LayerNorm."""
+    norm = norm or dlfs.layer_norm(bias=False)
+    attention = attention or dlfs.self_attention(2, bias=False)
+    mlp = [norm, dlfs.dense(16, dlfs.GELU("none"), bias=False), dlfs.dense(8, bias=False)]
+    body = [
+        dlfs.positional_embedding(6),
+        dlfs.residual([norm, attention]),
+        dlfs.residual(mlp),
+        norm,
+    ]
+    return dlfs.network(
+        0, (6,), [dlfs.tied_embedding(vocab, 8, body)], dlfs.SoftmaxCrossEntropy(), dtype=dtype
+    )
+
+
 def test_renewed_networks_equal_with_params():
     """``_renew`` (no checks, no copies) builds what ``with_params`` builds, for every
     kind of layer with parameters, whose ``_PARAMS`` name params() in order."""
@@ -4899,10 +4927,15 @@ def test_renewed_networks_equal_with_params():
             ],
             dlfs.MeanSquaredError(),
         ),
+        _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2)),  # with biases
+        _tiny_gpt(),  # without: params() holds the present arrays only
     ]
     for net in nets:
-        for layer in net.layers:
+        for layer in dlfs._all_layers(net.layers):
+            if isinstance(layer, dlfs._CHAINS):
+                continue
             fields = tuple(getattr(layer, name) for name in getattr(layer, "_PARAMS", ()))
+            fields = tuple(a for a in fields if a is not None)
             assert len(fields) == len(layer.params())
             assert all(a is b for a, b in zip(fields, layer.params()))
         new = dlfs._tree_map(lambda p: dlfs._freeze_new(p * 2), net.params())
@@ -4918,6 +4951,10 @@ def test_renewed_networks_equal_with_params():
                 dlfs.RNN,
                 dlfs.LSTM,
                 dlfs.GRU,
+                dlfs.LayerNorm,
+                dlfs.SelfAttention,
+                dlfs.PositionalEmbedding,
+                dlfs.TiedEmbedding,
             )
         )
 
@@ -6718,6 +6755,7 @@ def test_records_with_array_fields_are_array_records():
     for cls in (*dlfs._SAVABLE_LAYERS, dlfs.OptState):
         types = [str(f.type) for f in attrs.fields(cls)]
         holds_arrays = any("ndarray" in t or "NetParams" in t for t in types)
+        holds_arrays |= cls in dlfs._CHAINS  # layers of arrays
         assert holds_arrays == issubclass(cls, dlfs._ArrayRecord), cls.__name__
 
 
@@ -7782,6 +7820,13 @@ def _bn(rng: np.random.Generator, c: int, dtype) -> dlfs.BatchNorm:
     return dlfs.BatchNorm(gamma, beta, mean, rng.uniform(0.5, 2.0, c).astype(dtype), eps=1e-3)
 
 
+# A pre-LN Transformer block (GPT-2, nanoGPT) as two residuals, and a final LayerNorm.
+_PRE_LN_BLOCKS = [
+    dlfs.residual([dlfs.layer_norm(), dlfs.self_attention(2)]),
+    dlfs.residual([dlfs.layer_norm(), dlfs.dense(16, dlfs.GELU()), dlfs.dense(8)]),
+    dlfs.layer_norm(),
+]
+
 # Every layer kind dlfs exports: name -> (input_shape, layers to follow, or a
 # callable(rng, dtype) giving them).  Parameters are redrawn at random below
 # (biases and forget gates included), so no zero hides a layout mistake.
@@ -7823,6 +7868,19 @@ _EXPORT_CASES = {
     "lstm_sequences": ((6, 4), [dlfs.lstm(3, return_sequences=True)]),
     "gru_last": ((6, 4), [dlfs.gru(3)]),
     "gru_sequences": ((6, 4), [dlfs.gru(3, return_sequences=True)]),
+    "dense_no_bias": ((3, 5), [dlfs.dense(4, bias=False)]),
+    "gelu_exact": (5, [dlfs.dense(4, dlfs.GELU("none"))]),
+    "layer_norm": ((3, 5), [dlfs.dense(4), dlfs.layer_norm(eps=1e-3)]),
+    "layer_norm_no_bias": (5, [dlfs.dense(4), dlfs.layer_norm(bias=False)]),
+    "layer_norm_bare": ((3, 5), [dlfs.dense(4), dlfs.layer_norm(scale=False, bias=False)]),
+    "attention_causal": ((5, 8), [dlfs.self_attention(2)]),
+    "attention_full_no_bias": ((5, 8), [dlfs.self_attention(4, causal=False, bias=False)]),
+    "positional_embedding": ((5, 4), [dlfs.positional_embedding(7)]),
+    "residual_blocks": ((5, 8), _PRE_LN_BLOCKS),
+    "tied_embedding_gpt": (
+        6,
+        [dlfs.tied_embedding(11, 8, [dlfs.positional_embedding(6), *_PRE_LN_BLOCKS])],
+    ),
 }
 
 
@@ -7836,14 +7894,28 @@ def _export_case(name: str, dtype, n: int = 5, seed: int = 0):
     net = net.with_params(
         [tuple(rng.standard_normal(p.shape).astype(dtype) * 0.7 for p in ps) for ps in net.params()]
     )
-    if name == "embedding":
-        return net, rng.integers(0, 10, (n, *net.input_shape), dtype=np.int64)
+    if net._takes_ids():
+        vocab = net.layers[0].n_vocab
+        return net, rng.integers(0, vocab, (n, *net.input_shape), dtype=np.int64)
     return net, rng.standard_normal((n, *net.input_shape)).astype(dtype)
 
 
 # ONNX Runtime (1.32) has no float64 kernel for these ops; graphs holding one
-# run in onnx's reference evaluator instead (numpy, float64 throughout).
-_ORT_NO_FLOAT64 = {"Conv", "AveragePool", "RNN", "LSTM", "GRU"}
+# run in onnx's reference evaluator instead (numpy, float64 throughout, except
+# its Erf, which rounds through float32: the test gives it a float64 one).
+_ORT_NO_FLOAT64 = {"Conv", "AveragePool", "RNN", "LSTM", "GRU", "Erf"}
+
+
+def _float64_erf_op():
+    from onnx.reference.op_run import OpRun
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+    return Erf
 
 
 def _run_onnx(model, path: Path, x: np.ndarray, dtype) -> tuple[np.ndarray, str]:
@@ -7852,7 +7924,8 @@ def _run_onnx(model, path: Path, x: np.ndarray, dtype) -> tuple[np.ndarray, str]
     if dtype == np.float64 and ops & _ORT_NO_FLOAT64:
         from onnx.reference import ReferenceEvaluator
 
-        return ReferenceEvaluator(model).run(None, {"x": x})[0], "reference"
+        evaluator = ReferenceEvaluator(model, new_ops=[_float64_erf_op()])
+        return evaluator.run(None, {"x": x})[0], "reference"
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0], "onnxruntime"
@@ -8142,13 +8215,13 @@ def _torch_module(torch, layer, in_shape: tuple[int, ...]):
     if kind in simple:
         return simple[kind]()
     if kind is dlfs.Dense:
-        return nn.Linear(layer.in_features, layer.out_features)
+        return nn.Linear(layer.in_features, layer.out_features, bias=layer.b is not None)
     if kind is dlfs.LeakyReLU:
         return nn.LeakyReLU(layer.alpha)
     if kind is dlfs.ELU:
         return nn.ELU(layer.alpha)
     if kind is dlfs.GELU:
-        return nn.GELU(approximate="tanh")
+        return nn.GELU(approximate=layer.approximate)
     if kind is dlfs.Softmax:
         return nn.Softmax(dim=-1)
     if kind is dlfs.Dropout:
@@ -8170,6 +8243,10 @@ def _torch_module(torch, layer, in_shape: tuple[int, ...]):
         return pool(layer.size, layer.stride)
     if kind is dlfs.Embedding:
         return nn.Embedding(layer.n_vocab, layer.dim)
+    if kind in (dlfs.LayerNorm, dlfs.SelfAttention, dlfs.PositionalEmbedding):
+        return _torch_transformer_module(torch, layer, in_shape)
+    if kind in (dlfs.Residual, dlfs.TiedEmbedding):
+        return _torch_chain_module(torch, layer, in_shape)
     base = {dlfs.RNN: nn.RNN, dlfs.LSTM: nn.LSTM, dlfs.GRU: nn.GRU}[kind]
     sequences = layer.return_sequences
 
@@ -8179,6 +8256,55 @@ def _torch_module(torch, layer, in_shape: tuple[int, ...]):
             return out if sequences else out[:, -1]
 
     return Recurrent(layer.n_in, layer.n_hidden, batch_first=True)
+
+
+def _torch_transformer_module(torch, layer, in_shape: tuple[int, ...]):
+    nn = torch.nn
+    if isinstance(layer, dlfs.LayerNorm):
+        affine, bias = layer.gamma is not None, layer.beta is not None
+        return nn.LayerNorm(in_shape[-1], layer.eps, elementwise_affine=affine, bias=bias)
+    if isinstance(layer, dlfs.PositionalEmbedding):
+
+        class Positions(nn.Embedding):  # GPT-2's wpe, added to its input
+            def forward(self, x):
+                return x + self.weight[: x.shape[1]]
+
+        return Positions(*layer.w.shape)
+    causal = layer.causal
+
+    class Attention(nn.MultiheadAttention):  # self-attention, the causal mask as nanoGPT's
+        def forward(self, x):
+            t = x.shape[1]
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1) if causal else None
+            return super().forward(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+    return Attention(layer.dim, layer.n_heads, bias=layer.b_o is not None, batch_first=True)
+
+
+def _torch_chain_module(torch, layer, in_shape: tuple[int, ...]):
+    """Residual: x + Sequential(layers)(x); TiedEmbedding: a Sequential of its layers
+    with the shared ``weight`` used for the lookup and the output head."""
+    shape = (*in_shape, layer.dim) if isinstance(layer, dlfs.TiedEmbedding) else in_shape
+    shapes = [shape, *dlfs._chain_shapes(layer.layers, shape)]
+    subs = [_torch_module(torch, sub, s) for sub, s in zip(layer.layers, shapes)]
+    if isinstance(layer, dlfs.Residual):
+
+        class Residual(torch.nn.Sequential):
+            def forward(self, x):
+                return x + super().forward(x)
+
+        return Residual(*subs)
+
+    class Tied(torch.nn.Sequential):
+        def __init__(self, *modules):
+            super().__init__(*modules)
+            self.weight = torch.nn.Parameter(torch.empty(*layer.w.shape))
+
+        def forward(self, ids):
+            h = super().forward(torch.nn.functional.embedding(ids, self.weight))
+            return h @ self.weight.T
+
+    return Tied(*subs)
 
 
 def _torch_model(torch, net: dlfs.Network):
