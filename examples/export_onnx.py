@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     name = session.get_inputs()[0].name
 
     def run_onnx(rows: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: rows})[0]
+        return np.asarray(session.run(None, {name: rows})[0])
 
     want = net.predict(x, batch_size=args.batch)
     got = np.concatenate([run_onnx(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])
