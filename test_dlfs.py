@@ -8076,6 +8076,10 @@ def test_export_onnx_refuses_what_it_cannot_export(tmp_path):
     with pytest.raises(TypeError, match=r"cannot export layer 1 \(_MyReLU\).*exports .*Conv2D"):
         dlfs.export_onnx(net, path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
+    block = dlfs.Residual((dlfs.Dense.init(0, 3, 3), _MyReLU()))
+    nested = dlfs.Network([dense, dlfs.Dense.init(1, 2, 3), block], dlfs.MeanSquaredError(), (3,))
+    with pytest.raises(TypeError, match=r"export layer 2 \(Residual\) > layer 1 \(_MyReLU\):"):
+        dlfs.export_onnx(nested, path)
     good = dlfs.Network([dense], dlfs.MeanSquaredError(), (3,))
     with pytest.raises(TypeError, match=r"net must be a dlfs\.Network, got Dense"):
         dlfs.export_onnx(dense, path)  # type: ignore[arg-type]
