@@ -872,13 +872,6 @@ def _conv_distinct(shape: tuple, seed: int) -> np.ndarray:
     return (rng.permutation(n) + rng.random(n) * 0.5).reshape(shape)
 
 
-@pytest.fixture
-def restore_threads():
-    before = dlfs.get_num_threads()
-    yield
-    dlfs.set_num_threads(before)
-
-
 def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
     """Output, input gradient and every parameter gradient of one forward/backward."""
     out, caches, _ = net.forward(x)
@@ -887,7 +880,7 @@ def _cnn_pass(net: dlfs.Network, x: np.ndarray) -> list[np.ndarray]:
     return [out, dx, *(g for layer in grads for g in layer)]
 
 
-def _threads_cnn() -> dlfs.Network:
+def _small_cnn() -> dlfs.Network:
     specs = [
         dlfs.conv2d(4, 3, padding="same", activation=dlfs.ReLU()),
         dlfs.MaxPool2D(2),
@@ -1552,6 +1545,23 @@ dlfs.save(sys.argv[2], dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError
 """
 
 
+# argv: worktree, checkpoint path, "go" file (or "-": no waiting), network key
+_WAITING_SAVE = """
+import os, sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+import dlfs
+
+def waiting(file, arrays):
+    np.savez(file, **arrays)
+    while not os.path.exists(sys.argv[3]):  # mid-save until the test says go
+        time.sleep(0.01)
+
+if sys.argv[3] != "-":
+    dlfs._write_npz = waiting
+dlfs.save(sys.argv[2], dlfs.network(int(sys.argv[4]), 3, [dlfs.dense(2)], dlfs.MeanSquaredError()))
+"""
+
+
 # References in 40-digit decimal arithmetic; inputs are the float32/float64 grid
 # values themselves (exact in Decimal), so the reference is the exact function
 # of the input the layer received.
@@ -1695,7 +1705,7 @@ def _hard_lookalikes(a: np.ndarray) -> dict:
     return {
         "matrix": np.asmatrix(a) if a.ndim == 2 else None,
         "masked": np.ma.masked_array(a, mask=np.zeros(a.shape, bool)),
-        "memmap-like subclass": a.view(type("Sub", (np.ndarray,), {})),
+        "unknown subclass": a.view(type("Sub", (np.ndarray,), {})),
     }
 
 
@@ -2044,6 +2054,62 @@ def test_ndarray_subclasses_are_refused_by_name():
         dlfs.SGD().update(grads, dlfs.SGD().init(params), params)
 
 
+def _memmaps(tmp_path, **arrays):
+    """Each array saved as .npy and loaded back memory-mapped, read-only ("r")."""
+    out = {}
+    for name, a in arrays.items():
+        np.save(tmp_path / f"{name}.npy", a)
+        out[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+        assert type(out[name]) is np.memmap and not out[name].flags.writeable
+    return out
+
+
+def _same_nets(a: dlfs.Network, b: dlfs.Network) -> bool:
+    return all(np.array_equal(p, q) for p, q in zip(a._flat_params(), b._flat_params()))
+
+
+def test_memmap_data_trains_predicts_and_evaluates_bit_identically(tmp_path):
+    # data larger than memory comes as np.memmap (np.load(..., mmap_mode="r")): accepted,
+    # with the results of its plain copy; matrix and masked arrays stay refused (above)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((37, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 37)
+    m = _memmaps(tmp_path, x=x, y=y, xv=x[:9], yv=y[:9])
+    net = dlfs.network(
+        1, 4, [dlfs.dense(5, dlfs.ReLU()), dlfs.dense(3)], dlfs.SoftmaxCrossEntropy()
+    )
+    kw = dict(epochs=2, batch_size=8, seed=3)
+    got, got_h = dlfs.fit(net, dlfs.Adam(1e-2), m["x"], m["y"], validation=(m["xv"], m["yv"]), **kw)
+    want, want_h = dlfs.fit(net, dlfs.Adam(1e-2), x, y, validation=(x[:9], y[:9]), **kw)
+    assert _same_nets(got, want) and got_h.as_dict() == want_h.as_dict()
+    for batch_size in (None, 10):
+        p = net.predict(m["x"], batch_size=batch_size)
+        assert type(p) is np.ndarray and np.array_equal(p, net.predict(x, batch_size=batch_size))
+    assert net.evaluate(m["x"], m["y"]) == net.evaluate(x, y)
+    out, _, _ = net.forward(m["x"])
+    assert type(out) is np.ndarray and np.array_equal(out, net.forward(x)[0])
+    state = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (m["x"], m["y"]))
+    plain = dlfs.train_step(dlfs.TrainState.create(net, dlfs.SGD(0.1)), (x, y))
+    assert _same_nets(state.net, plain.net)
+    for (xb, yb), (xp, yp) in zip(
+        dlfs.batches(m["x"], m["y"], 8, key=1), dlfs.batches(x, y, 8, key=1)
+    ):
+        assert type(xb) is np.ndarray and np.array_equal(xb, xp) and np.array_equal(yb, yp)
+    px, py = dlfs.permute(2, m["x"], m["y"])
+    assert type(py) is np.ndarray
+    assert type(px) is np.ndarray and np.array_equal(px, dlfs.permute(2, x, y)[0])
+    # layers: weights loaded memory-mapped become plain read-only copies that save;
+    # a sequence (N, T, D) memmap goes through Dense per step; token ids may be mapped too
+    w = _memmaps(tmp_path, w=net.layers[0].w, b=net.layers[0].b, seq=x.reshape(37, 1, 4))
+    dense = dlfs.Dense(w["w"], w["b"])
+    assert type(dense.w) is np.ndarray and not dense.w.flags.writeable
+    dlfs.save(tmp_path / "dense.npz", dlfs.Network([dense], dlfs.MeanSquaredError(), (4,)))
+    assert np.array_equal(dense.forward(w["seq"])[0], dense.forward(x.reshape(37, 1, 4))[0])
+    ids = rng.integers(0, 7, (5, 6))
+    lm = _char_lm()
+    assert np.array_equal(lm.predict(_memmaps(tmp_path, ids=ids)["ids"]), lm.predict(ids))
+
+
 def test_array_valued_options_get_a_type_error_by_name():
     option = np.array(["col", "row"])
     cases = [
@@ -2066,6 +2132,36 @@ def test_array_valued_options_get_a_type_error_by_name():
     with pytest.raises(ValueError, match="kind must be 'col' or 'row'"):
         dlfs.to_2d(np.zeros(3), kind="column")
     assert dlfs.to_2d(np.zeros(3), kind="row").shape == (1, 3)
+
+
+def test_direct_construction_checks_every_array_against_the_first():
+    """A layer built from ready arrays checks each one's shape and dtype against
+    the array that fixes them (gamma, w, w_hh): BatchNorm's beta, mean and var,
+    Conv2D's b, a recurrent layer's w_ih and b, GRU's b_hn."""
+    f32 = np.ones(3, np.float32)
+    good = {"gamma": f32, "beta": f32, "mean": f32, "var": f32}
+    assert dlfs.BatchNorm(**good).var.dtype == np.float32
+    for name in ("beta", "mean", "var"):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \(3,\), got \(4,\)"):
+            dlfs.BatchNorm(**{**good, name: np.ones(4, np.float32)})
+        with pytest.raises(
+            TypeError, match=rf"{name} must have dtype float32 \(the network's\), got float64"
+        ):
+            dlfs.BatchNorm(**{**good, name: np.ones(3)})
+    with pytest.raises(ValueError, match=r"gamma must be 1-D \(C,\), got shape \(1, 3\)"):
+        dlfs.BatchNorm(**{k: v[None] for k, v in good.items()})
+    w = np.ones((2, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"b must have shape \(2,\), got \(3,\)"):
+        dlfs.Conv2D(w, f32)
+    with pytest.raises(TypeError, match="b must have dtype float32"):
+        dlfs.Conv2D(w, np.ones(2))
+    rnn = dlfs.GRU.init(0, 4, 3)
+    arrays = {"w_ih": rnn.w_ih, "w_hh": rnn.w_hh, "b": rnn.b, "b_hn": rnn.b_hn}
+    for name, bad in [("w_ih", rnn.w_ih[:, :-1]), ("b", rnn.b[:-1]), ("b_hn", rnn.b_hn[:-1])]:
+        with pytest.raises(ValueError, match=rf"{name} must have shape"):
+            dlfs.GRU(**{**arrays, name: bad})
+        with pytest.raises(TypeError, match=rf"{name} must have dtype float32"):
+            dlfs.GRU(**{**arrays, name: arrays[name].astype(np.float64)})
 
 
 def test_construction_time_checks():
@@ -2384,6 +2480,40 @@ def test_initializer_statistics(dtype, shape):
     assert not dlfs.zeros(rng, shape, dtype).any() and dlfs.zeros(rng, shape, dtype).dtype == dtype
 
 
+def _positive_zero(a: np.ndarray) -> bool:
+    """All entries are +0.0: ``==`` and the doctests' NUMBER flag cannot tell -0.0."""
+    return not a.any() and not np.signbit(a).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_zero_dlfs_starts_from_is_a_positive_zero(dtype):
+    rng = dlfs.make_rng(0)
+    z = dlfs.zeros(rng, (3, 4), dtype)
+    assert z.dtype == dtype and z.shape == (3, 4) and _positive_zero(z)
+    layers = [
+        dlfs.conv2d(2, 3, padding="same"),
+        dlfs.batch_norm(),
+        dlfs.Flatten(),
+        dlfs.dense(4),
+        dlfs.batch_norm(),
+        dlfs.dense(2),
+    ]
+    net = dlfs.network(0, (1, 4, 4), layers, dlfs.MeanSquaredError(), dtype=dtype)
+    conv, bn2d, _, dense, bn, _ = net.layers
+    for a in (conv.b, dense.b, bn2d.beta, bn2d.mean, bn.beta, bn.mean):
+        assert a.dtype == dtype and _positive_zero(a)
+    assert np.array_equal(bn.var, np.ones(4)) and np.array_equal(bn.gamma, np.ones(4))
+    rnn, lstm, gru = (cls.init(0, 3, 2, dtype=dtype) for cls in (dlfs.RNN, dlfs.LSTM, dlfs.GRU))
+    assert all(_positive_zero(b) for b in (rnn.b, gru.b, gru.b_hn, lstm.b[:2], lstm.b[4:]))
+    assert np.array_equal(lstm.b[2:4], np.ones(2))  # the forget gate's bias starts at 1
+    for layer in (rnn, lstm, gru):  # the zero initial state
+        assert all(_positive_zero(s) for s in layer._zeros(2))
+    params = net.params()
+    for opt in (dlfs.Momentum(), dlfs.AdaGrad(), dlfs.RMSProp(), dlfs.Adam()):
+        for slot in opt.init(params).slots:
+            assert all(_positive_zero(a) for layer in slot for a in layer)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_initializers_draw_their_documented_streams(dtype):
     """Same key, same weights: each initializer is its formula over one documented draw."""
@@ -2635,6 +2765,103 @@ def test_softmax_small_probabilities_keep_relative_precision(dtype):
                 assert abs(yi) <= tiny
 
 
+def _math_erf(x: np.ndarray) -> np.ndarray:
+    return np.array([math.erf(v) for v in np.asarray(x, np.float64).ravel()]).reshape(x.shape)
+
+
+def _gelu_exact(x: np.ndarray) -> np.ndarray:
+    return dlfs.GELU("none").forward(x)[0]
+
+
+def _gelu_exact_grad(x: np.ndarray) -> np.ndarray:
+    gelu = dlfs.GELU("none")
+    return gelu.backward(gelu.forward(x)[1], np.ones_like(x))[0]
+
+
+def test_erf_float64_matches_math_erf_over_whole_range():
+    """Every interval of the msun method and its bounds, subnormals to huge: within 2 ulp."""
+    x = np.concatenate(
+        [
+            np.linspace(-6.0, 6.0, 120_001),
+            np.array([0.84375, 1.25, 1 / 0.35, 6.0, 2.0**-28]),
+            np.linspace(6.0, 40.0, 1001),
+            np.logspace(-310, 300, 6101),  # down to subnormals, up to huge
+            np.array([5e-324, 1e-320, 2.2250738585072014e-308, 1.7976931348623157e308]),
+        ]
+    )
+    x = np.concatenate([x, -x])
+    want = _math_erf(x)
+    assert (np.abs(dlfs._erf(x) - want) / np.spacing(np.abs(want))).max() <= 2.0
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, width=64))
+def test_erf_float64_matches_math_erf_on_any_float(v):
+    got, want = dlfs._erf(np.array([v]))[0], math.erf(v)
+    assert abs(got - want) <= 2 * np.spacing(abs(want))
+    assert math.copysign(1.0, got) == math.copysign(1.0, want)  # keeps the sign of -0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_erf_special_values_and_odd_symmetry(dtype):
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e30, -1e30], dtype=dtype)
+    y = dlfs._erf(x)
+    np.testing.assert_array_equal(y, np.array([0, 0, 1, -1, np.nan, 1, -1], dtype=dtype))
+    np.testing.assert_array_equal(np.signbit(y[:2]), [False, True])
+    z = np.random.default_rng(0).standard_normal((3, 50)).astype(dtype) * dtype(3)
+    np.testing.assert_array_equal(dlfs._erf(-z), -dlfs._erf(z))
+    assert dlfs._erf(z).dtype == dtype and dlfs._erf(z).shape == z.shape
+
+
+def test_erf_float32_accuracy():
+    """float32's one rational: within 4e-7 absolute, never beyond +-1, relative near 0."""
+    x = np.concatenate(
+        [np.linspace(-5.0, 5.0, 200_001, dtype=np.float32), np.float32([3.8325, 1e-30, 1e-45])]
+    )
+    y = dlfs._erf(x)
+    assert np.abs(y.astype(np.float64) - _math_erf(x)).max() <= 4e-7
+    assert np.abs(y).max() <= 1.0
+    tiny = np.logspace(-30, -4, 1001, dtype=np.float32)
+    assert np.abs(dlfs._erf(tiny).astype(np.float64) / _math_erf(tiny) - 1.0).max() <= 4e-7
+
+
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.1, 1.0, 3.0, 10.0]))
+def test_exact_gelu_matches_a_math_erf_reference(seed, scale):
+    """x Phi(x) in float64 (1 + erf cancels for negative x: the error is relative to
+    max(|x|, 1)); float32 within 4e-7 of it; input untouched, dtype kept."""
+    x = scale * np.random.default_rng(seed).standard_normal((3, 7))
+    want = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.ravel()])
+    want = want.reshape(x.shape)
+    x.setflags(write=False)
+    assert np.all(np.abs(_gelu_exact(x) - want) <= 1e-15 * np.maximum(np.abs(x), 1.0))
+    y32 = _gelu_exact(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    assert np.all(np.abs(y32 - want) <= 4e-7 * np.maximum(np.abs(x), 1.0) + 1e-6 * abs(want))
+
+
+def test_exact_gelu_slope_at_known_points():
+    """d/dx x Phi(x) = Phi(x) + x phi(x): 1/2 at 0, 1 far right, 0 far left."""
+    np.testing.assert_array_equal(_gelu_exact_grad(np.array([[0.0, 40.0, -40.0]])), [[0.5, 1, 0]])
+    assert repr(dlfs.GELU("none")) == "GELU(approximate='none')" and repr(dlfs.GELU()) == "GELU()"
+    with pytest.raises(ValueError, match="approximate"):
+        dlfs.GELU("exact")
+
+
+def test_exact_gelu_matches_torch_float64():
+    """Same values and autograd gradient as torch.nn.functional.gelu(approximate="none")."""
+    torch = pytest.importorskip("torch", reason="PyTorch is an optional comparison")
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [np.linspace(-40.0, 40.0, 8001)]
+        + [scale * rng.standard_normal(2000) for scale in (1e-8, 0.1, 1.0, 3.0, 10.0)]
+    )[None]
+    t = torch.tensor(x, requires_grad=True)
+    y = torch.nn.functional.gelu(t, approximate="none")
+    y.backward(torch.ones_like(t))
+    tol = 1e-15 * np.maximum(np.abs(x), 1.0)
+    assert np.all(np.abs(_gelu_exact(x) - y.detach().numpy()) <= tol)
+    assert np.all(np.abs(_gelu_exact_grad(x) - t.grad.numpy()) <= 1e-15)
+
+
 # --------------------------------- Dropout: drop probability, scale and keys
 
 
@@ -2834,6 +3061,31 @@ def test_scan_state_and_forward_agree(kind, dtype):
         (dx, *_parts(kind, d0), *grads), (again[0], *_parts(kind, again[1]), *again[2])
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_backward_scan_refuses_no_gradient_at_all():
+    """dys and dstate may not both be None, nor may an LSTM's dstate be (None, None):
+    zero gradients from no upstream gradient would hide a caller's bug.  One part of
+    the pair is enough."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    for cls, nothing in [
+        (dlfs.RNN, None),
+        (dlfs.GRU, None),
+        (dlfs.LSTM, None),
+        (dlfs.LSTM, (None, None)),
+    ]:
+        layer = cls.init(0, 4, 5)
+        _, _, cache = layer.scan(x)
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"backward_scan needs dys or dstate, got dys=None and dstate={nothing!r}"
+            ),
+        ):
+            layer.backward_scan(cache, None, nothing)
+    dh = np.ones((2, 5), np.float32)
+    dx, (_, dc0), _ = dlfs.LSTM.init(0, 4, 5).backward_scan(cache, None, (None, dh))
+    assert dx.shape == x.shape and np.abs(dx).sum() > 0 and dc0.shape == (2, 5)
 
 
 @pytest.mark.parametrize("kind", _KINDS)
@@ -3441,26 +3693,6 @@ def test_conv_and_pool_empty_batch():
         assert all(g.shape == p.shape and not g.any() for g, p in zip(grads, layer.params()))
 
 
-@pytest.mark.parametrize("gemm_small", [100, 1000])  # per sample 9 * 16 = 144: large; small
-def test_conv_forward_and_backward_share_one_thread_rule(monkeypatch, gemm_small):
-    """A layer whose GEMMs are large (OpenBLAS's threads) runs them on one dlfs
-    thread, forward and backward alike; small ones are shared by dlfs's threads."""
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
-    flags = []
-    in_parallel = dlfs._in_parallel
-    monkeypatch.setattr(
-        dlfs,
-        "_in_parallel",
-        lambda run, chunks, threads=True: (
-            flags.append(threads) or in_parallel(run, chunks, threads)
-        ),
-    )
-    conv = dlfs.Conv2D.init(0, 1, 1, 3, dtype=np.float64)  # w: 9 entries; 6x6 -> 4x4
-    y, cache, _ = conv.forward(np.random.default_rng(0).standard_normal((2, 1, 6, 6)))
-    conv.backward(cache, np.ones_like(y))
-    assert flags == [gemm_small >= 144] * 2
-
-
 def test_conv_param_grads_skip_the_input_gradient(monkeypatch):
     """_param_grads (a network's first layer) gives backward's (dw, db) bit for
     bit without computing dx (no col2im)."""
@@ -3616,86 +3848,45 @@ def test_pool_window_wider_than_the_input_is_refused():
             pool.forward(x)
 
 
-# ---------- threads and GEMM blocks: the same bits however the work is split
+# ---------- GEMM chunks and patch blocks: only the order of sums changes
+
+
+def test_dlfs_starts_no_thread_of_its_own():
+    """Convolutions, pools and ReLU run on the calling thread (numpy's BLAS has
+    its own threads): a CNN's training steps start no Python thread."""
+    net = _small_cnn()
+    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
+    y = np.random.default_rng(1).integers(0, net.output_shape[0], 12)
+    before = threading.enumerate()
+    state = dlfs.TrainState.create(net, dlfs.SGD(0.01))
+    functools.reduce(dlfs.train_step, [(x, y)] * 2, state)
+    _cnn_pass(net, x)
+    assert threading.enumerate() == before
 
 
 @pytest.mark.parametrize(
     ("gemm_small", "gemm_large"),
-    [(None, None), (5000, None), (100, 20000)],  # default; a chunk per sample; "large" pieces
+    [(5000, None), (100, 20000)],  # a chunk per sample; "large"
 )
-def test_threads_give_bit_identical_results(monkeypatch, restore_threads, gemm_small, gemm_large):
-    """Convolutions and pools split the batch over threads in pieces fixed by the
-    shapes: the thread count never changes a bit of the results."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)  # pools: a chunk per sample, shared by threads
-    if gemm_small:
-        monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
-    if gemm_large:
-        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
-    net = _threads_cnn()
-    x = np.random.default_rng(0).standard_normal((12, 2, 8, 8))
-    runs = []
-    for n in (1, 2, 3):
-        dlfs.set_num_threads(n)
-        assert dlfs.get_num_threads() == n
-        runs.append(_cnn_pass(net, x))
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run, strict=True):
-            assert a.dtype == b.dtype and np.array_equal(a, b)
-
-
-def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, restore_threads):
-    dlfs.set_num_threads(2)
-    net = _threads_cnn()
+def test_gemm_chunks_change_only_the_order_of_sums(monkeypatch, gemm_small, gemm_large):
+    net = _small_cnn()
     x = np.random.default_rng(3).standard_normal((12, 2, 8, 8))
     whole = _cnn_pass(net, x)
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 5000)  # one chunk per sample
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", gemm_small)
+    if gemm_large:
+        monkeypatch.setattr(dlfs, "_GEMM_LARGE", gemm_large)
     for a, b in zip(whole, _cnn_pass(net, x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("padding", ["same", 1, "valid"])
-def test_conv_gradients_in_chunks_and_threads(monkeypatch, restore_threads, padding):
-    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample, shared by threads
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 1)
-    dlfs.set_num_threads(3)
+def test_conv_gradients_in_chunks(monkeypatch, padding):
+    monkeypatch.setattr(dlfs, "_GEMM_SMALL", 100)  # chunks of one sample
     conv = dlfs.Conv2D.init(1, 2, 3, 3, padding=padding, bias_init=dlfs.normal, dtype=np.float64)
     x = np.random.default_rng(4).standard_normal((5, 2, 6, 7))
     dlfs.check_layer(conv, x)
     pool = dlfs.MaxPool2D(2)
     dlfs.check_layer(pool, _conv_distinct((5, 2, 6, 7), 4))
-
-
-def test_set_num_threads_bad_input(restore_threads):
-    for bad in (0, -1):
-        with pytest.raises(ValueError, match="n must be >= 1"):
-            dlfs.set_num_threads(bad)
-    for bad in (1.5, "2", True, None):
-        with pytest.raises(TypeError, match="n must be an int"):
-            dlfs.set_num_threads(bad)
-    assert dlfs.get_num_threads() >= 1
-
-
-def test_threads_from_environment_and_clean_exit():
-    """DLFS_NUM_THREADS sets the default, which is 1 without it (BLAS's threads do
-    the parallel work); a bad value is a clear error; a process that used the
-    pool exits at once (its threads never keep it alive)."""
-    script = (
-        "import numpy as np, dlfs\n"
-        "print(dlfs.get_num_threads())\n"
-        "x = np.ones((8, 1, 6, 6))\n"
-        "dlfs.MaxPool2D(2).forward(x)\n"
-    )
-    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=HERE)
-    done = run([sys.executable, "-c", script], env={**os.environ, "DLFS_NUM_THREADS": "3"})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3"]
-    unset = {k: v for k, v in os.environ.items() if k != "DLFS_NUM_THREADS"}
-    default = run([sys.executable, "-c", script], env=unset)
-    assert default.returncode == 0, default.stderr
-    assert default.stdout.split() == ["1"]
-    bad = run([sys.executable, "-c", "import dlfs"], env={**os.environ, "DLFS_NUM_THREADS": "two"})
-    assert bad.returncode != 0
-    assert "DLFS_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
 
 
 def test_conv_patch_blocks_of_unequal_size(monkeypatch):
@@ -3731,6 +3922,1462 @@ def test_gemm_chunks_are_small_gemms_up_to_the_small_size(per_sample):
         else:
             pieces = -(-n * per_sample // dlfs._GEMM_LARGE)
             assert len(chunks) <= pieces and rows == -(-n // pieces)
+
+
+# ---- transformers: LayerNorm, attention, positions, residual and tied blocks
+
+
+def _rows_apart(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of distinct values at least 0.5 apart before scaling, shifted and scaled:
+    each row's variance stays away from 0 (LayerNorm's finite differences stay accurate)."""
+    base = np.argsort(rng.random(shape), axis=-1) + rng.uniform(0, 0.5, shape)
+    return base * rng.uniform(0.5, 2.0) + rng.normal()
+
+
+def _randomized(layer, rng: np.random.Generator, dtype):
+    """``layer`` with every parameter drawn N(0, 0.5^2): no zero bias or unit scale
+    hides a term of the forward pass or a gradient."""
+    return layer.with_params(
+        [(0.5 * rng.standard_normal(p.shape)).astype(dtype) for p in layer.params()]
+    )
+
+
+XF_CASES = [
+    "LayerNorm",
+    "LayerNorm-no-bias",
+    "LayerNorm-no-scale",
+    "LayerNorm-bare",
+    "SelfAttention-causal",
+    "SelfAttention-non-causal",
+    "SelfAttention-no-bias",
+    "SelfAttention-dropout",
+    "PositionalEmbedding",
+    "Residual-dense",
+    "Residual-conv",
+    "Residual-attention",
+    "Residual-nested",
+    "Dense-no-bias",
+    "Dense-no-bias-seq",
+    "GELU-none",
+]
+
+
+def _xf_case(name: str, seed: int, n: int, d: int, dtype):
+    """(layer, x, ctx) for one configuration of the transformer section's layers;
+    every parameter random, the output shaped like x except for Dense."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    t = int(rng.integers(1, 6))
+    if name.startswith("LayerNorm"):
+        lead = tuple(int(s) for s in rng.integers(1, 4, int(rng.integers(0, 3))))
+        scale, bias = (
+            name in ("LayerNorm", "LayerNorm-no-bias"),
+            name in ("LayerNorm", "LayerNorm-no-scale"),
+        )
+        layer = _randomized(dlfs.LayerNorm.init(d, scale=scale, bias=bias, dtype=dt), rng, dt)
+        if name == "LayerNorm-bare":
+            layer = dlfs.LayerNorm()  # no arrays: any D, the input's dtype
+        return layer, _rows_apart(rng, (n, *lead, d)).astype(dt), dlfs.EVAL
+    if name.startswith("SelfAttention"):
+        heads = seed % 4 + 1
+        dim = heads * (d % 2 + 1)
+        layer = dlfs.SelfAttention.init(
+            seed,
+            dim,
+            heads,
+            causal=name != "SelfAttention-non-causal",
+            bias=name != "SelfAttention-no-bias",
+            dropout=0.3 if name.endswith("dropout") else 0.0,
+            dtype=dt,
+        )
+        ctx = dlfs.train_context(seed % 1000) if name.endswith("dropout") else dlfs.EVAL
+        return _randomized(layer, rng, dt), rng.standard_normal((n, t, dim)).astype(dt), ctx
+    if name == "PositionalEmbedding":
+        max_len = t + int(rng.integers(0, 3))  # T <= max_len, often shorter
+        layer = dlfs.PositionalEmbedding.init(seed, max_len, d, dtype=dt)
+        return layer, rng.standard_normal((n, t, d)).astype(dt), dlfs.EVAL
+    if name == "Residual-dense":
+        hidden = int(rng.integers(1, 9))
+        sub = (
+            dlfs.Dense.init(seed, d, hidden, bias_init=dlfs.normal, dtype=dt),
+            dlfs.Tanh(),
+            dlfs.Dense.init(seed + 1, hidden, d, bias=False, dtype=dt),
+        )
+        return dlfs.Residual(sub), rng.standard_normal((n, t, d)).astype(dt), dlfs.EVAL
+    if name == "Residual-conv":
+        c, k = min(d, 3), (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        conv = dlfs.Conv2D.init(seed, c, c, k, padding="same", bias_init=dlfs.normal, dtype=dt)
+        x = rng.standard_normal((n, c, int(rng.integers(4, 7)), int(rng.integers(4, 7))))
+        return dlfs.Residual((conv, dlfs.Tanh())), x.astype(dt), dlfs.EVAL
+    if name == "Residual-attention":
+        heads = seed % 4 + 1
+        dim = heads * (d % 2 + 1)
+        norm = _randomized(dlfs.LayerNorm.init(dim, dtype=dt), rng, dt)
+        att = _randomized(dlfs.SelfAttention.init(seed, dim, heads, dtype=dt), rng, dt)
+        return dlfs.Residual((norm, att)), _rows_apart(rng, (n, t, dim)).astype(dt), dlfs.EVAL
+    if name == "Residual-nested":
+        inner = dlfs.Residual((dlfs.Dense.init(seed, d, d, bias=False, dtype=dt), dlfs.Tanh()))
+        sub = (inner, dlfs.Dense.init(seed + 1, d, d, bias_init=dlfs.normal, dtype=dt))
+        return dlfs.Residual(sub), rng.standard_normal((n, d)).astype(dt), dlfs.EVAL
+    if name.startswith("Dense-no-bias"):
+        layer = dlfs.Dense.init(seed, d, int(rng.integers(1, 9)), bias=False, dtype=dt)
+        shape = (n, t, d) if name.endswith("seq") else (n, d)
+        return layer, rng.standard_normal(shape).astype(dt), dlfs.EVAL
+    if name == "GELU-none":
+        return dlfs.GELU("none"), (2 * rng.standard_normal((n, t, d))).astype(dt), dlfs.EVAL
+    raise AssertionError(name)
+
+
+def _deep_arrays(layer) -> list[np.ndarray]:
+    """Every array of a layer and of the layers inside it, at any depth."""
+    return [a for sub in dlfs._all_layers([layer]) for a in _arrays(sub)]
+
+
+def _deep_arrays_net(net: dlfs.Network) -> list[np.ndarray]:
+    return [a for layer in net.layers for a in _deep_arrays(layer)]
+
+
+def _flat_params_check(net: dlfs.Network, x, y, ctx=dlfs.EVAL, key: int = 1) -> float:
+    """check_grads of ``net.loss_and_grads`` over every parameter array (float64)."""
+    sizes = [len(p) for p in net.params()]
+
+    def f(*ps):
+        it = iter(ps)
+        params = tuple(tuple(next(it) for _ in range(s)) for s in sizes)
+        loss, grads, _ = net.with_params(params).loss_and_grads(x, y, ctx)
+        return np.asarray(loss), lambda dy: [g * dy for g in _leaves(grads)]
+
+    return dlfs.check_grads(f, _leaves(net.params()), key=key)
+
+
+def _pre_ln_block(key: int, t: int, d: int, heads: int, *, causal: bool = True, dtype=np.float64):
+    """One pre-LN Transformer block on (N, T, D): x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    return dlfs.network(
+        key,
+        (t, d),
+        [
+            dlfs.residual([dlfs.layer_norm(), dlfs.self_attention(heads, causal=causal)]),
+            dlfs.residual([dlfs.layer_norm(), dlfs.dense(2 * d, dlfs.GELU("none")), dlfs.dense(d)]),
+        ],
+        dlfs.MeanSquaredError(),
+        dtype=dtype,
+    )
+
+
+def _randomized_net(net: dlfs.Network, seed: int) -> dlfs.Network:
+    rng = np.random.default_rng(seed)
+    return net.with_params(
+        tuple(
+            tuple((0.5 * rng.standard_normal(p.shape)).astype(p.dtype) for p in ps)
+            for ps in net.params()
+        )
+    )
+
+
+@pytest.mark.parametrize("name", XF_CASES)
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
+def test_transformer_layer_shapes_dtypes_and_purity(name, seed, n, d, dtype):
+    layer, x, ctx = _xf_case(name, seed, n, d, dtype)
+    x_copy = x.copy()
+    before = [a.copy() for a in _deep_arrays(layer)]
+
+    y, cache, new_layer = layer.forward(x, ctx)
+
+    out_shape = (*x.shape[:-1], layer.out_features) if name.startswith("Dense") else x.shape
+    assert y.shape == out_shape
+    assert tuple(layer.output_shape(x.shape[1:])) == out_shape[1:]
+    assert y.dtype == np.dtype(dtype)
+    assert new_layer is layer
+    np.testing.assert_array_equal(x, x_copy)
+    dy = np.random.default_rng(seed + 1).standard_normal(y.shape).astype(dtype)
+    dy_copy = dy.copy()
+    dx, grads = layer.backward(cache, dy)
+    dx2, grads2 = layer.backward(cache, dy)
+    np.testing.assert_array_equal(dy, dy_copy)
+    np.testing.assert_array_equal(x, x_copy)
+    assert dx.shape == x.shape and dx.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(dx, dx2)
+    assert len(grads) == len(layer.params()) == len(grads2)
+    for g, g2, p in zip(grads, grads2, layer.params()):
+        assert g.shape == p.shape and g.dtype == p.dtype
+        np.testing.assert_array_equal(g, g2)
+    after = _deep_arrays(layer)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        assert not a.flags.writeable
+
+
+@pytest.mark.parametrize("name", XF_CASES)
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES)
+def test_transformer_layer_gradients_match_finite_differences(name, seed, n, d):
+    """The input and every parameter array, random dy and directions, float64."""
+    layer, x, ctx = _xf_case(name, seed, n, d, np.float64)
+    assert dlfs.check_layer(layer, x, ctx, key=seed % 997) < 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=SIZES, d=SIZES, dtype=DTYPES)
+def test_layer_norm_is_pytorchs_formula(seed, n, d, dtype):
+    """y = (x - mean) / sqrt(var + 1e-5) * gamma + beta over the last axis, biased variance."""
+    rng = np.random.default_rng(seed)
+    x = _rows_apart(rng, (n, 2, d))
+    gamma, beta = rng.standard_normal((2, d))
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for g, b in ((gamma, beta), (gamma, None), (None, beta), (None, None)):
+        layer = dlfs.LayerNorm(
+            None if g is None else g.astype(dtype), None if b is None else b.astype(dtype)
+        )
+        y, _, _ = layer.forward(x.astype(dtype))
+        expect = want * (1 if g is None else g) + (0 if b is None else b)
+        np.testing.assert_allclose(y, expect, rtol=tol, atol=tol)
+        assert len(layer.params()) == (g is not None) + (b is not None)
+
+
+def _attention_reference(x, w_qkv, b_qkv, w_o, b_o, heads: int, causal: bool) -> np.ndarray:
+    """GUIDE section 7's multi-head attention, one sample, one head at a time, in loops."""
+    n, t, d = x.shape
+    hd = d // heads
+    y = np.zeros_like(x)
+    for i in range(n):
+        qkv = x[i] @ w_qkv + (0 if b_qkv is None else b_qkv)
+        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+        outs = []
+        for h in range(heads):
+            cols = slice(h * hd, (h + 1) * hd)
+            s = q[:, cols] @ k[:, cols].T / math.sqrt(hd)
+            if causal:
+                s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+            a = np.exp(s - s.max(axis=1, keepdims=True))
+            outs.append(a / a.sum(axis=1, keepdims=True) @ v[:, cols])
+        y[i] = np.concatenate(outs, axis=1) @ w_o + (0 if b_o is None else b_o)
+    return y
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, n=SIZES, heads=st.integers(1, 4), hd=st.integers(1, 2), causal=st.booleans())
+def test_self_attention_is_the_reference_formula(seed, n, heads, hd, causal):
+    """q, k, v in that order, heads of consecutive features, scale 1/sqrt(D/H), mask
+    above the diagonal, heads concatenated in order: a per-head loop agrees."""
+    rng = np.random.default_rng(seed)
+    d, t = heads * hd, int(rng.integers(1, 6))
+    for bias in (True, False):
+        layer = _randomized(
+            dlfs.SelfAttention.init(seed, d, heads, causal=causal, bias=bias, dtype=np.float64),
+            rng,
+            np.float64,
+        )
+        x = rng.standard_normal((n, t, d))
+        y, _, _ = layer.forward(x)
+        want = _attention_reference(
+            x, layer.w_qkv, layer.b_qkv, layer.w_o, layer.b_o, heads, causal
+        )
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_positional_embedding_and_residual_are_their_formulas():
+    rng = np.random.default_rng(3)
+    pos = dlfs.PositionalEmbedding(rng.standard_normal((5, 4)))
+    x = rng.standard_normal((2, 3, 4))
+    assert pos.forward(x)[0].tobytes() == (x + pos.w[:3]).tobytes()  # the first T rows
+    dense = dlfs.Dense(rng.standard_normal((4, 4)), rng.standard_normal(4))
+    block = dlfs.Residual((dense, dlfs.Tanh()))
+    np.testing.assert_allclose(block.forward(x)[0], x + np.tanh(x @ dense.w + dense.b), rtol=1e-14)
+    free = dlfs.Dense(dense.w, None)
+    assert free.params() == (free.w,) and free.forward(x)[0].tobytes() == (x @ dense.w).tobytes()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, rows=SIZES, cols=SIZES, dtype=DTYPES, factor=st.floats(-3, 3))
+def test_scaled_initializer_multiplies_the_draw(seed, rows, cols, dtype, factor):
+    """scaled(init, f) draws init's numbers from the same generator, times f, same dtype."""
+    for init in (dlfs.normal, dlfs.glorot_normal):
+        got = dlfs.scaled(init, factor)(np.random.default_rng(seed), (rows, cols), dtype)
+        want = init(np.random.default_rng(seed), (rows, cols), dtype)
+        assert got.dtype == np.dtype(dtype)
+        assert got.tobytes() == (want * np.dtype(dtype).type(factor)).tobytes()
+    with pytest.raises(TypeError, match="init must be an initializer"):
+        dlfs.scaled(0.02, dlfs.normal)
+    with pytest.raises((TypeError, ValueError), match="factor"):
+        dlfs.scaled(dlfs.normal, float("nan"))
+
+
+def test_exact_gelu_is_x_phi_x():
+    """GELU("none") = x (1 + erf(x / sqrt 2)) / 2 (PyTorch's nn.GELU()), its
+    derivative Phi(x) + x phi(x), against math.erf on a grid."""
+    x = np.linspace(-6, 6, 97)
+    y, cache, _ = dlfs.GELU("none").forward(x[None])
+    want = [v * (1 + math.erf(v / math.sqrt(2))) / 2 for v in x]
+    np.testing.assert_allclose(y[0], want, rtol=1e-14, atol=1e-300)
+    slope = [
+        (1 + math.erf(v / math.sqrt(2))) / 2 + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+        for v in x
+    ]
+    np.testing.assert_allclose(
+        dlfs.GELU("none").backward(cache, np.ones((1, 97)))[0][0], slope, rtol=1e-13, atol=1e-300
+    )
+    assert dlfs.GELU("none").forward(x[None].astype(np.float32))[0].dtype == np.float32
+
+
+def _dx_per_position(forward_backward, x: np.ndarray, t: int, seed: int) -> np.ndarray:
+    """dL/dx for L = sum(y[:, t] * dy_t): the gradient of position t's output only."""
+    y, backward = forward_backward(x)
+    dy = np.zeros_like(y)
+    dy[:, t] = np.random.default_rng(seed).standard_normal(dy[:, t].shape)
+    return backward(dy)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, heads=st.integers(1, 4), t=st.integers(2, 6))
+def test_causal_masking_shown_by_gradients(seed, n, heads, t):
+    """Causal: d y[:, t] / d x[:, s] is exactly 0 for every s > t and nonzero for some
+    s <= t, for one attention layer and a whole pre-LN block; non-causal: later
+    positions do reach earlier outputs."""
+    rng = np.random.default_rng(seed)
+    d = 2 * heads
+    x = _rows_apart(rng, (n, t, d))
+    for causal in (True, False):
+        att = _randomized(
+            dlfs.SelfAttention.init(seed, d, heads, causal=causal, dtype=np.float64),
+            rng,
+            np.float64,
+        )
+        block = _randomized_net(_pre_ln_block(seed, t, d, heads, causal=causal), seed)
+
+        def run_att(x, att=att):
+            y, cache, _ = att.forward(x)
+            return y, lambda dy: att.backward(cache, dy)[0]
+
+        def run_block(x, block=block):
+            y, caches, _ = block.forward(x)
+            return y, lambda dy: block.backward(caches, dy)[0]
+
+        for run in (run_att, run_block):
+            for s in range(t):
+                dx = _dx_per_position(run, x, s, seed + s)
+                assert np.abs(dx[:, : s + 1]).max() > 0
+                later = dx[:, s + 1 :]
+                if causal:
+                    assert not later.any()  # exactly zero, not merely small
+                elif s < t - 1:
+                    assert np.abs(later).max() > 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 4), heads=st.integers(1, 2), t=st.integers(1, 4))
+def test_pre_ln_block_gradients_match_finite_differences(seed, n, heads, t):
+    """A whole pre-LN block: forward/backward for x and every parameter, and
+    loss_and_grads of its MSE, against central differences in float64."""
+    rng = np.random.default_rng(seed)
+    d = 2 * heads
+    net = _randomized_net(_pre_ln_block(seed, t, d, heads), seed)
+    x, y = _rows_apart(rng, (n, t, d)), rng.standard_normal((n, t, d))
+    sizes = [len(p) for p in net.params()]
+
+    def f(x, *ps):
+        it = iter(ps)
+        lay = net.with_params(tuple(tuple(next(it) for _ in range(s)) for s in sizes))
+        out, caches, _ = lay.forward(x)
+
+        def vjp(dy):
+            dx, grads = lay.backward(caches, dy)
+            return [dx, *_leaves(grads)]
+
+        return out, vjp
+
+    assert dlfs.check_grads(f, [x, *_leaves(net.params())], key=seed % 997) < 1e-6
+    assert _flat_params_check(net, x, y, key=seed % 991) < 1e-6
+
+
+@pytest.mark.parametrize("biases", [False, True])
+@settings(max_examples=5, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 4))
+def test_tiny_gpt_loss_and_grads_match_finite_differences(biases, seed, n):
+    """The whole 1-block GPT (tied embedding, positions, attention, MLP, final
+    LayerNorm): the loss's gradient for every parameter array, float64."""
+    args = (dlfs.layer_norm(), dlfs.self_attention(2)) if biases else ()
+    net = _randomized_net(_tiny_gpt(*args, dtype=np.float64), seed)
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 7, (n, 6)), rng.integers(0, 7, (n, 6))
+    assert _flat_params_check(net, x, y, key=seed % 997) < 1e-6
+
+
+def _tied_case(seed: int, n: int, dtype) -> tuple[dlfs.TiedEmbedding, np.ndarray]:
+    """A TiedEmbedding (V, D) around positions and a pre-LN attention block, random ids."""
+    rng = np.random.default_rng(seed)
+    v, heads, t = int(rng.integers(1, 9)), seed % 2 + 1, int(rng.integers(1, 6))
+    d = 2 * heads
+    dt = np.dtype(dtype)
+    sub = (
+        dlfs.PositionalEmbedding.init(seed, t + 1, d, dtype=dt),
+        dlfs.Residual(
+            (
+                _randomized(dlfs.LayerNorm.init(d, dtype=dt), rng, dt),
+                _randomized(dlfs.SelfAttention.init(seed, d, heads, dtype=dt), rng, dt),
+            )
+        ),
+    )
+    tied = dlfs.TiedEmbedding(rng.standard_normal((v, d)).astype(dt), sub)
+    return tied, rng.integers(0, v, (n, t))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES, dtype=DTYPES)
+def test_tied_embedding_shapes_dtypes_purity_and_gradients(seed, n, dtype):
+    tied, ids = _tied_case(seed, n, dtype)
+    ids_copy, before = ids.copy(), [a.copy() for a in _deep_arrays(tied)]
+    logits, cache, new = tied.forward(ids)
+    assert new is tied
+    assert logits.shape == (*ids.shape, tied.n_vocab) and logits.dtype == np.dtype(dtype)
+    assert tied.output_shape(ids.shape[1:]) == (ids.shape[1], tied.n_vocab)
+    dy = np.random.default_rng(seed + 1).standard_normal(logits.shape).astype(dtype)
+    dx, grads = tied.backward(cache, dy)
+    assert dx is None  # ids have no gradient
+    np.testing.assert_array_equal(ids, ids_copy)
+    assert [(g.shape, g.dtype) for g in grads] == [(p.shape, p.dtype) for p in tied.params()]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(grads, tied.backward(cache, dy)[1]))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(_deep_arrays(tied), before))
+    if dtype == np.float64:
+
+        def f(*ps):
+            lay = tied.with_params(ps)
+            out, cache, _ = lay.forward(ids)
+            return out, lambda dy: lay.backward(cache, dy)[1]
+
+        assert dlfs.check_grads(f, list(tied.params()), key=seed % 997) < 1e-6
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, n=SIZES)
+def test_tied_embedding_is_one_parameter_with_the_summed_gradient(seed, n):
+    """params() holds ONE (V, D) array; its gradient is the embedding's gradient
+    plus the head's of the same model untied by hand: Embedding(w), the same
+    sub-chain, Dense(w.T) without bias."""
+    tied, ids = _tied_case(seed, n, np.float64)
+    assert [p is tied.w for p in tied.params()] == [True] + [False] * (len(tied.params()) - 1)
+    gpt = _tiny_gpt()
+    assert [p.shape for p in _leaves(gpt.params())].count((7, 8)) == 1
+    untied = [dlfs.Embedding(tied.w), *tied.layers, dlfs.Dense(tied.w.T, None)]
+    h, caches = ids, []
+    for layer in untied:
+        h, cache, _ = layer.forward(h)
+        caches.append(cache)
+    logits, cache, _ = tied.forward(ids)
+    np.testing.assert_allclose(logits, h, rtol=1e-12, atol=1e-12)
+    dy = np.random.default_rng(seed).standard_normal(logits.shape)
+    untied_grads, g = [], dy
+    for layer, c in zip(reversed(untied), reversed(caches)):
+        g, grads = layer.backward(c, g)
+        untied_grads.insert(0, grads)
+    _, tied_grads = tied.backward(cache, dy)
+    (d_emb,), (d_head,) = untied_grads[0], untied_grads[-1]
+    np.testing.assert_allclose(tied_grads[0], d_emb + d_head.T, rtol=1e-12, atol=1e-12)
+    assert np.abs(d_emb).max() > 0 and np.abs(d_head).max() > 0  # both uses count
+    sub = [g for grads in untied_grads[1:-1] for g in grads]
+    for a, b in zip(tied_grads[1:], sub, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _transformer_nets(dtype=np.float32) -> list[dlfs.Network]:
+    """Networks with every new layer: both tiny GPTs, nested Residuals around Dense
+    without bias, a LayerNorm without arrays, convolutions and attention."""
+    nested = dlfs.network(
+        3,
+        (5, 4),
+        [
+            dlfs.residual(
+                [
+                    dlfs.residual([dlfs.dense(6, dlfs.GELU("none"), bias=False), dlfs.dense(4)]),
+                    dlfs.layer_norm(scale=False, bias=False),
+                    dlfs.residual(
+                        [dlfs.layer_norm(scale=False), dlfs.self_attention(4, causal=False)]
+                    ),
+                ]
+            ),
+            dlfs.positional_embedding(7),
+            dlfs.layer_norm(bias=False),
+            dlfs.dense(3, bias=False),
+        ],
+        dlfs.MeanSquaredError(),
+        dtype=dtype,
+    )
+    conv = dlfs.network(
+        4,
+        (2, 5, 5),
+        [
+            dlfs.residual([dlfs.conv2d(2, 3, padding="same"), dlfs.ReLU()]),
+            dlfs.Flatten(),
+            dlfs.dense(3),
+        ],
+        dlfs.SoftmaxCrossEntropy(),
+        dtype=dtype,
+    )
+    biased = _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2, dropout=0.1), dtype=dtype)
+    return [_tiny_gpt(dtype=dtype), biased, nested, conv]
+
+
+def _net_input(net: dlfs.Network, rng: np.random.Generator, n: int = 3) -> np.ndarray:
+    if net._takes_ids():
+        return rng.integers(0, net.output_shape[-1], (n, *net.input_shape))
+    return rng.standard_normal((n, *net.input_shape)).astype(net.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transformer_networks_save_load_pickle_and_params_round_trip(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    for i, net in enumerate(_transformer_nets(dtype)):
+        net = _randomized_net(net, i)
+        x = _net_input(net, rng)
+        path = tmp_path / f"net{i}.npz"
+        dlfs.save(path, net)
+        loaded = dlfs.load(path).net
+        _assert_same_net(net, loaded)  # nested layers, configuration, bits, read-only
+        assert net.predict(x).tobytes() == loaded.predict(x).tobytes()
+        for copied in _pickle_copies(net):
+            _assert_same_net(net, copied)
+        _assert_same_net(net, net.with_params(net.params()))
+        doubled = tuple(tuple(p * 2 for p in ps) for ps in net.params())
+        new = net.with_params(doubled)
+        assert [p.tobytes() for p in _leaves(new.params())] == [
+            p.tobytes() for p in _leaves(doubled)
+        ]
+        assert all(not p.flags.writeable for p in _leaves(new.params()))
+        assert [p.tobytes() for p in _leaves(net.params())] != [
+            p.tobytes() for p in _leaves(new.params())
+        ]
+
+
+def _depths(layers, level: int = 0) -> list[int]:
+    """How deep each layer of ``dlfs._all_layers(layers)`` sits inside containers."""
+    out = []
+    for layer in layers:
+        out.append(level)
+        if isinstance(layer, dlfs._CHAINS):
+            out += _depths(layer.layers, level + 1)
+    return out
+
+
+def test_summary_rows_of_nested_layers():
+    """A row per layer at any depth, sub-layers indented below their container,
+    whose count is the sum of theirs; the total counts the tied matrix once."""
+    for net in _transformer_nets():
+        rows = net.summary().rows[1:]
+        layers = dlfs._all_layers(net.layers)
+        assert len(rows) == len(layers)
+        for (name, _, count), layer, depth in zip(rows, layers, _depths(net.layers)):
+            assert name == "  " * depth + repr(layer)
+            assert count == sum(p.size for p in layer.params())
+            if isinstance(layer, dlfs._CHAINS):
+                own = layer.w.size if isinstance(layer, dlfs.TiedEmbedding) else 0
+                assert count == own + sum(sum(p.size for p in s.params()) for s in layer.layers)
+        assert net.summary().total == sum(p.size for p in _leaves(net.params()))
+    gpt = _tiny_gpt()
+    assert [r[1] for r in gpt.summary().rows[:3]] == ["(N, 6)", "(N, 6, 7)", "(N, 6, 8)"]
+
+
+def _token_stream(n: int = 400, vocab: int = 7) -> np.ndarray:
+    """A learnable stream: a fixed cycle through the vocabulary, each id followed by one."""
+    return np.tile(np.random.default_rng(5).permutation(vocab), n // vocab + 1)[:n]
+
+
+def test_gpt_train_step_is_pure_deterministic_and_learns():
+    net = _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2, dropout=0.1))
+    opt = dlfs.AdamW(1e-2, weight_decay=0.1, weight_decay_mask="matrices")
+    ids = _token_stream()
+    batches = list(dlfs.random_windows(1, ids, 6, 8, 40))
+    state = dlfs.TrainState.create(net, opt, key=2)
+    before = [_snapshot(a) for a in [*_deep_arrays_net(net), *batches[0]]]
+    first = dlfs.train_step(state, batches[0])
+    assert [_snapshot(a) for a in [*_deep_arrays_net(net), *batches[0]]] == before
+    assert state.step == 0 and first.step == 1
+    kept_opt, kept_net = (
+        copy.deepcopy(first.opt_state),
+        [_snapshot(a) for a in _deep_arrays_net(first.net)],
+    )
+    dlfs.train_step(first, batches[1])  # non-zero moments, a trained net: still untouched
+    _trust_assert_same_opt_state(first.opt_state, kept_opt)
+    assert [_snapshot(a) for a in _deep_arrays_net(first.net)] == kept_net
+    for a in _deep_arrays_net(first.net):
+        assert not a.flags.writeable and a.dtype == np.float32
+    a = functools.reduce(dlfs.train_step, batches[:4], state)
+    b = functools.reduce(dlfs.train_step, batches[:4], dlfs.TrainState.create(net, opt, key=2))
+    _assert_same_net(a.net, b.net)
+    assert a.loss_sum == b.loss_sum
+    x, y = batches[0]
+    start = net.loss_and_grads(x, y)[0]
+    trained = functools.reduce(dlfs.train_step, batches, state).net
+    end = trained.loss_and_grads(x, y)[0]
+    assert end < 0.3 * start
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_decay_mask_decays_matrices_only(dtype):
+    """AdamW with zero gradients moves nothing but the decay: under "matrices" the
+    1-D arrays stay bit-identical and the 2-D shrink by exactly (1 - lr wd); a
+    function chooses its own arrays; "all" shrinks every array."""
+    net = _randomized_net(_tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2), dtype=dtype), 1)
+    params = net.params()
+    zeros = tuple(tuple(np.zeros_like(p) for p in ps) for ps in params)
+    lr, wd = 0.1, 0.3
+
+    def step(mask):
+        opt = dlfs.AdamW(lr, weight_decay=wd, weight_decay_mask=mask)
+        return _leaves(opt.update(zeros, opt.init(params), params)[0])
+
+    leaves = _leaves(params)
+    assert {p.ndim for p in leaves} == {1, 2}
+    for p, q in zip(leaves, step("matrices")):
+        want = p * (1 - lr * wd) if p.ndim >= 2 else p
+        assert q.dtype == p.dtype and q.tobytes() == want.tobytes()
+    for p, q in zip(leaves, step("all")):
+        assert q.tobytes() == (p * (1 - lr * wd)).tobytes()
+    vocab_only = step(lambda p: p.shape == (7, 8))
+    for p, q in zip(leaves, vocab_only):
+        assert q.tobytes() == (p * (1 - lr * wd) if p.shape == (7, 8) else p).tobytes()
+    l2 = dlfs.Adam(lr, weight_decay=wd, weight_decay_mask="matrices")  # coupled L2, masked
+    for p, q in zip(leaves, _leaves(l2.update(zeros, l2.init(params), params)[0])):
+        assert (q.tobytes() == p.tobytes()) == (p.ndim < 2)
+    for bad in ("vectors", 3, None):
+        with pytest.raises(ValueError, match="weight_decay_mask"):
+            dlfs.AdamW(weight_decay_mask=bad)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=SEEDS, extra=st.integers(1, 6), context=SIZES, batch=SIZES, steps=st.integers(0, 4))
+def test_random_windows_are_next_token_pairs(seed, extra, context, batch, steps):
+    """x = ids[o : o + T], y = ids[o + 1 : o + T + 1], o in [0, L - T); the same key
+    the same windows; every offset occurs, the last one reaching the stream's end."""
+    ids = np.arange(context + extra, dtype=np.uint8) * 3 % 251  # distinct ids
+    out = list(dlfs.random_windows(seed, ids, context, batch, steps))
+    assert len(out) == steps
+    for x, y in out:
+        assert x.shape == y.shape == (batch, context) and x.dtype == y.dtype == np.int64
+        offsets = [int(np.flatnonzero(ids == row[0])[0]) for row in x]
+        for o, xr, yr in zip(offsets, x, y):
+            assert 0 <= o < extra
+            assert (xr == ids[o : o + context]).all() and (yr == ids[o + 1 : o + context + 1]).all()
+    again = list(dlfs.random_windows(seed, ids, context, batch, steps))
+    assert all(a.tobytes() == b.tobytes() for p, q in zip(out, again) for a, b in zip(p, q))
+    many = np.concatenate([x[:, 0] for x, _ in dlfs.random_windows(seed, ids, context, 64, 4)])
+    assert set(many.tolist()) == set(ids[:extra].tolist())  # the last window ends at ids[-1]
+
+
+def test_random_windows_draw_new_offsets_per_batch_and_per_key():
+    ids = np.arange(1000)
+    one = [x for x, _ in dlfs.random_windows(0, ids, 5, 8, 3)]
+    assert len({x.tobytes() for x in one}) == 3  # each batch its own offsets
+    other = [x for x, _ in dlfs.random_windows(1, ids, 5, 8, 3)]
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(one, other))
+
+
+def test_random_windows_bad_input():
+    ids = np.arange(10)
+    for kwargs, err, match in [
+        ({"context": 10}, ValueError, "ids must hold more than context = 10"),
+        ({"ids": np.arange(10.0)}, TypeError, "ids must be an integer array"),
+        ({"ids": np.arange(10) - 1}, ValueError, "ids must be non-negative"),
+        ({"ids": np.arange(12).reshape(3, 4)}, ValueError, "ids"),
+        ({"steps": -1}, ValueError, "steps must be >= 0"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"context": 0}, ValueError, "context"),
+        ({"key": "a"}, TypeError, "key"),
+    ]:
+        args = {"key": 0, "ids": ids, "context": 3, "batch_size": 2, "steps": 1, **kwargs}
+        with pytest.raises(err, match=match):
+            dlfs.random_windows(**args)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 3), t0=st.integers(1, 9), n_new=st.integers(0, 8))
+def test_generate_shapes_keys_greedy_and_cropping(seed, n, t0, n_new):
+    net = _randomized_net(
+        _tiny_gpt(dlfs.layer_norm(), dlfs.self_attention(2), dtype=np.float64), seed
+    )
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 7, (n, t0))
+    prompt_copy = prompt.copy()
+    new = dlfs.generate(net, prompt, n_new, key=seed, temperature=0.8, top_k=5)
+    assert new.shape == (n, n_new) and new.dtype == np.int64
+    assert ((new >= 0) & (new < 7)).all()
+    np.testing.assert_array_equal(prompt, prompt_copy)
+    again = dlfs.generate(net, prompt, n_new, key=seed, temperature=0.8, top_k=5)
+    assert new.tobytes() == again.tobytes()
+    cropped = dlfs.generate(net, prompt[:, -6:], n_new, key=seed, temperature=0.8, top_k=5)
+    assert new.tobytes() == cropped.tobytes()  # only the last 6 ids (the context) count
+    greedy, seq = dlfs.generate(net, prompt, n_new, key=seed, top_k=1), prompt
+    for j in range(n_new):
+        logits, _, _ = net.layers[0].forward(seq[:, -6:])
+        seq = np.concatenate([seq, logits[:, -1].argmax(axis=-1)[:, None]], axis=1)
+        assert (greedy[:, j] == seq[:, -1]).all()
+
+
+def test_generate_samples_differ_by_key_and_follow_temperature():
+    net = _randomized_net(_tiny_gpt(dtype=np.float64), 2)
+    prompt = np.zeros((4, 3), np.int64)
+    samples = [dlfs.generate(net, prompt, 20, key=k) for k in range(3)]
+    assert len({s.tobytes() for s in samples}) == 3
+    cold = dlfs.generate(net, prompt, 20, key=0, temperature=1e-6)
+    assert cold.tobytes() == dlfs.generate(net, prompt, 20, key=0, top_k=1).tobytes()
+
+
+def test_generate_bad_input():
+    net = _tiny_gpt()
+    prompt = np.array([[1, 2, 3]])
+    for kwargs, err, match in [
+        ({"prompt": prompt.astype(np.float64)}, TypeError, "prompt must be an integer array"),
+        ({"prompt": [[1, 2]]}, TypeError, "prompt must be a numpy array"),
+        ({"prompt": np.array([1, 2])}, ValueError, "prompt must have shape"),
+        ({"prompt": np.zeros((1, 0), np.int64)}, ValueError, "prompt"),
+        ({"net": _linear_net()}, TypeError, "net must be a language model"),
+        ({"net": "gpt"}, TypeError, "net must be a language model"),
+        ({"n_new": -1}, ValueError, "n_new"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"key": "k"}, TypeError, "key"),
+    ]:
+        args = {"net": net, "prompt": prompt, "n_new": 2, "key": 0, **kwargs}
+        with pytest.raises(err, match=match):
+            dlfs.generate(**args)
+
+
+def test_generate_names_prompt_ids_out_of_range():
+    for prompt in (np.array([[1, 7]]), np.array([[-1, 2]])):
+        with pytest.raises(ValueError, match=r"prompt.*\[0, 7\)"):
+            dlfs.generate(_tiny_gpt(), prompt, 2, key=0)
+
+
+def test_transformer_bad_input_is_named():
+    f32 = np.float32
+    with pytest.raises(ValueError, match=r"x has 5 positions, more than the 4 .*max_len"):
+        dlfs.PositionalEmbedding.init(0, 4, 3).forward(np.zeros((2, 5, 3), f32))
+    with pytest.raises(ValueError, match=r"T <= 4"):
+        dlfs.network(0, (5, 3), [dlfs.positional_embedding(4)], dlfs.MeanSquaredError())
+    gpt = _tiny_gpt()
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 6\), got \(2, 8\)"):
+        gpt.forward(np.zeros((2, 8), np.int64))
+    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 7\), got values in \[-1, 3\]"):
+        gpt.forward(np.array([[0, 1, 2, 3, -1, 0]]))
+    with pytest.raises(ValueError, match=r"x must hold ids in \[0, 7\)"):
+        gpt.layers[0].forward(np.full((1, 6), 7))
+    with pytest.raises(TypeError, match="x must be an integer array of token ids"):
+        gpt.forward(np.zeros((1, 6), f32))
+    for make in (
+        lambda: dlfs.SelfAttention.init(0, 6, 4),
+        lambda: dlfs.network(0, (4, 6), [dlfs.self_attention(4)], dlfs.MeanSquaredError()),
+        lambda: dlfs.SelfAttention(np.zeros((6, 18)), np.zeros((6, 6)), n_heads=4),
+    ):
+        with pytest.raises(ValueError, match=r"divisible by n_heads.*(n_heads=4|n_heads)"):
+            make()
+    with pytest.raises(
+        ValueError, match=r"Residual's layers must keep the shape.*\(N, 4, 6\).*\(N, 4, 3\)"
+    ):
+        dlfs.network(0, (4, 6), [dlfs.residual([dlfs.dense(3)])], dlfs.MeanSquaredError())
+    with pytest.raises(ValueError, match="keep the shape"):
+        dlfs.Residual((dlfs.Dense.init(0, 4, 3),)).output_shape((4,))
+    with pytest.raises(ValueError, match=r"turned x of shape \(2, 4\) into \(2, 3\)"):
+        dlfs.Residual((dlfs.Dense.init(0, 4, 3),)).forward(np.zeros((2, 4), f32))
+    with pytest.raises(ValueError, match=r"Residual needs at least one layer"):
+        dlfs.Residual(())
+    with pytest.raises(
+        ValueError, match=r"TiedEmbedding's layers must keep the shape \(N, T, 6\).*\(N, 4, 3\)"
+    ):
+        dlfs.network(
+            0, (4,), [dlfs.tied_embedding(5, 6, [dlfs.dense(3)])], dlfs.SoftmaxCrossEntropy()
+        )
+    tied = dlfs.TiedEmbedding(np.zeros((5, 6)), (dlfs.Dense.init(0, 6, 3, dtype=np.float64),))
+    with pytest.raises(ValueError, match="keep the shape"):
+        tied.output_shape((4,))
+    with pytest.raises(ValueError, match=r"layers' output must have shape \(2, 4, 6\)"):
+        tied.forward(np.zeros((2, 4), np.int64))
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a layer"):
+        dlfs.Residual((dlfs.Tanh(), "tanh"))
+    half = {
+        "LayerNorm": (dlfs.LayerNorm.init(3), (2, 3)),
+        "LayerNorm-bare": (dlfs.LayerNorm(), (2, 3)),
+        "SelfAttention": (dlfs.SelfAttention.init(0, 4, 2), (2, 3, 4)),
+        "PositionalEmbedding": (dlfs.PositionalEmbedding.init(0, 4, 3), (2, 3, 3)),
+        "Residual": (dlfs.Residual((dlfs.Dense.init(0, 3, 3),)), (2, 3)),
+    }
+    for layer, shape in half.values():
+        with pytest.raises(
+            TypeError, match="x must be a float32 or float64 array, got dtype float16"
+        ):
+            layer.forward(np.zeros(shape, np.float16))
+    for layer, shape in list(half.values())[:-1]:
+        if layer.params():
+            with pytest.raises(TypeError, match="float32"):
+                layer.forward(np.zeros(shape, np.float64))
+    d64 = dlfs.Dense.init(0, 4, 4, dtype=np.float64)
+    with pytest.raises(TypeError, match=r"share one dtype.*float32.*float64"):
+        dlfs.Residual((dlfs.Dense.init(0, 4, 4), d64))
+    with pytest.raises(TypeError, match=r"share w's dtype float32"):
+        dlfs.TiedEmbedding(np.zeros((5, 4), f32), (d64,))
+    with pytest.raises(ValueError, match="gamma and beta must be 1-D"):
+        dlfs.LayerNorm(np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"beta must have shape \(3,\)"):
+        dlfs.LayerNorm(np.ones(3), np.zeros(4))
+    with pytest.raises(ValueError, match="dropout"):
+        dlfs.self_attention(2, dropout=1.0)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        dlfs.PositionalEmbedding(np.zeros(3))
+    with pytest.raises(ValueError, match="x must have shape"):
+        dlfs.LayerNorm.init(3).forward(np.zeros((2, 4), f32))
+
+
+def test_sub_layers_draw_their_own_dropout_masks():
+    """Each layer of a sub-chain gets its own key, as a network's layers do: two
+    Dropout(0.5) in a row keep a quarter of the entries (at 1/0.5^2), not half;
+    two blocks of a network draw different masks."""
+    x, ctx = np.ones((50, 80)), dlfs.train_context(3)
+    fx = dlfs.Residual((dlfs.Dropout(0.5), dlfs.Dropout(0.5))).forward(x, ctx)[0] - x
+    assert set(np.unique(fx).tolist()) == {0.0, 4.0}
+    assert 0.22 < np.mean(fx == 4.0) < 0.28
+    tied = dlfs.TiedEmbedding(np.eye(4), (dlfs.Dropout(0.5), dlfs.Dropout(0.5)))
+    logits = tied.forward(np.zeros((50, 80), np.int64), ctx)[0]  # h[0] = 4 or 0
+    assert 0.22 < np.mean(logits[..., 0] == 4.0) < 0.28
+    blocks = [dlfs.residual([dlfs.Dropout(0.5)]), dlfs.residual([dlfs.Dropout(0.5)])]
+    net = dlfs.network(0, 80, blocks, dlfs.MeanSquaredError(), dtype=np.float64)
+    y = net.forward(x, ctx)[0]  # (1 + 2 m1)(1 + 2 m2): 3 only where the masks differ
+    assert set(np.unique(y).tolist()) == {1.0, 3.0, 9.0}
+
+
+def _transformer_call(target: str, a, b, n):
+    """The call for ``target`` with bad inputs: arrays ``a``, ``b`` and a number ``n``."""
+    gpt = _tiny_gpt()
+    size = min(n, 64) if isinstance(n, int) and not isinstance(n, bool) else n
+    calls = {
+        "layer_norm": lambda: dlfs.LayerNorm.init(3).forward(a),
+        "layer_norm_bare": lambda: dlfs.LayerNorm().forward(a),
+        "layer_norm_arrays": lambda: dlfs.LayerNorm(a, b),
+        "attention": lambda: dlfs.SelfAttention.init(0, 4, 2).forward(a),
+        "attention_arrays": lambda: dlfs.SelfAttention(a, b),
+        "positions": lambda: dlfs.PositionalEmbedding.init(0, 4, 3).forward(a),
+        "residual": lambda: dlfs.Residual((dlfs.Dense.init(0, 3, 3),)).forward(a),
+        "tied": lambda: dlfs.TiedEmbedding(np.zeros((5, 4), np.float32)).forward(a),
+        "gpt_forward": lambda: gpt.forward(a),
+        "gpt_loss": lambda: gpt.loss_and_grads(a, b),
+        "generate": lambda: dlfs.generate(gpt, a, 2, key=0),
+        "generate_n": lambda: dlfs.generate(gpt, np.array([[1, 2]]), size, key=0),
+        "generate_temperature": lambda: dlfs.generate(
+            gpt, np.array([[1]]), 1, key=0, temperature=n
+        ),
+        "generate_top_k": lambda: dlfs.generate(gpt, np.array([[1]]), 1, key=0, top_k=n),
+        "windows": lambda: list(dlfs.random_windows(0, a, 2, 2, 1)),
+        "windows_n": lambda: list(dlfs.random_windows(0, np.arange(100), size, size, 1)),
+        "specs": lambda: dlfs.network(
+            0,
+            (4, 4),
+            [
+                dlfs.layer_norm(eps=n),
+                dlfs.self_attention(size),
+                dlfs.positional_embedding(size),
+            ],
+            dlfs.MeanSquaredError(),
+        ),
+        "tied_spec": lambda: dlfs.tied_embedding(size, 4),
+        "scaled": lambda: dlfs.scaled(dlfs.normal, n)(np.random.default_rng(0), (2, 2)),
+        "decay_mask": lambda: dlfs.AdamW(weight_decay_mask=n),
+        "inits": lambda: (
+            dlfs.LayerNorm.init(size),
+            dlfs.SelfAttention.init(0, 4, size),
+            dlfs.PositionalEmbedding.init(0, size, 3),
+        ),
+    }
+    return calls[target]
+
+
+_TRANSFORMER_TARGETS = [
+    "layer_norm",
+    "layer_norm_bare",
+    "layer_norm_arrays",
+    "attention",
+    "attention_arrays",
+    "positions",
+    "residual",
+    "tied",
+    "gpt_forward",
+    "gpt_loss",
+    "generate",
+    "generate_n",
+    "generate_temperature",
+    "generate_top_k",
+    "windows",
+    "windows_n",
+    "specs",
+    "tied_spec",
+    "scaled",
+    "decay_mask",
+    "inits",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_transformer_api_fuzz(data):
+    """Odd arrays and numbers into the new layers and functions: a result or a clear
+    ValueError/TypeError, never an internal error; the inputs untouched."""
+    target = data.draw(st.sampled_from(_TRANSFORMER_TARGETS))
+    args = [data.draw(_trust_arrays()), data.draw(_trust_arrays()), data.draw(_TRUST_BAD_NUMBERS)]
+    before = [_snapshot(x) for x in args]
+    with np.errstate(all="ignore"):
+        try:
+            _transformer_call(target, *args)()
+        except (ValueError, TypeError) as err:
+            _assert_clear_error(err)
+    assert [_snapshot(x) for x in args] == before
+
+
+def test_self_attention_arrays_of_any_rank_are_checked():
+    for w_qkv in (np.zeros(()), np.zeros((4, 12))):
+        for w_o in (np.zeros(()), np.zeros(4), np.zeros((4, 4, 1))):
+            with pytest.raises(ValueError, match="w_o") as err:
+                dlfs.SelfAttention(w_qkv, w_o)
+            _assert_clear_error(err.value)
+
+
+def test_attention_dropout_needs_a_key_and_uses_it():
+    """Dropout on the attention weights: evaluation ignores it, training draws it
+    from the context's key (same key, same output; another key, another)."""
+    layer = dlfs.SelfAttention.init(0, 4, 2, dropout=0.5, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((3, 5, 4))
+    plain = dlfs.SelfAttention.init(0, 4, 2, dtype=np.float64).forward(x)[0]
+    assert layer.forward(x)[0].tobytes() == plain.tobytes()
+    a, b, c = (layer.forward(x, dlfs.train_context(k))[0] for k in (1, 1, 2))
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    assert a.tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="key"):
+        layer.forward(x, dlfs.Context(train=True))
+
+
+# ---- transformers against PyTorch (float64, 1e-10): layers, MultiheadAttention, a GPT
+# Each test skips where torch is not installed (``pip install -e '.[bench]'``): the
+# new layers, forward and every gradient from a random upstream dy, equal PyTorch's
+# to 1e-10 in float64; the documented nn.MultiheadAttention mapping; a whole 2-layer
+# GPT (loss, every gradient, three clipped AdamW steps) against a nanoGPT-style module.
+
+TORCH_TOL = 1e-10
+
+
+def _gpt_torch():
+    """torch, or skip the calling test (each test asks: no module-level import)."""
+    return pytest.importorskip("torch", reason="the PyTorch comparisons need torch")
+
+
+def _torch_close(ours, theirs, what: str) -> float:
+    """|ours - theirs| <= 1e-10 * max(1, max|theirs|) elementwise; returns the max error."""
+    theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
+    ours = np.asarray(ours)
+    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != torch's {theirs.shape}"
+    err = float(np.abs(ours - theirs).max()) if ours.size else 0.0
+    scale = max(1.0, float(np.abs(theirs).max()) if theirs.size else 0.0)
+    assert err <= TORCH_TOL * scale, f"{what}: max |dlfs - torch| = {err:.3e} (scale {scale:.3g})"
+    return err
+
+
+def _as_torch(torch, a: np.ndarray, grad: bool = True):
+    return torch.tensor(np.array(a), dtype=torch.float64, requires_grad=grad)
+
+
+def _layer_vs_torch(torch, layer, x: np.ndarray, ref, params: tuple, rng, name: str) -> None:
+    """dlfs layer on x against ``ref(x_t, *params_t)``: output, dx and every grad.
+
+    ``params``: the layer's arrays in ``layer.params()``'s order and dlfs's layout
+    (``ref`` transposes where torch's layout differs), so torch's gradients compare
+    with dlfs's as they are."""
+    y, cache, _ = layer.forward(x)
+    xt = _as_torch(torch, x)
+    pt = [_as_torch(torch, p) for p in params]
+    yt = ref(xt, *pt)
+    _torch_close(y, yt, f"{name} output")
+    dy = rng.standard_normal(y.shape)
+    dx, grads = layer.backward(cache, dy)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    _torch_close(dx, xt.grad, f"{name} dx")
+    assert len(grads) == len(layer.params()) == len(pt)
+    for i, (g, p) in enumerate(zip(grads, pt)):
+        _torch_close(g, p.grad, f"{name} grad of params()[{i}]")
+
+
+# ------------------------------------------------------------------ LayerNorm
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    d=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+@pytest.mark.parametrize(("scale", "bias"), [(True, True), (True, False), (False, False)])
+def test_layer_norm_matches_torch(scale, bias, lead, d, seed):
+    """dlfs.LayerNorm over the last axis == F.layer_norm(x, (D,), gamma, beta, 1e-5)."""
+    torch = _gpt_torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(seed)
+    layer = dlfs.LayerNorm.init(d, scale=scale, bias=bias, dtype=np.float64)
+    fresh = [
+        rng.standard_normal(p.shape) + (1.0 if i == 0 and scale else 0.0)
+        for i, p in enumerate(layer.params())
+    ]
+    layer = layer.with_params(fresh)
+    x = rng.standard_normal((*lead, d)) * 3 + rng.standard_normal()
+
+    def ref(xt, *ps):
+        gamma = ps[0] if scale else None
+        beta = ps[-1] if bias else None
+        return F.layer_norm(xt, (d,), gamma, beta, 1e-5)
+
+    _layer_vs_torch(torch, layer, x, ref, tuple(fresh), rng, "LayerNorm")
+
+
+def test_layer_norm_module_mapping():
+    """nn.LayerNorm(D, bias=False).weight is gamma (nanoGPT's LayerNorm without bias)."""
+    torch = _gpt_torch()
+    rng = np.random.default_rng(3)
+    d = 6
+    gamma = rng.standard_normal(d)
+    module = torch.nn.LayerNorm(d, eps=1e-5, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(gamma))
+    x = rng.standard_normal((2, 5, d))
+    y, _, _ = dlfs.LayerNorm(gamma).forward(x)
+    _torch_close(y, module(torch.from_numpy(x)), "LayerNorm vs nn.LayerNorm(bias=False)")
+
+
+# -------------------------------------------------------------- SelfAttention
+
+
+def _attention_ref(torch, n_heads: int, causal: bool, bias: bool, explicit: bool):
+    """torch: qkv = x W_qkv (+b), heads of D/H, softmax(q k^T / sqrt(D/H)) v, y = O W_o (+b)."""
+
+    F = torch.nn.functional
+
+    def ref(xt, *ps):
+        if bias:
+            w_qkv, b_qkv, w_o, b_o = ps
+        else:
+            (w_qkv, w_o), b_qkv, b_o = ps, None, None
+        n, t, d = xt.shape
+        qkv = xt @ w_qkv + (b_qkv if bias else 0)
+        q, k, v = (a.view(n, t, n_heads, d // n_heads).transpose(1, 2) for a in qkv.split(d, 2))
+        if explicit:
+            att = (q @ k.transpose(-2, -1)) / (d // n_heads) ** 0.5
+            if causal:
+                mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+                att = att.masked_fill(mask, float("-inf"))
+            o = att.softmax(-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        o = o.transpose(1, 2).reshape(n, t, d)
+        return o @ w_o + (b_o if bias else 0)
+
+    return ref
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    t=st.integers(1, 7),
+    n_heads=st.integers(1, 4),
+    head_dim=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_self_attention_matches_torch(causal, bias, n, t, n_heads, head_dim, seed):
+    """SelfAttention == nanoGPT's CausalSelfAttention computed by torch (its
+    scaled_dot_product_attention, and the explicit masked softmax), output and grads."""
+    torch = _gpt_torch()
+    rng = np.random.default_rng(seed)
+    d = n_heads * head_dim
+    w_qkv, w_o = rng.standard_normal((d, 3 * d)) * 0.7, rng.standard_normal((d, d)) * 0.7
+    b_qkv, b_o = (rng.standard_normal(3 * d), rng.standard_normal(d)) if bias else (None, None)
+    layer = dlfs.SelfAttention(w_qkv, w_o, b_qkv, b_o, n_heads=n_heads, causal=causal)
+    params = (w_qkv, b_qkv, w_o, b_o) if bias else (w_qkv, w_o)
+    assert len(layer.params()) == len(params)
+    for p, q in zip(layer.params(), params):
+        np.testing.assert_array_equal(p, q)  # params() order: (w_qkv, b_qkv?, w_o, b_o?)
+    x = rng.standard_normal((n, t, d))
+    for explicit in (False, True):
+        ref = _attention_ref(torch, n_heads, causal, bias, explicit)
+        _layer_vs_torch(torch, layer, x, ref, params, rng, f"SelfAttention(explicit={explicit})")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_attention_maps_to_multihead_attention(causal, bias):
+    """The documented mapping: nn.MultiheadAttention(D, H, batch_first=True) with
+    in_proj_weight = w_qkv.T, in_proj_bias = b_qkv, out_proj.weight = w_o.T,
+    out_proj.bias = b_o, and a causal attn_mask gives dlfs's output (and dx)."""
+    torch = _gpt_torch()
+    rng = np.random.default_rng(7)
+    n, t, d, h = 2, 6, 12, 3
+    w_qkv, w_o = rng.standard_normal((d, 3 * d)) * 0.5, rng.standard_normal((d, d)) * 0.5
+    b_qkv, b_o = (rng.standard_normal(3 * d), rng.standard_normal(d)) if bias else (None, None)
+    layer = dlfs.SelfAttention(w_qkv, w_o, b_qkv, b_o, n_heads=h, causal=causal)
+    mha = torch.nn.MultiheadAttention(d, h, bias=bias, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.from_numpy(w_qkv.T.copy()))
+        mha.out_proj.weight.copy_(torch.from_numpy(w_o.T.copy()))
+        if bias:
+            mha.in_proj_bias.copy_(torch.from_numpy(b_qkv))
+            mha.out_proj.bias.copy_(torch.from_numpy(b_o))
+    x = rng.standard_normal((n, t, d))
+    xt = _as_torch(torch, x)
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1) if causal else None
+    yt, _ = mha(xt, xt, xt, attn_mask=mask, need_weights=False)
+    y, cache, _ = layer.forward(x)
+    _torch_close(y, yt, "SelfAttention vs nn.MultiheadAttention output")
+    dy = rng.standard_normal(y.shape)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    dx, grads = layer.backward(cache, dy)
+    _torch_close(dx, xt.grad, "SelfAttention vs nn.MultiheadAttention dx")
+    _torch_close(grads[0], mha.in_proj_weight.grad.T, "d w_qkv vs in_proj_weight.grad.T")
+    _torch_close(
+        grads[-2 if bias else -1], mha.out_proj.weight.grad.T, "d w_o vs out_proj.weight.grad.T"
+    )
+
+
+# ------------------------------------------------- Dense, GELU, positions
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 5)])
+def test_dense_without_bias_matches_torch_linear(shape):
+    """Dense(w, None) on (N, D) and (N, T, D) == F.linear(x, w.T): nn.Linear(bias=False)
+    holds weight = w.T."""
+    torch = _gpt_torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((shape[-1], 7))
+    layer = dlfs.Dense(w, None)
+    assert len(layer.params()) == 1
+    _layer_vs_torch(
+        torch,
+        layer,
+        rng.standard_normal(shape),
+        lambda xt, wt: F.linear(xt, wt.T),
+        (w,),
+        rng,
+        "Dense(bias=None)",
+    )
+
+
+def test_exact_gelu_matches_torch():
+    """GELU(approximate="none") == F.gelu (erf form) over [-40, 40], value and slope."""
+    torch = _gpt_torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.linspace(-40, 40, 4000), rng.standard_normal(500) * 4])
+    x = x.reshape(9, -1)
+    _layer_vs_torch(
+        torch, dlfs.GELU(approximate="none"), x, lambda xt: F.gelu(xt), (), rng, "GELU(none)"
+    )
+    _layer_vs_torch(
+        torch,
+        dlfs.GELU(approximate="tanh"),
+        x,
+        lambda xt: F.gelu(xt, approximate="tanh"),
+        (),
+        rng,
+        "GELU(tanh)",
+    )
+
+
+@pytest.mark.parametrize("t", [1, 5, 8])
+def test_positional_embedding_matches_torch(t):
+    """x + w[:T] for T <= T_max; the rows of w beyond T get a zero gradient."""
+    torch = _gpt_torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(t)
+    t_max, d = 8, 4
+    w = rng.standard_normal((t_max, d))
+    ref = lambda xt, wt: xt + F.embedding(torch.arange(xt.shape[1]), wt)  # noqa: E731
+    _layer_vs_torch(
+        torch,
+        dlfs.PositionalEmbedding(w),
+        rng.standard_normal((3, t, d)),
+        ref,
+        (w,),
+        rng,
+        "PositionalEmbedding",
+    )
+
+
+# ------------------------------------------------------- Residual, tying
+
+
+def test_residual_around_dense_chain_matches_torch():
+    """Residual((LayerNorm, Dense, GELU, Dense)) == x + f(x); grads flattened in order."""
+    torch = _gpt_torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(13)
+    d, hidden = 5, 9
+    gamma, beta = 1 + 0.3 * rng.standard_normal(d), 0.3 * rng.standard_normal(d)
+    w1, b1, w2 = (rng.standard_normal(s) * 0.6 for s in ((d, hidden), (hidden,), (hidden, d)))
+    layer = dlfs.Residual(
+        (
+            dlfs.LayerNorm(gamma, beta),
+            dlfs.Dense(w1, b1),
+            dlfs.GELU(approximate="none"),
+            dlfs.Dense(w2, None),
+        )
+    )
+
+    def ref(xt, g, b, w1t, b1t, w2t):
+        h = F.layer_norm(xt, (d,), g, b, 1e-5)
+        return xt + F.gelu(h @ w1t + b1t) @ w2t
+
+    _layer_vs_torch(
+        torch,
+        layer,
+        rng.standard_normal((3, 4, d)),
+        ref,
+        (gamma, beta, w1, b1, w2),
+        rng,
+        "Residual",
+    )
+
+
+def test_tied_embedding_matches_torch():
+    """TiedEmbedding(w, (LayerNorm,)): logits = LN(w[ids]) w^T; the ONE w gets the
+    sum of both uses' gradients, as nanoGPT's wte.weight = lm_head.weight."""
+    torch = _gpt_torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(17)
+    v, d, n, t = 11, 6, 3, 5
+    w, gamma = rng.standard_normal((v, d)), 1 + 0.3 * rng.standard_normal(d)
+    layer = dlfs.TiedEmbedding(w, (dlfs.LayerNorm(gamma),))
+    assert len(layer.params()) == 2
+    ids = rng.integers(0, v, (n, t))
+    y, cache, _ = layer.forward(ids)
+    wt, gt = _as_torch(torch, w), _as_torch(torch, gamma)
+    yt = F.linear(F.layer_norm(F.embedding(torch.from_numpy(ids), wt), (d,), gt, None, 1e-5), wt)
+    _torch_close(y, yt, "TiedEmbedding logits")
+    dy = rng.standard_normal(y.shape)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    _, (dw, dgamma) = layer.backward(cache, dy)
+    _torch_close(dw, wt.grad, "TiedEmbedding dw (both uses)")
+    _torch_close(dgamma, gt.grad, "TiedEmbedding d gamma")
+
+
+# ------------------------------------------------------------ a whole GPT
+
+
+def _gpt(seed: int, v: int, t: int, d: int, n_layer: int, n_heads: int, bias: bool):
+    """api22's baby-GPT builder, at any size (float64)."""
+
+    def block():
+        return [
+            dlfs.residual([dlfs.layer_norm(bias=bias), dlfs.self_attention(n_heads, bias=bias)]),
+            dlfs.residual(
+                [
+                    dlfs.layer_norm(bias=bias),
+                    dlfs.dense(4 * d, dlfs.GELU("none"), bias=bias),
+                    dlfs.dense(d, bias=bias),
+                ]
+            ),
+        ]
+
+    body = [dlfs.positional_embedding(t)] + [la for _ in range(n_layer) for la in block()]
+    return dlfs.network(
+        seed,
+        (t,),
+        [dlfs.tied_embedding(v, d, [*body, dlfs.layer_norm(bias=bias)])],
+        dlfs.SoftmaxCrossEntropy(),
+        dtype=np.float64,
+    )
+
+
+def gpt_param_names(net) -> list[str]:
+    """nanoGPT's state_dict names of ``net.params()[0]``, in order (a tied-embedding GPT)."""
+    (tied,) = net.layers
+    names, block = ["transformer.wte.weight"], -1
+
+    def ln(layer, prefix):
+        return [f"{prefix}.weight"] * (layer.gamma is not None) + [f"{prefix}.bias"] * (
+            layer.beta is not None
+        )
+
+    for layer in tied.layers:
+        if isinstance(layer, dlfs.PositionalEmbedding):
+            names.append("transformer.wpe.weight")
+        elif isinstance(layer, dlfs.LayerNorm):
+            names += ln(layer, "transformer.ln_f")
+        elif isinstance(layer, dlfs.Residual):
+            subs = layer.layers
+            attn = any(isinstance(s, dlfs.SelfAttention) for s in subs)
+            block += attn
+            p = f"transformer.h.{block}"
+            denses = iter(["c_fc", "c_proj"])
+            for s in subs:
+                if isinstance(s, dlfs.LayerNorm):
+                    names += ln(s, f"{p}.ln_1" if attn else f"{p}.ln_2")
+                elif isinstance(s, dlfs.SelfAttention):
+                    names += [f"{p}.attn.c_attn.weight"] + [f"{p}.attn.c_attn.bias"] * (
+                        s.b_qkv is not None
+                    )
+                    names += [f"{p}.attn.c_proj.weight"] + [f"{p}.attn.c_proj.bias"] * (
+                        s.b_o is not None
+                    )
+                elif isinstance(s, dlfs.Dense):
+                    c = next(denses)
+                    names += [f"{p}.mlp.{c}.weight"] + [f"{p}.mlp.{c}.bias"] * (s.b is not None)
+                else:
+                    assert not s.params(), f"unexpected parameters in {s!r}"
+        else:
+            assert not layer.params(), f"unexpected parameters in {layer!r}"
+    assert len(names) == len(tied.params())
+    return names
+
+
+def torch_layout(name: str, a: np.ndarray) -> np.ndarray:
+    """dlfs's array -> torch's: Linear weights are (out, in), the transpose of dlfs's."""
+    return a.T if a.ndim == 2 and name.split(".")[-2] in ("c_attn", "c_proj", "c_fc") else a
+
+
+def _torch_gpt(torch, v: int, t: int, d: int, n_layer: int, n_heads: int, bias: bool):
+    """nanoGPT's GPT (pre-LN, tied wte/lm_head, learned positions, dropout 0) as
+    torch modules with its state_dict names, float64."""
+    F = torch.nn.functional
+
+    class _Attn(torch.nn.Module):
+        def __init__(self, d, n_heads, bias):
+            super().__init__()
+            self.c_attn = torch.nn.Linear(d, 3 * d, bias=bias)
+            self.c_proj = torch.nn.Linear(d, d, bias=bias)
+            self.n_heads = n_heads
+
+        def forward(self, x):
+            n, t, d = x.shape
+            q, k, v = (
+                a.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                for a in self.c_attn(x).split(d, dim=2)
+            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(n, t, d))
+
+    class _Block(torch.nn.Module):
+        def __init__(self, d, n_heads, bias):
+            super().__init__()
+            self.ln_1 = torch.nn.LayerNorm(d, bias=bias)
+            self.attn = _Attn(d, n_heads, bias)
+            self.ln_2 = torch.nn.LayerNorm(d, bias=bias)
+            self.mlp = torch.nn.Sequential()
+            self.mlp.add_module("c_fc", torch.nn.Linear(d, 4 * d, bias=bias))
+            self.mlp.add_module("gelu", torch.nn.GELU())
+            self.mlp.add_module("c_proj", torch.nn.Linear(4 * d, d, bias=bias))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class TorchGPT(torch.nn.Module):
+        """nanoGPT's GPT (pre-LN, tied wte/lm_head, learned positions), dropout 0."""
+
+        def __init__(self, v, t, d, n_layer, n_heads, bias):
+            super().__init__()
+            self.transformer = torch.nn.ModuleDict(
+                dict(
+                    wte=torch.nn.Embedding(v, d),
+                    wpe=torch.nn.Embedding(t, d),
+                    h=torch.nn.ModuleList(_Block(d, n_heads, bias) for _ in range(n_layer)),
+                    ln_f=torch.nn.LayerNorm(d, bias=bias),
+                )
+            )
+            self.lm_head = torch.nn.Linear(d, v, bias=False)
+            self.transformer.wte.weight = self.lm_head.weight
+
+        def forward(self, idx, targets):
+            tr = self.transformer
+            x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
+            for block in tr.h:
+                x = block(x)
+            logits = self.lm_head(tr.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    return TorchGPT(v, t, d, n_layer, n_heads, bias).double()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_two_layer_gpt_loss_and_every_gradient_match_torch(bias):
+    """api22's GPT builder (n_layer=2, D=16, 2 heads, T=8, V=11, float64), every
+    weight redrawn at random, against a nanoGPT-style torch model holding the same
+    weights: the loss and all gradients agree to 1e-10 (the tied matrix once)."""
+    torch = _gpt_torch()
+    v, t, d, n_layer, n_heads = 11, 8, 16, 2, 2
+    rng = np.random.default_rng(19)
+    net = _gpt(0, v, t, d, n_layer, n_heads, bias)
+    names = gpt_param_names(net)
+    fresh = [
+        (
+            1.0
+            if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n.endswith("ln_f.weight")
+            else 0.0
+        )
+        + 0.4 * rng.standard_normal(p.shape)
+        for n, p in zip(names, net.params()[0])
+    ]
+    net = net.with_params((tuple(fresh),))
+    model = _torch_gpt(torch, v, t, d, n_layer, n_heads, bias)
+    own = dict(model.named_parameters())
+    assert sorted(own) == sorted(names)  # the tied matrix is one parameter on both sides
+    with torch.no_grad():
+        for n, a in zip(names, fresh):
+            own[n].copy_(torch.from_numpy(np.ascontiguousarray(torch_layout(n, a))))
+
+    x = rng.integers(0, v, (3, t))
+    y = rng.integers(0, v, (3, t))
+    loss, grads, _ = net.loss_and_grads(x, y)
+    loss_t = model(torch.from_numpy(x), torch.from_numpy(y))
+    loss_t.backward()
+    _torch_close(np.float64(loss), loss_t, "GPT loss")
+    assert len(grads) == 1 and len(grads[0]) == len(names)
+    for n, g in zip(names, grads[0]):
+        _torch_close(g, torch_layout(n, own[n].grad.numpy()), f"GPT grad of {n}")
+
+
+def test_two_layer_gpt_training_steps_match_torch():
+    """Three ``train_step``s with chain(ClipByGlobalNorm(1), AdamW(weight_decay_mask=
+    "matrices")) == torch.optim.AdamW with nanoGPT's two param groups (decay on
+    ndim >= 2) after clip_grad_norm_(1.0): every step's loss and the final weights."""
+    torch = _gpt_torch()
+    v, t, d, n_layer, n_heads = 11, 8, 16, 2, 2
+    rng = np.random.default_rng(23)
+    net = _gpt(0, v, t, d, n_layer, n_heads, False)
+    names = gpt_param_names(net)
+    fresh = [
+        (1.0 if p.ndim == 1 else 0.0) + 0.4 * rng.standard_normal(p.shape) for p in net.params()[0]
+    ]
+    net = net.with_params((tuple(fresh),))
+    model = _torch_gpt(torch, v, t, d, n_layer, n_heads, False)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, a in zip(names, fresh):
+            own[n].copy_(torch.from_numpy(np.ascontiguousarray(torch_layout(n, a))))
+    lr, wd = 1e-2, 0.1
+    groups = [
+        {"params": [p for p in own.values() if p.dim() >= 2], "weight_decay": wd},
+        {"params": [p for p in own.values() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt_t = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
+    adamw = dlfs.AdamW(lr, b1=0.9, b2=0.99, eps=1e-8, weight_decay=wd, weight_decay_mask="matrices")
+    state = dlfs.TrainState.create(net, dlfs.chain(dlfs.ClipByGlobalNorm(1.0), adamw), key=0)
+    norms = []
+    for _ in range(3):
+        x, y = rng.integers(0, v, (4, t)), rng.integers(0, v, (4, t))
+        before = state.loss_sum
+        state = dlfs.train_step(state, (x, y))
+        loss_t = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss_t.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt_t.step()
+        opt_t.zero_grad(set_to_none=True)
+        _torch_close(np.float64((state.loss_sum - before) / len(x)), loss_t, "GPT step loss")
+    assert max(norms) > 1.0  # the clipping acted
+    for n, p in zip(names, state.net.params()[0]):
+        _torch_close(p, torch_layout(n, own[n].detach().numpy()), f"GPT weight {n} after 3 steps")
 
 
 # ---------- losses: values, gradients, dtypes, stable tails, targets checked
@@ -4118,6 +5765,29 @@ def test_network_backward_gives_the_input_gradient():
     dy = np.ones_like(y)
     dx, grads = net.backward(caches, dy)
     assert dx.shape == x.shape and [len(g) for g in grads] == [2, 0, 2, 2, 0]
+
+
+@pytest.mark.parametrize("last", [dlfs.ReLU(), dlfs.Tanh(), dlfs.Flatten(), dlfs.Dropout(0.5)])
+def test_network_backward_refuses_a_dy_of_another_dtype(monkeypatch, last):
+    """Network.backward checks dy's dtype against the network's before any layer
+    runs: float16 and integer dy are refused (not upcast or truncated), and so is
+    float64 for a float32 network, whatever the last layer (these four would not)."""
+    net = dlfs.network(0, 2, [dlfs.dense(3), last], dlfs.MeanSquaredError())
+    y, caches, _ = net.forward(np.ones((4, 2), np.float32), dlfs.train_context(0))
+    dense_backward, reached = dlfs.Dense.backward, []
+    monkeypatch.setattr(dlfs.Dense, "backward", lambda *a: reached.append(1) or dense_backward(*a))
+    for dtype in (np.float16, np.int64, np.int8):
+        with pytest.raises(
+            TypeError, match=rf"dy must be a float32 or float64 array, got dtype {np.dtype(dtype)}"
+        ):
+            net.backward(caches, np.ones(y.shape, dtype))
+    with pytest.raises(
+        TypeError, match=r"dy must have dtype float32 \(the network's\), got float64"
+    ):
+        net.backward(caches, np.ones(y.shape))
+    assert reached == []  # refused before the layers
+    dx, _ = net.backward(caches, np.ones(y.shape, np.float32))
+    assert dx.dtype == np.float32 and reached == [1]
 
 
 def test_network_prediction_helpers_at_their_edges():
@@ -4757,46 +6427,6 @@ def test_an_interrupt_in_a_steps_cleanup_leaves_recycling_working():
     dlfs._let_go_step_buffers()
 
 
-def test_set_num_threads_while_another_thread_trains():
-    """set_num_threads may shut the pool down while another thread's convolution
-    hands out work: that thread finishes the work itself, with the same bits."""
-    layers = [
-        dlfs.conv2d(8, 3, padding="same", activation=dlfs.ReLU()),
-        dlfs.Flatten(),
-        dlfs.dense(3),
-    ]
-    net = dlfs.network(5, (1, 12, 12), layers, dlfs.SoftmaxCrossEntropy())
-    batches = _speed_batches(net, 5, 256, 2) * 20  # big enough for the pool to share work
-    before = dlfs.get_num_threads()
-    errors, done = [], threading.Event()
-
-    def train():
-        try:
-            state = dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
-            results.append(functools.reduce(dlfs.train_step, batches, state))
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            done.set()
-
-    results: list = []
-    try:
-        dlfs.set_num_threads(2)
-        worker = threading.Thread(target=train)
-        worker.start()
-        while not done.is_set():
-            dlfs.set_num_threads(1)
-            dlfs.set_num_threads(2)
-        worker.join()
-    finally:
-        dlfs.set_num_threads(before)
-    assert errors == []
-    alone = functools.reduce(
-        dlfs.train_step, batches, dlfs.TrainState.create(net, dlfs.SGD(0.05), 5)
-    )
-    _assert_same_net(results[0].net, alone.net)
-
-
 @settings(max_examples=15, deadline=None)
 @given(seed=SEEDS, n=SIZES, loss=st.sampled_from(["mse", "sce"]), dtype=DTYPES, conv=st.booleans())
 def test_in_place_work_never_touches_the_callers_arrays(seed, n, loss, dtype, conv):
@@ -4975,41 +6605,20 @@ def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm(size):
             assert not dlfs._all_finite(((tree[0][1],), (a,)))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_relu_in_place_by_chunks_equals_relu(monkeypatch, threads):
-    """ReLU's in-place forward and backward, split by samples over threads, give the
-    bits of its plain forward and backward."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 8)
-    dlfs.set_num_threads(threads)
-    try:
-        rng = np.random.default_rng(threads)
-        x = rng.standard_normal((9, 3, 5)).astype(np.float32)
-        dy = rng.standard_normal(x.shape).astype(np.float32)
-        relu = dlfs.ReLU()
-        y, cache, _ = relu.forward(x)
-        dx, _ = relu.backward(cache, dy)
-        y2, cache2, _ = relu._forward_owned(x.copy())
-        dx2, _ = relu._backward_owned(cache2, dy.copy())
-        assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
-    finally:
-        dlfs.set_num_threads(dlfs._threads_from_env())
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows"])
-def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads, threads, layout):
+@pytest.mark.parametrize("row", [8, 512])
+@pytest.mark.parametrize("layout", ["channel-major", "strided", "rows", "2-D"])
+def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, row, layout):
     """ReLU's in-place work runs along the memory of its arrays (a convolution's
-    channel-major output as contiguous rows), in chunks over threads: the same
-    bits as the plain forward and backward, whatever the layout."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 16)
-    monkeypatch.setattr(dlfs, "_ROW", 8)
-    dlfs.set_num_threads(threads)
-    rng = np.random.default_rng(threads)
+    channel-major output as contiguous rows): the same bits as the plain forward
+    and backward, whatever the layout."""
+    monkeypatch.setattr(dlfs, "_ROW", row)
+    rng = np.random.default_rng(row)
     base = rng.standard_normal((3, 5, 8, 6)).astype(np.float32)
     views = {
         "channel-major": lambda a: a.transpose(1, 0, 2, 3),
         "strided": lambda a: a[:, :, ::2, :],  # planes with gaps: no contiguous rows
         "rows": lambda a: a,
+        "2-D": lambda a: a.reshape(3, -1),
     }
     x, x_owned = views[layout](base), views[layout](base.copy())
     dy = rng.standard_normal(x.shape[::-1]).astype(np.float32).T  # another memory order
@@ -5023,48 +6632,14 @@ def test_relu_in_place_in_memory_order_equals_relu(monkeypatch, restore_threads,
     assert y2.tobytes() == y.tobytes() and dx2.tobytes() == dx.tobytes()
 
 
-def test_in_parallel_runs_each_group_once_results_in_order(restore_threads):
-    """Threads claim groups as they come free: every group runs exactly once, the
-    results come back in group order, an error reaches the caller, and the pool
-    still works after it; without ``threads`` all runs on the calling thread."""
-    dlfs.set_num_threads(3)
-    groups = [[slice(i, i + 1)] for i in range(24)]
-    seen: list[int] = []
-
-    def run(group: list[slice]) -> int:
-        seen.append(group[0].start)
-        time.sleep(0.0005)
-        return 2 * group[0].start
-
-    assert dlfs._in_parallel(run, groups) == [2 * i for i in range(24)]
-    assert sorted(seen) == list(range(24))
-
-    def fails(group: list[slice]) -> int:
-        if group[0].start == 5:
-            raise KeyError("boom")
-        return 0
-
-    with pytest.raises(KeyError, match="boom"):
-        dlfs._in_parallel(fails, groups)
-    assert dlfs._in_parallel(run, groups[:3]) == [0, 2, 4]
-    caller = threading.get_ident()
-    assert dlfs._in_parallel(lambda g: threading.get_ident(), groups, threads=False) == [
-        caller
-    ] * len(groups)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [64, 1 << 18])
 @pytest.mark.parametrize("layout", ["channel-major", "rows"])
 @pytest.mark.parametrize("size", [2, (2, 3), 3])
-def test_tiled_max_pool_equals_a_plain_reference(
-    monkeypatch, restore_threads, threads, layout, size
-):
-    """A pool whose stride is its size deinterleaves its windows (by blocks, over
-    threads): its max and its first-maximum offsets are numpy's max and argmax
+def test_tiled_max_pool_equals_a_plain_reference(monkeypatch, block, layout, size):
+    """A pool whose stride is its size deinterleaves its windows (by blocks of
+    samples): its max and its first-maximum offsets are numpy's max and argmax
     over each window, ties included, incomplete windows dropped."""
-    monkeypatch.setattr(dlfs, "_MIN_CHUNK", 32)
-    monkeypatch.setattr(dlfs, "_BLOCK", 64)
-    dlfs.set_num_threads(threads)
+    monkeypatch.setattr(dlfs, "_BLOCK", block)
     rng = np.random.default_rng(7)
     base = rng.integers(0, 3, (4, 5, 7, 8)).astype(np.float32)  # many ties
     x = base.transpose(1, 0, 2, 3) if layout == "channel-major" else base
@@ -5706,15 +7281,23 @@ def test_progress_one_bar_with_running_loss_and_validation():
         def close(self):
             self.closed = True
 
-    dlfs.fit(
+    _, history = dlfs.fit(
         _i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y), progress=Bar, **_I11_KW
     )
     (bar,) = bars
     assert (bar.total, bar.n, bar.closed, bar.desc) == (15, 15, True, "fit")
     assert list(bar.postfix[0]) == ["epoch", "loss"] and bar.postfix[0]["epoch"] == "1/3"
     assert list(bar.postfix[-1]) == ["epoch", "loss", "val_loss", "val_accuracy"]
-    assert bar.postfix[-1]["epoch"] == "3/3"
-    float(bar.postfix[-1]["loss"]), float(bar.postfix[-1]["val_accuracy"])
+    # 5 steps, then the epoch's own figures, per epoch; the next epoch's steps keep
+    # showing the last evaluation's values
+    assert len(bar.postfix) == 18
+    for e, record in enumerate(history.records, 1):
+        shown = {"val_loss": f"{record.val_loss:.4g}", "val_accuracy": f"{record.val_metric:.4g}"}
+        end = {"epoch": f"{e}/3", "loss": f"{record.train_loss:.4g}", **shown}
+        assert bar.postfix[6 * e - 1] == end
+        for step in bar.postfix[6 * e : 6 * e + 5]:
+            assert step["epoch"] == f"{e + 1}/3" and step["val_loss"] == shown["val_loss"]
+            assert step["val_accuracy"] == shown["val_accuracy"]
 
 
 def test_progress_true_uses_tqdm_auto_or_prints_a_line_per_epoch(monkeypatch, capsys):
@@ -6442,6 +8025,54 @@ def test_sync_state_running_mean_equals_one_process_with_equal_shards():
     assert not np.allclose(bn.var, one.var, rtol=1e-3)
 
 
+def test_sync_state_running_mean_is_one_process_only_before_any_batch_norm_or_dropout():
+    """With lr 0 (the same parameters in both runs) and equal shards of 5 + 5: the first
+    BatchNorm's synced running mean is one process's; the second one's is what
+    sync_state promises instead, the ranks' average of their shards' means of its
+    input as each rank computed it (after the first BatchNorm normalised each shard
+    by its own statistics), and not one process's."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((40, 5)) * 2 + 1, rng.integers(0, 3, 40)
+    layers = [dlfs.dense(6), dlfs.batch_norm(), dlfs.dense(4, dlfs.Tanh()), dlfs.batch_norm()]
+    net = dlfs.network(
+        3, (5,), [*layers, dlfs.dense(3)], dlfs.SoftmaxCrossEntropy(), dtype=np.float64
+    )
+    bns = [i for i, layer in enumerate(net.layers) if isinstance(layer, dlfs.BatchNorm)]
+
+    def train(comm=None):
+        sgd = dlfs.SGD(0.0)
+        opt = sgd if comm is None else dlfs.chain(dlfs.AllReduce(comm), sgd)
+        step = (
+            dlfs.train_step
+            if comm is None
+            else functools.partial(dlfs.data_parallel_step, comm=comm)
+        )
+        state = functools.reduce(
+            step, dlfs.batches(x, y, 10, key=1), dlfs.TrainState.create(net, opt)
+        )
+        return state.net if comm is None else dlfs.sync_state(state.net, comm)
+
+    one, synced = train(), _run_ranks(2, train)[0][0]
+    means = [net.layers[i].mean for i in bns]
+    for xb, _ in dlfs.batches(x, y, 10, key=1):
+        per_shard = []
+        for h in (xb[:5], xb[5:]):
+            inputs = []
+            for layer in net.layers[: bns[-1] + 1]:
+                inputs.append(h)
+                h = layer.forward(h, dlfs.train_context(0))[0]
+            per_shard.append([inputs[i].mean(axis=0) for i in bns])
+        means = [0.9 * m + 0.1 * (a + b) / 2 for m, a, b in zip(means, *per_shard)]
+    first, second = (synced.layers[i].mean for i in bns)
+    np.testing.assert_allclose(first, one.layers[bns[0]].mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(first, means[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(second, means[1], rtol=1e-12, atol=1e-14)
+    gap = np.abs(second - one.layers[bns[1]].mean).max() / np.abs(one.layers[bns[1]].mean).max()
+    assert gap > 0.1  # here about 1.7: the second BatchNorm sees per-shard normalised input
+    doc = " ".join(dlfs.sync_state.__doc__.split())
+    assert "no BatchNorm or Dropout before it" in doc
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step():
     """Only rank 1's shard (rows 5..9) holds a bad row, yet both ranks raise at step 0
     instead of rank 0 waiting in the next all-reduce: a NaN input, and a target so large
@@ -6493,6 +8124,27 @@ def test_data_parallel_step_rejects_bad_input():
     assert math.isnan(dlfs.global_mean_loss(state, comm))
     assert dlfs.sync_state(net, comm) is net  # no state to average: no Allreduce
     assert [[b.dtype for b in bufs] for bufs in comm.group["sent"]] == [[np.float64]]
+
+
+def test_steps_given_a_network_instead_of_a_train_state_say_how_to_make_one():
+    net, x, y = _dp_problem("mlp", n=10)
+    comm = _ThreadComm(_comm_group(1), 0)
+    calls = {
+        "train_step": lambda s: dlfs.train_step(s, (x, y)),
+        "train_epoch": lambda s: dlfs.train_epoch(s, [(x, y)]),
+        "data_parallel_step": lambda s: dlfs.data_parallel_step(s, (x, y), comm),
+        "global_mean_loss": lambda s: dlfs.global_mean_loss(s, comm),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError) as err:
+            call(net)
+        assert str(err.value) == (
+            "state must be a dlfs.TrainState, got Network: make one with "
+            "dlfs.TrainState.create(net, optimizer)"
+        ), name
+        with pytest.raises(TypeError, match=r"^state must be a dlfs\.TrainState, got tuple$"):
+            call((net, dlfs.SGD()))
+    assert comm.group["sent"] == [[]]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -6634,6 +8286,55 @@ def test_fit_with_comm_averages_batch_norm_statistics_every_epoch():
     want, _ = _run_ranks(2, by_hand)
     _assert_same_net(results[0][0], want[0])
     assert not np.array_equal(want[0].layers[2].mean, net.layers[2].mean)  # it trained
+
+
+def test_data_parallel_batch_norm_one_row_shards_are_refused_before_the_first_step():
+    # 50 rows in batches of 16 on 2 ranks: the last batch of 2 gives each rank 1 row;
+    # every rank refuses before training, as one process refuses a batch of 1
+    net, x, y = _dp_problem("bn", n=50)
+    calls = []
+    with pytest.raises(ValueError) as err:
+        _fit_on_ranks(2, net, x, y, epochs=1, batch_size=16, callback=calls.append)
+    assert calls == [] and str(err.value) == (
+        "layers[2] (BatchNorm) must see at least 2 rows in each training batch on every rank, "
+        "but 50 rows in batches of 16 leave a batch of 2, whose shards on 2 ranks have as few "
+        "as 1: pass drop_last=True to fit (it skips that batch), or pick another batch_size"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"16 rows in batches of 3 leave a batch of 1, whose .*"
+        r"3 ranks have as few as 1: use batch_size >= 6",
+    ):
+        _fit_on_ranks(3, net, x[:16], y[:16], epochs=1, batch_size=3)
+    for size, batch_size in ((2, 17), (3, 8)):  # last batches of 16 and 2: shards of >= 2 rows
+        results, _ = _fit_on_ranks(
+            size, net, x, y, epochs=1, batch_size=batch_size, drop_last=size == 3
+        )
+        _assert_ranks_agree(results)
+
+    # data_parallel_step alone: a batch of 3 on 2 ranks (shards of 2 and 1) fails on both
+    # ranks before the all-reduce, instead of rank 0 waiting there for rank 1
+    def step(comm):
+        state = dlfs.TrainState.create(net, _dp_optimizer(comm), key=7)
+        with pytest.raises(
+            ValueError,
+            match=r"layers\[2\] \(BatchNorm\) must see at least 2 rows "
+            r"on every rank, but a batch of 3 on 2 ranks has shards of 1: use "
+            r"batches of at least 4 rows",
+        ):
+            dlfs.data_parallel_step(state, (x[:3], y[:3]), comm)
+        return comm.group["sent"]
+
+    sent, _ = _run_ranks(2, step)
+    assert sent[0] == [[], []]
+    # a BatchNorm after a convolution sees H*W values per channel: one-row shards train
+    cnn = dlfs.network(
+        0, (1, 3, 3), [dlfs.conv2d(2, 2), dlfs.batch_norm(), dlfs.Flatten(), dlfs.dense(1)],
+        dlfs.MeanSquaredError(), dtype=np.float64,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    xi, yi = rng.random((5, 1, 3, 3)), rng.random((5, 1))
+    _assert_ranks_agree(_fit_on_ranks(2, cnn, xi, yi, epochs=1, batch_size=4)[0])
 
 
 def test_fit_with_comm_checks_its_optimizer_comm_and_rank_count(tmp_path):
@@ -7298,6 +8999,42 @@ def test_check_grads_default_directions_and_rtol():
         assert np.linalg.norm(plus - minus) == pytest.approx(2e-6, rel=1e-6)  # unit directions
 
 
+def test_check_grads_default_key_is_0_and_an_error_equal_to_the_tolerance_passes():
+    """Without a key the draws are key 0's (reproducible runs); the test is
+    err <= tol: at a = 0 with eps = 0.5 every step is exact and S = 0, so the
+    error is |fl(dy + 1e-3) - dy| exactly, and atol equal to it passes while the
+    next float below fails."""
+    seen = []
+
+    def f(a):
+        return a.copy(), lambda dy: (seen.append(dy) or dy + 1e-3,)
+
+    a, kw = np.zeros(1), dict(eps=0.5, rtol=0.0, directions=1)
+    err = dlfs.check_grads(f, [a], atol=1.0, **kw)
+    assert seen[-1] == dlfs.make_rng(0).standard_normal(1)  # key 0's first draw
+    assert err == abs((seen[-1][0] + 1e-3) - seen[-1][0]) > 0
+    assert dlfs.check_grads(f, [a], key=0, atol=1.0, **kw) == err
+    assert dlfs.check_grads(f, [a], atol=err, **kw) == err  # err == tol: passes
+    with pytest.raises(dlfs.GradientCheckError):
+        dlfs.check_grads(f, [a], atol=float(np.nextafter(err, 0.0)), **kw)
+    dlfs.check_grads(f, [a], key=1, atol=1.0, **kw)
+    assert seen[-1] != seen[0]  # another key, another dy
+
+
+def test_checkpoint_meta_is_stored_key_sorted(tmp_path):
+    """meta's keys come back sorted at every level, and the stored description does
+    not depend on the order meta's keys were given in."""
+    net = _key_net(0)
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    dlfs.save(one, net, meta={"b": 1, "a": {"z": [1, {"d": 0, "c": 1}], "y": 2}})
+    dlfs.save(two, net, meta={"a": {"y": 2, "z": [1, {"c": 1, "d": 0}]}, "b": 1})
+    meta = dlfs.load(one).meta
+    assert list(meta) == ["a", "b"] and list(meta["a"]) == ["y", "z"]
+    assert list(meta["a"]["z"][1]) == ["c", "d"]
+    with np.load(one) as a, np.load(two) as b:
+        assert a[dlfs._STRUCTURE].tobytes() == b[dlfs._STRUCTURE].tobytes()
+
+
 # ----- save/load: bit-exact round trips; save refuses what load would refuse
 
 
@@ -7790,6 +9527,88 @@ def test_stale_temp_cleanup_removes_only_this_checkpoints_temp_files(tmp_path):
     left = set(os.listdir(tmp_path))
     assert left == {*others, long_name, folder_like_ours.name}
     assert all((tmp_path / n).read_bytes() == b"stale" for n in others if n != "c.npz")
+
+
+def _key_net(key: int) -> dlfs.Network:
+    return dlfs.network(key, 3, [dlfs.dense(2)], dlfs.MeanSquaredError())
+
+
+def test_concurrent_saves_from_threads_never_fail_and_the_last_rename_wins(tmp_path, monkeypatch):
+    # a save mid-write (thread 0) while three others save the same path from start to end:
+    # its temporary file is in use, so theirs must leave it; it finishes last and wins
+    path, go = tmp_path / "c.npz", threading.Event()
+
+    def writer(file, arrays):
+        np.savez(file, **arrays)
+        if threading.current_thread().name == "slow":
+            assert go.wait(30)
+
+    monkeypatch.setattr(dlfs, "_write_npz", writer)
+    errors = []
+
+    def save(key):
+        try:
+            dlfs.save(path, _key_net(key))
+        except BaseException as err:  # any failure is the test's failure
+            errors.append(err)
+
+    slow = threading.Thread(target=save, args=(0,), name="slow")
+    slow.start()
+    while len(os.listdir(tmp_path)) < 1:  # its temporary file exists
+        time.sleep(0.001)
+    others = [threading.Thread(target=save, args=(k,)) for k in (1, 2, 3)]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join()
+    go.set()
+    slow.join()
+    assert errors == [] and os.listdir(tmp_path) == ["c.npz"]
+    _assert_same_net(dlfs.load(path).net, _key_net(0))
+    # and free-running: 4 threads x 5 saves, each file complete, no temporary file left
+    monkeypatch.undo()
+    start = threading.Barrier(4)
+
+    def saves(key):
+        start.wait()
+        for _ in range(5):
+            save(key)
+            dlfs.load(path)  # always one complete checkpoint
+
+    threads = [threading.Thread(target=saves, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and os.listdir(tmp_path) == ["c.npz"]
+    net = dlfs.load(path).net
+    assert any(np.array_equal(net.layers[0].w, _key_net(k).layers[0].w) for k in range(4))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: Windows keeps a day-old rule")
+def test_concurrent_saves_from_processes_never_fail_and_the_last_rename_wins(tmp_path):
+    folder, sync = tmp_path / "ckpt", tmp_path / "sync"
+    folder.mkdir()
+    sync.mkdir()
+    path, go = folder / "c.npz", sync / "go"
+
+    def start(key, go_file):
+        args = [sys.executable, "-c", _WAITING_SAVE, str(HERE), str(path), go_file, str(key)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    slow = start(0, str(go))
+    deadline = time.monotonic() + 60
+    while not os.listdir(folder):  # the slow save's temporary file exists: it is writing
+        assert slow.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    others = [start(k, "-") for k in (1, 2, 3)]
+    outs = [p.communicate(timeout=120) for p in others]
+    assert [p.returncode for p in others] == [0, 0, 0], outs
+    go.touch()
+    out = slow.communicate(timeout=120)
+    assert slow.returncode == 0, out
+    assert os.listdir(folder) == ["c.npz"]
+    _assert_same_net(dlfs.load(path).net, _key_net(0))
 
 
 def test_name_limit_is_the_file_systems_when_it_gives_one(monkeypatch, tmp_path):
@@ -8510,6 +10329,30 @@ def test_char_rnn_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
     kv = _key_values(out)
     assert kv["loss_last"] == f"{losses[-1]:.4f}" and kv["vocab"] == str(len(set(text)))
     assert re.search(r"^epoch 4: loss=\S+ \(\S+ bits/char\)$", out, re.M)
+
+
+def test_char_gpt_example_learns_a_small_text(tmp_path, monkeypatch, capsys):
+    """The baby-GPT example at toy size: the whole validation split is tiled by its
+    windows, the loss falls, and its key=value lines agree with what it returns."""
+    char_gpt = _example("char_gpt", monkeypatch)
+    x, y = char_gpt.whole_split(np.arange(23), 5)
+    assert x.shape == (4, 5) and (y == x + 1).all() and y.max() == 20
+    rng = np.random.default_rng(0)
+    words = ["abc", "abd", "xyz", "hello", "world"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 600))
+    path = tmp_path / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    sizes = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16"]
+    args = ["--text", str(path), "--iters", "60", "--eval-interval", "30", "--lr", "1e-2"]
+    result = char_gpt.main([*args, *sizes, "--eval-windows", "40", "--sample-length", "25"])
+    out = capsys.readouterr().out
+    kv = _key_values(out)
+    first = float(re.search(r"^step 0: train loss ([\d.]+), val loss ([\d.]+),", out, re.M)[2])
+    assert result["val_loss"] < 0.7 * first  # from about log(vocab) to well below
+    assert kv["val_loss"] == f"{result['val_loss']:.4f}" and kv["iters"] == "60"
+    assert kv["params"] == str(result["params"]) and float(kv["ms_per_iter"]) > 0
+    assert re.search(r"^step 60: train loss \S+, val loss \S+", out, re.M)
+    assert len(result["sample"]) == 25 and result["sample"].max() < len(set(text))
 
 
 # --------------------------------------------- README: its Python blocks run

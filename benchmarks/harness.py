@@ -13,9 +13,7 @@ so a shared machine's drifting load hits all of them alike, and reports
 ratios as the median of within-round ratios.
 
 ``--threads T`` is every contender's BLAS / OpenMP thread count (PyTorch's
-``set_num_threads``); dlfs runs as it does by default, with no threads of its
-own beside BLAS's, unless ``--dlfs-threads N`` asks for its pool
-(``dlfs.set_num_threads``) too.
+``set_num_threads``); dlfs has no threads of its own beside BLAS's.
 
 Nothing in this module is timed.
 """
@@ -351,11 +349,6 @@ def parent_parser(description: str, rounds: int = 5) -> argparse.ArgumentParser:
         "--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})"
     )
     p.add_argument("--threads", type=int, default=1, help="threads per contender (default 1)")
-    p.add_argument(
-        "--dlfs-threads",
-        type=int,
-        help="dlfs's own threads (set_num_threads) beside BLAS's (default: dlfs's, 1)",
-    )
     p.add_argument("--data", help="MNIST .npz (x_train (N, 28, 28) uint8, y_train); else synthetic")
     p.add_argument("--n", type=int, help="training rows per run (default: the workload's)")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs per run (default 1)")
@@ -373,7 +366,6 @@ def start(args: argparse.Namespace) -> list[str]:
         impls.remove("torch")
     emit("command", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     emit("threads", args.threads)
-    emit("dlfs_threads", args.dlfs_threads or 1)
     emit("rounds", args.rounds)
     emit("contenders", ",".join(impls))
     emit("load_start", load_avg())
@@ -386,8 +378,6 @@ def check_equivalence(workload: str, args: argparse.Namespace, batch: int | None
         return True
     cmd = child_cmd("run_one.py", impl="check", workload=workload, batch=batch, data=args.data)
     cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
-    if args.dlfs_threads:
-        cmd += ["--dlfs-threads", str(args.dlfs_threads)]
     run = run_child("check", 0, cmd)
     for key, value in run.values.items():
         if key.startswith("equiv_"):
@@ -409,7 +399,7 @@ def compare(
     the within-round ratios of dlfs against each other contender, and how far
     apart the contenders' final losses are."""
     common = dict(workload=workload, batch=batch, threads=args.threads, data=args.data, n=args.n)
-    common.update(epochs=args.epochs, seed=args.seed, dlfs_threads=args.dlfs_threads)
+    common.update(epochs=args.epochs, seed=args.seed)
     common.update(options or {})
     cmds = {impl: child_cmd("run_one.py", impl=impl, **common) for impl in impls}
     runs = interleave(cmds, args.rounds, show=(key, "train_loss"))

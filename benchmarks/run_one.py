@@ -26,23 +26,17 @@ import sys
 
 
 def _pin_threads(argv: list[str]) -> None:
-    """Apply ``--threads`` (BLAS, OpenMP) and ``--dlfs-threads`` before numpy or
-    torch loads: OpenBLAS sizes its thread pool when it loads (a later limit
-    leaves idle threads around).  Without ``--dlfs-threads``, dlfs keeps its
-    default (DLFS_NUM_THREADS unset: no threads of its own)."""
+    """Apply ``--threads`` (BLAS, OpenMP) before numpy or torch loads: OpenBLAS
+    sizes its thread pool when it loads (a later limit leaves idle threads around)."""
     values = {}
     for i, arg in enumerate(argv):
-        for name in ("--threads", "--dlfs-threads"):
-            if arg == name and i + 1 < len(argv):
-                values[name] = argv[i + 1]
-            elif arg.startswith(name + "="):
-                values[name] = arg.split("=", 1)[1]
+        if arg == "--threads" and i + 1 < len(argv):
+            values["--threads"] = argv[i + 1]
+        elif arg.startswith("--threads="):
+            values["--threads"] = arg.split("=", 1)[1]
     if "--threads" in values:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = values["--threads"]
-    os.environ.pop("DLFS_NUM_THREADS", None)
-    if "--dlfs-threads" in values:
-        os.environ["DLFS_NUM_THREADS"] = values["--dlfs-threads"]
 
 
 _pin_threads(sys.argv[1:])
@@ -107,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, help="training rows per epoch (default: the workload's)")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs (default 1)")
     p.add_argument("--threads", type=int, help="BLAS / OpenMP threads (default: theirs)")
-    p.add_argument("--dlfs-threads", type=int, help="dlfs.set_num_threads (default: dlfs's, 1)")
     p.add_argument("--data", help="MNIST .npz (x_train (N, 28, 28) uint8, y_train); else synthetic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
