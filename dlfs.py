@@ -91,7 +91,17 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Literal,
+    Protocol,
+    TypeGuard,
+    TypeVar,
+    cast,
+    runtime_checkable,
+)
 
 import attrs
 import numpy as np
@@ -249,6 +259,38 @@ Params = tuple[np.ndarray, ...]
 NetParams = tuple[Params, ...]
 FloatDType = type[np.float32] | type[np.float64] | np.dtype | str  # np.float32, "float64", ...
 
+# Names Keras and PyTorch users reach for, and the dlfs way (see __getattr__).
+_OTHER_NAMES = {
+    **{
+        name: f"activations are layers in dlfs: dlfs.{cls}() (e.g. dlfs.dense(64, dlfs.{cls}()))"
+        for name, cls in [
+            ("relu", "ReLU"),
+            ("sigmoid", "Sigmoid"),
+            ("tanh", "Tanh"),
+            ("softmax", "Softmax"),
+            ("gelu", "GELU"),
+            ("elu", "ELU"),
+            ("silu", "SiLU"),
+            ("swish", "SiLU"),
+            ("leaky_relu", "LeakyReLU"),
+        ]
+    },
+    **{
+        name: "dlfs builds a model with dlfs.network(key, input_shape, [layers...], loss)"
+        for name in ("Sequential", "Model", "Module")
+    },
+}
+
+if not TYPE_CHECKING:  # invisible to type checkers, so a typo still shows there
+
+    def __getattr__(name: str) -> Any:
+        """``dlfs.relu`` and other names from Keras/PyTorch: an AttributeError
+        that says the dlfs way; any other unknown name: Python's usual one."""
+        fix = _OTHER_NAMES.get(name)
+        if fix is None:
+            raise AttributeError(f"module 'dlfs' has no attribute {name!r}")
+        raise AttributeError(f"module 'dlfs' has no attribute {name!r}: {fix}")
+
 # ---------------------------------------------------------------- validation
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -328,13 +370,15 @@ def _check_xy(x: np.ndarray, y: Any, prefix: str = "") -> None:
     """``y`` is an array with one row per row of ``x`` (x already checked)."""
     _check_ndarray(f"{prefix}y", y)
     if y.ndim == 0 or len(y) != len(x):
+        rows = f"{len(y)} in y" if y.ndim else "y is a scalar"
         raise ValueError(
-            f"{prefix}x and y must have the same length (rows), got x of shape "
-            f"{x.shape} and y of shape {y.shape}"
+            f"{prefix}x and y must have the same length (one target per sample), got "
+            f"{len(x)} rows in x and {rows} (x of shape {x.shape}, y of shape {y.shape})"
         )
 
 
-def _check_finite(name: str, x: np.ndarray) -> None:
+def _check_finite(name: str, x: np.ndarray, first_row: int = 0) -> None:
+    """ValueError naming the rows (numbered from ``first_row``) with NaN or inf."""
     # Rows in chunks of about 1M elements: a whole-array mask would be a
     # (transient) bool copy of a whole dataset, a quarter of its float32 size.
     if x.ndim == 0 or x.size <= 1 << 20:
@@ -343,7 +387,17 @@ def _check_finite(name: str, x: np.ndarray) -> None:
         rows = max(1, (1 << 20) // (x.size // len(x)))
         chunks = (x[i : i + rows] for i in range(0, len(x), rows))
     if not all(np.isfinite(c).all() for c in chunks):
-        raise ValueError(f"{name} contains NaN or inf; it must be finite")
+        raise ValueError(f"{name} contains NaN or inf{_bad_rows(x, first_row)}; it must be finite")
+
+
+def _bad_rows(x: np.ndarray, first_row: int) -> str:
+    """Where a non-finite array has NaN/inf: " in rows 3, 7 (of 20)" (the first five)."""
+    if x.ndim == 0:
+        return ""
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) + first_row
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    count = "" if first_row else f" ({len(bad)} of {len(x)} rows)"  # a chunk's count misleads
+    return f" in row{'s' if len(bad) > 1 else ''} {shown}{count}"
 
 
 def _check_input(
@@ -447,9 +501,38 @@ class _ArrayRecord:
 
     __slots__ = ()
     __getstate__: Callable[[], dict[str, Any]]  # what attrs gives its slotted classes
+    # A layer's builders from sizes, (spec inside network, classmethod), for the
+    # Keras habit ``LSTM(64)``: "{sizes}" becomes the numbers the caller gave.
+    _BUILDERS: tuple[str, str] | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls._BUILDERS is not None and _sizes_not_arrays(cls, args, kwargs):
+            raise TypeError(_sizes_hint(cls, args, kwargs))
+        return super().__new__(cls)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _restore_record, (type(self), self.__getstate__())  # attrs' field dict
+
+
+def _sizes_not_arrays(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a layer class is called Keras-style: a size first (``LSTM(64)``), or
+    none of its fields at all (``BatchNorm()``, ``LSTM(units=64)``)."""
+    if args:
+        return isinstance(args[0], (int, np.integer)) and not isinstance(args[0], bool)
+    return not set(kwargs) & set(_field_names(cls))
+
+
+def _sizes_hint(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The fix for ``LSTM(64)`` (sizes where a layer class takes weight arrays)."""
+    spec, init = cls._BUILDERS
+    given = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    arrays = ", ".join(f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING)
+    return (
+        f"dlfs.{cls.__name__}(...) must be given its weight arrays ({arrays}), got "
+        f"{cls.__name__}({given}); inside dlfs.network(...) write "
+        f"{spec.format(sizes=given if args else '...')} (it infers the input size), or "
+        f"draw the weights with {init.format(sizes=given if args else '...')}"
+    )
 
 
 def _restore_record(cls: type, state: dict[str, Any]) -> Any:
@@ -1070,7 +1153,7 @@ class Dense(_ArrayRecord):
         return y, x, self
 
     def _forward_seq(self, x: np.ndarray) -> np.ndarray:
-        """(N, T, D_in) -> (N, T, D_out): all N*T rows in one GEMM."""
+        """(N, T, D_in) -> (N, T, D_out): all ``N*T`` rows in one GEMM."""
         _check_input("x", x, (None, "T", self.in_features), self.w.dtype)
         y = np.dot(x.reshape(-1, self.in_features), self.w)
         if self.b is not None:
@@ -1672,14 +1755,14 @@ class Dropout(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class Flatten(_NoParams):
-    """Flatten all but the batch axis: (N, C, H, W) -> (N, C*H*W) (any (N, ...) -> (N, prod(...))).
+    """Flatten all but the batch axis: (N, C, H, W) -> ``(N, C*H*W)``; any (N, ...) -> (N, prod(...)).
 
     >>> dlfs.Flatten().forward(np.zeros((2, 3, 4, 4)))[0].shape
     (2, 48)
     """
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(C, H, W) -> (C*H*W,)."""
+        """(C, H, W) -> ``(C*H*W,)``."""
         return (int(math.prod(in_shape)),)
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, Flatten]:
@@ -1712,6 +1795,8 @@ class BatchNorm(_ArrayRecord):
     >>> trained.mean.round(3).tolist(), bn.mean.tolist()  # a new layer; bn is untouched
     ([0.2, 2.0], [0.0, 0.0])
     """
+
+    _BUILDERS = ("dlfs.batch_norm()", "dlfs.BatchNorm.init({sizes})")
 
     _PARAMS = ("gamma", "beta")  # the fields params() returns, in order
 
@@ -1875,6 +1960,8 @@ class Embedding(_ArrayRecord):
     >>> y.shape, bool((y[0, 0] == emb.w[1]).all())
     ((2, 3, 4), True)
     """
+
+    _BUILDERS = ("dlfs.embedding({sizes})", "dlfs.Embedding.init(key, {sizes})")
 
     _PARAMS = ("w",)  # the fields params() returns, in order
 
@@ -2264,6 +2351,8 @@ class RNN(_Recurrent):
     ((2, 5, 8), (2, 8), True)
     """
 
+    _BUILDERS = ("dlfs.rnn({sizes})", "dlfs.RNN.init(key, n_in, {sizes})")
+
     def _steps(
         self, a: np.ndarray, state: tuple, w_hh: np.ndarray
     ) -> tuple[np.ndarray, tuple, Any]:
@@ -2310,6 +2399,8 @@ class LSTM(_Recurrent):
     >>> ys.shape, h.shape, c.shape
     ((2, 3, 16), (2, 16), (2, 16))
     """
+
+    _BUILDERS = ("dlfs.lstm({sizes})", "dlfs.LSTM.init(key, n_in, {sizes})")
 
     _GATES = 4
     _STATES = 2
@@ -2407,6 +2498,8 @@ class GRU(_Recurrent):
     >>> ys.shape, dx.shape, [g.shape for g in grads]
     ((2, 5, 4), (2, 5, 3), [(3, 12), (4, 12), (12,), (4,)])
     """
+
+    _BUILDERS = ("dlfs.gru({sizes})", "dlfs.GRU.init(key, n_in, {sizes})")
 
     _GATES = 3
     _EXTRA_BIASES = 1
@@ -2952,8 +3045,8 @@ def _frozen_kernel(w: Any) -> np.ndarray:
 @attrs.frozen(eq=False, repr=False)
 class Conv2D(_ArrayRecord):
     """2-D convolution (cross-correlation, as in PyTorch) on NCHW images:
-    y[n, o, p, q] = b[o] + sum_{c,i,j} w[o, c, i, j] * xp[n, c, p*sh + i, q*sw + j],
-    xp = x zero-padded by ``padding``.
+    ``y[n, o, p, q] = b[o] + sum_{c,i,j} w[o, c, i, j] * xp[n, c, p*sh + i, q*sw + j]``,
+    ``xp`` = x zero-padded by ``padding``.
 
     x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), Ho = (H + top + bottom - kh) // sh + 1;
     w: (C_out, C_in, kh, kw), b: (C_out,).  ``stride`` is an int or (sh, sw);
@@ -2963,11 +3056,11 @@ class Conv2D(_ArrayRecord):
     Forward is im2col + GEMM, in batch chunks; y is a transposed view of a
     channel-major array.
     The cache is x: backward builds the patches again, block by block, which
-    is cheaper than holding C_in*kh*kw values per output position.
+    is cheaper than holding ``C_in*kh*kw`` values per output position.
 
     >>> conv = dlfs.Conv2D.init(0, c_in=1, c_out=4, kernel=3, padding="same")
     >>> conv
-    Conv2D(1 -> 4, 3x3, stride=(1, 1), padding=((1, 1), (1, 1)), float32)
+    Conv2D(1 -> 4, 3x3, padding="same", float32)
     >>> y, cache, _ = conv.forward(np.ones((2, 1, 8, 8), np.float32))
     >>> dx, (dw, db) = conv.backward(cache, np.ones_like(y))
     >>> y.shape, dx.shape, dw.shape, db.shape
@@ -2975,6 +3068,8 @@ class Conv2D(_ArrayRecord):
     >>> dlfs.Conv2D.init(0, 1, 4, (3, 3), stride=2).output_shape((1, 8, 8))  # (8 - 3) // 2 + 1
     (4, 3, 3)
     """
+
+    _BUILDERS = ("dlfs.conv2d({sizes})", "dlfs.Conv2D.init(key, c_in, {sizes})")
 
     _PARAMS = ("w", "b")  # the fields params() returns, in order
 
@@ -3070,11 +3165,20 @@ class Conv2D(_ArrayRecord):
         return dw, db
 
     def __repr__(self) -> str:
+        """Short enough for a summary row: stride only when not 1, padding by name
+        ("same", or nothing for "valid") when it is one, else as the fewest numbers."""
         kh, kw = self.kernel_size
-        return (
-            f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw}, "
-            f"stride={self.stride}, padding={self.padding}, {self.w.dtype})"
-        )
+        parts = [f"{self.in_channels} -> {self.out_channels}", f"{kh}x{kw}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride[0] if len(set(self.stride)) == 1 else self.stride}")
+        (top, bottom), (left, right) = self.padding
+        if self.stride == (1, 1) and self.padding == _resolve_padding("same", (kh, kw), (1, 1)):
+            parts.append('padding="same"' if self.padding != ((0, 0), (0, 0)) else "")
+        elif top == bottom and left == right:
+            parts.append(f"padding={top if top == left else (top, left)}" if top or left else "")
+        else:
+            parts.append(f"padding={self.padding}")
+        return f"Conv2D({', '.join(p for p in [*parts, str(self.w.dtype)] if p)})"
 
 
 def _pool_stride(stride: int | tuple[int, int] | None, pool: Any) -> tuple[int, int]:
@@ -3192,7 +3296,7 @@ def _new_like_planes(
 
 @attrs.frozen(eq=False, repr=False)
 class MaxPool2D(_NoParams):
-    """Max pooling: y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j].
+    """Max pooling: ``y[n, c, p, q] = max_{i,j} x[n, c, p*sh + i, q*sw + j]``.
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
@@ -3260,7 +3364,7 @@ class MaxPool2D(_NoParams):
 
 @attrs.frozen(eq=False, repr=False)
 class AvgPool2D(_NoParams):
-    """Average pooling: y[n, c, p, q] = mean_{i,j} x[n, c, p*sh + i, q*sw + j].
+    """Average pooling: ``y[n, c, p, q] = mean_{i,j} x[n, c, p*sh + i, q*sw + j]``.
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo), Ho = (H - size_h) // stride_h + 1
     (incomplete windows are dropped); ``stride`` defaults to ``size``.
@@ -4081,7 +4185,7 @@ class SoftmaxCrossEntropy:
     probabilities/one-hot (N, K).  ``label_smoothing`` e gives
     q = (1 - e) q + e / K (PyTorch's convention); dL/dz = (softmax(z) - q) / N.
     Sequences: logits (N, T, K) with labels (N, T) or one-hot (N, T, K) are
-    N*T rows, and the mean is over all N*T positions.
+    ``N*T`` rows, and the mean is over all ``N*T`` positions.
 
     >>> ce = dlfs.SoftmaxCrossEntropy()
     >>> logits = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
@@ -4136,7 +4240,7 @@ class SoftmaxCrossEntropy:
         return z.dtype.type(loss), (z, labels)
 
     def _forward_seq(self, logits: np.ndarray, target: Any) -> tuple[Any, tuple]:
-        """(N, T, K) logits as N*T rows; the cache keeps softmax(z) as (N, T, K)."""
+        """(N, T, K) logits as ``N*T`` rows; the cache keeps softmax(z) as (N, T, K)."""
         n, t, k = logits.shape
         _check_ndarray("target", target)
         if target.dtype.kind in "iu":
@@ -4464,7 +4568,7 @@ def conv2d(
     ...     dlfs.SoftmaxCrossEntropy(),
     ... )
     >>> net.layers[0], net.output_shape
-    (Conv2D(1 -> 4, 3x3, stride=(1, 1), padding=((0, 0), (0, 0)), float32), (2,))
+    (Conv2D(1 -> 4, 3x3, float32), (2,))
     """
     _check_activation(activation)
     _check_initializer("init", init)
@@ -5081,7 +5185,7 @@ class Network:
         out = np.empty((len(x), *self.output_shape), dtype=self._forward(x[:1], EVAL)[0].dtype)
         for start in range(0, len(x), batch_size):
             chunk = x[start : start + batch_size]
-            _check_finite("x", chunk)  # per chunk: the rows are still in cache for the GEMM
+            _check_finite("x", chunk, start)  # per chunk: still in cache for the GEMM
             out[start : start + batch_size] = self._forward(chunk, EVAL)[0]
         return out
 
@@ -5107,6 +5211,14 @@ class Network:
 
     def _repr_html_(self) -> str:
         return self.summary()._repr_html_()
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Not a method (Keras's ``model.fit`` trains in place; a dlfs network never
+        changes): raises a TypeError that shows ``dlfs.fit(net, optimizer, x, y, ...)``."""
+        raise TypeError(
+            "Network.fit must not be used: a dlfs network never changes in place; train with "
+            "trained, history = dlfs.fit(net, dlfs.Adam(), x, y, epochs=10) and use `trained`"
+        )
 
     def _classifier(self, what: str) -> str:
         """How this network's outputs become probabilities: "softmax" or "sigmoid"."""
@@ -5188,8 +5300,11 @@ def network(
     key = _as_key("key", key)
     shape = _as_shape("input_shape", input_shape)
     dtype = _check_dtype(dtype)
-    built, _ = _build_layers(key, shape, _check_items("layers", layers), dtype, "layers")
-    return Network(built, loss, shape)
+    items = _check_items("layers", layers)
+    built, _ = _build_layers(key, shape, items, dtype, "layers", _channels_last_hint(shape))
+    net = Network(built, loss, shape)
+    _check_head(net)
+    return net
 
 
 def generate(
@@ -5249,27 +5364,82 @@ def _check_items(name: str, layers: Any) -> tuple[Any, ...]:
 
 
 def _build_layers(
-    key: Key, shape: tuple[int, ...], items: tuple[Any, ...], dtype: np.dtype, name: str
+    key: Key,
+    shape: tuple[int, ...],
+    items: tuple[Any, ...],
+    dtype: np.dtype,
+    name: str,
+    hint: str = "",
 ) -> tuple[tuple[Any, ...], tuple[int, ...]]:
     """(layers, per-sample output shape) from specs and ready layers: each spec
-    draws its weights from its own sub-key of ``key``."""
+    draws its weights from its own sub-key of ``key``; ``hint`` is the fix added
+    when the first layer refuses the input shape (channels-last images)."""
     built: list[Any] = []
     for i, (item, sub) in enumerate(zip(items, split(key, max(len(items), 1)))):
-        if isinstance(item, LayerSpec):  # it has a build method
-            try:
-                new, shape = item.build(sub, shape, dtype)
-            except ValueError as err:
-                raise ValueError(f"{name}[{i}] ({type(item).__name__}): {err}") from None
-            built.extend(new)
-        elif _is_layer(item):
-            built.append(item)
-            shape = _chain_shapes([item], shape)[-1]
-        else:
+        if not (isinstance(item, LayerSpec) or _is_layer(item)):
             raise TypeError(
                 f"{name}[{i}] must be a layer or a spec such as dlfs.dense(10), got {item!r}"
                 + _not_called(item)
             )
+        where = f"{name}[{i}] ({type(item).__name__})"
+        if not built and hint and isinstance(item, (Conv2DSpec, Conv2D)):
+            raise ValueError(f"{where}: input_shape must be channels-first (C, H, W){hint}")
+        try:
+            if isinstance(item, LayerSpec):  # it has a build method
+                new, shape = item.build(sub, shape, dtype)
+            else:
+                new, shape = (item,), tuple(item.output_shape(shape))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}{hint if not built else ''}") from None
+        built.extend(new)
     return tuple(built), shape
+
+
+def _channels_last_hint(input_shape: tuple[int, ...]) -> str:
+    """For a first layer that refuses ``input_shape``: the fix if it reads as one
+    channels-last image (H, W, C)."""
+    shape = input_shape
+    if len(shape) != 3 or shape[2] not in (1, 3, 4) or min(shape[:2]) <= 4:
+        return ""
+    first = (shape[2], shape[0], shape[1])
+    return (
+        f"; input_shape {shape} looks channels-last (H, W, C): dlfs wants images "
+        f"channels-first, input_shape={first}, with x of shape (N, {', '.join(map(str, first))})"
+        " (x.transpose(0, 3, 1, 2))"
+    )
+
+
+def _last_layer(layers: Sequence[Any]) -> Any:
+    """The last layer that computes something (shape-only layers such as Flatten
+    and Dropout skipped), or None."""
+    for layer in reversed(layers):
+        if not isinstance(layer, (Flatten, Dropout)):
+            return layer
+    return None
+
+
+def _check_head(net: Network) -> None:
+    """Refuse the Keras reflex of an output activation before a loss that takes
+    logits (it trains badly, silently), and softmax over a single output."""
+    loss = type(net.loss).__name__
+    if not isinstance(net.loss, (SoftmaxCrossEntropy, BinaryCrossEntropy)):
+        return
+    last = _last_layer(net.layers)
+    if isinstance(last, (Sigmoid, Softmax)):
+        act, k = type(last).__name__, net.output_shape[-1] if net.output_shape else 1
+        raise ValueError(
+            f"layers must end in logits for {loss}, but the last layer is {act}(): the "
+            f"loss applies the {act.lower()} itself (stably) and works on logits; drop "
+            f"the final {act}() (end in dlfs.dense({k}) alone) and use "
+            f"net.predict_proba(x) for probabilities"
+        )
+    if isinstance(net.loss, SoftmaxCrossEntropy) and net.output_shape[-1:] == (1,):
+        raise ValueError(
+            "layers must end in at least 2 outputs for SoftmaxCrossEntropy (a softmax "
+            "over one output is always 1, so nothing trains), got output shape "
+            f"{net.output_shape}: use dense(2) with SoftmaxCrossEntropy (labels 0 and 1), "
+            "or dense(1) with BinaryCrossEntropy"
+        )
 
 
 # -------------------------------------------------- optimizers and schedules
@@ -5497,7 +5667,7 @@ def _decay(grads: NetParams, params: NetParams, wd: float) -> NetParams:
     return _tree_map(lambda g, p: g + p * wd, grads, params)
 
 
-DecayMask = Literal["all", "matrices"] | Callable[[np.ndarray], bool]
+DecayMask = str | Callable[[np.ndarray], bool]  # "all", "matrices" or f(p) -> bool
 
 
 def _check_decay_mask(instance: Any, attribute: Any, mask: Any) -> None:
@@ -5583,10 +5753,22 @@ def _finish(new_params: NetParams) -> NetParams:
 class _Optimizer:
     """Base of the dlfs optimizers: their one public ``update``, which checks its
     inputs (params, ``_N_SLOTS`` moment trees in the state, grads shaped like
-    params) and then runs the subclass's ``_apply``, the arithmetic alone."""
+    params) and then runs the subclass's ``_apply``, the arithmetic alone; and
+    Keras's ``learning_rate=`` gets a message naming ``lr`` (the book's and
+    PyTorch's name) instead of Python's."""
 
     __slots__ = ()
     _N_SLOTS: ClassVar[int] = 0  # moment trees in the state (Adam's m and v: 2)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if "learning_rate" in kwargs:
+            rate = kwargs["learning_rate"]
+            raise TypeError(
+                f"{cls.__name__} must be given lr=, not learning_rate= (dlfs names it as the "
+                f"book and PyTorch do): dlfs.{cls.__name__}(lr={rate!r}), or "
+                f"dlfs.{cls.__name__}({rate!r})"
+            )
+        return super().__new__(cls)
 
     def update(
         self, grads: NetParams, state: OptState, params: NetParams
@@ -6717,6 +6899,16 @@ class History:
     steps: int = 0
 
     @property
+    def history(self) -> dict[str, list[Any]]:
+        """The columns under Keras's keys, for code written against Keras's
+        ``History.history``: ``loss`` (training), and once anything was evaluated
+        ``val_loss`` and ``val_<metric>``, NaN where an epoch was not."""
+        columns = self.as_dict()
+        del columns["epoch"]
+        columns["loss"] = columns.pop("train_loss")
+        return {"loss": columns.pop("loss"), **columns}
+
+    @property
     def stopped_early(self) -> bool:
         """True when early stopping ended training."""
         return self.stop_reason == "early_stopping"
@@ -6824,6 +7016,10 @@ def _check_dataset(net: Network, x: Any, y: Any, prefix: str = "") -> None:
     xname, yname = f"{prefix}x", f"{prefix}y"
     net._check_x(x, xname)
     _check_finite(xname, x)
+    if type(y) is not np.ndarray and not isinstance(y, np.ndarray):  # a list, a pandas Series
+        raise TypeError(
+            f"{yname} must be a numpy array, got {type(y).__name__}; {_y_fix(net, y, yname)}"
+        )
     _check_xy(x, y, prefix)
     if y.dtype.kind not in "biuf":
         raise TypeError(f"{yname} must be a float or integer array, got dtype {y.dtype}")
@@ -6838,12 +7034,29 @@ def _check_dataset(net: Network, x: Any, y: Any, prefix: str = "") -> None:
         _check_other_targets(yname, y, net, x)
 
 
+def _y_fix(net: Network, y: Any, name: str) -> str:
+    """How to turn targets ``y`` given as a list or pandas object into the array
+    ``net``'s loss takes: int64 class labels, else floats of the network's dtype."""
+    var = name.split()[-1]  # "validation y" -> y
+    to = f"{var}.to_numpy" if hasattr(y, "to_numpy") else "np.asarray"
+    arg = "" if to.endswith("to_numpy") else f"{var}, "
+    if isinstance(net.loss, SoftmaxCrossEntropy):
+        return f"SoftmaxCrossEntropy takes class labels: convert with {to}({arg}dtype=np.int64)"
+    dtype = net.dtype or np.dtype(np.float32)
+    column = ".reshape(-1, 1)" if net.output_shape == (1,) and np.ndim(y) == 1 else ""
+    return (
+        f"{type(net.loss).__name__} takes float targets: convert with "
+        f"{to}({arg}dtype=np.{dtype}){column}"
+    )
+
+
 def _check_label_range(name: str, y: np.ndarray, k: int) -> None:
     lo, hi = y.min(), y.max()
     if lo < 0 or hi >= k:
+        hint = f": they look numbered from 1, pass {name} - 1" if (lo, hi) == (1, k) else ""
         raise ValueError(
             f"{name} labels must be in [0, {k}) for a network with {k} outputs, "
-            f"got values in [{lo}, {hi}]"
+            f"got values in [{lo}, {hi}]{hint}"
         )
 
 
@@ -7043,9 +7256,9 @@ def _check_fit_options(**options: Any) -> None:
     if options["callback"] is not None and not callable(options["callback"]):
         raise TypeError(f"callback must be callable or None, got {options['callback']!r}")
     progress = options["progress"]
-    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+    if not (progress in (None, "auto") or isinstance(progress, bool) or callable(progress)):
         raise TypeError(
-            f"progress must be True, False, None or a tqdm-like factory, got {progress!r}"
+            f'progress must be "auto", True, False, None or a tqdm-like factory, got {progress!r}'
         )
 
 
@@ -7235,7 +7448,7 @@ class ProgressBar(Protocol):
 
 
 class ProgressFactory(Protocol):
-    """What ``fit(progress=...)`` takes besides True/False/None:
+    """What ``fit(progress=...)`` takes besides "auto"/True/False/None:
     ``progress(total=steps, desc="fit")`` returns a ``ProgressBar``
     (``tqdm.tqdm`` and ``tqdm.auto.tqdm`` are such factories).
 
@@ -7264,6 +7477,23 @@ def _tqdm_auto() -> Any:
     except ImportError:
         return None
     return tqdm
+
+
+def _interactive() -> bool:
+    """Whether someone watches this process's output: a Jupyter kernel, or
+    stderr (where tqdm draws) is a terminal; not CI logs, pipes or files."""
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    if type(get_ipython and get_ipython()).__name__ == "ZMQInteractiveShell":  # a notebook
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _resolve_progress(progress: Any) -> Any:
+    """fit's ``progress="auto"``: True when ``_interactive()``, else None."""
+    if isinstance(progress, str):  # "auto", the only string _check_fit_options lets by
+        return True if _interactive() else None
+    return progress
 
 
 def _bar_factory(progress: Any) -> Any:
@@ -7533,6 +7763,33 @@ def _fit_optimizer(optimizer: Any, comm: Any) -> Any:
     return optimizer
 
 
+# Keras's fit keywords and what dlfs.fit takes instead.
+_KERAS_FIT = {
+    "validation_data": "validation=(x_val, y_val)",
+    "validation_split": (
+        "validation=(x_val, y_val) with rows you hold out, e.g. x, y = dlfs.permute(0, x, y); "
+        "n = len(x) // 5; dlfs.fit(net, opt, x[n:], y[n:], validation=(x[:n], y[:n]), ...)"
+    ),
+    "callbacks": "callback=fn, one function called with each EpochRecord",
+    "learning_rate": "the optimizer's lr, e.g. dlfs.fit(net, dlfs.Adam(lr=1e-3), ...)",
+    "lr": "the optimizer's lr, e.g. dlfs.fit(net, dlfs.Adam(lr=1e-3), ...)",
+}
+
+
+def _fit_keyword_fix(name: str) -> str:
+    """fit's message for a keyword it does not take: the dlfs spelling of a Keras
+    keyword, else the closest of its own."""
+    import difflib
+    import inspect
+
+    if name in _KERAS_FIT:
+        return f"fit must not be given {name}= (a Keras keyword); dlfs takes {_KERAS_FIT[name]}"
+    known = [p for p in inspect.signature(fit).parameters if p != "unknown"]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f": did you mean {close[0]}=?" if close else f"; it takes {', '.join(known)}"
+    return f"fit got an unexpected keyword argument {name!r}, it must be one of its own{hint}"
+
+
 def fit(
     net: Network,
     optimizer: Optimizer,
@@ -7551,11 +7808,12 @@ def fit(
     metric: Metric | Literal["auto"] | None = "auto",
     verbose: bool = False,
     callback: Callable[[EpochRecord], Any] | None = None,
-    progress: bool | ProgressFactory | None = None,
+    progress: bool | ProgressFactory | Literal["auto"] | None = "auto",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
     comm: Comm | None = None,
+    **unknown: Any,
 ) -> tuple[Network, History]:
     """Train ``net`` (the book's Trainer.fit); returns (trained network, History).
 
@@ -7578,8 +7836,11 @@ def fit(
     (not None or another falsy value) or raising ``StopTraining`` ends
     training.  ``verbose`` prints a line per epoch; ``progress=True`` shows
     one bar over all steps (tqdm.auto; a line per epoch without tqdm) with
-    the running loss and the last validation figures, or pass a tqdm-like
-    factory called as
+    the running loss and the last validation figures; the default
+    ``progress="auto"`` does that only where someone watches (a Jupyter
+    notebook, or stderr is a terminal), and shows nothing in CI logs, pipes,
+    files or on MPI ranks other than 0; ``False``/``None``: nothing.  Or pass
+    a tqdm-like factory called as
     ``progress(total=steps, desc="fit")`` (``update``, ``close``, and
     ``set_postfix(dict, refresh=False)`` if it has one).  A KeyboardInterrupt
     (Ctrl-C, Jupyter's stop button) ends training cleanly: fit warns
@@ -7621,6 +7882,10 @@ def fit(
     SIGINT raises KeyboardInterrupt on that rank, which aborts).  Dropout masks
     and BatchNorm batch statistics are per rank: see ``data_parallel_step``.
 
+    Any other keyword raises a TypeError with the dlfs spelling: Keras's
+    ``validation_data=``/``validation_split=`` (use ``validation=``),
+    ``callbacks=`` (``callback=``), a learning rate (the optimizer's ``lr``).
+
     >>> rng = dlfs.make_rng(0)
     >>> x = rng.standard_normal((200, 2), dtype=np.float32)
     >>> y = (x[:, 0] > x[:, 1]).astype(np.int64)  # two classes, split by a line
@@ -7633,8 +7898,11 @@ def fit(
     >>> trained.evaluate(x[150:], y[150:])["accuracy"] == history.val_metric[-1]
     True
     """
+    if unknown:
+        raise TypeError(_fit_keyword_fix(next(iter(unknown))))
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
+    _check_head(net)
     ranks = _Ranks.of(comm)
     optimizer = _fit_optimizer(optimizer, comm)
     epochs = _check_int("epochs", epochs)
@@ -7663,6 +7931,7 @@ def fit(
     _check_batch_rows(net, len(x), batch_size, bool(drop_last), ranks.size)
     metric = _resolve_metric(metric, net.loss)
     shuffle_key, step_key = split(key, 2)
+    progress = _resolve_progress(progress) if ranks.lead else None
     factory = _bar_factory(progress) if ranks.lead else None
     plan = _FitPlan(
         x=x,
@@ -7817,45 +8086,53 @@ def binary_accuracy(logits: np.ndarray, target: np.ndarray) -> float:
 
 
 def confusion_matrix(
-    pred: np.ndarray, labels: np.ndarray, n_classes: int | None = None
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None
 ) -> np.ndarray:
-    """Counts C[i, j] = #{n : labels_n = i and pred_n = j}: rows are the true
-    classes, columns the predicted ones (scikit-learn's layout).
+    """Counts C[i, j] = #{n : y_true_n = i and y_pred_n = j}: rows are the true
+    classes, columns the predicted ones.  Same call and layout as scikit-learn's
+    ``confusion_matrix(y_true, y_pred)``: true labels first.
 
-    pred: class ids (N,) (e.g. ``net.predict_classes(x)``) or scores (N, K),
-    K > 1, whose argmax is taken; labels: integer labels (N,); ``n_classes``:
-    K (default: the scores' K, else the largest id + 1).  -> (K, K) int64.
+    y_true: integer labels (N,); y_pred: class ids (N,) (e.g.
+    ``net.predict_classes(x)``) or scores (N, K), K > 1, whose argmax is taken;
+    ``n_classes``: K (default: the scores' K, else the largest id + 1).
+    -> (K, K) int64.
 
-    >>> dlfs.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
+    >>> dlfs.confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]))
     array([[1, 0, 0],
            [0, 1, 0],
            [0, 1, 1]])
     """
-    _check_ndarray("pred", pred)
-    _check_ndarray("labels", labels)
-    if pred.dtype.kind == "f" and pred.ndim == 2 and pred.shape[1] > 1:
-        _check_finite("pred", pred)
-        k_scores: int | None = pred.shape[1]
-        pred = pred.argmax(axis=1)
-    elif pred.dtype.kind in "iu" and pred.ndim == 1:
+    _check_ndarray("y_true", y_true)
+    _check_ndarray("y_pred", y_pred)
+    if y_true.dtype.kind == "f" and y_true.ndim == 2 and y_pred.dtype.kind in "iu":
+        raise TypeError(
+            f"y_true must be integer labels (N,), got {y_true.dtype} scores of shape "
+            f"{y_true.shape}: the arguments are (y_true, y_pred), true labels first, as in "
+            "scikit-learn; write confusion_matrix(labels, scores)"
+        )
+    if y_pred.dtype.kind == "f" and y_pred.ndim == 2 and y_pred.shape[1] > 1:
+        _check_finite("y_pred", y_pred)
+        k_scores: int | None = y_pred.shape[1]
+        y_pred = y_pred.argmax(axis=1)
+    elif y_pred.dtype.kind in "iu" and y_pred.ndim == 1:
         k_scores = None
     else:
         raise TypeError(
-            f"pred must be integer class ids (N,) or float scores (N, K) with K > 1, got "
-            f"{pred.dtype} of shape {pred.shape}; for one binary logit per row pass "
+            f"y_pred must be integer class ids (N,) or float scores (N, K) with K > 1, got "
+            f"{y_pred.dtype} of shape {y_pred.shape}; for one binary logit per row pass "
             "net.predict_classes(x)"
         )
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integer labels, got dtype {labels.dtype}")
-    if labels.shape != pred.shape:
+    if y_true.dtype.kind not in "iu":
+        raise TypeError(f"y_true must be integer labels, got dtype {y_true.dtype}")
+    if y_true.shape != y_pred.shape:
         raise ValueError(
-            f"labels must be integer labels of shape {pred.shape} (one per prediction), "
-            f"got {labels.dtype} of shape {labels.shape}"
+            f"y_true must be integer labels of shape {y_pred.shape} (one per prediction), "
+            f"got {y_true.dtype} of shape {y_true.shape}"
         )
-    _check_nonempty("labels", labels)
-    if pred.min() < 0 or labels.min() < 0:
-        raise ValueError("pred and labels must be class ids >= 0")
-    needed = max(int(pred.max()), int(labels.max())) + 1
+    _check_nonempty("y_true", y_true)
+    if y_pred.min() < 0 or y_true.min() < 0:
+        raise ValueError("y_true and y_pred must be class ids >= 0")
+    needed = max(int(y_pred.max()), int(y_true.max())) + 1
     if n_classes is None:
         k = k_scores or needed
     else:
@@ -7866,7 +8143,7 @@ def confusion_matrix(
             )
         if k_scores is not None and k != k_scores:
             raise ValueError(f"n_classes must match the scores' K={k_scores}, got {k}")
-    flat = labels.astype(np.int64) * k + pred.astype(np.int64)
+    flat = y_true.astype(np.int64) * k + y_pred.astype(np.int64)
     counts = np.bincount(flat, minlength=k * k)
     return counts.reshape(k, k)
 
@@ -8135,7 +8412,20 @@ def _check_mnist(data: dict[str, np.ndarray], source: str) -> dict[str, np.ndarr
 
 def _mnist_from_npz(path: str) -> dict[str, np.ndarray]:
     # Open the file ourselves: np.load(path) leaks its handle when a damaged zip fails.
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head != b"PK\x03\x04":  # not a zip: a CSV, an image, a single IDX file, ...
+            raise ValueError(
+                f"path must be MNIST as an .npz (a zip of x_train, y_train, x_test, y_test) "
+                f"or a folder of the four IDX files; {path!r} is neither (it starts with "
+                f"{head!r}); leave path out to download MNIST"
+            )
+        return _mnist_from_zip(path, f)
+
+
+def _mnist_from_zip(path: str, f: Any) -> dict[str, np.ndarray]:
+    with np.load(f, allow_pickle=False) as z:
         missing = [k for k in _MNIST_FILES if k not in z.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(z.files)}")
@@ -8195,30 +8485,55 @@ def _download_mnist(folder: str) -> str:
     """The four ``.gz`` files in ``folder`` with their published md5s, fetched from the
     mirrors in turn when missing or damaged.  ValueError on a checksum mismatch,
     OSError when no mirror answers; a bad file is never kept."""
+    made = _missing_folders(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        _download_mnist_files(folder)
+    except BaseException:
+        for path in made:  # deepest first: leave no empty cache folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
+    return folder
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def _download_mnist_files(folder: str) -> None:
     import http.client
     import urllib.error
 
-    os.makedirs(folder, exist_ok=True)
     for base in _MNIST_FILES.values():
         name = f"{base}.gz"
         dest = os.path.join(folder, name)
         if os.path.isfile(dest) and _md5_of(dest) == _MNIST_MD5[name]:
             continue
-        errors: list[Exception] = []
+        errors: list[tuple[str, Exception]] = []
         for prefix in _MNIST_MIRRORS:
+            url = prefix.rstrip("/") + "/" + name
             try:
-                _fetch(prefix.rstrip("/") + "/" + name, dest, _MNIST_MD5[name])
+                _fetch(url, dest, _MNIST_MD5[name])
                 break
             # URLError/HTTPError/timeouts are OSErrors; IncompleteRead is an HTTPException.
             except (OSError, ValueError, http.client.HTTPException) as err:
                 if isinstance(err, urllib.error.HTTPError):
                     err.close()  # an HTTPError holds the open response
-                errors.append(err)
+                errors.append((url, err))
         else:
-            detail = "; ".join(str(e) for e in errors)
-            kind = ValueError if all(isinstance(e, ValueError) for e in errors) else OSError
-            raise kind(f"could not download {name} into {folder}: {detail}")
-    return folder
+            detail = "; ".join(f"{url}: {e}" for url, e in errors)
+            kind = ValueError if all(isinstance(e, ValueError) for _, e in errors) else OSError
+            raise kind(
+                f"could not download {name} into {folder} (tried {detail}); offline? load a "
+                f'copy you have: dlfs.load_mnist("mnist.npz") (or a folder of the IDX files; '
+                f"the examples take it as --data PATH)"
+            )
 
 
 def load_mnist(
@@ -8473,8 +8788,12 @@ class Checkpoint:
     shapes and dtypes); ``opt_state``:
     the saved OptState or None (use ``opt_state_for(optimizer)`` to check it
     against an optimizer); ``meta``: the JSON-decoded ``meta`` given to
-    ``save`` (tuples come back as lists), ``{}`` if none; ``best``: the best
-    network so far of an early-stopping ``fit`` checkpoint, else None;
+    ``save`` (tuples come back as lists), ``{}`` if none; ``best``: in a
+    checkpoint ``fit`` wrote while validating (with or without early stopping),
+    the network of the evaluated epoch with the lowest validation loss so far
+    (``meta["dlfs.fit"]["best_epoch"]``) when it is not ``net`` itself; None
+    when it is, before the first evaluation (an untrained network is never
+    "best"), without validation, and for ``save``'s own checkpoints;
     ``version``/``dlfs_version``: the file format and the dlfs that wrote it.
 
     >>> import os, tempfile
@@ -8520,7 +8839,7 @@ class Checkpoint:
             facts.append(
                 ("fit", where + (f", {run['stop_reason']}" if run.get("stop_reason") else ""))
             )
-        others = [str(k) for k in self.meta if k != _FIT_META]
+        others = [f"{k}={_short_value(v)}" for k, v in self.meta.items() if k != _FIT_META]
         if others:
             facts.append(("meta", ", ".join(others)))
         facts.append(("format", f"version {self.version}, written by dlfs {self.dlfs_version}"))
@@ -8534,6 +8853,12 @@ class Checkpoint:
 
     def _repr_html_(self) -> str:
         return _html_table(("field", "value"), self._facts(), caption="dlfs checkpoint")
+
+
+def _short_value(value: Any, width: int = 24) -> str:
+    """``repr(value)`` cut to ``width`` characters (a meta value in a one-line repr)."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _check_path(name: str, path: Any) -> str:
@@ -8816,7 +9141,8 @@ def _record_structure(
     if cls not in known:
         names = ", ".join(c.__name__ for c in known)
         raise TypeError(f"cannot save {kind} {cls.__name__}: save knows dlfs's {kind}s {names}")
-    config, refs, record = {}, {}, {"type": cls.__name__}
+    config, refs = {}, {}
+    record: dict[str, Any] = {"type": cls.__name__}
     for f in attrs.fields(cls):
         if not f.init:
             continue
@@ -9286,7 +9612,7 @@ def _save_fit(path: str, run: _FitRun, plan: _FitPlan, running: np.ndarray) -> N
         "bad": run.bad,
     }
     nets = {"net": state.net}
-    if plan.validation is not None and run.best is not state.net:
+    if h.best_epoch is not None and run.best is not state.net:  # only an evaluated best
         nets["best"] = run.best
     _save(path, nets, state.opt_state, {_FIT_META: record})
 

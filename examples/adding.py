@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -74,7 +75,10 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").partition("\n")[0],
+        formatter_class=Defaults,
+    )
     ap.add_argument("--steps", type=int, default=50, help="sequence length T (>= 2)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=20)
@@ -97,13 +101,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"adding problem: T={args.steps}, {args.train_size} training sequences, "
         f"predict-1.0 baseline MSE {baseline:.4f}"
     )
-    print(f"{'cell':<6}{'params':>9}{'test_mse':>11}{'train_s':>9}")
-    results = {}
+    results, rows = {}, []
     for cell in args.cells:
+        if args.verbose:
+            print(f"{cell.upper()}:")  # fit's lines per epoch follow
         net, seconds = train(cell, x, y, args)
         results[f"{cell}_mse"] = float(np.mean((net.predict(x_test) - y_test) ** 2))
         n_params = sum(p.size for layer in net.params() for p in layer)
-        print(f"{cell.upper():<6}{n_params:>9}{results[cell + '_mse']:>11.5f}{seconds:>9.0f}")
+        rows.append(f"{cell.upper():<6}{n_params:>9}{results[cell + '_mse']:>11.5f}{seconds:>9.1f}")
+    print(f"{'cell':<6}{'params':>9}{'test_mse':>11}{'train_s':>9}")  # after any epoch lines
+    print("\n".join(rows))
     for key, value in results.items():
         print(f"{key}={value:.5f}")
     print(f"baseline_mse={baseline:.5f}")

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -48,10 +49,10 @@ TITLES = {
 
 def model_layers(name: str) -> list[dlfs.DenseSpec]:
     """The book's three models; weights and biases ~ N(0, 1) as in chapter 3."""
-    init = {"init": dlfs.normal, "bias_init": dlfs.normal}
     hidden = {"linear": 0, "nn": 1, "dl": 2}[name]
-    return [dlfs.dense(13, dlfs.Sigmoid(), **init) for _ in range(hidden)] + [
-        dlfs.dense(1, None, **init)
+    return [
+        dlfs.dense(n, activation, init=dlfs.normal, bias_init=dlfs.normal)
+        for n, activation in [(13, dlfs.Sigmoid())] * hidden + [(1, None)]
     ]
 
 
@@ -171,9 +172,12 @@ def write_runs(path: Path, seeds: Sequence[int], runs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").partition("\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=20190501, help="the book's seed by default")
+    parser.add_argument("--seed", type=int, default=20190501, help="the book's seed")
     parser.add_argument("--data", type=Path, default=DATA, help="boston_house_prices.csv")
     parser.add_argument(
         "--seeds", type=int, default=1, help="also report mean +- std over seeds seed..seed+K-1"

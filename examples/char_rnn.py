@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -117,7 +118,10 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").partition("\n")[0],
+        formatter_class=Defaults,
+    )
     ap.add_argument("--text", required=True, help="a UTF-8 text file to learn")
     ap.add_argument("--cell", choices=list(CELLS), default="gru")
     ap.add_argument("--epochs", type=int, default=10)

@@ -37,6 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # mnist_mlp, next to this file
 sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
+from _help import Defaults  # noqa: E402
 from mnist_mlp import build  # noqa: E402
 
 import dlfs  # noqa: E402
@@ -56,7 +57,10 @@ def time_all_reduce(comm, grads: tuple, repeats: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float] | None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128, help="global, over all ranks")
@@ -70,7 +74,10 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
 
     comm = MPI.COMM_WORLD
     rank, ranks = comm.Get_rank(), comm.Get_size()
-    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    try:
+        (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
     steps = args.epochs * -(-len(x_train) // args.batch_size)
     net, optimizer = build("default", args.seed, steps)

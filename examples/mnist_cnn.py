@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -56,7 +57,7 @@ def build(seed: int, width: int = 32) -> dlfs.Network:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="dlfs CNN on MNIST")
+    ap = argparse.ArgumentParser(description="dlfs CNN on MNIST", formatter_class=Defaults)
     ap.add_argument(
         "--data",
         default=None,
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     # float32 (N, 1, 28, 28) in [0, 1], int64 labels; then standardized with MNIST's mean/std
-    (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    try:
+        (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     x_all = (x_all - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     x_test = (x_test - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     n_train = len(x_all) - args.holdout

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -44,7 +45,10 @@ def build(seed: int, hidden: int = 128) -> dlfs.Network:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").partition("\n")[0],
+        formatter_class=Defaults,
+    )
     ap.add_argument(
         "--data",
         default=None,
@@ -65,7 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # float32 (N, 1, 28, 28) in [0, 1], int64 labels; standardized, then (N, 28, 28):
     # 28 steps of one row each
-    (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    try:
+        (x_all, y_all), (x_test, y_test) = dlfs.load_mnist(args.data)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     x_all = (x_all[:, 0] - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     x_test = (x_test[:, 0] - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)
     n_train = len(x_all) - args.holdout

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -93,7 +94,10 @@ def save_plots(plot_dir: Path, history: dlfs.History, images, labels, pred) -> l
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--epochs", type=int, default=None, help="default 20 (tutorial: 10)")
     parser.add_argument("--seed", type=int, default=0)
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batch_size = args.batch_size or (32 if tutorial else 128)
 
     # float32 (N, 784) in [0, 1], int64 labels; downloads and caches when --data is not given
-    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    try:
+        (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     if not 0 < args.val_size < len(x_train):
         parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
     x_fit, y_fit = x_train[: -args.val_size], y_train[: -args.val_size]

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # mnist_mlp and dask_runs, next to this file
 sys.path.insert(1, str(HERE.parent))  # dlfs.py in a checkout
+from _help import Defaults  # noqa: E402
 from dask_runs import map_tasks, write_csv  # noqa: E402  (Dask itself: only in map_tasks)
 from mnist_mlp import build  # noqa: E402
 
@@ -70,7 +71,10 @@ def numbers(kind: type, text: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--data", help=".npz or IDX folder (default: download and cache)")
     parser.add_argument("--lrs", default="0.001,0.003", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="64,256", help="comma-separated batch sizes")
@@ -88,7 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.workers is not None and (args.workers < 1 or args.scheduler is not None):
         parser.error("--workers must be >= 1, and not given with --scheduler")
 
-    (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    try:
+        (x_train, y_train), (x_test, y_test) = dlfs.load_mnist(args.data, flatten=True)
+    except (OSError, ValueError) as err:  # no file, no network: one line, no traceback
+        raise SystemExit(f"{Path(__file__).name}: {err}") from None
     if not 0 < args.val_size < len(x_train):
         parser.error(f"--val-size must be in 1..{len(x_train) - 1}, got {args.val_size}")
     n_fit = len(x_train) - args.val_size

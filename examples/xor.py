@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -35,7 +36,10 @@ def uniform_half(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").partition("\n")[0],
+        formatter_class=Defaults,
+    )
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -45,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
     y = np.array([[0], [1], [1], [0]], dtype=np.float64)
 
-    init = {"init": uniform_half, "bias_init": uniform_half}
     init_key, fit_key = dlfs.split(args.seed, 2)
     net = dlfs.network(
         init_key,
         2,
-        [dlfs.dense(3, dlfs.Tanh(), **init), dlfs.dense(1, dlfs.Tanh(), **init)],
+        [
+            dlfs.dense(3, dlfs.Tanh(), init=uniform_half, bias_init=uniform_half),
+            dlfs.dense(1, dlfs.Tanh(), init=uniform_half, bias_init=uniform_half),
+        ],
         dlfs.MeanSquaredError(),
         dtype=np.float64,
     )
