@@ -10651,6 +10651,7 @@ def test_adding_example_data_and_smoke(monkeypatch, capsys):
         "boston",
         "char_rnn",
         "data_parallel",
+        "export_onnx",
         "mnist_cnn",
         "mnist_lstm",
         "mnist_mlp",

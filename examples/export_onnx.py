@@ -31,7 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mnist_cnn  # the examples beside this one: their networks
+import mnist_lstm
+import mnist_mlp
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -45,21 +49,12 @@ INPUT_SHAPES = {"mlp": (784,), "cnn": (1, 28, 28), "lstm": (28, 28)}
 
 def build(model: str, seed: int, steps: int) -> tuple[dlfs.Network, dlfs.Optimizer]:
     """The MNIST examples' network for ``model``, and Adam over ``steps`` steps."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
     if model == "mlp":
-        import mnist_mlp
-
         return mnist_mlp.build("default", seed, steps)
     schedule = dlfs.CosineDecay(2e-3, steps=steps, warmup=min(200, steps - 1))
     if model == "cnn":
-        import mnist_cnn
-
         return mnist_cnn.build(seed), dlfs.Adam(schedule)
     if model == "lstm":
-        import mnist_lstm
-
         return mnist_lstm.build(seed), dlfs.chain(dlfs.ClipByGlobalNorm(1.0), dlfs.Adam(schedule))
     raise ValueError(f"model must be one of {sorted(INPUT_SHAPES)}, got {model!r}")
 
@@ -88,11 +83,15 @@ def samples_per_s(predict: Any, x: np.ndarray, batch: int, repeat: int) -> float
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").partition("\n")[0], formatter_class=Defaults
+    )
     ap.add_argument("--data", help="an MNIST .npz or a folder of IDX files (default: download)")
-    ap.add_argument("--model", choices=sorted(INPUT_SHAPES), default="mlp")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--model", choices=sorted(INPUT_SHAPES), default="mlp", help="which example's network"
+    )
+    ap.add_argument("--epochs", type=int, default=1, help="training epochs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and batch order")
     ap.add_argument("--checkpoint", help="load this dlfs checkpoint instead of training")
     ap.add_argument("--out", default="mnist.onnx", help="where to write the ONNX file")
     ap.add_argument("--batch", type=int, default=1000, help="inference batch size")
