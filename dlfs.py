@@ -582,13 +582,13 @@ def _with_arrays(layer: Any, params: Params) -> Any:
 
 
 def _renew_layer(layer: Any, params: Params) -> Any:
-    """``layer.with_params(params)`` for arrays known to fit (see Network._renew):
-    dlfs's own layers set field by field, a container's sub-layers likewise."""
+    """``layer.with_params(params)`` for arrays known to fit a layer of dlfs's own
+    (see Network._renew): set field by field, a container's sub-layers likewise."""
     if not params:
         return layer
     if isinstance(layer, _CHAINS):
         return layer._renew(params)
-    return _with_arrays(layer, params) if _is_own(layer) else layer.with_params(params)
+    return _with_arrays(layer, params)
 
 
 @functools.cache
