@@ -10124,6 +10124,44 @@ def test_export_onnx_matches_predict(tmp_path, name, dtype):
         assert _rel_err(got, want) <= tol, (runtime, _rel_err(got, want))
 
 
+_EXPORT_ACTIVATIONS = [
+    dlfs.Linear(),
+    dlfs.Sigmoid(),
+    dlfs.Tanh(),
+    dlfs.ReLU(),
+    dlfs.LeakyReLU(0.2),
+    dlfs.ELU(0.7),
+    dlfs.GELU(),
+    dlfs.GELU("none"),
+    dlfs.SiLU(),
+]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=SEEDS,
+    n=SIZES,
+    d_in=SIZES,
+    d_out=SIZES,
+    t=st.integers(0, 3),
+    act=st.sampled_from(_EXPORT_ACTIVATIONS),
+)
+def test_export_onnx_property_dense_and_activations(seed, n, d_in, d_out, t, act):
+    """Drawn sizes (t = 0: flat inputs, else (T, D) sequences) and activation:
+    ONNX Runtime equals predict to 1e-5 in float32."""
+    ort = pytest.importorskip("onnxruntime")
+    shape = (t, d_in) if t else (d_in,)
+    layers = [dlfs.dense(d_out, act), dlfs.dense(3)]
+    net = dlfs.network(seed, shape, layers, dlfs.MeanSquaredError())
+    x = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "net.onnx")
+        dlfs.export_onnx(net, path)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"x": x})
+    assert _rel_err(got, net.predict(x)) <= 1e-5
+
+
 def test_export_onnx_maps_recurrent_gates_to_onnx_order(tmp_path):
     """ONNX's LSTM gates are i, o, f, c and its GRU's z, r, h: the exported W
     holds dlfs's blocks reordered so (a layout mistake would still pass a
