@@ -10114,6 +10114,9 @@ def test_export_onnx_matches_predict(tmp_path, name, dtype):
     onnx.checker.check_model(on_disk, full_check=True)
     assert on_disk.SerializeToString() == model.SerializeToString()
     assert model.opset_import[0].version == 17
+    again = dlfs.export_onnx(net, tmp_path / "again.onnx", dtype=None if net.dtype else dtype)
+    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()  # deterministic
+    assert again.SerializeToString() == model.SerializeToString()
     (dim_n, *dims) = on_disk.graph.input[0].type.tensor_type.shape.dim
     assert dim_n.dim_param == "N" and [d.dim_value for d in dims] == list(net.input_shape)
     tol = 1e-5 if dtype == np.float32 else 1e-12
