@@ -1022,6 +1022,17 @@ class _NoParams:
         return f"{type(self).__name__}({args})"
 
 
+def _check_dy(dy: Any, shape: tuple[int, ...] | None, dtype: np.dtype | None) -> None:
+    """A layer's public backward: dy shaped and typed like the forward's output,
+    never broadcast or cast (``None``: what the cache does not tell; then any
+    shape, or float32/float64)."""
+    if type(dy) is np.ndarray and dy.shape == shape and dy.dtype == dtype:
+        return  # the common case, in a few attribute reads
+    _check_float("dy", dy, dtype)
+    if shape is not None:
+        _check_shape("dy", dy, shape)
+
+
 def _dense_weights(w: Any) -> np.ndarray:
     """Dense's ``w`` converter; an int there is the Keras habit ``Dense(units)``."""
     if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
@@ -1202,6 +1213,7 @@ class Linear(_NoParams):
 
     def backward(self, cache: None, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy."""
+        _check_dy(dy, None, None)
         return dy, ()
 
 
@@ -1245,6 +1257,7 @@ class Sigmoid(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * y * (1 - y) (PyTorch's; where y rounds to 1 the slope is 0)."""
         y = cache
+        _check_dy(dy, y.shape, y.dtype)
         return dy * y * (1 - y), ()
 
 
@@ -1264,6 +1277,7 @@ class Tanh(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * (1 - y**2)."""
+        _check_dy(dy, cache.shape, cache.dtype)
         return dy * (1 - cache * cache), ()
 
 
@@ -1289,6 +1303,7 @@ class ReLU(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0 (i.e. y > 0), else 0."""
+        _check_dy(dy, cache.shape, cache.dtype)
         return dy * (cache > 0), ()
 
     # In place, for a network's own arrays (see Network._forward / _param_backward):
@@ -1337,6 +1352,7 @@ class LeakyReLU(_NoParams):
 
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else alpha * dy."""
+        _check_dy(dy, cache.shape, None)  # the cache is a mask: dy's float dtype is kept
         return np.where(cache, dy, dy * self.alpha), ()
 
 
@@ -1364,6 +1380,7 @@ class ELU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy where x > 0, else dy * alpha * exp(x)."""
         positive, e = cache
+        _check_dy(dy, e.shape, e.dtype)
         return np.where(positive, dy, dy * e * self.alpha), ()
 
 
@@ -1649,6 +1666,7 @@ class GELU(_NoParams):
             dx *= dy
             return dx, ()
         x, s, c = cache
+        _check_dy(dy, x.shape, x.dtype)
         du = (1 + 3 * 0.044715 * x * x) * (2 * _SQRT_2_OVER_PI)
         return dy * (s + x * s * c * du), ()
 
@@ -1676,6 +1694,7 @@ class SiLU(_NoParams):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * s * (1 + x (1 - s)), s = sigmoid(x)."""
         x, s, c = cache
+        _check_dy(dy, x.shape, x.dtype)
         return dy * s * (1 + x * c), ()
 
 
@@ -1714,6 +1733,7 @@ class Softmax(_NoParams):
     def backward(self, cache: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = y * (dy - sum_k dy_k y_k)."""
         y = cache
+        _check_dy(dy, y.shape, y.dtype)
         return y * (dy - (dy * y).sum(axis=1, keepdims=True)), ()
 
 
@@ -1750,7 +1770,11 @@ class Dropout(_NoParams):
 
     def backward(self, cache: Any, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy * mask / (1 - p) (dy in evaluation mode)."""
-        return (dy if cache is None else dy * cache), ()
+        if cache is None:
+            _check_dy(dy, None, None)
+            return dy, ()
+        _check_dy(dy, cache.shape, cache.dtype)
+        return dy * cache, ()
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -1772,6 +1796,7 @@ class Flatten(_NoParams):
 
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """dx = dy reshaped to the input shape."""
+        _check_dy(dy, (cache[0], math.prod(cache[1:])), None)
         return dy.reshape(cache), ()
 
 
@@ -1887,6 +1912,7 @@ class BatchNorm(_ArrayRecord):
     def backward(self, cache: tuple, dy: np.ndarray) -> tuple[np.ndarray, Params]:
         """Full batch-statistics backward in training, affine backward in evaluation."""
         xhat, inv, train = cache
+        _check_dy(dy, xhat.shape, xhat.dtype)
         axes, bshape = self._axes(dy)
         dgamma = (dy * xhat).sum(axis=axes)
         dbeta = dy.sum(axis=axes)
@@ -1945,8 +1971,39 @@ def _lookup(w: np.ndarray, ids: np.ndarray, name: str = "x") -> np.ndarray:
     return np.take(w, ids, axis=0)
 
 
+_T = TypeVar("_T", bound="_Table")
+
+
 @attrs.frozen(eq=False, repr=False)
-class Embedding(_ArrayRecord):
+class _Table(_ArrayRecord):
+    """Base of the layers that hold one (rows, dim) matrix ``w``: Embedding (a
+    row per token id) and PositionalEmbedding (a row per position)."""
+
+    _PARAMS = ("w",)  # the fields params() returns, in order
+    _ROWS = "rows"  # what a row is, for messages
+
+    w: np.ndarray = attrs.field(converter=_frozen_field)
+
+    def __attrs_post_init__(self) -> None:
+        if self.w.ndim != 2:
+            raise ValueError(f"w must be 2-D ({self._ROWS}, dim), got shape {self.w.shape}")
+
+    @property
+    def dim(self) -> int:
+        return self.w.shape[1]
+
+    def params(self) -> Params:
+        """(w,)."""
+        return (self.w,)
+
+    def with_params(self: _T, params: Sequence[np.ndarray]) -> _T:
+        """A new layer of this type with ``params = (w,)``."""
+        (w,) = _check_new_params(self, params)
+        return type(self)(w)
+
+
+@attrs.frozen(eq=False, repr=False)
+class Embedding(_Table):
     """Lookup table of token vectors: y[n, t] = w[x[n, t]] (PyTorch's
     ``nn.Embedding``, whose ``weight`` is ``w``).
 
@@ -1962,14 +2019,7 @@ class Embedding(_ArrayRecord):
     """
 
     _BUILDERS = ("dlfs.embedding({sizes})", "dlfs.Embedding.init(key, {sizes})")
-
-    _PARAMS = ("w",)  # the fields params() returns, in order
-
-    w: np.ndarray = attrs.field(converter=_frozen_field)
-
-    def __attrs_post_init__(self) -> None:
-        if self.w.ndim != 2:
-            raise ValueError(f"w must be 2-D (n_vocab, dim), got shape {self.w.shape}")
+    _ROWS = "n_vocab"
 
     @classmethod
     def init(
@@ -1988,19 +2038,6 @@ class Embedding(_ArrayRecord):
     @property
     def n_vocab(self) -> int:
         return self.w.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.w.shape[1]
-
-    def params(self) -> Params:
-        """(w,)."""
-        return (self.w,)
-
-    def with_params(self, params: Sequence[np.ndarray]) -> Embedding:
-        """A new Embedding with ``params = (w,)``."""
-        (w,) = _check_new_params(self, params)
-        return Embedding(w)
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(T,) -> (T, dim): one vector per id."""
@@ -3429,6 +3466,28 @@ _optional_field = attrs.Converter(
 )
 
 
+def _layer_norm_scale(gamma: Any) -> np.ndarray | None:
+    """LayerNorm's ``gamma``; an int there is the Keras habit ``LayerNorm(D)``."""
+    if isinstance(gamma, (int, np.integer)) and not isinstance(gamma, bool):
+        raise TypeError(
+            f"LayerNorm(gamma, beta) must be given arrays (or none), got gamma={gamma}: for "
+            f"a LayerNorm of {gamma} features write dlfs.layer_norm() inside dlfs.network(...) "
+            f"(it infers the size), or dlfs.LayerNorm.init({gamma})"
+        )
+    return None if gamma is None else _frozen(gamma, "gamma")
+
+
+def _sub_chain(layers: Any) -> tuple[Any, ...]:
+    """A container's ``layers``: a sequence of layers, as a tuple."""
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(
+            f"layers must be a list of layers, got {type(layers).__name__}; inside "
+            "dlfs.network(...) build the block from specs: dlfs.residual([...]) or "
+            "dlfs.tied_embedding(n_vocab, dim, [...])"
+        )
+    return tuple(layers)
+
+
 def _check_vector(name: str, a: np.ndarray | None, n: int, dtype: np.dtype) -> None:
     if a is not None:
         _check_input(name, a, (n,), dtype)
@@ -3461,7 +3520,7 @@ class LayerNorm(_ArrayRecord):
 
     _PARAMS = ("gamma", "beta")  # the fields params() returns (those not None), in order
 
-    gamma: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
+    gamma: np.ndarray | None = attrs.field(default=None, converter=_layer_norm_scale)
     beta: np.ndarray | None = attrs.field(default=None, converter=_optional_field)
     eps: float = attrs.field(
         default=1e-5, converter=lambda v: _check_number("eps", v, low=0.0, low_open=True)
@@ -3563,8 +3622,9 @@ class LayerNorm(_ArrayRecord):
         off = [
             f"{name}=False" for name, a in (("scale", self.gamma), ("bias", self.beta)) if a is None
         ]
+        dim = [str(self.dim)] if self.dim is not None else []
         dtype = [str(self.params()[0].dtype)] if self.params() else []
-        return f"LayerNorm({', '.join([str(self.dim), *off, f'eps={self.eps}', *dtype])})"
+        return f"LayerNorm({', '.join([*dim, *off, f'eps={self.eps}', *dtype])})"
 
 
 def _heads(a: np.ndarray, n_heads: int) -> np.ndarray:
@@ -3616,6 +3676,7 @@ class SelfAttention(_ArrayRecord):
     """
 
     _PARAMS = ("w_qkv", "b_qkv", "w_o", "b_o")  # params(): those not None, in order
+    _BUILDERS = ("dlfs.self_attention(n_heads)", "dlfs.SelfAttention.init(key, dim, n_heads)")
 
     w_qkv: np.ndarray = attrs.field(converter=_frozen_field)
     w_o: np.ndarray = attrs.field(converter=_frozen_field)
@@ -3758,7 +3819,7 @@ class SelfAttention(_ArrayRecord):
 
 
 @attrs.frozen(eq=False, repr=False)
-class PositionalEmbedding(_ArrayRecord):
+class PositionalEmbedding(_Table):
     """Learned positions (GPT-2's ``wpe``), added to a sequence: y[n, t] = x[n, t] + w[t].
 
     x: (N, T, D) with T <= max_len -> y: (N, T, D); w: (max_len, D).  Shorter
@@ -3770,13 +3831,11 @@ class PositionalEmbedding(_ArrayRecord):
     ((2, 5, 4), True)
     """
 
-    _PARAMS = ("w",)  # the fields params() returns, in order
-
-    w: np.ndarray = attrs.field(converter=_frozen_field)
-
-    def __attrs_post_init__(self) -> None:
-        if self.w.ndim != 2:
-            raise ValueError(f"w must be 2-D (max_len, dim), got shape {self.w.shape}")
+    _ROWS = "max_len"
+    _BUILDERS = (
+        "dlfs.positional_embedding({sizes})",
+        "dlfs.PositionalEmbedding.init(key, {sizes}, dim)",
+    )
 
     @classmethod
     def init(
@@ -3795,15 +3854,6 @@ class PositionalEmbedding(_ArrayRecord):
     @property
     def max_len(self) -> int:
         return self.w.shape[0]
-
-    def params(self) -> Params:
-        """(w,)."""
-        return (self.w,)
-
-    def with_params(self, params: Sequence[np.ndarray]) -> PositionalEmbedding:
-        """A new PositionalEmbedding with ``params = (w,)``."""
-        (w,) = _check_new_params(self, params)
-        return PositionalEmbedding(w)
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(T, D) -> (T, D), T <= max_len."""
@@ -3929,7 +3979,7 @@ class Residual(_ArrayRecord):
     ((2, 4), 0.0)
     """
 
-    layers: tuple[Layer, ...] = attrs.field(converter=tuple)
+    layers: tuple[Layer, ...] = attrs.field(converter=_sub_chain)
 
     def __attrs_post_init__(self) -> None:
         if not self.layers:
@@ -3996,7 +4046,7 @@ class TiedEmbedding(_ArrayRecord):
     _PARAMS = ("w",)  # the first of params(); the sub-layers' follow
 
     w: np.ndarray = attrs.field(converter=_frozen_field)
-    layers: tuple[Layer, ...] = attrs.field(default=(), converter=tuple)
+    layers: tuple[Layer, ...] = attrs.field(default=(), converter=_sub_chain)
 
     def __attrs_post_init__(self) -> None:
         if self.w.ndim != 2:
@@ -5775,10 +5825,10 @@ class _Optimizer:
     ) -> tuple[NetParams, OptState]:
         """Returns (new params, new state)."""
         _check_update(self, grads, state, params, self._N_SLOTS)
-        return self._apply(grads, state, params)
+        return self._apply(grads, state, params, False)
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         raise NotImplementedError
 
@@ -5817,7 +5867,7 @@ class SGD(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, decayed = _start(self, grads, state, params)
         owned = owned or decayed is not grads  # g + wd p: fresh arrays of ours
@@ -5853,7 +5903,7 @@ class Momentum(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         mu = self.momentum
@@ -5902,7 +5952,7 @@ class AdaGrad(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         s = _tree_map(lambda s, g: s + g * g, state.slots[0], grads)
@@ -5938,7 +5988,7 @@ class RMSProp(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 1))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params)
         a = self.alpha
@@ -6027,7 +6077,7 @@ class Adam(_Optimizer):
         return OptState(0, _lr_at(self.lr, 0), _zero_slots(params, 2))
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         lr, grads = _start(self, grads, state, params, l2=False)
         wd, mask = self.weight_decay, self.weight_decay_mask
@@ -6332,7 +6382,7 @@ class Chain:
         return new, state
 
     def _apply(
-        self, grads: NetParams, state: OptState, params: NetParams, owned: bool = False
+        self, grads: NetParams, state: OptState, params: NetParams, owned: bool
     ) -> tuple[NetParams, OptState]:
         """``update`` without the checks, for a chain of dlfs's own parts."""
         own: Any = self  # all of its parts are dlfs's own, with their private _apply
@@ -6384,6 +6434,19 @@ def chain(*parts: Optimizer | GradientTransform | Constraint) -> Chain:
 
 
 # ------------------------------------------------------------------ training
+
+
+# numpy takes every array from malloc.  glibc's malloc hands out blocks above
+# its mmap threshold (128 KiB at first) as fresh pages from the system and
+# returns them when freed, so a step whose activations are such blocks faults
+# in all their pages again, every step; the threshold rises to the size of a
+# block above it that is freed, up to 32 MiB.  Freeing one block just under
+# that ceiling at import lets malloc keep and reuse blocks up to that size.
+# Measured on the baby GPT of benchmarks/bench_gpt.py, one thread: 12,097 page
+# faults and 91 ms per step without it (weights loaded from an .npz first),
+# none and 64 ms with it.  Under another malloc it is one allocation that does nothing.
+_MALLOC_KEEP = 31 << 20  # under the ceiling with malloc's header and page rounding
+np.empty(_MALLOC_KEEP, np.uint8)  # allocated and freed at once, never touched
 
 
 class NonFiniteError(FloatingPointError):

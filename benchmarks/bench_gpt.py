@@ -66,7 +66,6 @@ def _pin_threads(argv: list[str]) -> None:
     i = argv.index("--threads")
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = argv[i + 1]
-    os.environ.pop("DLFS_NUM_THREADS", None)  # dlfs without threads of its own, its default
 
 
 _pin_threads(sys.argv[1:])
@@ -426,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="default: 1 2")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     p.add_argument("--text", help="train on this file's characters (default: synthetic ids)")
     p.add_argument("--seed", type=int, default=0, help="initial weights and batches (default 0)")
     p.add_argument("--only", nargs="+", choices=("dlfs", "torch"), help="contenders (default both)")
