@@ -3498,6 +3498,17 @@ def _matrix(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+def _row_sums(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """The sum over the last axis of a (of a * b if b is given): (..., D) -> (..., 1).
+    One GEMV (or einsum for a * b, no product array): numpy's reduction along
+    rows of 64-512 entries takes about 4x as long (28 against 6 us on (768, 128))."""
+    if b is None:
+        sums = np.dot(_matrix(a), np.ones(a.shape[-1], a.dtype))
+    else:
+        sums = np.einsum("ij,ij->i", _matrix(a), _matrix(b))
+    return sums.reshape(*a.shape[:-1], 1)
+
+
 @attrs.frozen(eq=False, repr=False)
 class LayerNorm(_ArrayRecord):
     """Layer normalization over the last axis (PyTorch's ``nn.LayerNorm(D)``):
@@ -3587,8 +3598,8 @@ class LayerNorm(_ArrayRecord):
         """The cache is (x_hat, 1 / sqrt(var + eps)), x_hat the normalized x."""
         self._check_x(x)
         d = x.shape[-1]
-        xc = x - np.add.reduce(x, axis=-1, keepdims=True) / d
-        rstd = np.add.reduce(xc * xc, axis=-1, keepdims=True)
+        xc = x - _row_sums(x) / d
+        rstd = _row_sums(xc, xc)
         rstd /= d
         rstd += self.eps
         np.sqrt(rstd, out=rstd)
@@ -3611,9 +3622,9 @@ class LayerNorm(_ArrayRecord):
         if self.beta is not None:
             grads.append(np.add.reduce(_matrix(dy), axis=0))
         g = dy * self.gamma if self.gamma is not None else dy.copy()
-        proj = np.add.reduce(g * x_hat, axis=-1, keepdims=True)
+        proj = _row_sums(g, x_hat)
         proj /= d
-        g -= np.add.reduce(g, axis=-1, keepdims=True) / d
+        g -= _row_sums(g) / d
         g -= x_hat * proj
         g *= rstd
         return g, tuple(grads)
@@ -3643,7 +3654,7 @@ def _softmax_last(s: np.ndarray) -> np.ndarray:
     first; an entry at -inf becomes exactly 0)."""
     s -= np.maximum.reduce(s, axis=-1, keepdims=True)
     np.exp(s, out=s)
-    s /= np.add.reduce(s, axis=-1, keepdims=True)
+    s /= _row_sums(s)
     return s
 
 
@@ -3795,7 +3806,7 @@ class SelfAttention(_ArrayRecord):
         da = np.matmul(do, v.transpose(0, 1, 3, 2))
         if mask is not None:
             da *= mask
-        da -= np.add.reduce(da * a, axis=-1, keepdims=True)
+        da -= _row_sums(da, a)
         da *= a  # dS; entries hidden by the mask have A = 0, so no gradient
         np.matmul(da, k, out=dq)
         dq *= x.dtype.type(1 / math.sqrt(d // self.n_heads))
