@@ -51,6 +51,8 @@ reference lists them:
 15. **gradient checks**: `GradientCheckError`, `check_grads`,
     `check_layer`, `check_loss`.
 16. **save/load** (checkpoints): `Checkpoint`, `save`, `load`.
+17. **export: ONNX and PyTorch**: `export_onnx`, `to_torch_state_dict`,
+    `from_torch_state_dict`.
 
 Type aliases in signatures: ``Key = tuple[int, ...]`` (an int seed is
 accepted wherever a key is), ``Params = tuple[np.ndarray, ...]`` (one
@@ -88,7 +90,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -246,6 +248,10 @@ __all__ = [
     "Checkpoint",
     "save",
     "load",
+    # export: ONNX and PyTorch
+    "export_onnx",
+    "to_torch_state_dict",
+    "from_torch_state_dict",
 ]
 
 Key = tuple[int, ...]
@@ -9278,11 +9284,16 @@ def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
     that earlier, killed saves of ``path`` left are removed first; those of saves
     still writing (other threads or processes) are left to them, and the last
     rename wins."""
+    _atomic_write_with(path, lambda f: _write_npz(f, arrays))
+
+
+def _atomic_write_with(path: str, write: Callable[[Any], Any]) -> None:
+    """``_atomic_write`` of whatever ``write(file)`` writes into the open binary file."""
     _remove_abandoned_temps(path)
     fd, tmp = _open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_npz(f, arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
             with contextlib.suppress(FileNotFoundError):
@@ -9741,3 +9752,823 @@ def _resume_fit(path: Any, net: Network, optimizer: Any, step_key: Key, plan: _F
         return _FitRun(state, epoch, history, best, best_loss, bad, batch, _saved_stop(saved))
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"resume: the fit record in {path!r} is damaged ({err!r})") from None
+
+
+# ------------------------------------------------------ export: ONNX and PyTorch
+
+_ONNX_OPSET = 17  # LayerNormalization's first opset; every other op here is older
+_ONNX_IR_VERSION = 8  # the oldest IR that opset 17 allows: readable by older runtimes
+
+
+class _OnnxGraph:
+    """The graph ``export_onnx`` builds: nodes and weights (initializers) in
+    order, each with a fresh name.  ``prefix`` names the nodes of the layer
+    being exported (``layer3.Dense``), so a runtime's error points at it.
+    Private and local to one export."""
+
+    def __init__(self, onnx: Any, dtype: np.dtype):
+        self.onnx, self.dtype = onnx, dtype
+        self.nodes: list[Any] = []
+        self.weights: list[Any] = []
+        self.prefix = "graph"
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}.{hint}_{self._count}"
+
+    def weight(self, hint: str, a: np.ndarray) -> str:
+        """A constant array (a copy of ``a``, C order) as an initializer; returns its name."""
+        name = self.name(hint)
+        self.weights.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(a), name))
+        return name
+
+    def const(self, hint: str, value: float) -> str:
+        """A scalar of the network's dtype."""
+        return self.weight(hint, np.asarray(value, self.dtype))
+
+    def ints(self, hint: str, values: Sequence[int]) -> str:
+        """An int64 vector (axes and shapes are tensors since opset 13)."""
+        return self.weight(hint, np.asarray(values, np.int64))
+
+    def outputs(self, op: str, inputs: Sequence[str], n: int, **attributes: Any) -> list[str]:
+        """Add one ``op`` node with ``n`` outputs; returns their names."""
+        names = [self.name(f"{op}_out{k}") for k in range(n)]
+        node = self.onnx.helper.make_node(op, list(inputs), names, name=self.name(op), **attributes)
+        self.nodes.append(node)
+        return names
+
+    def op(self, op: str, *inputs: str, **attributes: Any) -> str:
+        """Add one ``op`` node with one output; returns its name."""
+        return self.outputs(op, inputs, 1, **attributes)[0]
+
+
+# One function per layer type: (graph, layer, x, per-sample input shape) ->
+# the name of the layer's output.  ``export_onnx`` looks the layer's exact
+# type up in ``_ONNX_EXPORTERS``; a new layer kind is one function and one entry.
+
+
+def _onnx_dense(g: _OnnxGraph, layer: Dense, x: str, shape: tuple[int, ...]) -> str:
+    """y = x @ w + b: MatMul then Add (none without a bias), for (N, D) and (N, T, D)."""
+    y = g.op("MatMul", x, g.weight("w", layer.w))
+    return y if layer.b is None else g.op("Add", y, g.weight("b", layer.b))
+
+
+def _onnx_identity(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+    """Linear, and Dropout (the identity in evaluation mode)."""
+    return g.op("Identity", x)
+
+
+def _onnx_unary(op: str) -> Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]:
+    """One ONNX op without attributes: Sigmoid, Tanh, Relu."""
+
+    def export(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+        return g.op(op, x)
+
+    export.__doc__ = f"y = {op}(x)."
+    return export
+
+
+# ONNX's float attributes are float32: alpha = 0.01 as an attribute is off by
+# 2e-10, invisible in float32 and large in float64.  So float64 graphs spell
+# LeakyRelu and Elu out with alpha as a float64 constant (which also runs
+# where a runtime has no float64 Elu kernel, as ONNX Runtime 1.32).
+
+
+def _onnx_where_positive(g: _OnnxGraph, x: str, negative: str) -> str:
+    """y = x where x > 0, else ``negative``."""
+    return g.op("Where", g.op("Greater", x, g.const("zero", 0.0)), x, negative)
+
+
+def _onnx_leaky_relu(g: _OnnxGraph, layer: LeakyReLU, x: str, shape: tuple[int, ...]) -> str:
+    """LeakyRelu; float64: Where(x > 0, x, x * alpha)."""
+    if g.dtype == np.float32:
+        return g.op("LeakyRelu", x, alpha=float(layer.alpha))
+    return _onnx_where_positive(g, x, g.op("Mul", x, g.const("alpha", layer.alpha)))
+
+
+def _onnx_elu(g: _OnnxGraph, layer: ELU, x: str, shape: tuple[int, ...]) -> str:
+    """Elu; float64: Where(x > 0, x, alpha * (exp(min(x, 0)) - 1))."""
+    if g.dtype == np.float32:
+        return g.op("Elu", x, alpha=float(layer.alpha))
+    em1 = g.op("Sub", g.op("Exp", g.op("Min", x, g.const("zero", 0.0))), g.const("one", 1.0))
+    return _onnx_where_positive(g, x, g.op("Mul", em1, g.const("alpha", layer.alpha)))
+
+
+def _onnx_gelu(g: _OnnxGraph, layer: GELU, x: str, shape: tuple[int, ...]) -> str:
+    """dlfs's own formula, x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), in
+    Mul/Add/Sigmoid (ONNX's Gelu op arrived only in opset 20); the exact form
+    x * (erf(x / sqrt 2) + 1) / 2 with Erf."""
+    if layer.approximate == "none":
+        erf = g.op("Erf", g.op("Mul", x, g.const("inv_sqrt_2", 1 / math.sqrt(2))))
+        phi = g.op("Mul", g.op("Add", erf, g.const("one", 1.0)), g.const("half", 0.5))
+        return g.op("Mul", x, phi)
+    cube = g.op("Mul", x, g.op("Mul", x, x))
+    inner = g.op("Add", x, g.op("Mul", cube, g.const("c", 0.044715)))
+    s = g.op("Sigmoid", g.op("Mul", inner, g.const("two_sqrt_2_over_pi", 2 * _SQRT_2_OVER_PI)))
+    return g.op("Mul", x, s)
+
+
+def _onnx_silu(g: _OnnxGraph, layer: SiLU, x: str, shape: tuple[int, ...]) -> str:
+    return g.op("Mul", x, g.op("Sigmoid", x))
+
+
+def _onnx_softmax(g: _OnnxGraph, layer: Softmax, x: str, shape: tuple[int, ...]) -> str:
+    return g.op("Softmax", x, axis=-1)
+
+
+def _onnx_flatten(g: _OnnxGraph, layer: Flatten, x: str, shape: tuple[int, ...]) -> str:
+    return g.op("Flatten", x, axis=1)
+
+
+def _onnx_batch_norm(g: _OnnxGraph, layer: BatchNorm, x: str, shape: tuple[int, ...]) -> str:
+    """Evaluation mode, with the running statistics, on (N, C) and (N, C, H, W):
+    BatchNormalization; float64 (its epsilon is a float32 attribute): dlfs's own
+    arithmetic, (x - mean) * inv * gamma + beta with inv = 1 / sqrt(var + eps)."""
+    if g.dtype == np.float32:
+        ws = [g.weight(n, getattr(layer, n)) for n in ("gamma", "beta", "mean", "var")]
+        return g.op("BatchNormalization", x, *ws, epsilon=float(layer.eps))
+    bshape = (-1,) if len(shape) == 1 else (-1, 1, 1)
+    inv = 1 / np.sqrt(layer.var + layer.eps)
+    xhat = g.op(
+        "Mul",
+        g.op("Sub", x, g.weight("mean", layer.mean.reshape(bshape))),
+        g.weight("inv", inv.reshape(bshape)),
+    )
+    y = g.op("Mul", xhat, g.weight("gamma", layer.gamma.reshape(bshape)))
+    return g.op("Add", y, g.weight("beta", layer.beta.reshape(bshape)))
+
+
+def _onnx_embedding(g: _OnnxGraph, layer: Embedding, x: str, shape: tuple[int, ...]) -> str:
+    """y = w[x]: Gather along w's rows (ids are int64 in the graph)."""
+    return g.op("Gather", g.weight("w", layer.w), x, axis=0)
+
+
+def _onnx_conv(g: _OnnxGraph, layer: Conv2D, x: str, shape: tuple[int, ...]) -> str:
+    """Conv; dlfs's ((top, bottom), (left, right)) pads are ONNX's [top, left, bottom, right]."""
+    (top, bottom), (left, right) = layer.padding
+    return g.op(
+        "Conv",
+        x,
+        g.weight("w", layer.w),
+        g.weight("b", layer.b),
+        kernel_shape=list(layer.kernel_size),
+        strides=list(layer.stride),
+        pads=[top, left, bottom, right],
+    )
+
+
+def _onnx_pool(op: str) -> Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]:
+    """MaxPool / AveragePool without padding: ONNX's floor rounding drops
+    incomplete windows, as dlfs does."""
+
+    def export(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+        return g.op(op, x, kernel_shape=list(layer.size), strides=list(layer.stride))
+
+    export.__doc__ = f"{op} over windows ``size`` with ``stride``, no padding."
+    return export
+
+
+def _gate_blocks(a: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """The (..., G*H) gate blocks of ``a`` along its last axis, in ``order``."""
+    blocks = np.split(a, len(order), axis=-1)
+    return np.concatenate([blocks[k] for k in order], axis=-1)
+
+
+# dlfs keeps PyTorch's gate order; ONNX's own is LSTM i, o, f, c and GRU z, r, h.
+_ONNX_GATES = {"RNN": (0,), "LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2)}
+
+
+def _onnx_recurrent(g: _OnnxGraph, layer: Any, x: str, shape: tuple[int, ...]) -> str:
+    """RNN/LSTM/GRU as ONNX's op of that name, time-major inside.
+
+    W = w_ih.T (G*H, D) and R = w_hh.T (G*H, H) with the gate blocks in ONNX's
+    order (LSTM i, o, f, c from dlfs's i, f, g, o; GRU z, r, h from r, z, n);
+    B = [Wb, Rb] with Wb = b in that order and Rb = 0, except the GRU's Rbh =
+    b_hn (``linear_before_reset=1``: the reset gate multiplies
+    h W_hn + b_hn, as in dlfs and PyTorch).  x (N, T, D) is transposed to
+    (T, N, D); the op's Y (T, 1, N, H) becomes (N, T, H), its Y_h (1, N, H)
+    the last h (N, H).
+    """
+    kind = type(layer).__name__
+    order = _ONNX_GATES[kind]
+    rb = np.zeros_like(layer.b)
+    if isinstance(layer, GRU):
+        rb[2 * layer.n_hidden :] = layer.b_hn
+    attributes: dict[str, Any] = {"hidden_size": layer.n_hidden}
+    if isinstance(layer, GRU):
+        attributes["linear_before_reset"] = 1
+    w = g.weight("W", _gate_blocks(layer.w_ih, order).T[None])
+    r = g.weight("R", _gate_blocks(layer.w_hh, order).T[None])
+    b = g.weight("B", np.concatenate([_gate_blocks(layer.b, order), rb])[None])
+    xt = g.op("Transpose", x, perm=[1, 0, 2])
+    ys, h_last = g.outputs(kind, [xt, w, r, b], 2, **attributes)
+    if layer.return_sequences:
+        return g.op("Transpose", g.op("Squeeze", ys, g.ints("axes", [1])), perm=[1, 0, 2])
+    return g.op("Squeeze", h_last, g.ints("axes", [0]))
+
+
+def _onnx_layer_norm(g: _OnnxGraph, layer: LayerNorm, x: str, shape: tuple[int, ...]) -> str:
+    """LayerNormalization over the last axis (scale 1 where gamma is None); float64
+    (its epsilon is a float32 attribute): dlfs's arithmetic, xc = x - mean(x),
+    y = xc / sqrt(mean(xc^2) + eps) * gamma + beta, means over the last axis."""
+    if g.dtype == np.float32:
+        gamma = np.ones(shape[-1], g.dtype) if layer.gamma is None else layer.gamma
+        inputs = [x, g.weight("gamma", gamma)]
+        if layer.beta is not None:
+            inputs.append(g.weight("beta", layer.beta))
+        return g.op("LayerNormalization", *inputs, axis=-1, epsilon=float(layer.eps))
+    xc = g.op("Sub", x, g.op("ReduceMean", x, axes=[-1], keepdims=1))
+    var = g.op("ReduceMean", g.op("Mul", xc, xc), axes=[-1], keepdims=1)
+    std = g.op("Sqrt", g.op("Add", var, g.const("eps", layer.eps)))
+    y = g.op("Mul", xc, g.op("Div", g.const("one", 1.0), std))
+    if layer.gamma is not None:
+        y = g.op("Mul", y, g.weight("gamma", layer.gamma))
+    return y if layer.beta is None else g.op("Add", y, g.weight("beta", layer.beta))
+
+
+def _onnx_heads(g: _OnnxGraph, a: str, n_heads: int, d: int) -> str:
+    """(N, T, D) -> (N, H, T, D/H): Reshape (0 keeps N and T) and Transpose."""
+    split = g.op("Reshape", a, g.ints("shape", [0, 0, n_heads, d // n_heads]))
+    return g.op("Transpose", split, perm=[0, 2, 1, 3])
+
+
+def _onnx_attention(g: _OnnxGraph, layer: SelfAttention, x: str, shape: tuple[int, ...]) -> str:
+    """MatMul, Split and Softmax: qkv = x w_qkv (+ b) split into q, k, v (D each),
+    heads by Reshape/Transpose, A = softmax(q k^T / sqrt(D/H) + mask), the causal
+    mask a (T, T) constant with -inf above the diagonal (T is the network's);
+    O = A v, heads side by side, y = O w_o (+ b_o).  Dropout: none (evaluation)."""
+    t, d = shape
+    h = layer.n_heads
+    qkv = g.op("MatMul", x, g.weight("w_qkv", layer.w_qkv))
+    if layer.b_qkv is not None:
+        qkv = g.op("Add", qkv, g.weight("b_qkv", layer.b_qkv))
+    q, k, v = (
+        _onnx_heads(g, a, h, d)
+        for a in g.outputs("Split", [qkv, g.ints("split", [d, d, d])], 3, axis=2)
+    )
+    q = g.op("Mul", q, g.const("scale", 1 / math.sqrt(d // h)))
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    if layer.causal:
+        scores = g.op("Add", scores, g.weight("causal_mask", _causal_mask(t, g.dtype)))
+    o = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    o = g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.ints("shape", [0, 0, d]))
+    y = g.op("MatMul", o, g.weight("w_o", layer.w_o))
+    return y if layer.b_o is None else g.op("Add", y, g.weight("b_o", layer.b_o))
+
+
+def _onnx_positions(
+    g: _OnnxGraph, layer: PositionalEmbedding, x: str, shape: tuple[int, ...]
+) -> str:
+    """y = x + w[:T], T the network's sequence length."""
+    return g.op("Add", x, g.weight("w", layer.w[: shape[0]]))
+
+
+def _onnx_residual(g: _OnnxGraph, layer: Residual, x: str, shape: tuple[int, ...]) -> str:
+    """y = x + f(x): the sub-chain's graph, then Add."""
+    return g.op("Add", x, _onnx_chain(g, layer.layers, x, shape, f"{g.prefix}/"))
+
+
+def _onnx_tied(g: _OnnxGraph, layer: TiedEmbedding, x: str, shape: tuple[int, ...]) -> str:
+    """h = Gather(w, ids), the sub-chain, logits = h @ Transpose(w) (one w in the file)."""
+    w = g.weight("w", layer.w)
+    h = g.op("Gather", w, x, axis=0)
+    h = _onnx_chain(g, layer.layers, h, _sub_chain_input(layer, shape), f"{g.prefix}/")
+    return g.op("MatMul", h, g.op("Transpose", w, perm=[1, 0]))
+
+
+_OnnxExporter = Callable[[_OnnxGraph, Any, str, tuple[int, ...]], str]
+
+_ONNX_EXPORTERS: dict[type, _OnnxExporter] = {
+    Dense: _onnx_dense,
+    Linear: _onnx_identity,
+    Sigmoid: _onnx_unary("Sigmoid"),
+    Tanh: _onnx_unary("Tanh"),
+    ReLU: _onnx_unary("Relu"),
+    LeakyReLU: _onnx_leaky_relu,
+    ELU: _onnx_elu,
+    GELU: _onnx_gelu,
+    SiLU: _onnx_silu,
+    Softmax: _onnx_softmax,
+    Dropout: _onnx_identity,
+    Flatten: _onnx_flatten,
+    BatchNorm: _onnx_batch_norm,
+    Embedding: _onnx_embedding,
+    RNN: _onnx_recurrent,
+    LSTM: _onnx_recurrent,
+    GRU: _onnx_recurrent,
+    Conv2D: _onnx_conv,
+    MaxPool2D: _onnx_pool("MaxPool"),
+    AvgPool2D: _onnx_pool("AveragePool"),
+    LayerNorm: _onnx_layer_norm,
+    SelfAttention: _onnx_attention,
+    PositionalEmbedding: _onnx_positions,
+    Residual: _onnx_residual,
+    TiedEmbedding: _onnx_tied,
+}
+
+
+def _onnx_chain(
+    g: _OnnxGraph, layers: Sequence[Any], x: str, shape: tuple[int, ...], where: str
+) -> str:
+    """Each layer's exporter in turn, from input ``x`` of per-sample ``shape``;
+    ``where`` prefixes the node names (a sub-chain's: its container's)."""
+    outer = g.prefix
+    for i, layer in enumerate(layers):
+        g.prefix = f"{where}layer{i}.{type(layer).__name__}"
+        x = _ONNX_EXPORTERS[type(layer)](g, layer, x, shape)
+        shape = tuple(layer.output_shape(shape))
+    g.prefix = outer
+    return x
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+        import onnx.checker
+        import onnx.helper
+        import onnx.numpy_helper
+    except ImportError as err:
+        raise ImportError(
+            "export_onnx needs the onnx package: pip install onnx (and onnxruntime to run "
+            "the file), or pip install 'dlfs[onnx]'"
+        ) from err
+    return onnx
+
+
+def _check_network(name: str, net: Any) -> Network:
+    if not isinstance(net, Network):
+        raise TypeError(f"{name} must be a dlfs.Network, got {type(net).__name__}")
+    return net
+
+
+def _unexportable(layers: Sequence[Any], where: str = "") -> str | None:
+    """The first layer without an exporter, sub-chains included, in words; None if none."""
+    for i, layer in enumerate(layers):
+        here = f"{where}layer {i} ({type(layer).__name__})"
+        if type(layer) not in _ONNX_EXPORTERS:
+            return here
+        if isinstance(layer, _CHAINS):
+            inside = _unexportable(layer.layers, f"{here} > ")
+            if inside is not None:
+                return inside
+    return None
+
+
+def _check_exportable(net: Network) -> None:
+    """Every layer must have an exporter: TypeError naming the first that has none."""
+    missing = _unexportable(net.layers)
+    if missing is not None:
+        known = ", ".join(sorted(t.__name__ for t in _ONNX_EXPORTERS))
+        raise TypeError(
+            f"export_onnx cannot export {missing}: dlfs has no ONNX exporter for it "
+            f"(it exports {known})"
+        )
+
+
+def _export_dtype(net: Network, dtype: Any) -> np.dtype:
+    """The graph's float dtype: the network's; ``dtype`` (default float32) for a
+    network without parameters."""
+    if dtype is None:
+        return net.dtype or np.dtype(np.float32)
+    dtype = _check_dtype(dtype)
+    if net.dtype is not None and dtype != net.dtype:
+        raise ValueError(
+            f"dtype must be the network's ({net.dtype}) or None, got {dtype}; "
+            "dlfs never casts silently"
+        )
+    return dtype
+
+
+def _onnx_model(net: Network, input_name: str, output_name: str, dtype: np.dtype) -> Any:
+    """The checked ModelProto of ``net``'s inference graph."""
+    onnx = _import_onnx()
+    g = _OnnxGraph(onnx, dtype)
+    takes_ids = net._takes_ids()
+    x = _onnx_chain(g, net.layers, input_name, net.input_shape, "")
+    g.nodes.append(onnx.helper.make_node("Identity", [x], [output_name], name="output"))
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64) if takes_ids else dtype)
+    out_elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    graph = onnx.helper.make_graph(
+        g.nodes,
+        "dlfs",
+        [onnx.helper.make_tensor_value_info(input_name, elem, ["N", *net.input_shape])],
+        [onnx.helper.make_tensor_value_info(output_name, out_elem, ["N", *net.output_shape])],
+        initializer=g.weights,
+        doc_string=repr(net),
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", _ONNX_OPSET)],
+        producer_name="dlfs",
+        producer_version=__version__,
+    )
+    model.ir_version = _ONNX_IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _check_io_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+    return value
+
+
+def export_onnx(
+    net: Network,
+    path: str | os.PathLike,
+    *,
+    input_name: str = "x",
+    output_name: str = "y",
+    dtype: FloatDType | None = None,
+) -> Any:
+    """Write ``net``'s inference graph (evaluation mode: what ``net.predict``
+    computes) to an ONNX file at ``path``, and return the ``onnx.ModelProto``.
+
+    The graph takes ``input_name``: (N, *net.input_shape) of the network's
+    dtype (float32 or float64; int64 token ids for a network that starts
+    with an Embedding) and gives ``output_name``: (N, *net.output_shape); the
+    batch axis N is dynamic.  ``dtype`` is for a network without parameters
+    (default float32); for any other it may only repeat the network's.  Opset 17, IR version 8; the model passes
+    ``onnx.checker.check_model(full_check=True)`` before it is written
+    (atomically, as ``save`` writes).  Layer by layer: Dense -> MatMul + Add
+    (2-D and 3-D inputs; no Add without a bias); Sigmoid, Tanh, ReLU,
+    LeakyReLU, ELU, Softmax (last axis) -> the ops of those names; GELU (tanh
+    form) and SiLU -> Mul, Add and Sigmoid, exact GELU -> Erf; Linear and
+    Dropout -> Identity; Flatten -> Flatten;
+    BatchNorm -> BatchNormalization with the running statistics; Conv2D ->
+    Conv (pads [top, left, bottom, right]); MaxPool2D, AvgPool2D -> MaxPool,
+    AveragePool; Embedding -> Gather; RNN, LSTM, GRU -> ONNX's RNN, LSTM,
+    GRU, with the gate blocks reordered to ONNX's (LSTM i, o, f, c; GRU z, r,
+    h with ``linear_before_reset=1``); LayerNorm -> LayerNormalization;
+    SelfAttention -> MatMul, Split, Reshape/Transpose into heads, Softmax,
+    with the causal mask a constant (T, T) -inf above the diagonal (T is the
+    network's: only the batch axis is dynamic); PositionalEmbedding -> Add
+    of w[:T]; Residual -> its layers' graph, then Add; TiedEmbedding ->
+    Gather, its layers, MatMul with Transpose(w).  Any other layer (in a
+    sub-chain too) is a TypeError naming it; nothing is written then.
+
+    float64 graphs write LeakyReLU, ELU, BatchNorm and LayerNorm out in
+    Where, Mul, Exp, Sub, ReduceMean and Add with alpha and eps in float64
+    (ONNX's own ops take them as float32 attributes).  ONNX Runtime (1.32)
+    runs every such float32 graph; in float64 it has no kernels for Conv,
+    AveragePool, RNN, LSTM, GRU and Erf (exact GELU): the graph is still
+    valid ONNX, and onnx's reference evaluator runs it.  Needs the
+    ``onnx`` package, imported here (``pip install 'dlfs[onnx]'`` adds
+    onnxruntime to run the file).
+
+    >>> import os, tempfile
+    >>> import onnxruntime
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> x = np.linspace(-1, 1, 15, dtype=np.float32).reshape(5, 3)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "net.onnx")
+    ...     model = dlfs.export_onnx(net, path)
+    ...     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ...     (y,) = session.run(None, {"x": x})
+    >>> bool(np.allclose(y, net.predict(x), rtol=1e-5, atol=1e-6)), [n.op_type for n in model.graph.node]
+    (True, ['MatMul', 'Add', 'Relu', 'MatMul', 'Add', 'Identity'])
+    """
+    net = _check_network("net", net)
+    path = _check_save_path("path", path)
+    input_name = _check_io_name("input_name", input_name)
+    output_name = _check_io_name("output_name", output_name)
+    if input_name == output_name:
+        raise ValueError(f"input_name and output_name must differ, both are {input_name!r}")
+    _check_exportable(net)
+    model = _onnx_model(net, input_name, output_name, _export_dtype(net, dtype))
+    data = model.SerializeToString()
+    _atomic_write_with(path, lambda f: f.write(data))
+    return model
+
+
+# PyTorch: per layer type, (to, back).  ``to(layer)`` gives the layer's arrays
+# in PyTorch's names and layouts, fresh and writable; ``back(layer, arrays)``
+# builds a layer of the same config from such arrays, already checked against
+# ``to(layer)``'s names, shapes and dtypes.  Layers without arrays need no entry.
+
+
+def _present_arrays(pairs: Sequence[tuple[str, np.ndarray | None]]) -> dict[str, np.ndarray]:
+    """Fresh copies of the arrays that are there (an absent bias has no key)."""
+    return {name: np.array(a) for name, a in pairs if a is not None}
+
+
+def _torch_dense(layer: Dense) -> dict[str, np.ndarray]:
+    """weight = w.T (D_out, D_in), bias = b (none for ``bias=False``)."""
+    return _present_arrays([("weight", layer.w.T), ("bias", layer.b)])
+
+
+def _dense_from_torch(layer: Dense, a: dict[str, np.ndarray]) -> Dense:
+    return Dense(a["weight"].T, a.get("bias"))
+
+
+def _torch_conv(layer: Conv2D) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w), "bias": np.array(layer.b)}
+
+
+def _conv_from_torch(layer: Conv2D, a: dict[str, np.ndarray]) -> Conv2D:
+    return Conv2D(a["weight"], a["bias"], stride=layer.stride, padding=layer.padding)
+
+
+def _torch_batch_norm(layer: BatchNorm) -> dict[str, np.ndarray]:
+    return {
+        "weight": np.array(layer.gamma),
+        "bias": np.array(layer.beta),
+        "running_mean": np.array(layer.mean),
+        "running_var": np.array(layer.var),
+        "num_batches_tracked": np.array(0, np.int64),
+    }
+
+
+def _batch_norm_from_torch(layer: BatchNorm, a: dict[str, np.ndarray]) -> BatchNorm:
+    """``num_batches_tracked`` is read and dropped: dlfs's momentum is fixed."""
+    return attrs.evolve(
+        layer, gamma=a["weight"], beta=a["bias"], mean=a["running_mean"], var=a["running_var"]
+    )
+
+
+def _torch_embedding(layer: Embedding) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w)}
+
+
+def _embedding_from_torch(layer: Embedding, a: dict[str, np.ndarray]) -> Embedding:
+    return Embedding(a["weight"])
+
+
+def _torch_recurrent(layer: Any) -> dict[str, np.ndarray]:
+    """weight_ih_l0 = w_ih.T, weight_hh_l0 = w_hh.T, bias_ih_l0 = b, bias_hh_l0 = 0
+    (the GRU's: [0, 0, b_hn])."""
+    bias_hh = np.zeros_like(layer.b)
+    if isinstance(layer, GRU):
+        bias_hh[2 * layer.n_hidden :] = layer.b_hn
+    return {
+        "weight_ih_l0": np.array(layer.w_ih.T),
+        "weight_hh_l0": np.array(layer.w_hh.T),
+        "bias_ih_l0": np.array(layer.b),
+        "bias_hh_l0": bias_hh,
+    }
+
+
+def _plus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b, but a itself where b is 0: a round trip's zero never turns -0.0 into 0.0."""
+    return np.where(b == 0, a, a + b)
+
+
+def _recurrent_from_torch(layer: Any, a: dict[str, np.ndarray]) -> Any:
+    """b = bias_ih_l0 + bias_hh_l0 (the GRU: + its r and z parts, b_hn = its n part)."""
+    w_ih, w_hh = a["weight_ih_l0"].T, a["weight_hh_l0"].T
+    bias_ih, bias_hh = a["bias_ih_l0"], a["bias_hh_l0"]
+    if not isinstance(layer, GRU):
+        b = _plus(bias_ih, bias_hh)
+        return type(layer)(w_ih, w_hh, b, return_sequences=layer.return_sequences)
+    two_h = 2 * layer.n_hidden
+    b = np.concatenate([_plus(bias_ih[:two_h], bias_hh[:two_h]), bias_ih[two_h:]])
+    return GRU(w_ih, w_hh, b, bias_hh[two_h:], return_sequences=layer.return_sequences)
+
+
+def _torch_layer_norm(layer: LayerNorm) -> dict[str, np.ndarray]:
+    """weight = gamma, bias = beta (each only if present)."""
+    return _present_arrays([("weight", layer.gamma), ("bias", layer.beta)])
+
+
+def _layer_norm_from_torch(layer: LayerNorm, a: dict[str, np.ndarray]) -> LayerNorm:
+    return attrs.evolve(layer, gamma=a.get("weight"), beta=a.get("bias"))
+
+
+def _torch_attention(layer: SelfAttention) -> dict[str, np.ndarray]:
+    """nn.MultiheadAttention's: in_proj_weight = w_qkv.T (3D, D), in_proj_bias =
+    b_qkv, out_proj.weight = w_o.T, out_proj.bias = b_o (biases only if present)."""
+    return _present_arrays(
+        [
+            ("in_proj_weight", layer.w_qkv.T),
+            ("in_proj_bias", layer.b_qkv),
+            ("out_proj.weight", layer.w_o.T),
+            ("out_proj.bias", layer.b_o),
+        ]
+    )
+
+
+def _attention_from_torch(layer: SelfAttention, a: dict[str, np.ndarray]) -> SelfAttention:
+    return attrs.evolve(
+        layer,
+        w_qkv=a["in_proj_weight"].T,
+        w_o=a["out_proj.weight"].T,
+        b_qkv=a.get("in_proj_bias"),
+        b_o=a.get("out_proj.bias"),
+    )
+
+
+def _torch_positions(layer: PositionalEmbedding) -> dict[str, np.ndarray]:
+    return {"weight": np.array(layer.w)}
+
+
+def _positions_from_torch(
+    layer: PositionalEmbedding, a: dict[str, np.ndarray]
+) -> PositionalEmbedding:
+    return PositionalEmbedding(a["weight"])
+
+
+def _torch_chain(layers: Sequence[Any]) -> dict[str, np.ndarray]:
+    """A sub-chain's arrays as an nn.Sequential's: ``"{j}.{name}"`` for sub-layer j."""
+    return {
+        f"{j}.{name}": a
+        for j, layer in enumerate(layers)
+        for name, a in _torch_arrays(j, layer).items()
+    }
+
+
+def _chain_from_torch(layers: Sequence[Any], a: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    """The sub-layers rebuilt from ``_torch_chain``'s keys."""
+    new = []
+    for j, layer in enumerate(layers):
+        head = f"{j}."
+        mine = {k[len(head) :]: v for k, v in a.items() if k.startswith(head)}
+        new.append(_TORCH_LAYERS[type(layer)][1](layer, mine) if mine else layer)
+    return tuple(new)
+
+
+def _torch_residual(layer: Residual) -> dict[str, np.ndarray]:
+    return _torch_chain(layer.layers)
+
+
+def _residual_from_torch(layer: Residual, a: dict[str, np.ndarray]) -> Residual:
+    return Residual(_chain_from_torch(layer.layers, a))
+
+
+def _torch_tied(layer: TiedEmbedding) -> dict[str, np.ndarray]:
+    """weight = w (V, D), then the sub-chain's keys."""
+    return {"weight": np.array(layer.w), **_torch_chain(layer.layers)}
+
+
+def _tied_from_torch(layer: TiedEmbedding, a: dict[str, np.ndarray]) -> TiedEmbedding:
+    rest = {k: v for k, v in a.items() if k != "weight"}
+    return TiedEmbedding(a["weight"], _chain_from_torch(layer.layers, rest))
+
+
+_TorchTo = Callable[[Any], dict[str, np.ndarray]]
+_TorchBack = Callable[[Any, dict[str, np.ndarray]], Any]
+
+_TORCH_LAYERS: dict[type, tuple[_TorchTo, _TorchBack]] = {
+    Dense: (_torch_dense, _dense_from_torch),
+    Conv2D: (_torch_conv, _conv_from_torch),
+    BatchNorm: (_torch_batch_norm, _batch_norm_from_torch),
+    Embedding: (_torch_embedding, _embedding_from_torch),
+    RNN: (_torch_recurrent, _recurrent_from_torch),
+    LSTM: (_torch_recurrent, _recurrent_from_torch),
+    GRU: (_torch_recurrent, _recurrent_from_torch),
+    LayerNorm: (_torch_layer_norm, _layer_norm_from_torch),
+    SelfAttention: (_torch_attention, _attention_from_torch),
+    PositionalEmbedding: (_torch_positions, _positions_from_torch),
+    Residual: (_torch_residual, _residual_from_torch),
+    TiedEmbedding: (_torch_tied, _tied_from_torch),
+}
+
+
+# dlfs's layers whose PyTorch counterparts hold no state_dict entries.
+_TORCH_WITHOUT_ARRAYS: tuple[type, ...] = (
+    Linear,
+    Sigmoid,
+    Tanh,
+    ReLU,
+    LeakyReLU,
+    ELU,
+    GELU,
+    SiLU,
+    Softmax,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    AvgPool2D,
+)
+
+
+def _torch_arrays(i: int, layer: Any) -> dict[str, np.ndarray]:
+    """Layer ``i``'s arrays under PyTorch's names; TypeError for a layer with
+    parameters that has no mapping."""
+    entry = _TORCH_LAYERS.get(type(layer))
+    if entry is not None:
+        return entry[0](layer)
+    if type(layer) in _TORCH_WITHOUT_ARRAYS:
+        return {}
+    raise TypeError(
+        f"layer {i} ({type(layer).__name__}) has no PyTorch mapping in dlfs; it maps "
+        + ", ".join(sorted(t.__name__ for t in _TORCH_LAYERS))
+        + " and the layers without parameters"
+    )
+
+
+def to_torch_state_dict(net: Network) -> dict[str, np.ndarray]:
+    """``net``'s arrays as a PyTorch ``state_dict`` of numpy arrays (fresh,
+    writable copies): ``model.load_state_dict({k: torch.from_numpy(v) for k, v
+    in sd.items()})`` loads them into the equivalent ``nn.Sequential``.
+
+    Keys are ``"{i}.{name}"`` for layer i of ``net.layers``, so module i of the
+    Sequential is layer i's counterpart: Dense -> ``nn.Linear`` (weight =
+    w.T (D_out, D_in), bias = b; ``bias=False`` without b); Conv2D -> ``nn.Conv2d`` (weight = w
+    (C_out, C_in, kh, kw), bias = b; padding as dlfs's, which for pads
+    that are neither symmetric nor ``"same"`` means an ``F.pad`` before the
+    convolution); BatchNorm -> ``nn.BatchNorm1d``/``2d`` (weight = gamma,
+    bias = beta, running_mean, running_var, num_batches_tracked = 0);
+    Embedding -> ``nn.Embedding`` (weight = w); RNN, LSTM, GRU ->
+    ``nn.RNN``/``nn.LSTM``/``nn.GRU`` with ``batch_first=True`` (weight_ih_l0 =
+    w_ih.T (G*H, D), weight_hh_l0 = w_hh.T (G*H, H), gate blocks in the same
+    order, bias_ih_l0 = b, bias_hh_l0 = 0, except the GRU's bias_hh_l0 =
+    [0, 0, b_hn]; in a Sequential such a module needs a wrapper that keeps its
+    output sequence, or the last h without ``return_sequences``); LayerNorm
+    -> ``nn.LayerNorm(D, eps)`` (weight = gamma, bias = beta, each if
+    present); SelfAttention -> ``nn.MultiheadAttention(D, n_heads,
+    batch_first=True)`` called as self-attention with the causal
+    ``attn_mask`` (in_proj_weight = w_qkv.T (3D, D), in_proj_bias = b_qkv,
+    out_proj.weight = w_o.T, out_proj.bias = b_o; nanoGPT's c_attn and c_proj
+    hold the same transposes); PositionalEmbedding -> an ``nn.Embedding(max_len,
+    D)`` whose weight w[:T] is added to x (GPT-2's wpe); Residual -> a
+    Sequential of its layers, ``"{i}.{j}.{name}"``, whose output is added to
+    x; TiedEmbedding -> weight = w (V, D) plus its layers as
+    ``"{i}.{j}.{name}"``, logits = h @ weight.T.  Layers
+    without parameters have no keys: Linear -> ``nn.Identity``, Sigmoid,
+    Tanh, ReLU, LeakyReLU(alpha) -> ``negative_slope``, ELU(alpha), GELU ->
+    ``nn.GELU(approximate="tanh")`` (exact: ``nn.GELU()``), SiLU, Softmax -> ``nn.Softmax(-1)``,
+    Dropout(p), Flatten, MaxPool2D, AvgPool2D -> ``nn.MaxPool2d``/``nn.AvgPool2d``
+    (kernel_size=size, stride).  ``from_torch_state_dict`` reads it back.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> sd = dlfs.to_torch_state_dict(net)
+    >>> {k: v.shape for k, v in sd.items()}  # nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    {'0.weight': (4, 3), '0.bias': (4,), '2.weight': (2, 4), '2.bias': (2,)}
+    """
+    net = _check_network("net", net)
+    return {
+        f"{i}.{name}": a
+        for i, layer in enumerate(net.layers)
+        for name, a in _torch_arrays(i, layer).items()
+    }
+
+
+def _state_array(key: str, value: Any, like: np.ndarray, layer: Any) -> np.ndarray:
+    """``value`` as an ndarray shaped and typed like ``like``; ValueError or
+    TypeError naming ``key``.  Torch tensors convert through ``np.asarray``."""
+    try:
+        a = np.asarray(value)
+    except Exception as err:  # e.g. a tensor that requires grad
+        raise TypeError(
+            f"state_dict[{key!r}] must be an array (a numpy array or a CPU tensor, "
+            f"detached), got {type(value).__name__}: {err}"
+        ) from None
+    if a.shape != like.shape:
+        raise ValueError(
+            f"state_dict[{key!r}] must have shape {like.shape} for layer {layer!r}, got {a.shape}"
+        )
+    if a.dtype != like.dtype:
+        raise TypeError(
+            f"state_dict[{key!r}] must be {like.dtype} like the network's arrays, got "
+            f"{a.dtype}; dlfs never casts silently: convert it (e.g. tensor.double() or "
+            f".astype(np.{like.dtype}))"
+        )
+    return a
+
+
+def from_torch_state_dict(net: Network, state_dict: Any) -> Network:
+    """A new network shaped like ``net`` with the arrays of a PyTorch
+    ``state_dict`` in it: the inverse of ``to_torch_state_dict`` (same keys,
+    names and layouts; see there), with ``net``'s config (strides, padding,
+    ``return_sequences``, loss) kept.  Values are numpy arrays or CPU tensors
+    (``model.state_dict()`` as it is; ``np.asarray`` reads them).
+
+    Every key is checked, in ``to_torch_state_dict``'s order: a missing key,
+    an extra one, a wrong shape or dtype (nothing is cast) is an error
+    naming the first such key.  Recurrent biases add up: b = bias_ih_l0 +
+    bias_hh_l0 (GRU: the r and z parts; b_hn = bias_hh_l0's n part), so
+    dlfs -> PyTorch -> dlfs is bit-exact, and PyTorch -> dlfs -> PyTorch
+    gives the same function with bias_hh_l0 folded into bias_ih_l0.
+
+    >>> net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    >>> back = dlfs.from_torch_state_dict(net, dlfs.to_torch_state_dict(net))
+    >>> all((p == q).all() for ps, qs in zip(net.params(), back.params()) for p, q in zip(ps, qs))
+    True
+    """
+    net = _check_network("net", net)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}"
+        )
+    expected = {i: _torch_arrays(i, layer) for i, layer in enumerate(net.layers)}
+    names = {f"{i}.{name}" for i, arrays in expected.items() for name in arrays}
+    extra = [k for k in state_dict if k not in names]
+    if extra:
+        raise ValueError(
+            f"state_dict has key {extra[0]!r}, which no layer of {net!r} takes "
+            f"(it takes {sorted(names) or 'none'})"
+        )
+    layers: list[Any] = []
+    for i, layer in enumerate(net.layers):
+        arrays = {}
+        for name, like in expected[i].items():
+            key = f"{i}.{name}"
+            if key not in state_dict:
+                raise ValueError(
+                    f"state_dict has no {key!r} ({name} of layer {i}, {layer!r}, shape "
+                    f"{like.shape})"
+                )
+            arrays[name] = _state_array(key, state_dict[key], like, layer)
+        layers.append(_TORCH_LAYERS[type(layer)][1](layer, arrays) if arrays else layer)
+    return Network(layers, net.loss, net.input_shape)

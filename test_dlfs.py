@@ -10123,6 +10123,579 @@ def test_name_limit_is_the_file_systems_when_it_gives_one(monkeypatch, tmp_path)
     assert dlfs._name_max(str(tmp_path)) == 255
 
 
+# ---- export: ONNX graphs equal predict in ONNX Runtime; PyTorch state dicts round-trip
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want|: the error relative to the output's scale."""
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), np.finfo(want.dtype).tiny))
+
+
+def _bn(rng: np.random.Generator, c: int, dtype) -> dlfs.BatchNorm:
+    """A BatchNorm with random affine parameters and running statistics (var > 0)."""
+    gamma, beta, mean = (rng.standard_normal(c).astype(dtype) for _ in range(3))
+    return dlfs.BatchNorm(gamma, beta, mean, rng.uniform(0.5, 2.0, c).astype(dtype), eps=1e-3)
+
+
+# A pre-LN Transformer block (GPT-2, nanoGPT) as two residuals, and a final LayerNorm.
+_PRE_LN_BLOCKS = [
+    dlfs.residual([dlfs.layer_norm(), dlfs.self_attention(2)]),
+    dlfs.residual([dlfs.layer_norm(), dlfs.dense(16, dlfs.GELU()), dlfs.dense(8)]),
+    dlfs.layer_norm(),
+]
+
+# Every layer kind dlfs exports: name -> (input_shape, layers to follow, or a
+# callable(rng, dtype) giving them).  Parameters are redrawn at random below
+# (biases and forget gates included), so no zero hides a layout mistake.
+_EXPORT_CASES = {
+    "dense_2d": (5, [dlfs.dense(4)]),
+    "dense_3d": ((3, 5), [dlfs.dense(4)]),
+    "linear": (5, [dlfs.dense(4), dlfs.Linear()]),
+    "sigmoid": (5, [dlfs.dense(4, dlfs.Sigmoid())]),
+    "tanh": (5, [dlfs.dense(4, dlfs.Tanh())]),
+    "relu": (5, [dlfs.dense(4, dlfs.ReLU())]),
+    "leaky_relu": (5, [dlfs.dense(4, dlfs.LeakyReLU(0.1))]),
+    "elu": (5, [dlfs.dense(4, dlfs.ELU(0.7))]),
+    "gelu": (5, [dlfs.dense(4, dlfs.GELU())]),
+    "silu": (5, [dlfs.dense(4, dlfs.SiLU())]),
+    "softmax": (5, [dlfs.dense(4), dlfs.Softmax()]),
+    "dropout": (5, [dlfs.dense(4), dlfs.Dropout(0.5)]),
+    "batch_norm_1d": (5, lambda rng, dt: [dlfs.Dense.init(0, 5, 4, dtype=dt), _bn(rng, 4, dt)]),
+    "batch_norm_2d": (
+        (2, 6, 5),
+        lambda rng, dt: [dlfs.Conv2D.init(0, 2, 3, 3, dtype=dt), _bn(rng, 3, dt)],
+    ),
+    "conv_valid": ((2, 7, 6), [dlfs.conv2d(3, 3)]),
+    "conv_same_even": ((2, 7, 6), [dlfs.conv2d(3, (2, 4), padding="same")]),
+    "conv_pad_stride": ((2, 7, 6), [dlfs.conv2d(3, 3, padding=1, stride=2)]),
+    "conv_pad_pair": ((2, 7, 6), [dlfs.conv2d(3, (3, 2), padding=(1, 2), stride=(1, 2))]),
+    "conv_pads_asymmetric": (
+        (2, 7, 6),
+        [dlfs.conv2d(3, (3, 2), padding=((1, 0), (2, 1)), stride=(2, 1))],
+    ),
+    "max_pool": ((2, 7, 6), [dlfs.MaxPool2D(2)]),
+    "max_pool_overlap": ((2, 7, 6), [dlfs.MaxPool2D(3, stride=(2, 1))]),
+    "avg_pool": ((2, 7, 6), [dlfs.AvgPool2D(2)]),
+    "avg_pool_overlap": ((2, 7, 6), [dlfs.AvgPool2D((2, 3), stride=1)]),
+    "flatten": ((2, 4, 4), [dlfs.conv2d(3, 3), dlfs.Flatten(), dlfs.dense(2)]),
+    "embedding": (6, [dlfs.embedding(10, 4)]),
+    "rnn_last": ((6, 4), [dlfs.rnn(3)]),
+    "rnn_sequences": ((6, 4), [dlfs.rnn(3, return_sequences=True)]),
+    "lstm_last": ((6, 4), [dlfs.lstm(3)]),
+    "lstm_sequences": ((6, 4), [dlfs.lstm(3, return_sequences=True)]),
+    "gru_last": ((6, 4), [dlfs.gru(3)]),
+    "gru_sequences": ((6, 4), [dlfs.gru(3, return_sequences=True)]),
+    "dense_no_bias": ((3, 5), [dlfs.dense(4, bias=False)]),
+    "gelu_exact": (5, [dlfs.dense(4, dlfs.GELU("none"))]),
+    "layer_norm": ((3, 5), [dlfs.dense(4), dlfs.layer_norm(eps=1e-3)]),
+    "layer_norm_no_bias": (5, [dlfs.dense(4), dlfs.layer_norm(bias=False)]),
+    "layer_norm_bare": ((3, 5), [dlfs.dense(4), dlfs.layer_norm(scale=False, bias=False)]),
+    "attention_causal": ((5, 8), [dlfs.self_attention(2)]),
+    "attention_full_no_bias": ((5, 8), [dlfs.self_attention(4, causal=False, bias=False)]),
+    "positional_embedding": ((5, 4), [dlfs.positional_embedding(7)]),
+    "residual_blocks": ((5, 8), _PRE_LN_BLOCKS),
+    "tied_embedding_gpt": (
+        6,
+        [dlfs.tied_embedding(11, 8, [dlfs.positional_embedding(6), *_PRE_LN_BLOCKS])],
+    ),
+}
+
+
+def _export_case(name: str, dtype, n: int = 5, seed: int = 0):
+    """(net, x): the case's network with random parameters, and a random input of n rows."""
+    shape, layers = _EXPORT_CASES[name]
+    rng = np.random.default_rng(seed)
+    if callable(layers):
+        layers = layers(rng, dtype)
+    net = dlfs.network(seed, shape, layers, dlfs.MeanSquaredError(), dtype=dtype)
+    net = net.with_params(
+        [tuple(rng.standard_normal(p.shape).astype(dtype) * 0.7 for p in ps) for ps in net.params()]
+    )
+    if net._takes_ids():
+        vocab = net.layers[0].n_vocab
+        return net, rng.integers(0, vocab, (n, *net.input_shape), dtype=np.int64)
+    return net, rng.standard_normal((n, *net.input_shape)).astype(dtype)
+
+
+# ONNX Runtime (1.32) has no float64 kernel for these ops; graphs holding one
+# run in onnx's reference evaluator instead (numpy, float64 throughout, except
+# its Erf, which rounds through float32: the test gives it a float64 one).
+_ORT_NO_FLOAT64 = {"Conv", "AveragePool", "RNN", "LSTM", "GRU", "Erf"}
+
+
+def _float64_erf_op():
+    from onnx.reference.op_run import OpRun
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+    return Erf
+
+
+def _run_onnx(model, path: Path, x: np.ndarray, dtype) -> tuple[np.ndarray, str]:
+    """The exported graph's output for x, and which runtime gave it."""
+    ops = {node.op_type for node in model.graph.node}
+    if dtype == np.float64 and ops & _ORT_NO_FLOAT64:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(model, new_ops=[_float64_erf_op()])
+        return evaluator.run(None, {"x": x})[0], "reference"
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0], "onnxruntime"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(_EXPORT_CASES))
+def test_export_onnx_matches_predict(tmp_path, name, dtype):
+    """Every layer kind: the graph passes the full checker and gives ``predict``'s
+    outputs to 1e-5 (float32, ONNX Runtime) or 1e-12 (float64) relative, for
+    two batch sizes through one file (the batch axis is dynamic)."""
+    onnx = pytest.importorskip("onnx")
+    net, x = _export_case(name, dtype, n=5)
+    path = tmp_path / f"{name}.onnx"
+    model = dlfs.export_onnx(net, path, dtype=None if net.dtype else dtype)
+    on_disk = onnx.load(str(path))
+    onnx.checker.check_model(on_disk, full_check=True)
+    assert on_disk.SerializeToString() == model.SerializeToString()
+    assert model.opset_import[0].version == 17
+    again = dlfs.export_onnx(net, tmp_path / "again.onnx", dtype=None if net.dtype else dtype)
+    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()  # deterministic
+    assert again.SerializeToString() == model.SerializeToString()
+    (dim_n, *dims) = on_disk.graph.input[0].type.tensor_type.shape.dim
+    assert dim_n.dim_param == "N" and [d.dim_value for d in dims] == list(net.input_shape)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for rows in (x, x[:1]):
+        got, runtime = _run_onnx(model, path, rows, dtype)
+        want = net.predict(rows)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert _rel_err(got, want) <= tol, (runtime, _rel_err(got, want))
+
+
+_EXPORT_ACTIVATIONS = [
+    dlfs.Linear(),
+    dlfs.Sigmoid(),
+    dlfs.Tanh(),
+    dlfs.ReLU(),
+    dlfs.LeakyReLU(0.2),
+    dlfs.ELU(0.7),
+    dlfs.GELU(),
+    dlfs.GELU("none"),
+    dlfs.SiLU(),
+]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=SEEDS,
+    n=SIZES,
+    d_in=SIZES,
+    d_out=SIZES,
+    t=st.integers(0, 3),
+    act=st.sampled_from(_EXPORT_ACTIVATIONS),
+)
+def test_export_onnx_property_dense_and_activations(seed, n, d_in, d_out, t, act):
+    """Drawn sizes (t = 0: flat inputs, else (T, D) sequences) and activation:
+    ONNX Runtime equals predict to 1e-5 in float32."""
+    ort = pytest.importorskip("onnxruntime")
+    shape = (t, d_in) if t else (d_in,)
+    layers = [dlfs.dense(d_out, act), dlfs.dense(3)]
+    net = dlfs.network(seed, shape, layers, dlfs.MeanSquaredError())
+    x = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "net.onnx")
+        dlfs.export_onnx(net, path)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"x": x})
+    assert _rel_err(got, net.predict(x)) <= 1e-5
+
+
+def test_export_onnx_maps_recurrent_gates_to_onnx_order(tmp_path):
+    """ONNX's LSTM gates are i, o, f, c and its GRU's z, r, h: the exported W
+    holds dlfs's blocks reordered so (a layout mistake would still pass a
+    square test where all blocks look alike, so the blocks are told apart)."""
+    pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    for kind, order in (("lstm", [0, 3, 1, 2]), ("gru", [1, 0, 2])):
+        net, _ = _export_case(f"{kind}_last", np.float64)
+        layer = net.layers[0]
+        model = dlfs.export_onnx(net, tmp_path / f"{kind}.onnx")
+        weights = {w.name.rsplit(".", 1)[-1].split("_")[0]: w for w in model.graph.initializer}
+        w = numpy_helper.to_array(weights["W"])[0]  # (G*H, D)
+        blocks = np.split(layer.w_ih.T, len(order))
+        np.testing.assert_array_equal(w, np.concatenate([blocks[k] for k in order]))
+        b = numpy_helper.to_array(weights["B"])[0]
+        rb = b[len(layer.b) :]
+        h = layer.n_hidden
+        if kind == "gru":  # linear_before_reset=1: b_hn sits in Rbh
+            np.testing.assert_array_equal(rb, np.concatenate([np.zeros(2 * h), layer.b_hn]))
+        else:
+            assert not rb.any()
+
+
+def _synthetic_digits(shape: tuple[int, ...], n: int, seed: int):
+    """Float32 inputs and labels from a fixed random linear rule: learnable."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *shape)).astype(np.float32)
+    w = rng.standard_normal((math.prod(shape), 4))
+    return x, (x.reshape(n, -1) @ w).argmax(axis=1).astype(np.int64)
+
+
+_TRAINED = {
+    "mlp": ((64,), [dlfs.dense(32, dlfs.ReLU()), dlfs.Dropout(0.2), dlfs.dense(4)]),
+    "cnn": (
+        (1, 8, 8),
+        [
+            dlfs.conv2d(4, 3, padding="same", activation=dlfs.ReLU()),
+            dlfs.MaxPool2D(2),
+            dlfs.Flatten(),
+            dlfs.dense(16, dlfs.ReLU()),
+            dlfs.Dropout(0.25),
+            dlfs.dense(4),
+        ],
+    ),
+    "row_lstm": ((8, 8), [dlfs.lstm(12), dlfs.dense(4)]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TRAINED))
+def test_export_onnx_trained_networks_agree(tmp_path, kind):
+    """The examples' three kinds of network, trained briefly on learnable synthetic
+    data: ONNX Runtime's outputs equal predict's to 1e-5 and every argmax agrees."""
+    ort = pytest.importorskip("onnxruntime")
+    shape, layers = _TRAINED[kind]
+    x, y = _synthetic_digits(shape, 256, seed=3)
+    net = dlfs.network(0, shape, layers, dlfs.SoftmaxCrossEntropy())
+    trained, history = dlfs.fit(net, dlfs.Adam(3e-3), x, y, epochs=2, batch_size=32, seed=1)
+    assert history.train_loss[-1] < history.train_loss[0]
+    dlfs.export_onnx(trained, tmp_path / "net.onnx", input_name="images", output_name="logits")
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    (logits,) = session.run(["logits"], {"images": x})
+    want = trained.predict(x)
+    assert _rel_err(logits, want) <= 1e-5
+    assert (logits.argmax(axis=1) == want.argmax(axis=1)).all()
+
+
+def test_exported_file_runs_where_dlfs_is_not_importable(tmp_path):
+    """A fresh interpreter with onnxruntime and numpy only (dlfs blocked, run from
+    another folder) gives the same outputs from the file alone."""
+    pytest.importorskip("onnxruntime")
+    net, x = _export_case("lstm_sequences", np.float32, n=4)
+    dlfs.export_onnx(net, tmp_path / "net.onnx")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys\n"
+        "sys.modules['dlfs'] = None  # as if dlfs were not installed\n"
+        "try:\n"
+        "    import dlfs\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('dlfs importable')\n"
+        "import numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession('net.onnx', providers=['CPUExecutionProvider'])\n"
+        "np.save('y.npy', s.run(None, {'x': np.load('x.npy')})[0])\n"
+        "print('ran', sorted(m for m in sys.modules if m.startswith('dlfs')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ran ['dlfs']"  # only the blocked entry
+    assert _rel_err(np.load(tmp_path / "y.npy"), net.predict(x)) <= 1e-5
+
+
+class _MyReLU(dlfs.ReLU):
+    """A user's subclass: it may compute something else, so no exporter applies to it."""
+
+
+class _MyDense(dlfs.Dense):
+    """A user's subclass with parameters: no PyTorch mapping applies to it."""
+
+
+def test_export_onnx_refuses_what_it_cannot_export(tmp_path):
+    """An unsupported layer is a TypeError naming it (nothing written); bad
+    arguments are named too."""
+    pytest.importorskip("onnx")
+    dense = dlfs.Dense.init(0, 3, 2)
+    net = dlfs.Network([dense, _MyReLU()], dlfs.MeanSquaredError(), (3,))
+    path = tmp_path / "net.onnx"
+    with pytest.raises(TypeError, match=r"cannot export layer 1 \(_MyReLU\).*exports .*Conv2D"):
+        dlfs.export_onnx(net, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    block = dlfs.Residual((dlfs.Dense.init(0, 3, 3), _MyReLU()))
+    nested = dlfs.Network([dense, dlfs.Dense.init(1, 2, 3), block], dlfs.MeanSquaredError(), (3,))
+    with pytest.raises(TypeError, match=r"export layer 2 \(Residual\) > layer 1 \(_MyReLU\):"):
+        dlfs.export_onnx(nested, path)
+    good = dlfs.Network([dense], dlfs.MeanSquaredError(), (3,))
+    with pytest.raises(TypeError, match=r"net must be a dlfs\.Network, got Dense"):
+        dlfs.export_onnx(dense, path)  # type: ignore[arg-type]
+    with pytest.raises(IsADirectoryError, match="path must be a file path"):
+        dlfs.export_onnx(good, tmp_path)
+    with pytest.raises(ValueError, match="input_name and output_name must differ"):
+        dlfs.export_onnx(good, path, input_name="z", output_name="z")
+    with pytest.raises(TypeError, match="input_name must be a non-empty str"):
+        dlfs.export_onnx(good, path, input_name="")
+    with pytest.raises(ValueError, match=r"dtype must be the network's \(float32\) or None"):
+        dlfs.export_onnx(good, path, dtype=np.float64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_onnx_without_onnx_names_the_package(tmp_path, monkeypatch):
+    """Without the onnx package: an ImportError saying what to install."""
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    net, _ = _export_case("dense_2d", np.float32)
+    with pytest.raises(ImportError, match=r"pip install onnx"):
+        dlfs.export_onnx(net, tmp_path / "net.onnx")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(_EXPORT_CASES))
+def test_torch_state_dict_round_trip_is_bit_exact(name, dtype):
+    """dlfs -> PyTorch names and layouts -> dlfs gives every array back bit for
+    bit (negative zeros included), with the config kept and the input untouched."""
+    net, x = _export_case(name, dtype)
+    if net.params()[0]:  # a -0.0 bias must survive the bias sums of recurrent layers
+        first = [p.copy() for p in net.params()[0]]
+        first[-1][0] = -0.0
+        net = net.with_params([tuple(first), *net.params()[1:]])
+    sd = dlfs.to_torch_state_dict(net)
+    assert all(type(v) is np.ndarray and v.flags.writeable for v in sd.values())
+    back = dlfs.from_torch_state_dict(net, sd)
+    assert type(back) is dlfs.Network and back is not net
+    for a, b in zip(_arrays_of(net), _arrays_of(back)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    assert [repr(layer) for layer in back.layers] == [repr(layer) for layer in net.layers]
+    np.testing.assert_array_equal(back.predict(x), net.predict(x))
+
+
+def _arrays_of(net: dlfs.Network) -> list[np.ndarray]:
+    return [a for layer in net.layers for a in _arrays(layer)]
+
+
+def test_torch_state_dict_names_and_layouts():
+    """PyTorch's names and layouts: Linear's weight is w.T, Conv2d's w as is,
+    BatchNorm's running statistics, recurrent weights transposed, bias_hh zero
+    but the GRU's [0, 0, b_hn]."""
+    net = dlfs.network(
+        0,
+        (1, 6, 6),
+        [dlfs.conv2d(2, 3), dlfs.batch_norm(), dlfs.Flatten(), dlfs.dense(3)],
+        dlfs.MeanSquaredError(),
+    )
+    sd = dlfs.to_torch_state_dict(net)
+    assert list(sd) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "3.weight",
+        "3.bias",
+    ]
+    np.testing.assert_array_equal(sd["3.weight"], net.layers[3].w.T)
+    np.testing.assert_array_equal(sd["0.weight"], net.layers[0].w)
+    assert sd["1.num_batches_tracked"].dtype == np.int64 and sd["1.num_batches_tracked"].shape == ()
+    gru, _ = _export_case("gru_last", np.float64)
+    sd = dlfs.to_torch_state_dict(gru)
+    layer = gru.layers[0]
+    assert sd["0.weight_ih_l0"].shape == (9, 4) and sd["0.weight_hh_l0"].shape == (9, 3)
+    np.testing.assert_array_equal(sd["0.bias_hh_l0"], np.concatenate([np.zeros(6), layer.b_hn]))
+    sd["0.weight_ih_l0"][0, 0] = 123.0  # a copy: the layer is untouched
+    assert layer.w_ih[0, 0] != 123.0
+
+
+def test_from_torch_state_dict_folds_pytorch_biases():
+    """A PyTorch state dict with bias_hh != 0 loads as b = bias_ih + bias_hh
+    (GRU: r and z parts; b_hn = the n part)."""
+    rng = np.random.default_rng(2)
+    for name in ("lstm_last", "gru_last", "rnn_last"):
+        net, _ = _export_case(name, np.float64)
+        sd = dlfs.to_torch_state_dict(net)
+        bias_ih, bias_hh = rng.standard_normal((2, *sd["0.bias_ih_l0"].shape))
+        back = dlfs.from_torch_state_dict(
+            net, {**sd, "0.bias_ih_l0": bias_ih, "0.bias_hh_l0": bias_hh}
+        )
+        layer = back.layers[0]
+        if name == "gru_last":
+            np.testing.assert_array_equal(layer.b[:6], bias_ih[:6] + bias_hh[:6])
+            np.testing.assert_array_equal(layer.b[6:], bias_ih[6:])
+            np.testing.assert_array_equal(layer.b_hn, bias_hh[6:])
+        else:
+            np.testing.assert_array_equal(layer.b, bias_ih + bias_hh)
+
+
+def test_from_torch_state_dict_names_the_first_mismatch():
+    """Missing, extra, misshapen and mistyped entries: each error names its key."""
+    net = dlfs.network(0, 3, [dlfs.dense(4, dlfs.ReLU()), dlfs.dense(2)], dlfs.MeanSquaredError())
+    sd = dlfs.to_torch_state_dict(net)
+    with pytest.raises(ValueError, match=r"state_dict has no '2.weight' \(weight of layer 2"):
+        dlfs.from_torch_state_dict(net, {k: v for k, v in sd.items() if k != "2.weight"})
+    with pytest.raises(ValueError, match=r"state_dict has key '1.weight', which no layer"):
+        dlfs.from_torch_state_dict(net, {**sd, "1.weight": np.zeros(1)})
+    with pytest.raises(
+        ValueError, match=r"state_dict\['0.weight'\] must have shape \(4, 3\).* got \(3, 4\)"
+    ):
+        dlfs.from_torch_state_dict(net, {**sd, "0.weight": sd["0.weight"].T})
+    with pytest.raises(TypeError, match=r"state_dict\['0.bias'\] must be float32 .* got float64"):
+        dlfs.from_torch_state_dict(net, {**sd, "0.bias": sd["0.bias"].astype(np.float64)})
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        dlfs.from_torch_state_dict(net, list(sd.items()))
+    with pytest.raises(TypeError, match=r"net must be a dlfs\.Network"):
+        dlfs.from_torch_state_dict(sd, sd)  # type: ignore[arg-type]
+    custom = dlfs.Network([_MyDense(np.ones((3, 2)), np.zeros(2))], dlfs.MeanSquaredError(), (3,))
+    with pytest.raises(TypeError, match=r"layer 0 \(_MyDense\) has no PyTorch mapping"):
+        dlfs.to_torch_state_dict(custom)
+
+
+def _torch_module(torch, layer, in_shape: tuple[int, ...]):
+    """The PyTorch module that ``to_torch_state_dict`` documents for ``layer``."""
+    nn, F = torch.nn, torch.nn.functional
+    simple = {
+        dlfs.Linear: nn.Identity,
+        dlfs.Sigmoid: nn.Sigmoid,
+        dlfs.Tanh: nn.Tanh,
+        dlfs.ReLU: nn.ReLU,
+        dlfs.SiLU: nn.SiLU,
+        dlfs.Flatten: nn.Flatten,
+    }
+    kind = type(layer)
+    if kind in simple:
+        return simple[kind]()
+    if kind is dlfs.Dense:
+        return nn.Linear(layer.in_features, layer.out_features, bias=layer.b is not None)
+    if kind is dlfs.LeakyReLU:
+        return nn.LeakyReLU(layer.alpha)
+    if kind is dlfs.ELU:
+        return nn.ELU(layer.alpha)
+    if kind is dlfs.GELU:
+        return nn.GELU(approximate=layer.approximate)
+    if kind is dlfs.Softmax:
+        return nn.Softmax(dim=-1)
+    if kind is dlfs.Dropout:
+        return nn.Dropout(layer.p)
+    if kind is dlfs.BatchNorm:
+        c = layer.gamma.shape[0]
+        return (nn.BatchNorm1d if len(in_shape) == 1 else nn.BatchNorm2d)(c, eps=layer.eps)
+    if kind is dlfs.Conv2D:
+        (top, bottom), (left, right) = layer.padding
+        args = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride)
+
+        class PaddedConv2d(nn.Conv2d):  # pads that nn.Conv2d's own padding cannot take
+            def forward(self, x):
+                return super().forward(F.pad(x, (left, right, top, bottom)))
+
+        return PaddedConv2d(*args)
+    if kind in (dlfs.MaxPool2D, dlfs.AvgPool2D):
+        pool = nn.MaxPool2d if kind is dlfs.MaxPool2D else nn.AvgPool2d
+        return pool(layer.size, layer.stride)
+    if kind is dlfs.Embedding:
+        return nn.Embedding(layer.n_vocab, layer.dim)
+    if kind in (dlfs.LayerNorm, dlfs.SelfAttention, dlfs.PositionalEmbedding):
+        return _torch_transformer_module(torch, layer, in_shape)
+    if kind in (dlfs.Residual, dlfs.TiedEmbedding):
+        return _torch_chain_module(torch, layer, in_shape)
+    base = {dlfs.RNN: nn.RNN, dlfs.LSTM: nn.LSTM, dlfs.GRU: nn.GRU}[kind]
+    sequences = layer.return_sequences
+
+    class Recurrent(base):  # keeps the output sequence, or its last step
+        def forward(self, x):
+            out = super().forward(x)[0]
+            return out if sequences else out[:, -1]
+
+    return Recurrent(layer.n_in, layer.n_hidden, batch_first=True)
+
+
+def _torch_transformer_module(torch, layer, in_shape: tuple[int, ...]):
+    nn = torch.nn
+    if isinstance(layer, dlfs.LayerNorm):
+        affine, bias = layer.gamma is not None, layer.beta is not None
+        return nn.LayerNorm(in_shape[-1], layer.eps, elementwise_affine=affine, bias=bias)
+    if isinstance(layer, dlfs.PositionalEmbedding):
+
+        class Positions(nn.Embedding):  # GPT-2's wpe, added to its input
+            def forward(self, x):
+                return x + self.weight[: x.shape[1]]
+
+        return Positions(*layer.w.shape)
+    causal = layer.causal
+
+    class Attention(nn.MultiheadAttention):  # self-attention, the causal mask as nanoGPT's
+        def forward(self, x):
+            t = x.shape[1]
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1) if causal else None
+            return super().forward(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+    return Attention(layer.dim, layer.n_heads, bias=layer.b_o is not None, batch_first=True)
+
+
+def _torch_chain_module(torch, layer, in_shape: tuple[int, ...]):
+    """Residual: x + Sequential(layers)(x); TiedEmbedding: a Sequential of its layers
+    with the shared ``weight`` used for the lookup and the output head."""
+    shape = (*in_shape, layer.dim) if isinstance(layer, dlfs.TiedEmbedding) else in_shape
+    shapes = [shape, *dlfs._chain_shapes(layer.layers, shape)]
+    subs = [_torch_module(torch, sub, s) for sub, s in zip(layer.layers, shapes)]
+    if isinstance(layer, dlfs.Residual):
+
+        class Residual(torch.nn.Sequential):
+            def forward(self, x):
+                return x + super().forward(x)
+
+        return Residual(*subs)
+
+    class Tied(torch.nn.Sequential):
+        def __init__(self, *modules):
+            super().__init__(*modules)
+            self.weight = torch.nn.Parameter(torch.empty(*layer.w.shape))
+
+        def forward(self, ids):
+            h = super().forward(torch.nn.functional.embedding(ids, self.weight))
+            return h @ self.weight.T
+
+    return Tied(*subs)
+
+
+def _torch_model(torch, net: dlfs.Network):
+    shapes = [net.input_shape, *dlfs._chain_shapes(net.layers, net.input_shape)]
+    modules = [_torch_module(torch, layer, shape) for layer, shape in zip(net.layers, shapes)]
+    return torch.nn.Sequential(*modules)
+
+
+@pytest.mark.parametrize("name", sorted(_EXPORT_CASES))
+def test_torch_model_from_exported_weights_matches_predict(name):
+    """The nn.Sequential that ``to_torch_state_dict`` documents, loaded with its
+    state dict (strict: every key used, none missing), gives predict's outputs
+    to 1e-12 in float64; its own state dict reads back into dlfs bit for bit."""
+    torch = pytest.importorskip("torch", reason="PyTorch is optional: pip install torch")
+    net, x = _export_case(name, np.float64)
+    model = _torch_model(torch, net).double().eval()
+    model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in dlfs.to_torch_state_dict(net).items()}
+    )
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    want = net.predict(x)
+    assert got.shape == want.shape
+    assert _rel_err(got, want) <= 1e-12
+    back = dlfs.from_torch_state_dict(net, model.state_dict())
+    for a, b in zip(_arrays_of(net), _arrays_of(back)):
+        assert a.tobytes() == b.tobytes()
+
+
 # --------------- examples: each script runs small and prints key=value lines
 
 
@@ -10136,6 +10709,29 @@ def test_mnist_mlp_example_smoke(tmp_path, monkeypatch, capsys, preset):
     assert f"test_acc={result['test_acc']:.4f}" in out
     assert f"epochs={result['epochs']}" in out and "train_s=" in out
     assert 0.0 <= result["test_acc"] <= 1.0 and 1 <= result["epochs"] <= 2
+
+
+@pytest.mark.parametrize("model", ["mlp", "lstm"])
+def test_export_onnx_example_smoke(tmp_path, monkeypatch, capsys, model):
+    """Train one epoch on a tiny npz, export, run ONNX Runtime: key=value lines
+    with the agreement figures; then the same from a saved checkpoint."""
+    pytest.importorskip("onnxruntime")
+    export_onnx = _example("export_onnx", monkeypatch)
+    npz, out = str(_tiny_mnist_npz(tmp_path)), str(tmp_path / "net.onnx")
+    common = ["--data", npz, "--out", out, "--repeat", "1", "--batch", "4"]
+    result = export_onnx.main([*common, "--model", model])
+    kv = _key_values(capsys.readouterr().out)
+    keys = {"max_rel_err", "argmax_agree", "test_acc", "onnx_test_acc"}
+    assert keys | {"dlfs_samples_per_s", "onnxruntime_samples_per_s", "model"} <= set(kv)
+    assert result["max_rel_err"] <= 1e-5 and result["argmax_agree"] == 1.0
+    assert result["test_acc"] == result["onnx_test_acc"] and kv["model"] == model
+    assert Path(out).stat().st_size > 0
+
+    net = dlfs.network(4, (784,), [dlfs.dense(10)], dlfs.SoftmaxCrossEntropy())
+    dlfs.save(tmp_path / "ckpt.npz", net)
+    again = export_onnx.main([*common, "--checkpoint", str(tmp_path / "ckpt.npz")])
+    assert again["max_rel_err"] <= 1e-5 and again["argmax_agree"] == 1.0
+    assert _key_values(capsys.readouterr().out)["model"] == "checkpoint"
 
 
 def test_xor_example_smoke(monkeypatch, capsys):
@@ -10244,6 +10840,7 @@ def test_adding_example_data_and_smoke(monkeypatch, capsys):
         "boston",
         "char_rnn",
         "data_parallel",
+        "export_onnx",
         "mnist_cnn",
         "mnist_lstm",
         "mnist_mlp",
@@ -10525,10 +11122,11 @@ def test_api_reference_renders_formulas_as_written():
 
 def test_file_imports_only_stdlib_numpy_attrs():
     """At import: numpy and attrs only.  Inside functions, for optional extras only,
-    tqdm (progress=True) and matplotlib (History.plot), each behind an ImportError."""
+    tqdm (progress=True), matplotlib (History.plot) and onnx (export_onnx), each
+    behind an ImportError."""
     tree = ast.parse((HERE / "dlfs.py").read_text())
     assert _imported(tree.body) <= {"numpy", "attrs"}
-    assert _imported(ast.walk(tree)) <= {"numpy", "attrs", "tqdm", "matplotlib"}
+    assert _imported(ast.walk(tree)) <= {"numpy", "attrs", "tqdm", "matplotlib", "onnx"}
 
 
 def test_public_names_exist_and_are_documented():
