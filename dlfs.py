@@ -3494,8 +3494,8 @@ def _check_vector(name: str, a: np.ndarray | None, n: int, dtype: np.dtype) -> N
 
 
 def _matrix(a: np.ndarray) -> np.ndarray:
-    """(..., D) as (M, D) rows (a view for contiguous input)."""
-    return a.reshape(-1, a.shape[-1])
+    """(..., D) as (M, D) rows (a view for contiguous input; M or D may be 0)."""
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
 
 
 def _row_sums(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
@@ -3593,6 +3593,7 @@ class LayerNorm(_ArrayRecord):
             if x.ndim < 2 or (self.dim is not None and x.shape[-1] != self.dim):
                 want = "D" if self.dim is None else self.dim
                 raise ValueError(f"x must have shape (N, ..., {want}), got {x.shape}")
+            _check_nonempty("x", x)  # no features to normalize over, or no rows
 
     def forward(self, x: np.ndarray, ctx: Context = EVAL) -> tuple[np.ndarray, tuple, LayerNorm]:
         """The cache is (x_hat, 1 / sqrt(var + eps)), x_hat the normalized x."""
