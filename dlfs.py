@@ -1988,6 +1988,12 @@ class _Table(_ArrayRecord):
         if self.w.ndim != 2:
             raise ValueError(f"w must be 2-D ({self._ROWS}, dim), got shape {self.w.shape}")
 
+    @classmethod
+    def _drawn(cls: type[_T], key: Any, rows: Any, dim: Any, init: Any, dtype: Any) -> _T:
+        """A new layer with w (rows, dim) drawn by ``init`` from ``key`` (``init``'s body)."""
+        rows, dim = _check_int(cls._ROWS, rows), _check_int("dim", dim)
+        return cls(_draw("init", init, make_rng(key), (rows, dim), _check_dtype(dtype)))
+
     @property
     def dim(self) -> int:
         return self.w.shape[1]
@@ -2032,8 +2038,7 @@ class Embedding(_Table):
         dtype: FloatDType = np.float32,
     ) -> Embedding:
         """Draw w (n_vocab, dim) with ``init`` (N(0, 1), PyTorch's default) from ``key``."""
-        n_vocab, dim = _check_int("n_vocab", n_vocab), _check_int("dim", dim)
-        return cls(_draw("init", init, make_rng(key), (n_vocab, dim), _check_dtype(dtype)))
+        return cls._drawn(key, n_vocab, dim, init, dtype)
 
     @property
     def n_vocab(self) -> int:
@@ -3860,8 +3865,7 @@ class PositionalEmbedding(_Table):
         dtype: FloatDType = np.float32,
     ) -> PositionalEmbedding:
         """Draw w (max_len, dim) with ``init`` (N(0, 1), as ``nn.Embedding``) from ``key``."""
-        max_len, dim = _check_int("max_len", max_len), _check_int("dim", dim)
-        return cls(_draw("init", init, make_rng(key), (max_len, dim), _check_dtype(dtype)))
+        return cls._drawn(key, max_len, dim, init, dtype)
 
     @property
     def max_len(self) -> int:
