@@ -6862,8 +6862,9 @@ def _state_fields(layer: Any) -> list[str]:
 
 
 def sync_state(net: Network, comm: Comm) -> Network:
-    """``net`` with each layer's state (BatchNorm's running mean and var) averaged
-    over the ranks in one Allreduce: state_l <- (1/R) sum_r state_l,r.
+    """``net`` with each layer's state (BatchNorm's running mean and var, inside
+    Residual blocks too) averaged over the ranks in one Allreduce:
+    state_l <- (1/R) sum_r state_l,r.
 
     ``data_parallel_step`` leaves running statistics per rank (parameters are
     always identical); call this on every rank before evaluating, saving or
@@ -6895,16 +6896,24 @@ def sync_state(net: Network, comm: Comm) -> Network:
     if not isinstance(net, Network):
         raise TypeError(f"net must be a dlfs.Network, got {type(net).__name__}")
     _, size = _check_comm(comm)
-    names = [_state_fields(layer) for layer in net.layers]
-    arrays = [getattr(layer, n) for layer, ns in zip(net.layers, names) for n in ns]
+    arrays = [getattr(layer, n) for layer in _all_layers(net.layers) for n in _state_fields(layer)]
     if not arrays:
         return net
-    it = iter(_all_reduce(comm, arrays, divide_by=size))
-    layers = tuple(
-        attrs.evolve(layer, **{n: next(it) for n in ns}) if ns else layer
-        for layer, ns in zip(net.layers, names)
-    )
-    return net._evolve_layers(layers)
+    return net._evolve_layers(_with_state(net.layers, iter(_all_reduce(comm, arrays, size))))
+
+
+def _with_state(layers: Sequence[Any], new: Iterator[np.ndarray]) -> tuple[Any, ...]:
+    """The layers with their state arrays taken from ``new`` in ``_all_layers``'s
+    order (a container first, then its sub-layers)."""
+    renewed = []
+    for layer in layers:
+        names = _state_fields(layer)
+        if names:
+            layer = attrs.evolve(layer, **{n: next(new) for n in names})
+        if isinstance(layer, _CHAINS):
+            layer = _replace(layer, {"layers": _with_state(layer.layers, new)})
+        renewed.append(layer)
+    return tuple(renewed)
 
 
 class StopTraining(Exception):  # noqa: N818 (Keras/Lightning-style name: it is a signal, not an error)

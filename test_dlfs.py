@@ -8487,6 +8487,28 @@ def test_sync_state_running_mean_equals_one_process_with_equal_shards():
     assert not np.allclose(bn.var, one.var, rtol=1e-3)
 
 
+def test_sync_state_averages_the_state_inside_residual_blocks():
+    """A BatchNorm inside a Residual keeps running statistics too: sync_state averages
+    them over the ranks as it does a top-level one's (each rank's own values differ)."""
+    block = dlfs.residual([dlfs.batch_norm(), dlfs.dense(5)])
+    net = dlfs.network(3, (5,), [block, dlfs.dense(4)], dlfs.SoftmaxCrossEntropy())
+
+    def own_then_synced(comm):
+        rank = comm.Get_rank()
+        x = np.random.default_rng(rank).standard_normal((8, 5)).astype(np.float32) + rank
+        _, _, stepped = net.forward(x, dlfs.train_context(0))
+        return stepped, dlfs.sync_state(stepped, comm)
+
+    results, _ = _run_ranks(2, own_then_synced)
+    (own0, synced0), (own1, synced1) = results
+    means = [own.layers[0].layers[0].mean for own in (own0, own1)]
+    assert not np.array_equal(*means)
+    for synced in (synced0, synced1):
+        bn = synced.layers[0].layers[0]
+        np.testing.assert_allclose(bn.mean, (means[0] + means[1]) / 2, rtol=1e-6)
+        assert not bn.mean.flags.writeable
+
+
 def test_sync_state_running_mean_is_one_process_only_before_any_batch_norm_or_dropout():
     """With lr 0 (the same parameters in both runs) and equal shards of 5 + 5: the first
     BatchNorm's synced running mean is one process's; the second one's is what
