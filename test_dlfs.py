@@ -10860,6 +10860,7 @@ def test_adding_example_data_and_smoke(monkeypatch, capsys):
     [
         "adding",
         "boston",
+        "char_gpt",
         "char_rnn",
         "data_parallel",
         "export_onnx",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _help import Defaults  # examples/_help.py: --help shows the defaults
 
 try:
     import dlfs
@@ -98,7 +99,7 @@ def mean_loss(net: dlfs.Network, windows: tuple[np.ndarray, np.ndarray]) -> floa
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(
         description=(__doc__ or "").partition("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Defaults,
     )
     ap.add_argument("--text", required=True, help="a UTF-8 text file (e.g. tiny Shakespeare)")
     ap.add_argument("--iters", type=int, default=2000, help="training iterations (batches)")
