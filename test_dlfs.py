@@ -2360,6 +2360,9 @@ def test_history_repr_html_dict_and_numbers_for_people():
     assert table["header"] == ["epoch", "train_loss", "val_loss", "val_accuracy"]
     assert len(table["rows"]) == 21 and table["rows"][10] == ["…"] * 4  # first/last ten
     assert table["rows"][0] == ["1", "0.3333", "", ""] and table["rows"][1][2] == "0.4"
+    for n, shown in [(20, 20), (21, 21)]:  # all of 20 epochs; 21 as first ten, "…", last ten
+        rows = _parse_html(dlfs.History(records[:n])._repr_html_())["rows"]
+        assert len(rows) == shown and (rows[10] == ["…"] * len(rows[0])) == (n > 20), n
     assert dlfs.History().as_dict() == {"epoch": [], "train_loss": []}
     assert repr(dlfs.History()) == "History(0 epochs, 0 steps, completed)"
     assert repr(records[0]) == "EpochRecord(epoch=1, train_loss=0.3333)"
@@ -8629,6 +8632,8 @@ def test_steps_given_a_network_instead_of_a_train_state_say_how_to_make_one():
         with pytest.raises(TypeError, match=r"^state must be a dlfs\.TrainState, got tuple$"):
             call((net, dlfs.SGD()))
     assert comm.group["sent"] == [[]]
+    with pytest.raises(TypeError, match="^state must be a dlfs.TrainState"):  # before comm
+        dlfs.data_parallel_step(net, (x, y), "not a comm")
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -9082,6 +9087,20 @@ def test_confusion_matrix_takes_scikit_learns_order():
     scores = np.eye(2, dtype=np.float32)[y_pred]
     with pytest.raises(TypeError, match=r"\(y_true, y_pred\), true labels first"):
         dlfs.confusion_matrix(scores, y_true)  # the old (pred, labels) order
+
+
+def test_accuracy_of_sequences_needs_an_array_of_targets():
+    """Sequence scores (N, T, K) with a list of labels: a TypeError naming target."""
+    scores = np.zeros((2, 3, 4))
+    with pytest.raises(TypeError, match="^target must be a numpy array"):
+        dlfs.accuracy(scores, [[0, 1, 2], [3, 2, 1]])
+
+
+def test_the_malloc_block_stays_under_glibcs_32_mib_ceiling():
+    """malloc raises its mmap threshold only to a freed block of at most 32 MiB, header
+    and page rounding included: the block dlfs frees at import must stay below that,
+    and be large enough to cover a step's arrays (see the comment at _MALLOC_KEEP)."""
+    assert 16 << 20 <= dlfs._MALLOC_KEEP and dlfs._MALLOC_KEEP + 4096 + 16 <= 32 << 20
 
 
 @pytest.mark.parametrize("dtype", ["<U1", "S1", "complex128", "datetime64[D]", "object"])
