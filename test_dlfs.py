@@ -8632,7 +8632,7 @@ def test_steps_given_a_network_instead_of_a_train_state_say_how_to_make_one():
         with pytest.raises(TypeError, match=r"^state must be a dlfs\.TrainState, got tuple$"):
             call((net, dlfs.SGD()))
     assert comm.group["sent"] == [[]]
-    with pytest.raises(TypeError, match="^state must be a dlfs.TrainState"):  # before comm
+    with pytest.raises(TypeError, match=r"^state must be a dlfs\.TrainState"):  # before comm
         dlfs.data_parallel_step(net, (x, y), "not a comm")
 
 
@@ -9092,7 +9092,7 @@ def test_confusion_matrix_takes_scikit_learns_order():
 def test_accuracy_of_sequences_needs_an_array_of_targets():
     """Sequence scores (N, T, K) with a list of labels: a TypeError naming target."""
     scores = np.zeros((2, 3, 4))
-    with pytest.raises(TypeError, match="^target must be a numpy array"):
+    with pytest.raises(TypeError, match=r"^target must be a numpy array"):
         dlfs.accuracy(scores, [[0, 1, 2], [3, 2, 1]])
 
 
