@@ -9096,6 +9096,24 @@ def test_accuracy_of_sequences_needs_an_array_of_targets():
         dlfs.accuracy(scores, [[0, 1, 2], [3, 2, 1]])
 
 
+def test_load_refuses_a_member_more_than_64_kib_beyond_its_array(tmp_path):
+    """An .npy member may hold its array plus a header of at most 64 KiB: one with 70,000
+    bytes more is refused by its size before it is read (a loader that allowed more
+    would read whatever a crafted file put there)."""
+    import zipfile
+
+    path, bad = tmp_path / "net.npz", tmp_path / "bad.npz"
+    dlfs.save(path, dlfs.network(0, 3, [dlfs.dense(2)], dlfs.MeanSquaredError()))
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith(".w.npy"):
+                data += b"\0" * 70_000
+            dst.writestr(info, data)
+    with pytest.raises(ValueError, match=r"holds \d+ bytes, expected \d+ plus a header"):
+        dlfs.load(bad)
+
+
 def test_the_malloc_block_stays_under_glibcs_32_mib_ceiling():
     """malloc raises its mmap threshold only to a freed block of at most 32 MiB, header
     and page rounding included: the block dlfs frees at import must stay below that,
