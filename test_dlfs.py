@@ -2377,12 +2377,14 @@ def test_history_plot_returns_a_figure_and_needs_matplotlib(monkeypatch, tmp_pat
     _, h = dlfs.fit(_i11_net(), dlfs.Adam(1e-2), x, y, epochs=3, validation=(x, y))
     fig = h.plot()
     assert type(fig).__name__ == "Figure" and len(fig.axes) == 2
+    assert tuple(fig.get_size_inches()) == (9.0, 3.5)  # two panels side by side
     assert fig.axes[1].get_ylabel() == "accuracy"
     assert [len(line.get_xdata()) for line in fig.axes[0].lines][:2] == [3, 3]
     fig.savefig(tmp_path / "h.png")  # renders without pyplot or a display (Agg)
     assert (tmp_path / "h.png").stat().st_size > 1000
     _, h_mse = dlfs.fit(_linear_net(), dlfs.SGD(0.01), *_regression(n=16), epochs=2)
     assert len(h_mse.plot().axes) == 1
+    assert tuple(h_mse.plot().get_size_inches()) == (5.0, 3.5)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
@@ -6118,6 +6120,14 @@ def test_updates_check_the_params():
 
 
 # -------------------------- schedules: formulas, the learning rate of step 0
+
+
+def test_a_schedule_is_checked_at_step_0():
+    """A schedule's learning rate must be a number >= 0 at step 0 (the first update's):
+    a negative lr(0) is refused by name, whatever it gives later."""
+    with pytest.raises(ValueError, match=r"lr\(0\) must be in \[0\.0, inf\], got -1\.0"):
+        dlfs.SGD(lambda t: -1.0 if t == 0 else 0.1)
+    assert dlfs.SGD(lambda t: 0.1 if t == 0 else -1.0).lr(0) == 0.1
 
 
 def test_schedules_match_formulas():
