@@ -3954,24 +3954,24 @@ def _chain_params(layers: tuple[Any, ...]) -> Params:
     return tuple(p for layer in layers for p in layer.params())
 
 
-def _chain_with_params(layers: tuple[Any, ...], params: Sequence[np.ndarray]) -> tuple[Any, ...]:
-    """The sub-layers with ``params`` (flattened, as ``_chain_params`` gives them) in place."""
-    new, start = [], 0
+def _per_layer(layers: tuple[Any, ...], params: Sequence[np.ndarray]) -> list[Params]:
+    """``params``, flattened as ``_chain_params`` gives them, cut back into one tuple per layer."""
+    cut, start = [], 0
     for layer in layers:
         n = len(layer.params())
-        new.append(layer.with_params(tuple(params[start : start + n])))
+        cut.append(tuple(params[start : start + n]))
         start += n
-    return tuple(new)
+    return cut
+
+
+def _chain_with_params(layers: tuple[Any, ...], params: Sequence[np.ndarray]) -> tuple[Any, ...]:
+    """The sub-layers with ``params`` (flattened, as ``_chain_params`` gives them) in place."""
+    return tuple(layer.with_params(ps) for layer, ps in zip(layers, _per_layer(layers, params)))
 
 
 def _chain_renew(layers: tuple[Any, ...], params: Params) -> tuple[Any, ...]:
     """``_chain_with_params`` for arrays known to fit (see Network._renew)."""
-    new, start = [], 0
-    for layer in layers:
-        n = len(layer.params())
-        new.append(_renew_layer(layer, params[start : start + n]))
-        start += n
-    return tuple(new)
+    return tuple(map(_renew_layer, layers, _per_layer(layers, params)))
 
 
 def _chain_repr(layers: tuple[Any, ...]) -> str:
@@ -5726,11 +5726,11 @@ class OptState(_ArrayRecord):
     slots: tuple[NetParams, ...] = ()
 
 
-def _decay(grads: NetParams, params: NetParams, wd: float) -> NetParams:
-    """L2 weight decay: g + wd * p (skipped when wd == 0)."""
+def _decay(grads: NetParams, params: NetParams, wd: float, mask: Any = "all") -> NetParams:
+    """L2 weight decay: g + wd * p on the arrays ``mask`` picks (skipped when wd == 0)."""
     if not wd:
         return grads
-    return _tree_map(lambda g, p: g + p * wd, grads, params)
+    return _tree_map(lambda g, p: g + p * wd if _decays(mask, p) else g, grads, params)
 
 
 DecayMask = str | Callable[[np.ndarray], bool]  # "all", "matrices" or f(p) -> bool
@@ -6100,8 +6100,8 @@ class Adam(_Optimizer):
         if wd and self.decoupled:
             shrink = 1 - lr * wd
             params = _tree_map(lambda p: p * shrink if _decays(mask, p) else p, params)
-        elif wd:
-            grads = _tree_map(lambda g, p: g + p * wd if _decays(mask, p) else g, grads, params)
+        else:
+            grads = _decay(grads, params, wd, mask)
         return _adam_step(self, lr, grads, state, params)
 
 
